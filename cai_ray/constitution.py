@@ -1,0 +1,246 @@
+"""Constitutions: load, validate, hash, and sample principles.
+
+A constitution file (YAML) holds a name, version, description, a list of principles and
+few-shot examples. Validation collects every problem and names the file, the principle and
+the field, so a typo is found in one pass:
+
+    constitutions/x.yaml: principle 'privacy' (#3): field 'weight': must be a positive number
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+TOP_KEYS = {"name", "version", "description", "principles", "examples"}
+PRINCIPLE_TEXT_FIELDS = ("critique_request", "revision_request", "comparison_question")
+PRINCIPLE_KEYS = {"id", "category", "weight", *PRINCIPLE_TEXT_FIELDS}
+CRITIQUE_EXAMPLE_KEYS = {"principle", "prompt", "response", "critique", "revision"}
+COMPARISON_EXAMPLE_KEYS = {"principle", "prompt", "response_a", "response_b", "answer", "reasoning"}
+
+
+class ConstitutionError(ValueError):
+    """Raised with every problem found in a constitution file, one per line."""
+
+
+@dataclass(frozen=True)
+class Principle:
+    id: str
+    category: str
+    weight: float
+    critique_request: str
+    revision_request: str
+    comparison_question: str
+
+
+@dataclass(frozen=True)
+class CritiqueExample:
+    principle: str
+    prompt: str
+    response: str
+    critique: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class ComparisonExample:
+    principle: str
+    prompt: str
+    response_a: str
+    response_b: str
+    answer: str  # "A" or "B"
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    version: str
+    description: str
+    principles: tuple[Principle, ...]
+    critique_examples: tuple[CritiqueExample, ...] = ()
+    comparison_examples: tuple[ComparisonExample, ...] = ()
+    path: str = ""
+    sha256: str = field(default="", compare=False)
+
+    def principle(self, pid: str) -> Principle:
+        for p in self.principles:
+            if p.id == pid:
+                return p
+        raise KeyError(f"constitution {self.name!r} has no principle {pid!r}")
+
+    def sample(self, key: str, n: int, seed: int) -> list[Principle]:
+        """``n`` principles drawn by weight, with replacement, for one row.
+
+        Seeded by (seed, key) rather than by a shared stream, so the draw for a row is the
+        same whichever actor, batch or resumed run handles it.
+        """
+        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        return rng.choices(self.principles, weights=[p.weight for p in self.principles], k=n)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": self.path,
+            "sha256": self.sha256,
+            "principles": len(self.principles),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "principles": [asdict(p) for p in self.principles],
+            "examples": {
+                "critique_revision": [asdict(e) for e in self.critique_examples],
+                "comparison": [asdict(e) for e in self.comparison_examples],
+            },
+        }
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConstitutionError(f"{where}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConstitutionError(f"{where}: not UTF-8 text ({e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConstitutionError(f"{where}: invalid YAML: {e}") from None
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    return parse_constitution(raw, where=where, sha256=sha)
+
+
+def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = "") -> Constitution:
+    errors: list[str] = []
+
+    def err(msg: str) -> None:
+        errors.append(f"{where}: {msg}")
+
+    if not isinstance(raw, dict):
+        raise ConstitutionError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
+    for key in sorted(set(raw) - TOP_KEYS):
+        err(f"unknown top-level field {key!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for key in ("name", "version", "description"):
+        if not _nonempty_str(raw.get(key)):
+            err(f"field {key!r}: must be a non-empty string")
+
+    principles: list[Principle] = []
+    items = raw.get("principles")
+    if not isinstance(items, list) or not items:
+        err("field 'principles': must be a non-empty list")
+        items = []
+    seen: set[str] = set()
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            err(f"principle #{i}: must be a mapping")
+            continue
+        pid = item.get("id")
+        label = f"principle {pid!r} (#{i})" if isinstance(pid, str) else f"principle #{i}"
+        for key in sorted(set(item) - PRINCIPLE_KEYS):
+            err(f"{label}: unknown field {key!r}")
+        ok = True
+        if not isinstance(pid, str) or not ID_PATTERN.match(pid):
+            err(f"{label}: field 'id': must match {ID_PATTERN.pattern}")
+            ok = False
+        elif pid in seen:
+            err(f"{label}: field 'id': duplicate id")
+            ok = False
+        else:
+            seen.add(pid)
+        if not _nonempty_str(item.get("category")):
+            err(f"{label}: field 'category': must be a non-empty string")
+            ok = False
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+            math.isfinite(weight) and weight > 0
+        ):
+            err(f"{label}: field 'weight': must be a positive number, got {weight!r}")
+            ok = False
+        for key in PRINCIPLE_TEXT_FIELDS:
+            if not _nonempty_str(item.get(key)):
+                err(f"{label}: field {key!r}: must be a non-empty string")
+                ok = False
+        if ok:
+            principles.append(
+                Principle(
+                    id=pid,
+                    category=item["category"].strip(),
+                    weight=float(weight),
+                    **{k: item[k].strip() for k in PRINCIPLE_TEXT_FIELDS},
+                )
+            )
+
+    examples = raw.get("examples") or {}
+    critique_examples: list[CritiqueExample] = []
+    comparison_examples: list[ComparisonExample] = []
+    if not isinstance(examples, dict):
+        err("field 'examples': must be a mapping with 'critique_revision' and 'comparison'")
+        examples = {}
+    for key in sorted(set(examples) - {"critique_revision", "comparison"}):
+        err(f"examples: unknown field {key!r}")
+    for kind, keys, required, out, cls in (
+        ("critique_revision", CRITIQUE_EXAMPLE_KEYS, CRITIQUE_EXAMPLE_KEYS, critique_examples, CritiqueExample),
+        ("comparison", COMPARISON_EXAMPLE_KEYS, COMPARISON_EXAMPLE_KEYS - {"reasoning"}, comparison_examples, ComparisonExample),
+    ):
+        items = examples.get(kind) or []
+        if not isinstance(items, list):
+            err(f"examples.{kind}: must be a list")
+            continue
+        for i, ex in enumerate(items, start=1):
+            label = f"examples.{kind} #{i}"
+            if not isinstance(ex, dict):
+                err(f"{label}: must be a mapping")
+                continue
+            ok = True
+            for key in sorted(set(ex) - keys):
+                err(f"{label}: unknown field {key!r}")
+                ok = False
+            for key in sorted(required):
+                if not _nonempty_str(ex.get(key)):
+                    err(f"{label}: field {key!r}: must be a non-empty string")
+                    ok = False
+            if "reasoning" in ex and not isinstance(ex["reasoning"], str):
+                err(f"{label}: field 'reasoning': must be a string")
+                ok = False
+            if _nonempty_str(ex.get("principle")) and ex["principle"] not in seen:
+                err(f"{label}: field 'principle': no principle with id {ex['principle']!r}")
+                ok = False
+            if kind == "comparison" and ex.get("answer") not in ("A", "B", None):
+                err(f"{label}: field 'answer': must be 'A' or 'B', got {ex.get('answer')!r}")
+                ok = False
+            if ok:
+                out.append(cls(**{k: v.strip() if isinstance(v, str) else v for k, v in ex.items()}))
+
+    if errors:
+        raise ConstitutionError("\n".join(errors))
+    return Constitution(
+        name=raw["name"].strip(),
+        version=str(raw["version"]).strip(),
+        description=raw["description"].strip(),
+        principles=tuple(principles),
+        critique_examples=tuple(critique_examples),
+        comparison_examples=tuple(comparison_examples),
+        path=where,
+        sha256=sha256 or hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest(),
+    )

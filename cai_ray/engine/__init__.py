@@ -1,0 +1,91 @@
+"""The engine: chat messages in, text out. One small interface, several backends.
+
+Stages never touch tokenizers: every backend applies the model's own chat template. A
+conversation whose last message is from the assistant is *continued* (prefill), which is
+how the labeler scores "The answer is: (" → "A" / "B".
+
+Backends are looked up lazily from ``BACKENDS`` (module:Class), so vLLM is imported only
+when it is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol, Sequence, TypedDict
+
+
+class Message(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings for one ``generate`` call. ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    # Forces this many tokens before EOS is allowed. Benchmarks set it equal to
+    # max_new_tokens so that every method spends the same token budget.
+    min_new_tokens: int = 0
+    seed: int | None = 0
+
+
+class Engine(Protocol):
+    #: tokens the model can attend to (prompt + generated)
+    context_length: int
+    #: what produced the text, for manifests and rows
+    model_name: str
+
+    def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]: ...
+
+    def choice_logprobs(
+        self, convs: list[list[Message]], choices: Sequence[str]
+    ) -> list[list[float]]:
+        """Log-probabilities of each choice continuing each conversation, normalised over
+        the choices (``logsumexp == 0`` per row)."""
+        ...
+
+    def token_counts(self, convs: list[list[Message]]) -> list[int]:
+        """Prompt length in tokens of each conversation, after the chat template."""
+        ...
+
+
+class EngineUnavailable(RuntimeError):
+    """A backend that cannot run here (e.g. vLLM not installed)."""
+
+
+BACKENDS = {
+    "hf": "cai_ray.engine.hf:HFEngine",
+    "vllm": "cai_ray.engine.vllm:VLLMEngine",
+    # Benchmark-only: returns canned text instantly so orchestration can be timed alone.
+    "noop": "cai_ray.engine.noop:NoopEngine",
+}
+
+
+def engine_class(backend: str):
+    try:
+        target = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(
+            f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}"
+        ) from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_engine(backend: str, **kwargs) -> Engine:
+    return engine_class(backend)(**kwargs)
+
+
+def normalise_logprobs(row: Sequence[float]) -> list[float]:
+    """Log-softmax over a row of unnormalised log-probabilities."""
+    import math
+
+    top = max(row)
+    if top == float("-inf"):
+        raise ValueError("every choice has probability 0")
+    lse = top + math.log(sum(math.exp(x - top) for x in row))
+    return [x - lse for x in row]

@@ -1,0 +1,168 @@
+"""transformers backend: CPU or one GPU, batched, left padding, the model's chat template."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from cai_ray.engine import Message, Sampling, normalise_logprobs
+from cai_ray.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class HFEngine:
+    """``generate`` / ``choice_logprobs`` with a transformers causal LM.
+
+    Conversations are sorted by length and cut into micro-batches of ``max_batch_size`` so
+    padding stays small; results are returned in input order.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        dtype: str = "bfloat16",
+        device: str = "auto",
+        threads: int | None = None,
+        max_batch_size: int = 32,
+        attn_implementation: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"engine dtype must be one of {DTYPES}, got {dtype!r}")
+        if threads:
+            # Ray sets OMP_NUM_THREADS from the actor's (fractional) num_cpus; a 0.5-CPU
+            # actor would get 1 thread and leave a core idle. The config decides instead.
+            torch.set_num_threads(int(threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        path = resolve_model(model)
+        self.model_name = model
+        self.model_path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device)
+        self.model.eval()
+        self.context_length = int(
+            getattr(self.model.config, "max_position_embeddings", None) or 2048
+        )
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.tokens_generated = 0
+        log.info("hf engine: %s on %s (%s), context %d", model, device, dtype, self.context_length)
+
+    # -- templating -------------------------------------------------------------------
+    def _render(self, conv: list[Message]) -> str:
+        if not conv:
+            raise ValueError("empty conversation")
+        continue_final = conv[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(
+            list(conv),
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+
+    def _encode(self, conv: list[Message]) -> list[int]:
+        # The template already contains the special tokens.
+        return self.tokenizer(self._render(conv), add_special_tokens=False)["input_ids"]
+
+    def token_counts(self, convs: list[list[Message]]) -> list[int]:
+        return [len(self._encode(c)) for c in convs]
+
+    # -- generate ---------------------------------------------------------------------
+    def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]:
+        import torch
+
+        encoded = [self._encode(c) for c in convs]
+        order = sorted(range(len(convs)), key=lambda i: len(encoded[i]))
+        out: list[str | None] = [None] * len(convs)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start : start + self.max_batch_size]
+            batch = self.tokenizer.pad(
+                {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+            ).to(self.device)
+            greedy = params.temperature <= 0
+            gen_kwargs = dict(
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.min_new_tokens or None,
+                do_sample=not greedy,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if not greedy:
+                gen_kwargs.update(temperature=params.temperature, top_p=params.top_p)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            with torch.inference_mode():
+                seqs = self.model.generate(**batch, **gen_kwargs)
+            new = seqs[:, batch["input_ids"].shape[1] :]
+            for row, i in enumerate(idx):
+                ids = new[row]
+                # count real tokens: up to and including the first EOS
+                eos = (ids == self.tokenizer.eos_token_id).nonzero()
+                n = int(eos[0]) + 1 if len(eos) else int(ids.shape[0])
+                self.tokens_generated += n
+                out[i] = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+        return out  # type: ignore[return-value]
+
+    # -- choice scoring ---------------------------------------------------------------
+    def choice_logprobs(
+        self, convs: list[list[Message]], choices: Sequence[str]
+    ) -> list[list[float]]:
+        """Sum of token log-probs of each choice after each conversation, normalised.
+
+        The conversation should end with an assistant prefix such as "The answer is: (",
+        which is continued rather than closed.
+        """
+        import torch
+
+        if len(choices) < 2:
+            raise ValueError("choice_logprobs needs at least two choices")
+        choice_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+        if any(not ids for ids in choice_ids):
+            raise ValueError(f"a choice tokenizes to nothing: {choices!r}")
+        rows = []  # (conv index, choice index, prompt ids, choice ids)
+        for ci, conv in enumerate(convs):
+            prefix = self._encode(conv)
+            for k, ids in enumerate(choice_ids):
+                rows.append((ci, k, prefix, ids))
+        scores = [[0.0] * len(choices) for _ in convs]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            seqs = [p + c for _, _, p, c in chunk]
+            batch = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt").to(
+                self.device
+            )
+            # With left padding the positions must come from the mask, or every padded
+            # row would be scored as if it started mid-sequence.
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(**batch, position_ids=positions).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            width = batch["input_ids"].shape[1]
+            for row, (ci, k, prefix, ids) in enumerate(chunk):
+                # left padding: the sequence ends at the last column
+                end = width
+                begin = end - len(ids)
+                targets = batch["input_ids"][row, begin:end]
+                # logits at position t predict token t+1
+                lp = logp[row, begin - 1 : end - 1].gather(-1, targets[:, None]).sum()
+                scores[ci][k] = float(lp)
+        return [normalise_logprobs(s) for s in scores]
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

