@@ -217,7 +217,16 @@ def list_input_files(path: str) -> list[tuple[str, str]]:
             raise InputError(f"{path}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIXES)})")
         return [(str(p.resolve()), fmt)]
     files = []
+    hf_dirs = sorted(d.parent for d in p.rglob("state.json") if (d.parent / "dataset_info.json").exists())
+    for d in hf_dirs:
+        # An HF dataset saved with save_to_disk: its data is the Arrow files that state.json
+        # lists; its two .json files are metadata, not prompts.
+        state = json.loads((d / "state.json").read_text())
+        for entry in state.get("_data_files", []):
+            files.append((str((d / entry["filename"]).resolve()), "arrow"))
     for f in sorted(p.rglob("*")):
+        if any(d == f.parent or d in f.parents for d in hf_dirs):
+            continue
         if f.is_file() and not f.name.startswith((".", "_")) and f.suffix.lower() in SUFFIXES:
             files.append((str(f.resolve()), SUFFIXES[f.suffix.lower()]))
     if not files:

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_the_package_pulls_in_no_heavy_modules():
+    code = ("import sys, cai_ray, cai_ray.cli, cai_ray.config, cai_ray.constitution, cai_ray.prompts, "
+            "cai_ray.engine; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_constitution_validate_and_show(capsys, tmp_path):
+    files = [str(p) for p in sorted((ROOT / "constitutions").glob("*.yaml"))]
+    assert main(["constitution", "validate", *files]) == 0
+    assert "ok (general" in capsys.readouterr().out
+
+    data = yaml.safe_load((ROOT / "constitutions" / "tutor.yaml").read_text())
+    data["principles"][2]["weight"] = "heavy"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["constitution", "validate", files[0], str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: principle 'student-safety' (#3): field 'weight'" in err
+
+    assert main(["constitution", "show", files[0]]) == 0
+    out = capsys.readouterr().out
+    assert "non-evasive" in out and "P(draw)" in out
+    assert main(["constitution", "show", "--json", files[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["name"]
+
+
+def test_generate_help_lists_config_keys():
+    out = subprocess.run([sys.executable, "-m", "cai_ray.cli", "generate", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for key in ("--actors MIN,MAX", "sampling.max_new_tokens", "pool.cpus_per_actor", "--address"):
+        assert key in out
+
+
+def test_generate_rejects_a_wrong_config_key(capsys, tmp_path):
+    rc = main(["generate", "--input", "x.jsonl", "--output", str(tmp_path), "sampling.temprature=0"])
+    assert rc == 2
+    assert "did you mean 'temperature'" in capsys.readouterr().err
+
+
+def test_bad_actors_flag():
+    with pytest.raises(SystemExit):
+        main(["generate", "--input", "x", "--output", "y", "--actors", "3,1"])
+
+
+def test_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "hello"}\n{"prompt": ""}\n')
+    rc = main(["generate", "--input", str(inp), "--output", str(tmp_path / "o"), "--model", "tiny-random",
+               "--revisions", "1", "--max-new-tokens", "4", "--actors", "1,1", "--batch-size", "2", "--seed", "3",
+               "engine.dtype=float32"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "read 2 rows: written 1" in out and "rejected 1" in out
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 3 and manifest["config"]["pool"]["batch_size"] == 2

@@ -1,0 +1,85 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cai_ray.datasets import InputError, list_input_files, read_local, validate_row
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": ""}, "empty prompt"),
+        ({"prompt": "   \n"}, "empty prompt"),
+        ({"prompt": 5}, "field 'prompt' must be a string"),
+        ({"text": "hi"}, "missing 'prompt'"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "both"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "user"}]}, "exactly 'role' and 'content'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role must be one of"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "last message"),
+        ({"prompt": "x" * 101}, "prompt too long: 101 characters"),
+        ({"prompt": "ok", "id": ""}, "field 'id' is empty"),
+        ({"prompt": "ok", "id": [1]}, "field 'id' must be"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_rows_get_a_reason(row, reason):
+    fields, why = validate_row(row, max_chars=100)
+    assert fields is None and reason in why
+
+
+def test_ids_are_stable_and_explicit_ids_win():
+    a, _ = validate_row({"prompt": "hello"}, 100)
+    b, _ = validate_row({"prompt": "hello", "category": "x"}, 100)
+    assert a["id"] == b["id"] and len(a["id"]) == 20
+    c, _ = validate_row({"prompt": "hello", "id": 42}, 100)
+    assert c["id"] == "42"
+    assert json.loads(b["meta"]) == {"category": "x"}
+
+
+def test_every_line_is_accounted_for(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{not json\n\n{"prompt": ""}\n{"prompt": "b"}\n')
+    t = read_local(str(f), 100).to_pylist()
+    assert [r["line"] for r in t] == [1, 2, 4, 5]  # the blank line 3 is not a record
+    assert [r["reject_reason"] is None for r in t] == [True, False, False, True]
+    assert t[1]["raw"] == "{not json" and t[1]["reject_reason"].startswith("invalid JSON")
+    assert all(r["source"] == str(f.resolve()) for r in t)
+
+
+def test_formats_and_folders(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"messages": [{"role": "user", "content": "m"}]}\n')
+    pq.write_table(pa.table({"prompt": ["p1", None], "id": ["x1", "x2"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.csv").write_text('prompt,category\n"hello, there",greet\n,empty\n')
+    (tmp_path / "notes.txt").write_text("ignored: not a prompt format")
+    rows = read_local(str(tmp_path), 100).to_pylist()
+    assert len(rows) == 5
+    by = {(r["source"].rsplit("/", 1)[1], r["line"]): r for r in rows}
+    assert by[("a.jsonl", 1)]["prompt"] == "m"
+    assert by[("b.parquet", 1)]["id"] == "x1"
+    assert "missing 'prompt'" in by[("b.parquet", 2)]["reject_reason"]
+    assert by[("c.csv", 2)]["prompt"] == "hello, there"
+    assert by[("c.csv", 3)]["reject_reason"] == "empty prompt"
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["q1", "q2", ""]}).save_to_disk(str(tmp_path / "hf"))
+    rows = read_local(str(tmp_path / "hf"), 100).to_pylist()
+    assert [r["prompt"] for r in rows] == ["q1", "q2", None]
+    assert rows[2]["reject_reason"] == "empty prompt"
+
+
+def test_missing_and_unsupported_inputs(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list_input_files(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(InputError, match="unsupported file type"):
+        list_input_files(str(tmp_path / "x.txt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no prompt files"):
+        list_input_files(str(empty))

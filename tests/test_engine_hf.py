@@ -1,0 +1,83 @@
+import math
+
+import pytest
+
+from cai_ray.engine import EngineUnavailable, Sampling, engine_class, load_engine, normalise_logprobs
+
+CONVS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Tell me a long story about a dragon who lived in a cave by the sea."}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Name three colours of the rainbow, please."}],
+]
+GREEDY = Sampling(temperature=0, max_new_tokens=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8)
+
+
+def test_batching_and_padding_do_not_change_greedy_outputs(engine):
+    one_by_one = [engine.generate([c], GREEDY)[0] for c in CONVS]
+    batched = engine.generate(CONVS, GREEDY)
+    assert batched == one_by_one
+    engine.max_batch_size = 3  # uneven micro-batches
+    try:
+        assert engine.generate(CONVS[::-1], GREEDY) == one_by_one[::-1]
+    finally:
+        engine.max_batch_size = 8
+    assert any(batched)  # the model did generate something
+
+
+def test_sampling_is_seeded(engine):
+    p = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+    assert engine.generate(CONVS, p) == engine.generate(CONVS, p)
+    assert engine.generate(CONVS, p) != engine.generate(CONVS, Sampling(temperature=1.0, max_new_tokens=12, seed=4))
+
+
+def test_choice_logprobs_normalise_and_do_not_depend_on_batching(engine):
+    convs = [c + [{"role": "assistant", "content": "The answer is: ("}] for c in CONVS]
+    rows = engine.choice_logprobs(convs, ["A", "B"])
+    for row in rows:
+        assert len(row) == 2
+        assert math.isclose(sum(math.exp(x) for x in row), 1.0, rel_tol=1e-6)
+    single = [engine.choice_logprobs([c], ["A", "B"])[0] for c in convs]
+    for a, b in zip(rows, single):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert len({round(r[0], 5) for r in rows}) > 1  # depends on the conversation
+
+
+def test_token_counts_and_context(engine):
+    n = engine.token_counts(CONVS)
+    assert all(x > 0 for x in n) and n[1] > n[0]
+    assert engine.context_length == 1024
+
+
+def test_bfloat16_runs(tiny_model):
+    e = load_engine("hf", model="tiny-random", dtype="bfloat16", threads=1)
+    assert len(e.generate(CONVS[:2], GREEDY)) == 2
+
+
+def test_normalise_logprobs():
+    row = normalise_logprobs([math.log(3), math.log(1)])
+    assert [math.exp(x) for x in row] == pytest.approx([0.75, 0.25])
+
+
+def test_unknown_backend_and_missing_vllm():
+    with pytest.raises(ValueError, match="unknown engine backend"):
+        engine_class("tpu")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineUnavailable, match=r"pip install 'cai-ray\[vllm\]'"):
+            load_engine("vllm", model="tiny-random")
+    else:  # pragma: no cover - only on GPU machines with vLLM
+        pytest.skip("vLLM is installed here; tests/gpu covers it")
+
+
+def test_unknown_model_is_a_clear_error():
+    from cai_ray.models import ModelNotFound, resolve_model
+
+    with pytest.raises(ModelNotFound, match="unknown model 'nonsense'"):
+        resolve_model("nonsense")
