@@ -88,8 +88,9 @@ class PoolConfig:
     max_actors: int = _f(1, "engine actors at most")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per engine actor; fractional so a small node never deadlocks")
     gpus_per_actor: float = _f(0.0, "GPUs per engine actor (vllm: = tensor_parallel_size)")
-    batch_size: int = _f(16, "rows handed to an engine actor at once")
+    batch_size: int = _f(16, "rows per engine actor task (the unit of work, of retry after a crash, and of actor load balancing)")
     task_cpus: float = _f(0.25, "CPUs reserved per read / validate / write task")
+    object_store_gb: float | None = _f(None, "cap on object-store memory this job's data in flight may use (Ray Data resource limit); null = Ray's default share")
 
     def validate(self, where: str) -> None:
         _positive(where, "min_actors", self.min_actors)
@@ -100,16 +101,16 @@ class PoolConfig:
             raise ConfigError(f"{where}: cpus_per_actor and gpus_per_actor must be >= 0")
         if not 0 < self.task_cpus <= 64:
             raise ConfigError(f"{where}.task_cpus: must be in (0, 64]")
+        if self.object_store_gb is not None and self.object_store_gb <= 0:
+            raise ConfigError(f"{where}.object_store_gb: must be > 0 or null")
 
 
 @dataclass
 class InputConfig:
     max_prompt_chars: int = _f(32000, "longer prompts are rejected before tokenization")
-    rows_per_block: int = _f(4096, "rows per block when reading prompt files")
 
     def validate(self, where: str) -> None:
         _positive(where, "max_prompt_chars", self.max_prompt_chars)
-        _positive(where, "rows_per_block", self.rows_per_block)
 
 
 @dataclass

@@ -9,10 +9,12 @@ the field, so a typo is found in one pass:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
+import itertools
 import json
 import math
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,15 +80,23 @@ class Constitution:
                 return p
         raise KeyError(f"constitution {self.name!r} has no principle {pid!r}")
 
+    @functools.cached_property
+    def _cumulative_weights(self) -> list[float]:
+        return list(itertools.accumulate(p.weight for p in self.principles))
+
     def sample(self, key: str, n: int, seed: int) -> list[Principle]:
         """``n`` principles drawn by weight, with replacement, for one row.
 
-        Seeded by (seed, key) rather than by a shared stream, so the draw for a row is the
-        same whichever actor, batch or resumed run handles it.
+        Each draw is a hash of (seed, key, draw index) rather than a shared random stream,
+        so the draw for a row is the same whichever actor, batch or resumed run handles it.
         """
-        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-        rng = random.Random(int.from_bytes(digest[:8], "big"))
-        return rng.choices(self.principles, weights=[p.weight for p in self.principles], k=n)
+        cum = self._cumulative_weights
+        out = []
+        for i in range(n):
+            digest = hashlib.blake2b(f"{seed}\x00{key}\x00{i}".encode(), digest_size=8).digest()
+            u = int.from_bytes(digest, "big") / 2.0**64 * cum[-1]
+            out.append(self.principles[min(bisect.bisect_right(cum, u), len(cum) - 1)])
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -61,10 +61,19 @@ def few_shot_turns(
     return turns
 
 
+def _split_system(prompt: list[Message]) -> tuple[list[Message], list[Message]]:
+    """Leading system messages stay first, ahead of the few-shot turns."""
+    i = 0
+    while i < len(prompt) and prompt[i]["role"] == "system":
+        i += 1
+    return prompt[:i], prompt[i:]
+
+
 def critique_messages(
     shots: list[Message], prompt: list[Message], response: str, principle: Principle
 ) -> list[Message]:
-    return [*shots, *prompt, assistant(response), user(principle.critique_request)]
+    system, rest = _split_system(prompt)
+    return [*system, *shots, *rest, assistant(response), user(principle.critique_request)]
 
 
 def revision_messages(
@@ -75,16 +84,19 @@ def revision_messages(
     critique: str | None,
 ) -> list[Message]:
     """Ask for a revision; with ``critique=None`` this is direct revision (no critique)."""
+    system, rest = _split_system(prompt)
     if critique is None:
         return [
+            *system,
             *shots,
-            *prompt,
+            *rest,
             assistant(response),
             user(f"{principle.revision_request} {DIRECT_REVISION_NOTE}"),
         ]
     return [
+        *system,
         *shots,
-        *prompt,
+        *rest,
         assistant(response),
         user(principle.critique_request),
         assistant(critique),

@@ -41,12 +41,38 @@ SL_FIELDS = PROMPT_FIELDS + [
 ]
 SL_SCHEMA = pa.schema(SL_FIELDS)
 
-# What lands in data/*.parquet (reject bookkeeping columns dropped).
-SL_OUTPUT_COLUMNS = [f.name for f in SL_FIELDS if f.name not in ("reject_reason", "raw")]
+# What lands in data/*.parquet: reject bookkeeping dropped, and prompt_messages too, since
+# it is messages[:-1] (the output already repeats the prompt in messages/chosen/rejected).
+SL_OUTPUT_COLUMNS = [
+    f.name for f in SL_FIELDS if f.name not in ("reject_reason", "raw", "prompt_messages")
+]
 
 REJECT_KEYS = ("source", "line", "id", "reason", "raw")
 RAW_LIMIT = 2000  # characters of the offending input kept in rejects.jsonl
 
 
-def empty_columns(schema: pa.Schema, n: int) -> dict[str, list]:
-    return {name: [None] * n for name in schema.names}
+def append_message(convs: pa.Array, role: str, texts: list, valid: list[bool]) -> pa.Array:
+    """Each conversation in ``convs`` (MESSAGES) plus one message {role, text}, built in
+    Arrow without turning conversations into Python objects. Rows where ``valid`` is
+    False come out null."""
+    import numpy as np
+
+    convs = convs.combine_chunks() if isinstance(convs, pa.ChunkedArray) else convs
+    n = len(convs)
+    offsets = convs.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = offsets - offsets[0]
+    values = convs.values.slice(int(convs.offsets[0].as_py()), int(offsets[-1]))
+    extra = pa.StructArray.from_arrays(
+        [pa.array([role] * n, pa.string()), pa.array(texts, pa.string())], fields=list(MESSAGE)
+    )
+    lengths = np.diff(offsets)
+    new_offsets = np.concatenate([[0], np.cumsum(lengths + 1)])
+    # position of every output element in concat(values, extra)
+    take = np.empty(int(new_offsets[-1]), dtype=np.int64)
+    row_of = np.repeat(np.arange(n), lengths)
+    within = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    take[new_offsets[:-1][row_of] + within] = np.arange(len(values))
+    take[new_offsets[1:] - 1] = len(values) + np.arange(n)
+    merged = pa.concat_arrays([values, extra]).take(pa.array(take))
+    mask = pa.array([not v for v in valid], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(new_offsets, pa.int32()), merged, type=MESSAGES, mask=mask)

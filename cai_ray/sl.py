@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 from cai_ray import prompts
 from cai_ray.constitution import Constitution, load_constitution
 from cai_ray.engine import Sampling, load_engine
-from cai_ray.records import PROMPT_SCHEMA, SL_OUTPUT_COLUMNS, SL_SCHEMA
+from cai_ray.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
 
 log = logging.getLogger(__name__)
+
+READ_BLOCK_ROWS = 4096  # lines parsed (and ids claimed) per read block
 
 
 def batch_seed(seed: int, ids: list[str], stage: str) -> int:
@@ -63,87 +65,109 @@ class SLWorker:
         self.sampling = sampling
         self.ledger = ledger
         self.shots = prompts.few_shot_turns(constitution, few_shot, with_critique=critique)
-        # The longest request text gives a safe bound on the template around a prompt.
-        self.longest = max(
-            constitution.principles, key=lambda p: len(p.critique_request) + len(p.revision_request)
-        )
+        self.overhead = self._template_overhead()
         if ledger is not None:
             ledger.add_engine_stats.remote(model_load_s=time.perf_counter() - start, actors_started=1)
+
+    def _template_overhead(self) -> int:
+        """Tokens the revision template adds around a prompt (few-shot turns, the longest
+        principle's requests, chat markup), measured once. Counting each prompt alone and
+        adding this avoids tokenizing the few-shot turns again for every row."""
+        longest = max(
+            self.constitution.principles,
+            key=lambda p: len(p.critique_request) + len(p.revision_request),
+        )
+        probe = [prompts.user("x")]
+        full = prompts.revision_messages(
+            self.shots, probe, "", longest, "" if self.critique else None
+        )
+        with_template, bare = self.engine.token_counts([full, probe])
+        return with_template - bare + 8  # + a margin for merges at message boundaries
 
     def _generate(self, convs, ids, stage):
         params = Sampling(**self.sampling, seed=batch_seed(self.seed, ids, stage))
         return self.engine.generate(convs, params)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """PROMPT_SCHEMA table in, SL_SCHEMA table out. Column-wise: the prompt columns pass
+        through as Arrow arrays; only the conversations are turned into Python objects."""
         t0 = time.perf_counter()
-        rows = batch.to_pylist()
-        for r in rows:
-            for k in SL_SCHEMA.names:
-                r.setdefault(k, None)
-        good = [r for r in rows if r["reject_reason"] is None]
+        n = batch.num_rows
+        ids = batch["id"].to_pylist()
+        reasons = batch["reject_reason"].to_pylist()
+        convs_all = batch["prompt_messages"].to_pylist()
+        todo = [i for i in range(n) if reasons[i] is None]
 
         # Reject prompts the model cannot hold: template + prompt + every generation budget.
         n_gen = 3 if self.critique else 2
-        budget = n_gen * self.sampling["max_new_tokens"]
-        probe = [
-            prompts.revision_messages(
-                self.shots, r["prompt_messages"], "", self.longest, "" if self.critique else None
-            )
-            for r in good
-        ]
-        for r, n in zip(good, self.engine.token_counts(probe) if good else []):
-            if n + budget > self.engine.context_length:
-                r["reject_reason"] = (
-                    f"prompt too long for the model: {n} template+prompt tokens + {budget} "
-                    f"generation budget > context length {self.engine.context_length}"
+        budget = n_gen * self.sampling["max_new_tokens"] + self.overhead
+        counts = self.engine.token_counts([convs_all[i] for i in todo]) if todo else []
+        for i, tokens in zip(todo, counts):
+            if tokens + budget > self.engine.context_length:
+                reasons[i] = (
+                    f"prompt too long for the model: {tokens} prompt tokens + {self.overhead} "
+                    f"template tokens + {budget - self.overhead} generation budget > context "
+                    f"length {self.engine.context_length}"
                 )
-        good = [r for r in good if r["reject_reason"] is None]
+        todo = [i for i in todo if reasons[i] is None]
 
+        init, steps, final = [None] * n, [None] * n, [None] * n
         tokens_before = getattr(self.engine, "tokens_generated", 0)
-        if good:
-            ids = [r["id"] for r in good]
-            convs = [prompts.answer_messages(r["prompt_messages"]) for r in good]
-            current = self._generate(convs, ids, "answer")
-            drawn = [self.constitution.sample(r["id"], self.revisions, self.seed) for r in good]
-            for r, text in zip(good, current):
-                r["init_response"] = text
-                r["steps"] = []
+        if todo:
+            good_ids = [ids[i] for i in todo]
+            convs = [convs_all[i] for i in todo]
+            current = self._generate([prompts.answer_messages(c) for c in convs], good_ids, "answer")
+            first = current
+            drawn = [self.constitution.sample(rid, self.revisions, self.seed) for rid in good_ids]
+            trace: list[list[dict]] = [[] for _ in todo]
             for step in range(self.revisions):
                 principles = [d[step] for d in drawn]
-                critiques: list[str | None] = [None] * len(good)
+                critiques: list[str | None] = [None] * len(todo)
                 if self.critique:
                     critiques = self._generate(
                         [
-                            prompts.critique_messages(self.shots, r["prompt_messages"], resp, p)
-                            for r, resp, p in zip(good, current, principles)
+                            prompts.critique_messages(self.shots, c, resp, p)
+                            for c, resp, p in zip(convs, current, principles)
                         ],
-                        ids,
+                        good_ids,
                         f"critique{step}",
                     )
                 current = self._generate(
                     [
-                        prompts.revision_messages(self.shots, r["prompt_messages"], resp, p, c)
-                        for r, resp, p, c in zip(good, current, principles, critiques)
+                        prompts.revision_messages(self.shots, c, resp, p, k)
+                        for c, resp, p, k in zip(convs, current, principles, critiques)
                     ],
-                    ids,
+                    good_ids,
                     f"revision{step}",
                 )
-                for r, p, c, rev in zip(good, principles, critiques, current):
-                    r["steps"].append({"principle_id": p.id, "critique": c, "revision": rev})
-            for r, final in zip(good, current):
-                r["revision"] = final
-                r["messages"] = r["prompt_messages"] + [prompts.assistant(final)]
-                r["chosen"] = r["messages"]
-                r["rejected"] = r["prompt_messages"] + [prompts.assistant(r["init_response"])]
+                for t, p, k, rev in zip(trace, principles, critiques, current):
+                    t.append({"principle_id": p.id, "critique": k, "revision": rev})
+            for j, i in enumerate(todo):
+                init[i], steps[i], final[i] = first[j], trace[j], current[j]
 
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
                 engine_s=time.perf_counter() - t0,
                 tokens=getattr(self.engine, "tokens_generated", 0) - tokens_before,
-                rows=len(good),
+                rows=len(todo),
                 batches=1,
             )
-        return pa.Table.from_pylist(rows, schema=SL_SCHEMA)
+        out = batch.set_column(
+            batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
+        )
+        done = [r is None for r in reasons]
+        messages = append_message(batch["prompt_messages"], "assistant", final, done)
+        new = {
+            "init_response": pa.array(init, pa.string()),
+            "steps": pa.array(steps, SL_SCHEMA.field("steps").type),
+            "revision": pa.array(final, pa.string()),
+            "messages": messages,
+            "chosen": messages,  # TRL preference format: the revision is preferred ...
+            "rejected": append_message(batch["prompt_messages"], "assistant", init, done),  # ... to the first answer
+        }
+        for name, values in new.items():
+            out = out.append_column(SL_SCHEMA.field(name), values)
+        return out.select(SL_SCHEMA.names)
 
 
 def claim_ids(batch: pa.Table, ledger) -> pa.Table:
@@ -347,13 +371,21 @@ def generate(cfg) -> dict[str, Any]:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     pool = cfg.pool
+    if pool.object_store_gb:
+        # Bounds the data in flight: the pipeline streams at the same rate, and the object
+        # store's resident pages stop growing with the number of rows.
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=pool.object_store_gb * 2**30)
     t0 = time.perf_counter()
     try:
-        ds = read_prompts(cfg.input, cfg.inputs.max_prompt_chars, cfg.inputs.rows_per_block, pool.task_cpus)
+        ds = read_prompts(cfg.input, cfg.inputs.max_prompt_chars, READ_BLOCK_ROWS, pool.task_cpus)
         ds = ds.map_batches(
             claim_ids, fn_kwargs={"ledger": ledger}, batch_format="pyarrow",
             batch_size=None, num_cpus=pool.task_cpus,
         )
+        # An actor task handles a whole input block: blocks of one engine batch keep every
+        # actor of the pool busy, and a killed actor's retry redoes one batch, not a file.
+        ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
         ds = ds.map_batches(
             SLWorker,
             fn_constructor_kwargs=dict(
@@ -384,9 +416,11 @@ def generate(cfg) -> dict[str, Any]:
         raise
     wall = time.perf_counter() - t0
 
+    t1 = time.perf_counter()
     report = ray.get(ledger.report.remote())
     rejected = finalize_rejects(out)
     total = check_exactly_once(out)
+    finalize_s = time.perf_counter() - t1
     c = report["counts"]
     counts = {
         "read": c.get("read", 0),
@@ -406,7 +440,8 @@ def generate(cfg) -> dict[str, Any]:
         counts=counts,
         rejects_by_reason=_reasons(out / "rejects.jsonl"),
         timing={
-            "wall_s": round(wall, 3),
+            "wall_s": round(wall, 3),  # the Ray Data run: read → claim → engine pool → write
+            "finalize_s": round(finalize_s, 3),  # merge rejects, exactly-once check
             "engine_s": round(eng.get("engine_s", 0.0), 3),
             "model_load_s": round(eng.get("model_load_s", 0.0), 3),
             "tokens_generated": int(eng.get("tokens", 0)),

@@ -83,3 +83,47 @@ def test_missing_and_unsupported_inputs(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no prompt files"):
         list_input_files(str(empty))
+
+
+def test_fast_and_careful_jsonl_paths_agree():
+    """The vectorized path must give exactly the rows the line-by-line path gives."""
+    from cai_ray.datasets import _fast_jsonl_chunk, _Rows, _slow_jsonl_line
+
+    lines = [json.dumps(x).encode() + b"\n" for x in [
+        {"prompt": "plain"},
+        {"prompt": "with meta", "category": "fraud"},
+        {"prompt": "explicit id", "id": "abc"},
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"prompt": "x" * 150},
+        {"prompt": None},
+        {"text": "no prompt field"},
+        {"prompt": "empty id", "id": ""},
+        {"prompt": "ünïcödé ✓", "category": None},
+    ]]
+    fast = _fast_jsonl_chunk(lines, 10, "src.jsonl", max_chars=100)
+    assert fast is not None
+    rows = _Rows("src.jsonl")
+    for i, line in enumerate(lines, start=11):
+        _slow_jsonl_line(line, i, rows, max_chars=100)
+    assert fast.to_pylist() == rows.flush().to_pylist()
+
+    int_ids = [b'{"prompt": "a", "id": 1}\n', b'{"prompt": "b", "id": 2}\n']
+    fast = _fast_jsonl_chunk(int_ids, 0, "s", 100)
+    rows = _Rows("s")
+    for i, line in enumerate(int_ids, start=1):
+        _slow_jsonl_line(line, i, rows, max_chars=100)
+    assert fast.to_pylist() == rows.flush().to_pylist()
+
+
+def test_odd_chunks_fall_back_to_the_careful_path(tmp_path):
+    from cai_ray.datasets import _fast_jsonl_chunk
+
+    assert _fast_jsonl_chunk([b'{"prompt": "a"}\n', b'{"prompt": 5}\n'], 0, "s", 100) is None
+    assert _fast_jsonl_chunk([b'{"prompt": "a"}\n', b"\n", b'{"prompt": "b"}\n'], 0, "s", 100) is None
+    assert _fast_jsonl_chunk([b'{"messages": [{"role": "user", "content": "m"}]}\n'], 0, "s", 100) is None
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n{"prompt": "fine"}\n')
+    rows = read_local(str(f), 100).to_pylist()
+    assert [r["reject_reason"] is None for r in rows] == [True, False, True]
+    assert "not valid UTF-8" in rows[1]["reject_reason"]

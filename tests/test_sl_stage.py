@@ -76,11 +76,14 @@ def test_rows_are_accounted_for_and_rejects_explained(ray_local, tiny_model, tmp
         assert [s["principle_id"] for s in r["steps"]] == expected
         assert all(s["critique"] is not None for s in r["steps"])
         assert r["revision"] == r["steps"][-1]["revision"]
-        assert r["messages"] == r["prompt_messages"] + [{"role": "assistant", "content": r["revision"]}]
+        assert r["messages"][-1] == {"role": "assistant", "content": r["revision"]}
+        assert r["messages"][0]["role"] in ("user", "system")
         assert r["chosen"] == r["messages"]
-        assert r["rejected"][-1] == {"role": "assistant", "content": r["init_response"]}
+        assert r["rejected"] == r["messages"][:-1] + [{"role": "assistant", "content": r["init_response"]}]
     mt = next(r for r in rows if r["id"] == "mt-1")
-    assert len(mt["prompt_messages"]) == 3 and mt["prompt"] == "multi-turn question"
+    assert mt["messages"][:3] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                  {"role": "user", "content": "multi-turn question"}]
+    assert len(mt["messages"]) == 4 and mt["prompt"] == "multi-turn question"
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished"
@@ -98,7 +101,7 @@ def test_rows_are_accounted_for_and_rejects_explained(ray_local, tiny_model, tmp
 def test_resume_processes_only_missing_ids(ray_local, tiny_model, tmp_path):
     inp = write_prompts(tmp_path / "in.jsonl", 10)
     out = tmp_path / "out"
-    first = run(inp, out)
+    first = run(inp, out, "outputs.rows_per_file=1")  # a part per engine batch
     assert first["counts"]["written_this_run"] == 10
     parts = sorted((out / "data").glob("part-*.parquet"))
     assert len(parts) >= 2
@@ -106,7 +109,7 @@ def test_resume_processes_only_missing_ids(ray_local, tiny_model, tmp_path):
     parts[0].unlink()  # as if the job died before writing this part
     (out / "data" / ".part-x.parquet.tmp123").write_text("half-written")  # crash leftover
 
-    second = run(inp, out)
+    second = run(inp, out, "outputs.rows_per_file=1")
     assert second["counts"]["written_this_run"] == lost
     assert second["counts"]["already_done"] == 10 - lost
     assert second["timing"]["tokens_generated"] > 0
