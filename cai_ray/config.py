@@ -36,6 +36,7 @@ class EngineConfig:
     dtype: str = _f("bfloat16", "float32 | bfloat16 | float16 | auto (bfloat16 is ~2x float32 on this CPU)")
     threads: int | None = _f(None, "torch threads per engine actor on CPU; default: node CPUs / max actors")
     max_batch_size: int = _f(32, "hf: conversations per forward pass (micro-batch)")
+    prefix_cache: bool = _f(True, "hf: prefill the tokens a micro-batch shares (few-shot turns) once and reuse the KV cache")
     tensor_parallel_size: int = _f(1, "vllm: GPUs per engine actor")
     gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache")
     max_model_len: int | None = _f(None, "vllm: context length override")
@@ -55,7 +56,7 @@ class EngineConfig:
     def engine_kwargs(self, threads: int | None) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model, "dtype": self.dtype}
         if self.backend == "hf":
-            kw.update(threads=threads, max_batch_size=self.max_batch_size)
+            kw.update(threads=threads, max_batch_size=self.max_batch_size, prefix_cache=self.prefix_cache)
         elif self.backend == "vllm":
             kw.update(
                 tensor_parallel_size=self.tensor_parallel_size,

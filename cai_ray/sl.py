@@ -378,7 +378,9 @@ def generate(cfg) -> dict[str, Any]:
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=pool.object_store_gb * 2**30)
     t0 = time.perf_counter()
     try:
-        ds = read_prompts(cfg.input, cfg.inputs.max_prompt_chars, READ_BLOCK_ROWS, pool.task_cpus)
+        ds = read_prompts(
+            cfg.input, cfg.inputs.max_prompt_chars, max(READ_BLOCK_ROWS, pool.batch_size), pool.task_cpus
+        )
         ds = ds.map_batches(
             claim_ids, fn_kwargs={"ledger": ledger}, batch_format="pyarrow",
             batch_size=None, num_cpus=pool.task_cpus,

@@ -81,3 +81,31 @@ def test_unknown_model_is_a_clear_error():
 
     with pytest.raises(ModelNotFound, match="unknown model 'nonsense'"):
         resolve_model("nonsense")
+
+
+def test_shared_prefix_cache_gives_the_same_outputs(tiny_model, general_constitution):
+    """Critique prompts share their few-shot turns: prefilling them once must not change
+    a single greedy token, with or without sampling noise in the rows' lengths."""
+    from cai_ray import prompts
+
+    shots = prompts.few_shot_turns(general_constitution, None)
+    p = general_constitution.principle("privacy")
+    user_only = [CONVS[0], CONVS[1], CONVS[3]]  # a system message would come before the shots
+    convs = [prompts.critique_messages(shots, c, f"answer {i} " * (i + 1), p) for i, c in enumerate(user_only)]
+    cached = load_engine("hf", model="tiny-random", dtype="float32", threads=2, prefix_cache=True)
+    plain = load_engine("hf", model="tiny-random", dtype="float32", threads=2, prefix_cache=False)
+    from cai_ray.engine.hf import MIN_SHARED_PREFIX, _common_prefix
+
+    assert _common_prefix([cached._encode(c) for c in convs]) >= MIN_SHARED_PREFIX
+    p16 = Sampling(temperature=0, max_new_tokens=16, seed=0)
+    assert cached.generate(convs, p16) == plain.generate(convs, p16)
+    sampled = Sampling(temperature=0.8, max_new_tokens=16, seed=5)
+    assert len(cached.generate(convs, sampled)) == len(convs)
+
+
+def test_common_prefix_leaves_a_token_per_row():
+    from cai_ray.engine.hf import _common_prefix
+
+    assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert _common_prefix([[9], [1]]) == 0

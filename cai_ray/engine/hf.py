@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 from cai_ray.engine import Message, Sampling, normalise_logprobs
@@ -29,6 +28,7 @@ class HFEngine:
         threads: int | None = None,
         max_batch_size: int = 32,
         attn_implementation: str | None = None,
+        prefix_cache: bool = True,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +59,7 @@ class HFEngine:
             getattr(self.model.config, "max_position_embeddings", None) or 2048
         )
         self.max_batch_size = max(1, int(max_batch_size))
+        self.prefix_cache = prefix_cache
         self.tokens_generated = 0
         log.info("hf engine: %s on %s (%s), context %d", model, device, dtype, self.context_length)
 
@@ -90,25 +91,31 @@ class HFEngine:
         out: list[str | None] = [None] * len(convs)
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        greedy = params.temperature <= 0
+        gen_kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            do_sample=not greedy,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if not greedy:
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         for start in range(0, len(order), self.max_batch_size):
             idx = order[start : start + self.max_batch_size]
-            batch = self.tokenizer.pad(
-                {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
-            ).to(self.device)
-            greedy = params.temperature <= 0
-            gen_kwargs = dict(
-                max_new_tokens=params.max_new_tokens,
-                min_new_tokens=params.min_new_tokens or None,
-                do_sample=not greedy,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            if not greedy:
-                gen_kwargs.update(temperature=params.temperature, top_p=params.top_p)
-            else:
-                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            rows = [encoded[i] for i in idx]
+            shared = _common_prefix(rows) if self.prefix_cache and len(rows) > 1 else 0
             with torch.inference_mode():
-                seqs = self.model.generate(**batch, **gen_kwargs)
-            new = seqs[:, batch["input_ids"].shape[1] :]
+                if shared >= MIN_SHARED_PREFIX:
+                    seqs, width = self._generate_shared_prefix(rows, shared, gen_kwargs)
+                else:
+                    batch = self.tokenizer.pad(
+                        {"input_ids": rows}, padding=True, return_tensors="pt"
+                    ).to(self.device)
+                    seqs = self.model.generate(**batch, **gen_kwargs)
+                    width = batch["input_ids"].shape[1]
+            new = seqs[:, width:]
             for row, i in enumerate(idx):
                 ids = new[row]
                 # count real tokens: up to and including the first EOS
@@ -117,6 +124,31 @@ class HFEngine:
                 self.tokens_generated += n
                 out[i] = self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
         return out  # type: ignore[return-value]
+
+    def _generate_shared_prefix(self, rows: list[list[int]], shared: int, gen_kwargs):
+        """Prefill the tokens every row shares (few-shot turns, system prompt) once, then
+        generate the batch from that KV cache: [prefix][left-padded suffix]. Positions come
+        from the attention mask, so each row sees exactly the positions it would unpadded.
+        On CPU the few-shot prefill otherwise dominates a critique/revision batch."""
+        import torch
+
+        prefix = torch.tensor([rows[0][:shared]], device=self.device)
+        cache = self.model(prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        tail = self.tokenizer.pad(
+            {"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt"
+        ).to(self.device)
+        n = len(rows)
+        input_ids = torch.cat([prefix.expand(n, -1), tail["input_ids"]], dim=1)
+        mask = torch.cat(
+            [torch.ones((n, shared), dtype=tail["attention_mask"].dtype, device=self.device),
+             tail["attention_mask"]],
+            dim=1,
+        )
+        seqs = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, past_key_values=cache, **gen_kwargs
+        )
+        return seqs, input_ids.shape[1]
 
     # -- choice scoring ---------------------------------------------------------------
     def choice_logprobs(
@@ -164,5 +196,16 @@ class HFEngine:
         return [normalise_logprobs(s) for s in scores]
 
 
-def default_threads() -> int:
-    return os.cpu_count() or 1
+MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefill is not worth it
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token."""
+    first = rows[0]
+    n = min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
