@@ -80,6 +80,30 @@ def load_engine(backend: str, **kwargs) -> Engine:
     return engine_class(backend)(**kwargs)
 
 
+class ChatTemplate:
+    """Chat template → token ids, shared by the backends that hold a HF tokenizer.
+
+    A conversation ending with an assistant message is continued (prefill), any other
+    gets the generation prompt. The template already has the special tokens."""
+
+    tokenizer: object
+
+    def _encode(self, conv: list[Message]) -> list[int]:
+        if not conv:
+            raise ValueError("empty conversation")
+        continue_final = conv[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(
+            list(conv),
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_counts(self, convs: list[list[Message]]) -> list[int]:
+        return [len(self._encode(c)) for c in convs]
+
+
 def normalise_logprobs(row: Sequence[float]) -> list[float]:
     """Log-softmax over a row of unnormalised log-probabilities."""
     import math

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from cai_ray.engine import Message, Sampling, normalise_logprobs
+from cai_ray.engine import ChatTemplate, Message, Sampling, normalise_logprobs
 from cai_ray.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-class HFEngine:
+class HFEngine(ChatTemplate):
     """``generate`` / ``choice_logprobs`` with a transformers causal LM.
 
     Conversations are sorted by length and cut into micro-batches of ``max_batch_size`` so
@@ -62,25 +62,6 @@ class HFEngine:
         self.prefix_cache = prefix_cache
         self.tokens_generated = 0
         log.info("hf engine: %s on %s (%s), context %d", model, device, dtype, self.context_length)
-
-    # -- templating -------------------------------------------------------------------
-    def _render(self, conv: list[Message]) -> str:
-        if not conv:
-            raise ValueError("empty conversation")
-        continue_final = conv[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            list(conv),
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
-
-    def _encode(self, conv: list[Message]) -> list[int]:
-        # The template already contains the special tokens.
-        return self.tokenizer(self._render(conv), add_special_tokens=False)["input_ids"]
-
-    def token_counts(self, convs: list[list[Message]]) -> list[int]:
-        return [len(self._encode(c)) for c in convs]
 
     # -- generate ---------------------------------------------------------------------
     def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cai_ray.engine import EngineUnavailable, Message, Sampling, normalise_logprobs
+from cai_ray.engine import ChatTemplate, EngineUnavailable, Message, Sampling, normalise_logprobs
 from cai_ray.models import resolve_model
 
 
@@ -24,7 +24,7 @@ def _import_vllm():
     return vllm
 
 
-class VLLMEngine:
+class VLLMEngine(ChatTemplate):
     def __init__(
         self,
         model: str,
@@ -50,21 +50,6 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
         self.tokens_generated = 0
-
-    def _render(self, conv: list[Message]) -> str:
-        continue_final = conv[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            list(conv),
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
-
-    def _encode(self, conv: list[Message]) -> list[int]:
-        return self.tokenizer(self._render(conv), add_special_tokens=False)["input_ids"]
-
-    def token_counts(self, convs: list[list[Message]]) -> list[int]:
-        return [len(self._encode(c)) for c in convs]
 
     def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]:
         from vllm import SamplingParams
