@@ -89,9 +89,17 @@ def cmd_generate(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from cai_ray.constitution import ConstitutionError
+    from cai_ray.datasets import InputError
+    from cai_ray.engine import EngineUnavailable
+    from cai_ray.models import ModelNotFound
     from cai_ray.sl import generate
 
-    manifest = generate(cfg)
+    try:
+        manifest = generate(cfg)
+    except (ConstitutionError, InputError, EngineUnavailable, ModelNotFound, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     c = manifest["counts"]
     out = Path(cfg.output)
     print(

@@ -349,8 +349,10 @@ def generate(cfg) -> dict[str, Any]:
             )
 
     model_info: dict[str, Any] = {"name": cfg.engine.model, "backend": cfg.engine.backend}
-    if cfg.engine.backend != "noop" and (is_alias(cfg.engine.model) or Path(cfg.engine.model).exists()):
-        model_info.update(runtime.model_fingerprint(resolve_model(cfg.engine.model)))
+    if cfg.engine.backend != "noop":
+        resolved = resolve_model(cfg.engine.model)  # fails fast on an unknown name
+        if is_alias(cfg.engine.model) or Path(resolved).exists():
+            model_info.update(runtime.model_fingerprint(resolved))
 
     manifest = runtime.base_manifest("sl", config)
     manifest.update(
@@ -362,6 +364,7 @@ def generate(cfg) -> dict[str, Any]:
     runtime.write_json_atomic(manifest_path, manifest)
 
     runtime.init_ray(cfg.ray_address)
+    check_resources(cfg)
     clean_partial(out)
     done = existing_ids(out)
     ledger = ray.remote(num_cpus=0)(Ledger).remote(done)
@@ -453,6 +456,29 @@ def generate(cfg) -> dict[str, Any]:
     )
     runtime.write_json_atomic(manifest_path, manifest)
     return manifest
+
+
+def check_resources(cfg) -> None:
+    """Fail fast instead of letting Ray Data wait forever for actors that cannot start."""
+    import ray
+
+    pool = cfg.pool
+    local = not cfg.ray_address
+    if cfg.engine.backend == "vllm" and local:
+        from cai_ray.engine.vllm import _import_vllm
+
+        _import_vllm()  # clear EngineUnavailable when vLLM is not installed here
+    have = ray.cluster_resources()
+    for name, per_actor in (("GPU", pool.gpus_per_actor), ("CPU", pool.cpus_per_actor)):
+        need = per_actor * pool.min_actors
+        if need > have.get(name, 0):
+            msg = (
+                f"the engine pool needs {need:g} {name} ({pool.min_actors} actors x {per_actor:g}) "
+                f"but the Ray cluster has {have.get(name, 0):g}"
+            )
+            if local:
+                raise ValueError(msg + "; lower pool.min_actors / pool.*_per_actor")
+            log.warning("%s; waiting for the autoscaler to add nodes", msg)
 
 
 def _reasons(path: Path) -> dict[str, int]:

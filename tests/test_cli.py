@@ -67,3 +67,23 @@ def test_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
     assert "read 2 rows: written 1" in out and "rejected 1" in out
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["config"]["seed"] == 3 and manifest["config"]["pool"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--input", "/nonexistent.jsonl"], "input not found"),
+        (["--constitution", "/nonexistent.yaml"], "file not found"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--engine", "vllm", "pool.gpus_per_actor=1"], "vLLM"),
+        (["pool.cpus_per_actor=64"], "the engine pool needs 64 CPU"),
+    ],
+)
+def test_generate_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, extra, message):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "hello"}\n')
+    # later flags win, so each case's flags override these defaults
+    args = ["generate", "--input", str(inp), "--output", str(tmp_path / "o"), "--model", "tiny-random"]
+    rc = main(args + extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
