@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 LINE_BITS = 40  # position = source index << 40 | line: 2^40 lines a file, 2^24 files
+NEW, DONE, REJECT, DUPLICATE = 0, 1, 2, 3  # claim codes
 
 
 def hash_ids(ids: list[str]) -> np.ndarray:
@@ -74,63 +75,69 @@ class Ledger:
         self.counts: Counter = Counter()
         self.engine: Counter = Counter()
 
-    def _position(self, source: str, line: int) -> int:
+    def _source_index(self, source: str) -> int:
         idx = self.source_index.get(source)
         if idx is None:
             idx = self.source_index[source] = len(self.sources)
             self.sources.append(source)
-        return (idx << LINE_BITS) | line
+        return idx
 
-    def claim(self, ids: list[str | None], sources: list[str], lines: list[int]) -> list[str]:
-        """'new' | 'done' | 'reject' (invalid row) | 'duplicate <source>:<line>' per row.
+    def claim(self, ids, sources, lines) -> tuple[np.ndarray, dict[int, str]]:
+        """Per row a code — NEW, DONE, REJECT (invalid row) or DUPLICATE — and, for
+        duplicates, where the id was first seen ('<source>:<line>').
 
+        ``ids``/``sources``/``lines`` may be lists or Arrow arrays (cheaper to ship).
         Idempotent for the same (source, line): a retried read task claims again and gets
         the same answer, and its rows are counted once.
         """
+        ids = ids.to_numpy(zero_copy_only=False) if hasattr(ids, "to_numpy") else np.asarray(ids, dtype=object)
+        lines = lines.to_numpy(zero_copy_only=False) if hasattr(lines, "to_numpy") else np.asarray(lines)
+        sources = sources.to_pylist() if hasattr(sources, "to_pylist") else list(sources)
         n = len(ids)
-        pos = np.fromiter((self._position(s, ln) for s, ln in zip(sources, lines)), np.uint64, n)
-        status = ["reject"] * n
-        valid = [i for i in range(n) if ids[i] is not None]
-        for i in range(n):
-            if ids[i] is None and int(pos[i]) not in self.other_rows:
-                self.other_rows.add(int(pos[i]))
+        distinct = set(sources)
+        if len(distinct) == 1:  # the usual case: a read block comes from one file
+            src_idx = np.full(n, self._source_index(sources[0]), dtype=np.uint64)
+        else:
+            src_idx = np.fromiter((self._source_index(x) for x in sources), np.uint64, n)
+        pos = (src_idx << np.uint64(LINE_BITS)) | lines.astype(np.uint64)
+        codes = np.full(n, REJECT, dtype=np.int8)
+        dups: dict[int, str] = {}
+
+        invalid = np.fromiter((x is None for x in ids), bool, n)
+        for p in pos[invalid].tolist():
+            if p not in self.other_rows:
+                self.other_rows.add(p)
                 self.counts["read"] += 1
                 self.counts["reject"] += 1
-        if not valid:
-            return status
-        vi = np.array(valid)
-        h = hash_ids([ids[i] for i in valid])
+        vi = np.nonzero(~invalid)[0]
+        if len(vi) == 0:
+            return codes, dups
+        h = hash_ids(ids[vi].tolist())
         vpos = pos[vi]
         found, owner = self.owner.get(h)
-        # first occurrence within this block claims the id; later ones are duplicates of it
-        uniq, first = np.unique(h, return_index=True)
+        # the first occurrence within this block claims an id; later ones are its duplicates
+        uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
         is_first = np.zeros(len(h), bool)
         is_first[first] = True
         new = ~found & is_first
         self.owner.put(h[new], vpos[new])
-        owner = owner.copy()
-        owner[new] = vpos[new]
-        if (~found & ~is_first).any():  # in-block duplicates: owner = the block's first row
-            first_of = dict(zip(uniq.tolist(), vpos[first].tolist()))
-            for j in np.nonzero(~found & ~is_first)[0]:
-                owner[j] = first_of[int(h[j])]
+        owner = np.where(found, owner, vpos[first][inverse])
         in_done, _ = self.done.get(h)
-        for j, i in enumerate(valid):
-            p = int(vpos[j])
-            o = int(owner[j])
-            if o == p:
-                status[i] = "done" if in_done[j] else "new"
-                if new[j]:
-                    self.counts["read"] += 1
-                    self.counts[status[i]] += 1
-            else:
-                src = self.sources[o >> LINE_BITS]
-                status[i] = f"duplicate {src}:{o & ((1 << LINE_BITS) - 1)}"
-                if p not in self.other_rows:
-                    self.other_rows.add(p)
-                    self.counts["read"] += 1
-                    self.counts["duplicate"] += 1
-        return status
+        mine = owner == vpos
+        codes[vi[mine]] = np.where(in_done[mine], DONE, NEW)
+        counted = mine & new  # retries of already-claimed rows are not counted again
+        self.counts["read"] += int(counted.sum())
+        self.counts["done"] += int((counted & in_done).sum())
+        self.counts["new"] += int((counted & ~in_done).sum())
+        for j in np.nonzero(~mine)[0].tolist():
+            i, o, p = int(vi[j]), int(owner[j]), int(vpos[j])
+            codes[i] = DUPLICATE
+            dups[i] = f"{self.sources[o >> LINE_BITS]}:{o & ((1 << LINE_BITS) - 1)}"
+            if p not in self.other_rows:
+                self.other_rows.add(p)
+                self.counts["read"] += 1
+                self.counts["duplicate"] += 1
+        return codes, dups
 
     def add_engine_stats(self, **stats: float) -> None:
         self.engine.update(stats)

@@ -172,22 +172,23 @@ class SLWorker:
 
 def claim_ids(batch: pa.Table, ledger) -> pa.Table:
     """Drop ids already written by an earlier run; turn duplicate ids into rejects."""
+    import numpy as np
     import ray
 
-    statuses = ray.get(
-        ledger.claim.remote(
-            batch["id"].to_pylist(), batch["source"].to_pylist(), batch["line"].to_pylist()
+    from cai_ray.ledger import DONE, DUPLICATE
+
+    codes, dups = ray.get(ledger.claim.remote(batch["id"], batch["source"], batch["line"]))
+    if dups:
+        reasons = batch["reject_reason"].to_pylist()
+        for i, first in dups.items():
+            reasons[i] = f"duplicate id (first seen at {first})"
+        batch = batch.set_column(
+            batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
         )
-    )
-    keep = pa.array([s != "done" for s in statuses])
-    reasons = batch["reject_reason"].to_pylist()
-    for i, s in enumerate(statuses):
-        if s.startswith("duplicate"):
-            reasons[i] = f"duplicate id (first seen at {s.split(' ', 1)[1]})"
-    batch = batch.set_column(
-        batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
-    )
-    return batch.filter(keep)
+    if (codes == DONE).any():
+        batch = batch.filter(pa.array(codes != DONE))
+    assert DUPLICATE not in codes or dups  # every duplicate carries its reason
+    return batch
 
 
 # -- output -------------------------------------------------------------------------------
