@@ -63,9 +63,11 @@ class SortedMap:
 
 
 class Ledger:
-    def __init__(self, done_ids: list[str]):
+    def __init__(self, done_ids):
         self.done = SortedMap()
-        if done_ids:
+        if len(done_ids):
+            if hasattr(done_ids, "to_pylist"):  # Arrow, as the driver ships it
+                done_ids = done_ids.to_pylist()
             h = np.unique(hash_ids(done_ids))
             self.done.put(h, np.zeros(len(h), np.uint64))
         self.owner = SortedMap()  # id hash → position of the row that claimed it first

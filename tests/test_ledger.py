@@ -27,3 +27,18 @@ def test_arrow_inputs_and_many_blocks():
     codes, dups = led.claim(["id999"], ["other"], [1])
     assert codes.tolist() == [DUPLICATE] and dups == {0: "f:1000"}
     assert led.report()["counts"]["read"] == 1001
+
+
+def test_exactly_once_check_catches_a_duplicate(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from cai_ray.sl import check_exactly_once
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "data" / "part-1.parquet")
+    assert check_exactly_once(tmp_path) == 2
+    pq.write_table(pa.table({"id": ["c", "a"]}), tmp_path / "data" / "part-2.parquet")
+    with pytest.raises(RuntimeError, match=r"duplicate ids \['a'\]"):
+        check_exactly_once(tmp_path)
