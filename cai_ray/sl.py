@@ -469,6 +469,16 @@ def check_resources(cfg) -> None:
 
         _import_vllm()  # clear EngineUnavailable when vLLM is not installed here
     have = ray.cluster_resources()
+    # Actors that take every CPU leave none for the read task, and Ray Data then waits
+    # forever without an error ("backpressured: ResourceBudget"). Refuse that up front.
+    busiest = pool.max_actors * pool.cpus_per_actor + pool.task_cpus
+    if local and busiest > have.get("CPU", 0):
+        raise ValueError(
+            f"{pool.max_actors} engine actors x {pool.cpus_per_actor:g} CPU + {pool.task_cpus:g} CPU "
+            f"for reading/writing exceeds the {have.get('CPU', 0):g} CPUs of this machine, and the "
+            "job would stall; lower pool.max_actors or give actors a fraction "
+            f"(e.g. pool.cpus_per_actor={max(0.1, (have.get('CPU', 1) - pool.task_cpus) / pool.max_actors):.2f})"
+        )
     for name, per_actor in (("GPU", pool.gpus_per_actor), ("CPU", pool.cpus_per_actor)):
         need = per_actor * pool.min_actors
         if need > have.get(name, 0):

@@ -76,7 +76,8 @@ def test_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
         (["--constitution", "/nonexistent.yaml"], "file not found"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--engine", "vllm", "pool.gpus_per_actor=1"], "vLLM"),
-        (["pool.cpus_per_actor=64"], "the engine pool needs 64 CPU"),
+        (["pool.cpus_per_actor=1000"], "CPUs of this machine, and the job would stall"),
+        (["--actors", "1000,1000"], "or give actors a fraction (e.g. pool.cpus_per_actor="),
     ],
 )
 def test_generate_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, extra, message):
