@@ -53,10 +53,10 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{where}.gpu_memory_utilization: must be in (0, 1]")
 
-    def engine_kwargs(self, threads: int | None) -> dict[str, Any]:
+    def engine_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model, "dtype": self.dtype}
         if self.backend == "hf":
-            kw.update(threads=threads, max_batch_size=self.max_batch_size, prefix_cache=self.prefix_cache)
+            kw.update(threads=self.threads, max_batch_size=self.max_batch_size, prefix_cache=self.prefix_cache)
         elif self.backend == "vllm":
             kw.update(
                 tensor_parallel_size=self.tensor_parallel_size,
@@ -260,10 +260,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
             node[parts[-1]] = value
     for item in overrides:
         apply_override(data, item)
-    try:
-        cfg = from_dict(cls, data)
-    except TypeError as e:  # pragma: no cover - defensive
-        raise ConfigError(str(e)) from None
+    cfg = from_dict(cls, data)
     cfg.validate()
     return cfg
 

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from ray.data.datasource import Datasink
 
 from cai_ray import prompts
 from cai_ray.constitution import Constitution, load_constitution
@@ -30,6 +31,12 @@ from cai_ray.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
 log = logging.getLogger(__name__)
 
 READ_BLOCK_ROWS = 4096  # lines parsed (and ids claimed) per read block
+
+
+def with_reasons(table: pa.Table, reasons: list[str | None]) -> pa.Table:
+    """``table`` with its reject_reason column replaced."""
+    i = table.schema.get_field_index("reject_reason")
+    return table.set_column(i, "reject_reason", pa.array(reasons, pa.string()))
 
 
 def batch_seed(seed: int, ids: list[str], stage: str) -> int:
@@ -149,12 +156,8 @@ class SLWorker:
             self.ledger.add_engine_stats.remote(
                 engine_s=time.perf_counter() - t0,
                 tokens=getattr(self.engine, "tokens_generated", 0) - tokens_before,
-                rows=len(todo),
-                batches=1,
             )
-        out = batch.set_column(
-            batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
-        )
+        out = with_reasons(batch, reasons)
         done = [r is None for r in reasons]
         messages = append_message(batch["prompt_messages"], "assistant", final, done)
         new = {
@@ -172,27 +175,23 @@ class SLWorker:
 
 def claim_ids(batch: pa.Table, ledger) -> pa.Table:
     """Drop ids already written by an earlier run; turn duplicate ids into rejects."""
-    import numpy as np
     import ray
 
-    from cai_ray.ledger import DONE, DUPLICATE
+    from cai_ray.ledger import DONE
 
     codes, dups = ray.get(ledger.claim.remote(batch["id"], batch["source"], batch["line"]))
     if dups:
         reasons = batch["reject_reason"].to_pylist()
         for i, first in dups.items():
             reasons[i] = f"duplicate id (first seen at {first})"
-        batch = batch.set_column(
-            batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
-        )
+        batch = with_reasons(batch, reasons)
     if (codes == DONE).any():
         batch = batch.filter(pa.array(codes != DONE))
-    assert DUPLICATE not in codes or dups  # every duplicate carries its reason
     return batch
 
 
 # -- output -------------------------------------------------------------------------------
-class SLDatasink:
+class SLDatasink(Datasink):
     """Writes good rows to data/part-*.parquet and rejects to _rejects/part-*.jsonl.
 
     A part's name is a hash of the ids in it and it is written to a temp name and renamed,
@@ -200,34 +199,29 @@ class SLDatasink:
     crash never leaves a half-written part that resume would trust.
     """
 
-    def __new__(cls, *args, **kwargs):  # subclass lazily: importing ray only when used
-        from ray.data.datasource import Datasink
+    def __init__(self, out_dir: str, rows_per_file: int, columns: list[str]):
+        self.out = Path(out_dir)
+        self.rows_per_file = rows_per_file
+        self.columns = columns
 
-        class _SLDatasink(Datasink):
-            def __init__(self, out_dir: str, rows_per_file: int, columns: list[str]):
-                self.out = Path(out_dir)
-                self.rows_per_file = rows_per_file
-                self.columns = columns
+    @property
+    def min_rows_per_write(self):
+        return self.rows_per_file
 
-            @property
-            def min_rows_per_write(self):
-                return self.rows_per_file
-
-            def write(self, blocks, ctx):
-                tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
-                tables = [t for t in tables if t.num_rows]
-                if not tables:
-                    return {"written": 0, "rejected": 0}
-                table = pa.concat_tables(tables, promote_options="permissive")
-                bad_mask = pc.is_valid(table["reject_reason"])
-                good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
-                if good.num_rows:
-                    _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
-                if bad.num_rows:
-                    _atomic_rejects(bad, self.out / "_rejects")
-                return {"written": good.num_rows, "rejected": bad.num_rows}
-
-        return _SLDatasink(*args, **kwargs)
+    def write(self, blocks, ctx) -> None:
+        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return
+        table = pa.concat_tables(tables, promote_options="permissive")
+        bad_mask = pc.is_valid(table["reject_reason"])
+        good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
+        if good.num_rows:
+            _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
+        if bad.num_rows:
+            recs = reject_records(bad)
+            name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
+            _write_jsonl_atomic(self.out / "_rejects" / name, recs)
 
 
 def _part_name(keys: list) -> str:
@@ -249,13 +243,11 @@ def reject_records(table: pa.Table) -> list[dict[str, Any]]:
     ]
 
 
-def _atomic_rejects(table: pa.Table, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    recs = reject_records(table)
-    final = folder / (_part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl")
-    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+def _write_jsonl_atomic(path: Path, recs: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    os.replace(tmp, final)
+    os.replace(tmp, path)
 
 
 def existing_ids(out_dir: Path) -> pa.ChunkedArray:
@@ -267,17 +259,15 @@ def existing_ids(out_dir: Path) -> pa.ChunkedArray:
     return pa.concat_tables(pq.read_table(f, columns=["id"]) for f in files)["id"]
 
 
-def finalize_rejects(out_dir: Path) -> int:
-    """Merge reject parts into rejects.jsonl, sorted by (source, line). Returns the count."""
+def finalize_rejects(out_dir: Path) -> list[dict[str, Any]]:
+    """Merge reject parts into rejects.jsonl, sorted by (source, line); returns them."""
     parts = sorted((out_dir / "_rejects").glob("part-*.jsonl")) if (out_dir / "_rejects").exists() else []
     recs = []
     for p in parts:
         recs += [json.loads(line) for line in p.read_text().splitlines() if line]
     recs.sort(key=lambda r: (r["source"], r["line"]))
-    tmp = out_dir / ".rejects.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    os.replace(tmp, out_dir / "rejects.jsonl")
-    return len(recs)
+    _write_jsonl_atomic(out_dir / "rejects.jsonl", recs)
+    return recs
 
 
 def check_exactly_once(out_dir: Path) -> int:
@@ -316,6 +306,20 @@ def generation_fingerprint(config: dict[str, Any], constitution: Constitution) -
     }
 
 
+def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:
+    """A resume must use the settings that made the existing output, or rows would mix."""
+    manifest_path = out / "manifest.json"
+    if not (manifest_path.exists() and (out / "data").exists()):
+        return
+    previous = json.loads(manifest_path.read_text()).get("fingerprint")
+    if previous and previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+        raise ValueError(
+            f"{out} holds output made with different settings ({', '.join(changed)}); "
+            "resuming would mix them. Use a new --output, or delete the old one."
+        )
+
+
 # -- the job ------------------------------------------------------------------------------
 def generate(cfg) -> dict[str, Any]:
     """Run the SL-CAI stage described by a ``GenerateConfig``; returns the manifest.
@@ -339,14 +343,7 @@ def generate(cfg) -> dict[str, Any]:
     files = list_input_files(cfg.input)  # fail fast on a bad path
     fingerprint = generation_fingerprint(config, constitution)
     manifest_path = out / "manifest.json"
-    if manifest_path.exists() and (out / "data").exists():
-        previous = json.loads(manifest_path.read_text()).get("fingerprint")
-        if previous and previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
-            raise ValueError(
-                f"{out} holds output made with different settings ({', '.join(changed)}); "
-                "resuming would mix them. Use a new --output, or delete the old one."
-            )
+    refuse_mixed_output(out, fingerprint)
 
     model_info: dict[str, Any] = {"name": cfg.engine.model, "backend": cfg.engine.backend}
     if cfg.engine.backend != "noop":
@@ -395,7 +392,7 @@ def generate(cfg) -> dict[str, Any]:
             SLWorker,
             fn_constructor_kwargs=dict(
                 backend=cfg.engine.backend,
-                engine_kwargs=cfg.engine.engine_kwargs(cfg.engine.threads),
+                engine_kwargs=cfg.engine.engine_kwargs(),
                 constitution=constitution,
                 revisions=cfg.revisions,
                 critique=cfg.critique,
@@ -423,7 +420,8 @@ def generate(cfg) -> dict[str, Any]:
 
     t1 = time.perf_counter()
     report = ray.get(ledger.report.remote())
-    rejected = finalize_rejects(out)
+    rejects = finalize_rejects(out)
+    rejected = len(rejects)
     total = check_exactly_once(out)
     finalize_s = time.perf_counter() - t1
     c = report["counts"]
@@ -443,7 +441,7 @@ def generate(cfg) -> dict[str, Any]:
         status="finished",
         finished=runtime.now(),
         counts=counts,
-        rejects_by_reason=_reasons(out / "rejects.jsonl"),
+        rejects_by_reason=_reasons(rejects),
         timing={
             "wall_s": round(wall, 3),  # the Ray Data run: read → claim → engine pool → write
             "finalize_s": round(finalize_s, 3),  # merge rejects, exactly-once check
@@ -491,11 +489,8 @@ def check_resources(cfg) -> None:
             log.warning("%s; waiting for the autoscaler to add nodes", msg)
 
 
-def _reasons(path: Path) -> dict[str, int]:
+def _reasons(rejects: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejects counted by the kind of reason (the text before any detail)."""
     from collections import Counter
 
-    counter: Counter = Counter()
-    for line in path.read_text().splitlines():
-        reason = json.loads(line)["reason"]
-        counter[reason.split(":")[0].split(" (")[0]] += 1
-    return dict(counter)
+    return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects))

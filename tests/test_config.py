@@ -49,7 +49,7 @@ def test_vllm_needs_gpus_per_actor():
                                                   "pool.gpus_per_actor=1"])
     cfg = load_config(GenerateConfig, None, BASE + ["engine.backend=vllm", "engine.tensor_parallel_size=2",
                                                     "pool.gpus_per_actor=2"])
-    assert cfg.engine.engine_kwargs(None)["tensor_parallel_size"] == 2
+    assert cfg.engine.engine_kwargs()["tensor_parallel_size"] == 2
 
 
 def test_every_key_has_help():

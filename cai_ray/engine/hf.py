@@ -162,17 +162,17 @@ class HFEngine(ChatTemplate):
             # With left padding the positions must come from the mask, or every padded
             # row would be scored as if it started mid-sequence.
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            # Left padding puts every choice at the end of its row, so only the last
+            # (longest choice + 1) positions need logits, not seq x vocab for the prompt.
+            keep = max(len(ids) for *_, ids in chunk) + 1
             with torch.inference_mode():
-                logits = self.model(**batch, position_ids=positions).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
-            width = batch["input_ids"].shape[1]
+                logits = self.model(**batch, position_ids=positions, logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, keep, vocab]
             for row, (ci, k, prefix, ids) in enumerate(chunk):
-                # left padding: the sequence ends at the last column
-                end = width
-                begin = end - len(ids)
-                targets = batch["input_ids"][row, begin:end]
-                # logits at position t predict token t+1
-                lp = logp[row, begin - 1 : end - 1].gather(-1, targets[:, None]).sum()
+                targets = batch["input_ids"][row, -len(ids):]
+                # logits at position t predict token t+1: the choice's tokens are
+                # predicted by the len(ids) positions before the last one
+                lp = logp[row, keep - 1 - len(ids) : keep - 1].gather(-1, targets[:, None]).sum()
                 scores[ci][k] = float(lp)
         return [normalise_logprobs(s) for s in scores]
 
