@@ -109,3 +109,35 @@ def test_common_prefix_leaves_a_token_per_row():
     assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
     assert _common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert _common_prefix([[9], [1]]) == 0
+
+
+def test_choice_logprobs_match_an_unpadded_reference(engine):
+    """Scores from the batched, left-padded, last-positions-only path equal a plain
+    one-sequence forward pass, for single- and multi-token choices."""
+    import torch
+
+    convs = [c + [{"role": "assistant", "content": "The answer is: ("}] for c in CONVS]
+    choices = ["A", "B)"]
+    got = engine.choice_logprobs(convs, choices)
+    for conv, row in zip(convs, got):
+        prefix = engine._encode(conv)
+        ref = []
+        for choice in choices:
+            ids = engine.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logp = torch.log_softmax(engine.model(torch.tensor([prefix + ids])).logits.float(), -1)[0]
+            ref.append(sum(float(logp[len(prefix) - 1 + j, t]) for j, t in enumerate(ids)))
+        assert row == pytest.approx(normalise_logprobs(ref), abs=1e-4)
+
+
+def test_tiny_random_is_built_deterministically_by_seed(tiny_model, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cai_ray.models import resolve_model
+
+    monkeypatch.setenv("CAI_RAY_CACHE", str(tmp_path))
+    rebuilt = resolve_model("tiny-random")
+    other = resolve_model("tiny-random:1")
+    weights = lambda d: (Path(d) / "model.safetensors").read_bytes()  # noqa: E731
+    assert rebuilt != tiny_model and weights(rebuilt) == weights(tiny_model)
+    assert weights(other) != weights(tiny_model)
