@@ -141,3 +141,27 @@ def test_tiny_random_is_built_deterministically_by_seed(tiny_model, tmp_path, mo
     weights = lambda d: (Path(d) / "model.safetensors").read_bytes()  # noqa: E731
     assert rebuilt != tiny_model and weights(rebuilt) == weights(tiny_model)
     assert weights(other) != weights(tiny_model)
+
+
+def test_choice_logprobs_with_a_shared_prefix_equal_the_plain_forward(tiny_model):
+    """The labeler's few-shot header is prefilled once and reused (also across calls);
+    the scores must be those of the full, unshared forward."""
+    header = [{"role": "user", "content": "Example question " * 30},
+              {"role": "assistant", "content": "The answer is: (B)"}]
+    convs = [header + c + [{"role": "assistant", "content": "The answer is: ("}] for c in CONVS]
+    shared = load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8)
+    plain = load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8,
+                        prefix_cache=False)
+    want = plain.choice_logprobs(convs, ["A", "B"])
+    first = shared.choice_logprobs(convs, ["A", "B"])
+    again = shared.choice_logprobs(convs[::-1], ["A", "B"])[::-1]  # from the kept prefix cache
+    assert len(shared._prefix_caches) == 1
+    for w, a, b in zip(want, first, again):
+        assert a == pytest.approx(w, abs=1e-4)
+        assert b == pytest.approx(w, abs=1e-4)
+    # multi-token choices take the per-choice path and agree with it too
+    choices = ["A) yes", "B) no"]
+    assert min(len(shared.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices) > 1
+    multi = shared.choice_logprobs(convs[:2], choices)
+    for m, w in zip(multi, plain.choice_logprobs(convs[:2], choices)):
+        assert m == pytest.approx(w, abs=1e-4)

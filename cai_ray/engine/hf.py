@@ -60,6 +60,7 @@ class HFEngine(ChatTemplate):
         )
         self.max_batch_size = max(1, int(max_batch_size))
         self.prefix_cache = prefix_cache
+        self._prefix_caches: dict[int, tuple] = {}
         self.tokens_generated = 0
         log.info("hf engine: %s on %s (%s), context %d", model, device, dtype, self.context_length)
 
@@ -113,9 +114,8 @@ class HFEngine(ChatTemplate):
         On CPU the few-shot prefill otherwise dominates a critique/revision batch."""
         import torch
 
+        cache = self._prefix_kv(rows[0][:shared], len(rows))
         prefix = torch.tensor([rows[0][:shared]], device=self.device)
-        cache = self.model(prefix, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(rows))
         tail = self.tokenizer.pad(
             {"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt"
         ).to(self.device)
@@ -131,6 +131,57 @@ class HFEngine(ChatTemplate):
         )
         return seqs, input_ids.shape[1]
 
+    def _prefix_kv(self, prefix: list[int], copies: int):
+        """A fresh KV cache of ``prefix`` repeated ``copies`` times. The prefill of a prefix
+        is kept (a few entries, LRU): a job's few-shot header is the same in every batch,
+        so it is computed once per actor, not once per micro-batch."""
+        import copy
+
+        import torch
+
+        key = hash(tuple(prefix))
+        cache = self._prefix_caches.pop(key, None)
+        if cache is None or cache[0] != prefix:
+            ids = torch.tensor([prefix], device=self.device)
+            cache = (list(prefix), self.model(ids, use_cache=True).past_key_values)
+        self._prefix_caches[key] = cache  # most recently used last
+        while len(self._prefix_caches) > PREFIX_CACHE_ENTRIES:
+            self._prefix_caches.pop(next(iter(self._prefix_caches)))
+        kv = copy.deepcopy(cache[1])  # forward/generate append to a cache in place
+        if copies > 1:
+            kv.batch_repeat_interleave(copies)
+        return kv
+
+    def _last_logits(self, rows: list[list[int]]):
+        """Next-token logits after each row ([rows, vocab]): one forward for the batch,
+        the shared prefix taken from the prefix cache when it is long enough."""
+        import torch
+
+        shared = _common_prefix(rows) if self.prefix_cache and len(rows) > 1 else 0
+        n = len(rows)
+        if shared >= MIN_SHARED_PREFIX:
+            cache = self._prefix_kv(rows[0][:shared], n)
+            tail = self.tokenizer.pad(
+                {"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt"
+            ).to(self.device)
+            mask = torch.cat(
+                [torch.ones((n, shared), dtype=tail["attention_mask"].dtype, device=self.device),
+                 tail["attention_mask"]],
+                dim=1,
+            )
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            out = self.model(
+                input_ids=tail["input_ids"], attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+        else:
+            batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(
+                self.device
+            )
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            out = self.model(**batch, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1]
+
     # -- choice scoring ---------------------------------------------------------------
     def choice_logprobs(
         self, convs: list[list[Message]], choices: Sequence[str]
@@ -138,7 +189,9 @@ class HFEngine(ChatTemplate):
         """Sum of token log-probs of each choice after each conversation, normalised.
 
         The conversation should end with an assistant prefix such as "The answer is: (",
-        which is continued rather than closed.
+        which is continued rather than closed. Single-token choices (the labeler's "A" /
+        "B") are read from one forward pass per conversation; longer choices need one row
+        per (conversation, choice).
         """
         import torch
 
@@ -147,9 +200,22 @@ class HFEngine(ChatTemplate):
         choice_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         if any(not ids for ids in choice_ids):
             raise ValueError(f"a choice tokenizes to nothing: {choices!r}")
+        encoded = [self._encode(c) for c in convs]
+        if all(len(ids) == 1 for ids in choice_ids):
+            targets = [ids[0] for ids in choice_ids]
+            scores: list[list[float]] = [[]] * len(convs)
+            order = sorted(range(len(convs)), key=lambda i: len(encoded[i]))
+            for start in range(0, len(order), self.max_batch_size):
+                idx = order[start : start + self.max_batch_size]
+                with torch.inference_mode():
+                    logits = self._last_logits([encoded[i] for i in idx])
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, targets]
+                for row, i in enumerate(idx):
+                    scores[i] = logp[row].tolist()
+            return [normalise_logprobs(s) for s in scores]
+
         rows = []  # (conv index, choice index, prompt ids, choice ids)
-        for ci, conv in enumerate(convs):
-            prefix = self._encode(conv)
+        for ci, prefix in enumerate(encoded):
             for k, ids in enumerate(choice_ids):
                 rows.append((ci, k, prefix, ids))
         scores = [[0.0] * len(choices) for _ in convs]
@@ -178,6 +244,7 @@ class HFEngine(ChatTemplate):
 
 
 MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefill is not worth it
+PREFIX_CACHE_ENTRIES = 4  # prefix KV caches kept per engine
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
