@@ -98,6 +98,20 @@ class Constitution:
             out.append(self.principles[min(bisect.bisect_right(cum, u), len(cum) - 1)])
         return out
 
+    def sample_distinct(self, key: str, n: int, seed: int) -> list[Principle]:
+        """``n`` different principles drawn by weight (without replacement), for a
+        principle ensemble; all of them, in draw order, when ``n`` >= their number.
+        Seeded per key like ``sample``: the same pair gets the same principles anywhere."""
+        n = min(n, len(self.principles))
+        picked: list[Principle] = []
+        left = list(self.principles)
+        for i in range(n):
+            digest = hashlib.blake2b(f"{seed}\x00{key}\x00distinct{i}".encode(), digest_size=8).digest()
+            cum = list(itertools.accumulate(p.weight for p in left))
+            u = int.from_bytes(digest, "big") / 2.0**64 * cum[-1]
+            picked.append(left.pop(min(bisect.bisect_right(cum, u), len(cum) - 1)))
+        return picked
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -5,6 +5,13 @@
                               chosen, rejected)
     write  → SL_OUTPUT_COLUMNS to data/*.parquet; rows with reject_reason to rejects.jsonl
 
+    read   → PROMPT_SCHEMA
+    pairs  → PAIR_SCHEMA     (one row per pair: id = pair id, prompt_id = input id,
+                              response_a, response_b, policy)
+    label  → LABEL_SCHEMA    (PAIR columns + p_a, p_ab, p_ba, principles, chosen/rejected,
+                              filter_reason)
+    write  → LABEL_OUTPUT_COLUMNS to data/ (kept) or filtered/ (filter_reason set)
+
 A row whose ``reject_reason`` is set flows through the stages untouched and is written to
 the rejects file with its source file, line and reason, so ``written + rejected = read``.
 """
@@ -46,6 +53,33 @@ SL_SCHEMA = pa.schema(SL_FIELDS)
 SL_OUTPUT_COLUMNS = [
     f.name for f in SL_FIELDS if f.name not in ("reject_reason", "raw", "prompt_messages")
 ]
+
+PAIR_FIELDS = PROMPT_FIELDS + [
+    pa.field("prompt_id", pa.string()),  # the input row's id (resume and accounting key)
+    pa.field("response_a", pa.string()),
+    pa.field("response_b", pa.string()),
+    pa.field("policy", pa.string()),  # model that sampled the answers; null for given pairs
+]
+PAIR_SCHEMA = pa.schema(PAIR_FIELDS)
+
+LABEL_FIELDS = PAIR_FIELDS + [
+    pa.field("p_a", pa.float64()),  # final soft label: P(response_a is better)
+    pa.field("p_ab", pa.float64()),  # P(response_a) shown as option (A), mean over principles
+    pa.field("p_ba", pa.float64()),  # P(response_a) shown as option (B); null = one order only
+    pa.field("position_consistent", pa.bool_()),  # both orders prefer the same response
+    pa.field("principle_ids", pa.list_(pa.string())),  # the ensemble, one per comparison pair
+    pa.field("p_ab_by_principle", pa.list_(pa.float64())),
+    pa.field("p_ba_by_principle", pa.list_(pa.float64())),
+    pa.field("reasoning", pa.list_(pa.string())),  # CoT only: per principle, AB then BA
+    pa.field("chosen", MESSAGES),  # TRL preference format: prompt + preferred response
+    pa.field("rejected", MESSAGES),
+    pa.field("p_chosen", pa.float64()),  # max(p_a, 1 - p_a)
+    pa.field("labeler", pa.string()),
+    pa.field("template_sha256", pa.string()),
+    pa.field("filter_reason", pa.string()),  # null = kept (data/); else filtered/ with why
+]
+LABEL_SCHEMA = pa.schema(LABEL_FIELDS)
+LABEL_OUTPUT_COLUMNS = [f.name for f in LABEL_FIELDS if f.name not in ("reject_reason", "raw")]
 
 REJECT_KEYS = ("source", "line", "id", "reason", "raw")
 RAW_LIMIT = 2000  # characters of the offending input kept in rejects.jsonl

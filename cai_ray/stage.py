@@ -1,0 +1,406 @@
+"""What every batch stage shares: ids, rejects, resume, exactly-once, manifest, the run.
+
+    read ─► claim ids (ledger) ─► repartition to engine batches ─► [stage's actor pools] ─► sink
+    PROMPT_SCHEMA                                                                         data/
+                                                                                          filtered/
+                                                                                          rejects.jsonl
+
+``run_stage`` runs one stage: it writes the manifest before and after, brings up Ray,
+checks the pools fit, resumes from what is already written, streams the Ray Data pipeline
+built by the stage, and at the end merges the rejects, checks that every output id is
+written exactly once and that ``written + rejected = read``. The SL-CAI stage (sl.py) and
+the label stage (label.py) differ only in the pool(s) they put between claim and sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.datasource import Datasink
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_ROWS = 4096  # lines parsed (and ids claimed) per read block
+
+
+def with_reasons(table: pa.Table, reasons: list[str | None], column: str = "reject_reason") -> pa.Table:
+    """``table`` with its reject_reason (or another reason) column replaced."""
+    i = table.schema.get_field_index(column)
+    return table.set_column(i, column, pa.array(reasons, pa.string()))
+
+
+def batch_seed(seed: int, ids: list[str], stage: str) -> int:
+    """A generation seed fixed by the batch's contents: a retried batch samples the same."""
+    h = hashlib.sha256(f"{seed}|{stage}|{'|'.join(ids)}".encode()).digest()
+    return int.from_bytes(h[:4], "big")
+
+
+def engine_threads(backend: str, engine_kwargs: dict[str, Any], max_actors: int) -> dict[str, Any]:
+    """hf on CPU: unless set, each actor gets an equal share of the node's cores."""
+    if backend == "hf" and not engine_kwargs.get("threads"):
+        return {**engine_kwargs, "threads": max(1, (os.cpu_count() or 1) // max_actors)}
+    return engine_kwargs
+
+
+def claim_ids(batch: pa.Table, ledger) -> pa.Table:
+    """Drop ids already written by an earlier run; turn duplicate ids into rejects."""
+    import ray
+
+    from cai_ray.ledger import DONE
+
+    codes, dups = ray.get(ledger.claim.remote(batch["id"], batch["source"], batch["line"]))
+    if dups:
+        reasons = batch["reject_reason"].to_pylist()
+        for i, first in dups.items():
+            reasons[i] = f"duplicate id (first seen at {first})"
+        batch = with_reasons(batch, reasons)
+    if (codes == DONE).any():
+        batch = batch.filter(pa.array(codes != DONE))
+    return batch
+
+
+# -- output -------------------------------------------------------------------------------
+class StageDatasink(Datasink):
+    """Rows with a reject_reason → _rejects/part-*.jsonl; rows with a ``filter_column``
+    value → filtered/part-*.parquet; the rest → data/part-*.parquet.
+
+    A part's name is a hash of the ids in it and it is written to a temp name and renamed,
+    so a retried write task overwrites the same file instead of duplicating rows, and a
+    crash never leaves a half-written part that resume would trust.
+    """
+
+    def __init__(self, out_dir: str, rows_per_file: int, columns: list[str], filter_column: str | None = None):
+        self.out = Path(out_dir)
+        self.rows_per_file = rows_per_file
+        self.columns = columns
+        self.filter_column = filter_column
+
+    @property
+    def min_rows_per_write(self):
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> None:
+        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return
+        table = pa.concat_tables(tables, promote_options="permissive")
+        bad_mask = pc.is_valid(table["reject_reason"])
+        good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
+        if bad.num_rows:
+            recs = reject_records(bad)
+            name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
+            _write_jsonl_atomic(self.out / "_rejects" / name, recs)
+        if self.filter_column and good.num_rows:
+            held = pc.is_valid(good[self.filter_column])
+            filtered, good = good.filter(held), good.filter(pc.invert(held))
+            if filtered.num_rows:
+                _atomic_parquet(filtered.select(self.columns), self.out / "filtered", filtered["id"].to_pylist())
+        if good.num_rows:
+            _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
+
+
+def _part_name(keys: list) -> str:
+    return "part-" + hashlib.sha1("\x00".join(map(str, keys)).encode()).hexdigest()[:20]
+
+
+def _atomic_parquet(table: pa.Table, folder: Path, ids: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / (_part_name(ids) + ".parquet")
+    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+
+
+def reject_records(table: pa.Table) -> list[dict[str, Any]]:
+    return [
+        {"source": r["source"], "line": r["line"], "id": r["id"], "reason": r["reject_reason"], "raw": r["raw"]}
+        for r in table.select(["source", "line", "id", "reject_reason", "raw"]).to_pylist()
+    ]
+
+
+def _write_jsonl_atomic(path: Path, recs: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    os.replace(tmp, path)
+
+
+def output_files(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> list[Path]:
+    """Finished parts only (temp files start with '.')."""
+    files: list[Path] = []
+    for name in folders:
+        if (out_dir / name).exists():
+            files += sorted((out_dir / name).glob("part-*.parquet"))
+    return files
+
+
+def read_output(out_dir: Path, columns: list[str], folders: tuple[str, ...] = ("data",)) -> pa.Table | None:
+    files = output_files(out_dir, folders)
+    if not files:
+        return None
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+def existing_ids(out_dir: Path, column: str = "id", folders: tuple[str, ...] = ("data",)) -> pa.Array:
+    """Distinct input ids already in the output: what a resumed run skips."""
+    table = read_output(out_dir, [column], folders)
+    if table is None:
+        return pa.array([], pa.string())
+    return pc.unique(table[column])
+
+
+def finalize_rejects(out_dir: Path) -> list[dict[str, Any]]:
+    """Merge reject parts into rejects.jsonl, sorted by (source, line); returns them."""
+    parts = sorted((out_dir / "_rejects").glob("part-*.jsonl")) if (out_dir / "_rejects").exists() else []
+    recs = []
+    for p in parts:
+        recs += [json.loads(line) for line in p.read_text().splitlines() if line]
+    recs.sort(key=lambda r: (r["source"], r["line"]))
+    _write_jsonl_atomic(out_dir / "rejects.jsonl", recs)
+    return recs
+
+
+def check_exactly_once(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> int:
+    """Every row id in the output exactly once; returns the row count. A violation is a
+    bug: raise. Counted in Arrow, so a million ids cost a few MB in the driver."""
+    table = read_output(out_dir, ["id"], folders)
+    if table is None:
+        return 0
+    ids = table["id"]
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[:5].to_pylist()
+        raise RuntimeError(f"exactly-once violated in {out_dir}: duplicate ids {dup}")
+    return len(ids)
+
+
+def clean_partial(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> None:
+    """Remove temp files of a crashed run and the previous run's reject parts."""
+    for folder in (*(out_dir / f for f in folders), out_dir / "_rejects"):
+        if folder.exists():
+            for f in folder.glob(".*.tmp*"):
+                f.unlink()
+    rejects = out_dir / "_rejects"
+    if rejects.exists():
+        for f in rejects.glob("part-*.jsonl"):
+            f.unlink()
+
+
+def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:
+    """A resume must use the settings that made the existing output, or rows would mix."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists() or not output_files(out, ("data", "filtered")):
+        return
+    previous = json.loads(manifest_path.read_text()).get("fingerprint")
+    if previous and previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+        raise ValueError(
+            f"{out} holds output made with different settings ({', '.join(changed)}); "
+            "resuming would mix them. Use a new --output, or delete the old one."
+        )
+
+
+def model_info(engine_cfg) -> dict[str, Any]:
+    """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model."""
+    from cai_ray import runtime
+    from cai_ray.models import is_alias, resolve_model
+
+    info: dict[str, Any] = {"name": engine_cfg.model, "backend": engine_cfg.backend}
+    if engine_cfg.backend != "noop":
+        resolved = resolve_model(engine_cfg.model)
+        if is_alias(engine_cfg.model) or Path(resolved).exists():
+            info.update(runtime.model_fingerprint(resolved))
+    return info
+
+
+# -- resources ------------------------------------------------------------------------------
+@dataclass
+class Pool:
+    """One engine actor pool of a stage, for the resource check."""
+
+    key: str  # its config section, e.g. "pool" or "labeler_pool"
+    backend: str
+    cfg: Any  # config.PoolConfig
+
+
+def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None) -> None:
+    """Fail fast instead of letting Ray Data wait forever for actors that cannot start."""
+    import ray
+
+    local = not ray_address
+    if local and any(p.backend == "vllm" for p in pools):
+        from cai_ray.engine.vllm import _import_vllm
+
+        _import_vllm()  # clear EngineUnavailable when vLLM is not installed here
+    have = ray.cluster_resources()
+    # Actors that take every CPU leave none for the read task, and Ray Data then waits
+    # forever without an error ("backpressured: ResourceBudget"). Refuse that up front.
+    busiest = sum(p.cfg.max_actors * p.cfg.cpus_per_actor for p in pools) + task_cpus
+    if local and busiest > have.get("CPU", 0):
+        spare = max(0.1, (have.get("CPU", 1) - task_cpus) / sum(p.cfg.max_actors for p in pools))
+        names = " + ".join(f"{p.cfg.max_actors} {p.key} actors x {p.cfg.cpus_per_actor:g} CPU" for p in pools)
+        keys = ", ".join(f"{p.key}.cpus_per_actor={spare:.2f}" for p in pools)
+        raise ValueError(
+            f"{names} + {task_cpus:g} CPU for reading/writing exceeds the {have.get('CPU', 0):g} "
+            "CPUs of this machine, and the job would stall; lower max_actors or give actors a "
+            f"fraction (e.g. {keys})"
+        )
+    for p in pools:
+        for name, per_actor in (("GPU", p.cfg.gpus_per_actor), ("CPU", p.cfg.cpus_per_actor)):
+            need = per_actor * p.cfg.min_actors
+            if need > have.get(name, 0):
+                msg = (
+                    f"the {p.key} needs {need:g} {name} ({p.cfg.min_actors} actors x "
+                    f"{per_actor:g}) but the Ray cluster has {have.get(name, 0):g}"
+                )
+                if local:
+                    raise ValueError(msg + f"; lower {p.key}.min_actors / {p.key}.*_per_actor")
+                log.warning("%s; waiting for the autoscaler to add nodes", msg)
+
+
+def actor_pool_args(pool_cfg) -> dict[str, Any]:
+    """map_batches arguments for an engine actor pool."""
+    from ray.data import ActorPoolStrategy
+
+    return dict(
+        batch_size=pool_cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=pool_cfg.min_actors, max_size=pool_cfg.max_actors),
+        num_cpus=pool_cfg.cpus_per_actor,
+        num_gpus=pool_cfg.gpus_per_actor or None,
+    )
+
+
+# -- the run ----------------------------------------------------------------------------------
+@dataclass
+class StageRun:
+    """Everything ``run_stage`` needs to know about one stage's job."""
+
+    kind: str  # manifest "stage": sl | label
+    cfg: Any  # the job's config (GenerateConfig, LabelConfig): input, output, inputs, outputs, ray_address
+    fingerprint: dict[str, Any]  # settings a resume must share
+    manifest_extra: dict[str, Any]  # constitution, models, ... (written before the run)
+    pools: list[Pool]
+    read_pool: Any  # PoolConfig whose batch_size / task_cpus / object_store_gb shape the read
+    build: Callable  # (dataset, ledger) -> dataset between claim and sink
+    sink: Datasink
+    id_column: str = "id"  # output column holding the input row's id (resume key)
+    folders: tuple[str, ...] = ("data",)
+    finish: Callable | None = None  # (out_dir, manifest) -> None: stage figures, after the checks
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(run: StageRun) -> dict[str, Any]:
+    """Run a stage; returns the manifest. Resumable: input ids already in the output are
+    skipped; rejects and counts are recomputed over the whole input."""
+    import ray
+    from ray.data import DataContext
+
+    from cai_ray import runtime
+    from cai_ray.config import to_dict
+    from cai_ray.datasets import list_input_files, read_prompts
+    from cai_ray.ledger import Ledger
+
+    cfg = run.cfg
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    config = run.config or to_dict(cfg)
+    files = list_input_files(cfg.input)  # fail fast on a bad path
+    manifest_path = out / "manifest.json"
+    refuse_mixed_output(out, run.fingerprint)
+
+    manifest = runtime.base_manifest(run.kind, config)
+    manifest.update(fingerprint=run.fingerprint, **run.manifest_extra, inputs=[f for f, _ in files])
+    runtime.write_json_atomic(manifest_path, manifest)
+
+    runtime.init_ray(cfg.ray_address)
+    read_pool = run.read_pool
+    check_resources(run.pools, read_pool.task_cpus, cfg.ray_address)
+    clean_partial(out, run.folders)
+    done = existing_ids(out, run.id_column, run.folders)
+    ledger = ray.remote(num_cpus=0)(Ledger).remote(done)
+    if len(done):
+        log.info("resuming: %d input rows already done in %s", len(done), out)
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    if read_pool.object_store_gb:
+        # Bounds the data in flight: the pipeline streams at the same rate, and the object
+        # store's resident pages stop growing with the number of rows.
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=read_pool.object_store_gb * 2**30)
+    t0 = time.perf_counter()
+    try:
+        ds = read_prompts(
+            cfg.input, cfg.inputs.max_prompt_chars, max(READ_BLOCK_ROWS, read_pool.batch_size), read_pool.task_cpus
+        )
+        ds = ds.map_batches(
+            claim_ids, fn_kwargs={"ledger": ledger}, batch_format="pyarrow",
+            batch_size=None, num_cpus=read_pool.task_cpus,
+        )
+        # An actor task handles a whole input block: blocks of one engine batch keep every
+        # actor of the pool busy, and a killed actor's retry redoes one batch, not a file.
+        ds = ds.repartition(target_num_rows_per_block=read_pool.batch_size)
+        ds = run.build(ds, ledger)
+        ds.write_datasink(run.sink, ray_remote_args={"num_cpus": read_pool.task_cpus})
+    except BaseException as e:
+        manifest.update(status="failed", finished=runtime.now(), error=f"{type(e).__name__}: {e}")
+        runtime.write_json_atomic(manifest_path, manifest)
+        raise
+    wall = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    report = ray.get(ledger.report.remote())
+    rejects = finalize_rejects(out)
+    rows = check_exactly_once(out, run.folders)
+    inputs_done = len(existing_ids(out, run.id_column, run.folders))
+    finalize_s = time.perf_counter() - t1
+    c = report["counts"]
+    counts = {
+        "read": c.get("read", 0),
+        "written": c.get("done", 0) + inputs_done - len(done),
+        "written_this_run": inputs_done - len(done),
+        "already_done": c.get("done", 0),
+        "rejected": len(rejects),
+        "rows_in_output": rows,
+    }
+    # Every input row is written (now or by an earlier run) or rejected: never dropped.
+    if counts["read"] != counts["written"] + counts["rejected"]:
+        raise RuntimeError(f"row accounting does not add up (a row was lost): {counts}")
+    eng = report["engine"]
+    manifest.update(
+        status="finished",
+        finished=runtime.now(),
+        counts=counts,
+        rejects_by_reason=reasons_count(rejects),
+        timing={
+            "wall_s": round(wall, 3),  # the Ray Data run: read → claim → engine pools → write
+            "finalize_s": round(finalize_s, 3),  # merge rejects, exactly-once check
+            "engine_s": round(eng.get("engine_s", 0.0), 3),
+            "model_load_s": round(eng.get("model_load_s", 0.0), 3),
+            "tokens_generated": int(eng.get("tokens", 0)),
+            "tokens_per_s": round(eng.get("tokens", 0) / wall, 2) if wall else None,
+            "engine_actors_started": int(eng.get("actors_started", 0)),
+        },
+    )
+    if run.finish is not None:
+        run.finish(out, manifest)
+    runtime.write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def reasons_count(rejects: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejects counted by the kind of reason (the text before any detail)."""
+    return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects))
