@@ -30,8 +30,16 @@ def _actors(value: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _clamp(value: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clamp expects LO,HI (e.g. 0.4,0.6), got {value!r}") from None
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import GenerateConfig
+    from cai_ray.config import GenerateConfig, LabelConfig
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -64,6 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    lab = sub.add_parser(
+        "label",
+        help="RL-CAI preference labels (RLAIF): soft, position-debiased AI labels on Ray Data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(LabelConfig),
+        description="Label answer pairs with an AI labeler against the constitution: "
+        "P(A) vs P(B) after 'The answer is: (', both orders, principle ensembles, optional "
+        "clamped chain of thought. Input: prompts (with --policy, k answers are sampled) or "
+        "ready-made pairs (prompt|messages, response_a, response_b). Re-running resumes.",
+    )
+    lab.add_argument("--input", help="prompts or ready-made pairs (file or folder)")
+    lab.add_argument("--output", help="output folder")
+    lab.add_argument("--config", help="YAML config file (see config keys below)")
+    lab.add_argument("--constitution", help="constitution YAML")
+    lab.add_argument("--policy", dest="policy.model", metavar="MODEL",
+                     help="model that samples k answers per prompt (omit when the input holds pairs)")
+    lab.add_argument("--labeler", dest="labeler.model", metavar="MODEL", help="the AI labeler model")
+    lab.add_argument("--samples", type=int, dest="pairs.samples", metavar="K", help="answers per prompt (k >= 2)")
+    lab.add_argument("--pairing", dest="pairs.pairing", choices=["all", "disjoint"], help="pairs from the k answers")
+    lab.add_argument("--principles-per-pair", type=int, dest="label.principles_per_pair", metavar="K",
+                     help="principle ensemble size")
+    lab.add_argument("--cot", action="store_const", const=True, dest="label.cot",
+                     help="chain-of-thought labels (clamped)")
+    lab.add_argument("--clamp", type=_clamp, metavar="LO,HI", help="CoT clamp range (default 0.4,0.6)")
+    lab.add_argument("--min-margin", type=float, dest="filter.min_margin", metavar="X",
+                     help="keep pairs with |p_a - 0.5| >= X")
+    lab.add_argument("--drop-inconsistent", action="store_const", const=True, dest="filter.drop_inconsistent",
+                     help="filter pairs whose two orders disagree")
+    lab.add_argument("--gold", help="pairs with a known answer (prompt, chosen, rejected): accuracy, ECE, reliability PNG")
+    lab.add_argument("--actors", type=_actors, metavar="MIN,MAX", help="labeler actor pool size")
+    lab.add_argument("--batch-size", type=int, dest="labeler_pool.batch_size", metavar="N", help="pairs per labeler call")
+    lab.add_argument("--seed", type=int)
+    lab.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    lab.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     c = sub.add_parser("constitution", help="validate or show constitution files")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate", help="check files; exit 1 naming file, principle and field")
@@ -74,43 +117,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args) -> int:
-    from cai_ray.config import ConfigError, GenerateConfig, load_config
+_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp")
 
-    flags = {
-        k: v for k, v in vars(args).items()
-        if k not in ("command", "config", "overrides", "log_level", "actors") and v is not None
-    }
+
+def _load(cls, args, pool_key: str):
+    """Config from defaults < --config < flags < key=value; None after printing the error."""
+    from cai_ray.config import ConfigError, load_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS and v is not None}
     if args.actors:
-        flags["pool.min_actors"], flags["pool.max_actors"] = args.actors
+        flags[f"{pool_key}.min_actors"], flags[f"{pool_key}.max_actors"] = args.actors
+    if getattr(args, "clamp", None):
+        flags["label.clamp_low"], flags["label.clamp_high"] = args.clamp
     try:
-        cfg = load_config(GenerateConfig, args.config, args.overrides, flags)
+        return load_config(cls, args.config, args.overrides, flags)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
 
+
+def _run_job(fn, cfg):
+    """The job's manifest, or None after printing a user error (bad input, model, ...)."""
     from cai_ray.constitution import ConstitutionError
     from cai_ray.datasets import InputError
     from cai_ray.engine import EngineUnavailable
     from cai_ray.models import ModelNotFound
-    from cai_ray.sl import generate
 
     try:
-        manifest = generate(cfg)
+        return fn(cfg)
     except (ConstitutionError, InputError, EngineUnavailable, ModelNotFound, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    c = manifest["counts"]
-    out = Path(cfg.output)
+        return None
+
+
+def _print_counts(c: dict) -> None:
     print(
         f"read {c['read']} rows: written {c['written']} "
         f"({c['written_this_run']} this run, {c['already_done']} already done), "
         f"rejected {c['rejected']}"
     )
+
+
+def cmd_generate(args) -> int:
+    from cai_ray.config import GenerateConfig
+    from cai_ray.sl import generate
+
+    cfg = _load(GenerateConfig, args, "pool")
+    manifest = cfg and _run_job(generate, cfg)
+    if not manifest:
+        return 2
+    out = Path(cfg.output)
+    _print_counts(manifest["counts"])
     print(f"output:   {out / 'data'}")
     print(f"rejects:  {out / 'rejects.jsonl'}")
     print(f"manifest: {out / 'manifest.json'}")
     return 0
+
+
+def cmd_label(args) -> int:
+    from cai_ray.config import LabelConfig
+    from cai_ray.label import label
+
+    cfg = _load(LabelConfig, args, "labeler_pool")
+    manifest = cfg and _run_job(label, cfg)
+    if not manifest:
+        return 2
+    out = Path(cfg.output)
+    _print_counts(manifest["counts"])
+    q = manifest["labels"]
+    print(
+        f"pairs {q['pairs']}: labels {q['labels']}, kept {q['kept']}, filtered {q['filtered'] or 0}; "
+        f"invalid {q['invalid']}"
+    )
+    print(
+        f"labeler: mean margin {_fmt(q['mean_margin'])}, position-consistent {_fmt(q['position_consistent_share'])}, "
+        f"position bias (P(first shown)) {_fmt(q['position_bias'])}"
+    )
+    if "gold" in manifest:
+        g = manifest["gold"]
+        print(
+            f"gold ({g['labelled']} of {g['gold_pairs']} labelled): accuracy {_fmt(g['accuracy'])}, "
+            f"ECE {_fmt(g['ece'])}, reliability diagram {g['reliability_png']}"
+        )
+    print(f"output:   {out / 'data'} (kept), {out / 'filtered'} (filtered, with filter_reason)")
+    print(f"rejects:  {out / 'rejects.jsonl'}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def cmd_constitution(args) -> int:
@@ -155,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "label":
+        return cmd_label(args)
     if args.command == "constitution":
         return cmd_constitution(args)
     return 2  # pragma: no cover

@@ -158,6 +158,111 @@ class GenerateConfig:
             )
 
 
+@dataclass
+class PairsConfig:
+    samples: int = _f(2, "answers sampled per prompt from the policy (k >= 2); identical answers are deduplicated")
+    pairing: str = _f("all", "all = every pair of distinct answers (k(k-1)/2) | disjoint = k/2 pairs (1-2, 3-4, ...)")
+
+    def validate(self, where: str) -> None:
+        if self.samples < 2:
+            raise ConfigError(f"{where}.samples: must be >= 2, got {self.samples}")
+        if self.pairing not in ("all", "disjoint"):
+            raise ConfigError(f"{where}.pairing: must be all or disjoint, got {self.pairing!r}")
+
+
+@dataclass
+class LabelerConfig:
+    principles_per_pair: int = _f(1, "principles sampled (seeded, distinct) per pair; their probabilities are averaged (ensemble)")
+    both_orders: bool = _f(True, "label every pair as (A,B) and (B,A) and average: position debiasing (RLAIF)")
+    few_shot: int | None = _f(None, "comparison examples from the constitution; null = all")
+    cot: bool = _f(False, "chain of thought: the labeler reasons first, then the choice is scored and clamped")
+    clamp_low: float = _f(0.4, "CoT only: lower clamp of each probability (CAI paper: 0.4)")
+    clamp_high: float = _f(0.6, "CoT only: upper clamp (CAI paper: 0.6)")
+    cot_max_new_tokens: int = _f(192, "CoT only: token budget of the reasoning")
+    cot_temperature: float = _f(0.0, "CoT only: sampling temperature of the reasoning (0 = greedy)")
+
+    def validate(self, where: str) -> None:
+        _positive(where, "principles_per_pair", self.principles_per_pair)
+        _positive(where, "cot_max_new_tokens", self.cot_max_new_tokens)
+        if self.few_shot is not None and self.few_shot < 0:
+            raise ConfigError(f"{where}.few_shot: must be >= 0 or null")
+        if not 0 <= self.clamp_low <= 0.5 <= self.clamp_high <= 1:
+            raise ConfigError(
+                f"{where}.clamp_low/clamp_high: need 0 <= low <= 0.5 <= high <= 1, "
+                f"got ({self.clamp_low}, {self.clamp_high})"
+            )
+        if self.cot_temperature < 0:
+            raise ConfigError(f"{where}.cot_temperature: must be >= 0")
+
+
+@dataclass
+class FilterConfig:
+    min_margin: float = _f(0.0, "pairs with |p_a - 0.5| below this go to filtered/ instead of data/")
+    drop_inconsistent: bool = _f(False, "pairs whose two orders disagree go to filtered/ (needs both_orders)")
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.min_margin <= 0.5:
+            raise ConfigError(f"{where}.min_margin: must be in [0, 0.5], got {self.min_margin}")
+
+
+@dataclass
+class LabelConfig:
+    """`cai-ray label`: RL-CAI preference labels (RLAIF) from an AI labeler."""
+
+    input: str = _f("", "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, response_b)")
+    output: str = _f("", "output folder (data/ and filtered/ Parquet, rejects.jsonl, manifest.json)")
+    constitution: str = _f("constitutions/general.yaml", "constitution YAML file (comparison questions and examples)")
+    gold: str | None = _f(None, "pairs with a known answer (prompt|messages, chosen, rejected): labelled too, to measure accuracy and calibration")
+    seed: int = _f(0, "seeds principle sampling, pair order and generation")
+    ray_address: str | None = _f(None, "join this Ray cluster (e.g. auto); default: start a local one")
+    policy: EngineConfig = field(
+        default_factory=lambda: EngineConfig(model=""),
+        metadata={"help": "the policy that samples answers; model '' = the input holds ready-made pairs"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0),
+        metadata={"help": "policy sampling (paper: temperature 1)"},
+    )
+    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "how answers become pairs"})
+    labeler: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the AI labeler (may be stronger than the policy)"})
+    label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "the labeling method"})
+    filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "which labelled pairs are kept"})
+    policy_pool: PoolConfig = field(
+        default_factory=lambda: PoolConfig(cpus_per_actor=0.5),
+        metadata={"help": "actor pool of the policy (sampling)"},
+    )
+    labeler_pool: PoolConfig = field(
+        default_factory=lambda: PoolConfig(cpus_per_actor=1.0),
+        metadata={"help": "actor pool of the labeler; its batch_size/task_cpus also shape reading"},
+    )
+    inputs: InputConfig = field(default_factory=InputConfig, metadata={"help": "input limits"})
+    outputs: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "output layout"})
+
+    @property
+    def samples_answers(self) -> bool:
+        return bool(self.policy.model)
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: required (a prompt or pair file or folder)")
+        if not self.output:
+            raise ConfigError("output: required (an output folder)")
+        for name in ("sampling", "pairs", "labeler", "label", "filter", "labeler_pool", "inputs", "outputs"):
+            getattr(self, name).validate(name)
+        if self.samples_answers:
+            self.policy.validate("policy")
+            self.policy_pool.validate("policy_pool")
+        if self.filter.drop_inconsistent and not self.label.both_orders:
+            raise ConfigError("filter.drop_inconsistent: needs label.both_orders=true (one order cannot be inconsistent)")
+        for eng, pool in (("policy", "policy_pool"), ("labeler", "labeler_pool")):
+            e, p = getattr(self, eng), getattr(self, pool)
+            if e.backend == "vllm" and p.gpus_per_actor < e.tensor_parallel_size:
+                raise ConfigError(
+                    f"{pool}.gpus_per_actor: the vllm engine needs tensor_parallel_size "
+                    f"({e.tensor_parallel_size}) GPUs per actor, got {p.gpus_per_actor}"
+                )
+
+
 def _positive(where: str, key: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
@@ -265,15 +370,23 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
     return cfg
 
 
-def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every field, nested sections flattened: for --help."""
+def describe(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, nested sections flattened: for --help.
+    Defaults are read from a default instance, so a section built by a factory with its
+    own defaults (e.g. ``policy: EngineConfig(model="")``) shows those."""
     rows = []
     hints = typing.get_type_hints(cls)
+    if defaults is None:
+        defaults = cls(**{f.name: "" for f in dataclasses.fields(cls) if _required(f)})
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
+        value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            rows += describe(hints[f.name], key + ".")
+            rows += describe(hints[f.name], key + ".", value)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, repr(default), f.metadata.get("help", "")))
+            rows.append((key, repr(value), f.metadata.get("help", "")))
     return rows
+
+
+def _required(f) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

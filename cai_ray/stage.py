@@ -302,6 +302,10 @@ class StageRun:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def _same(batch: pa.Table) -> pa.Table:
+    return batch
+
+
 def run_stage(run: StageRun) -> dict[str, Any]:
     """Run a stage; returns the manifest. Resumable: input ids already in the output are
     skipped; rejects and counts are recomputed over the whole input."""
@@ -352,7 +356,11 @@ def run_stage(run: StageRun) -> dict[str, Any]:
         )
         # An actor task handles a whole input block: blocks of one engine batch keep every
         # actor of the pool busy, and a killed actor's retry redoes one batch, not a file.
-        ds = ds.repartition(target_num_rows_per_block=read_pool.batch_size)
+        # (a map with batch_size rather than repartition(), whose task asks for a whole
+        # CPU that a small node with two actor pools does not have: Ray Data would stall)
+        ds = ds.map_batches(
+            _same, batch_size=read_pool.batch_size, batch_format="pyarrow", num_cpus=read_pool.task_cpus
+        )
         ds = run.build(ds, ledger)
         ds.write_datasink(run.sink, ray_remote_args={"num_cpus": read_pool.task_cpus})
     except BaseException as e:
@@ -393,6 +401,9 @@ def run_stage(run: StageRun) -> dict[str, Any]:
             "tokens_generated": int(eng.get("tokens", 0)),
             "tokens_per_s": round(eng.get("tokens", 0) / wall, 2) if wall else None,
             "engine_actors_started": int(eng.get("actors_started", 0)),
+            # stage-specific figures the actors reported (e.g. labeler_s, comparisons)
+            **{k: round(v, 3) for k, v in eng.items()
+               if k not in ("engine_s", "model_load_s", "tokens", "actors_started")},
         },
     )
     if run.finish is not None:

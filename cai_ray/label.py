@@ -1,0 +1,500 @@
+"""RL-CAI preference labels (RLAIF) on Ray Data, the way the CAI and RLAIF papers make them.
+
+    read ─► claim ─► to_pair_rows ─► [PairSampler: policy pool] ─► LabelWorker: labeler pool ─► sink
+                                      (only for prompt rows)                                    data/      kept labels
+                                                                                                filtered/  low margin, inconsistent, invalid
+                                                                                                rejects.jsonl
+
+For each pair, K principles are drawn (seeded by the pair id, distinct). Each principle's
+comparison question is asked in both orders; the soft label of one comparison is
+P("A") / (P("A") + P("B")) after "The answer is: (" (``engine.choice_logprobs``). In order
+BA the probability of response_a is 1 - P("A"). Per order the principles are averaged
+(ensemble), then the two orders (position debiasing): ``p_a = (p_ab + p_ba) / 2``.
+
+In chain-of-thought mode the labeler first writes its reasoning (which must end in a
+choice, parsed strictly: anything else marks the pair invalid, with the reason); the
+reasoning minus its final answer line is then continued with "The answer is: (" and
+scored, and each probability is clamped to [clamp_low, clamp_high] (CAI paper: 0.4-0.6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cai_ray import label_math, prompts
+from cai_ray.constitution import Constitution, load_constitution
+from cai_ray.engine import Sampling, load_engine
+from cai_ray.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
+from cai_ray.stage import batch_seed, engine_threads
+
+log = logging.getLogger(__name__)
+
+_FINAL_ANSWER = re.compile(r"(?:the\s+)?answer\s+is:?\s*\(?\s*[AB]\b.*\Z", re.I | re.S)
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """The labeling method (config.LabelerConfig as plain values)."""
+
+    principles_per_pair: int = 1
+    both_orders: bool = True
+    few_shot: int | None = None
+    cot: bool = False
+    clamp_low: float = 0.4
+    clamp_high: float = 0.6
+    cot_max_new_tokens: int = 192
+    cot_temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class PairLabel:
+    p_a: float | None
+    p_ab: float | None
+    p_ba: float | None
+    position_consistent: bool | None
+    principle_ids: list[str]
+    p_ab_by_principle: list[float] | None
+    p_ba_by_principle: list[float] | None
+    reasoning: list[str] | None
+    invalid: str | None  # why this pair has no label
+
+
+def strip_final_answer(reasoning: str) -> str:
+    """The reasoning without its closing "The answer is: (X)" line (scoring re-asks it)."""
+    matches = list(re.finditer(r"(?:the\s+)?answer\s+is:?\s*\(?\s*[AB]\b", reasoning, re.I))
+    return reasoning[: matches[-1].start()].rstrip() if matches else reasoning.rstrip()
+
+
+class Labeler:
+    """Labels pairs with an engine. Pure orchestration around ``choice_logprobs`` and, in
+    CoT mode, ``generate``; the Ray actor (LabelWorker) and the benchmark both use it."""
+
+    def __init__(self, engine, constitution: Constitution, settings: LabelSettings):
+        self.engine = engine
+        self.constitution = constitution
+        self.s = settings
+        self.shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
+        self.template_sha256 = prompts.template_sha256(self.shots, settings.cot)
+        self.comparisons = 0
+
+    def orders(self) -> tuple[str, ...]:
+        return ("AB", "BA") if self.s.both_orders else ("AB",)
+
+    def comparisons_for(self, pair_id: str, prompt, a: str, b: str):
+        """[(principle, order, messages)] for one pair: K principles x the orders."""
+        out = []
+        prefill = prompts.COT_PREFIX if self.s.cot else prompts.ANSWER_PREFIX
+        for p in self.constitution.sample_distinct(pair_id, self.s.principles_per_pair, self.s.seed):
+            for order in self.orders():
+                first, second = (a, b) if order == "AB" else (b, a)
+                out.append((p, order, prompts.comparison_messages(self.shots, prompt, first, second, p, prefill, self.s.cot)))
+        return out
+
+    def label(self, pair_ids: list[str], convs: list, resp_a: list[str], resp_b: list[str]) -> list[PairLabel]:
+        per_pair = [self.comparisons_for(pid, c, a, b) for pid, c, a, b in zip(pair_ids, convs, resp_a, resp_b)]
+        flat = [m for comps in per_pair for _, _, m in comps]
+        self.comparisons += len(flat)
+        reasoning: list[str | None] = [None] * len(flat)
+        invalid: list[str | None] = [None] * len(flat)
+        if self.s.cot:
+            params = Sampling(temperature=self.s.cot_temperature, top_p=1.0,
+                              max_new_tokens=self.s.cot_max_new_tokens,
+                              seed=batch_seed(self.s.seed, pair_ids, "cot"))
+            texts = self.engine.generate(flat, params) if flat else []
+            to_score = []
+            for j, text in enumerate(texts):
+                reasoning[j] = text
+                choice, why = label_math.parse_choice(text)
+                if choice is None:
+                    invalid[j] = why
+                    continue
+                body = prompts.quote(strip_final_answer(text))
+                conv = flat[j][:-1] + [prompts.assistant(f"{prompts.COT_PREFIX} {body}\n{prompts.ANSWER_PREFIX}")]
+                to_score.append((j, conv))
+            scored = self.engine.choice_logprobs([c for _, c in to_score], prompts.CHOICES) if to_score else []
+            p_option_a: list[float | None] = [None] * len(flat)
+            for (j, _), lp in zip(to_score, scored):
+                p_option_a[j] = label_math.clamp(label_math.soft_label(*lp), self.s.clamp_low, self.s.clamp_high)
+        else:
+            scored = self.engine.choice_logprobs(flat, prompts.CHOICES) if flat else []
+            p_option_a = [label_math.soft_label(*lp) for lp in scored]
+
+        labels, j = [], 0
+        for comps in per_pair:
+            ab, ba, why, texts = {}, {}, None, []
+            for principle, order, _ in comps:
+                texts.append(reasoning[j])
+                if invalid[j] is not None and why is None:
+                    why = f"invalid labeler output (principle {principle.id}, order {order}): {invalid[j]}"
+                elif invalid[j] is None:
+                    p = p_option_a[j]
+                    if order == "AB":
+                        ab[principle.id] = p
+                    else:
+                        ba[principle.id] = label_math.from_swapped(p)
+                j += 1
+            pids = list(dict.fromkeys(p.id for p, _, _ in comps))
+            reasoning_out = texts if self.s.cot else None
+            if why is not None:
+                labels.append(PairLabel(None, None, None, None, pids, None, None, reasoning_out, why))
+                continue
+            p_ab_list = [ab[p] for p in pids]
+            p_ab = label_math.ensemble(p_ab_list)
+            if self.s.both_orders:
+                p_ba_list = [ba[p] for p in pids]
+                p_ba = label_math.ensemble(p_ba_list)
+                p_a, consistent = label_math.debias(p_ab, p_ba)
+            else:
+                p_ba_list, p_ba, p_a, consistent = None, None, p_ab, None
+            labels.append(PairLabel(p_a, p_ab, p_ba, consistent, pids, p_ab_list, p_ba_list, reasoning_out, None))
+        return labels
+
+
+def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) -> str | None:
+    """Why a labelled pair goes to filtered/ instead of data/ (None = kept)."""
+    if label.invalid is not None:
+        return label.invalid
+    margin = abs(label.p_a - 0.5)
+    if margin < min_margin:
+        return f"low margin: |p_a - 0.5| = {margin:.3f} < filter.min_margin {min_margin}"
+    if drop_inconsistent and label.position_consistent is False:
+        return "position-inconsistent: the two orders prefer different responses"
+    return None
+
+
+class LabelWorker:
+    """Labeler actor: PAIR_SCHEMA table in, LABEL_SCHEMA table out."""
+
+    def __init__(self, backend: str, engine_kwargs: dict[str, Any], constitution: Constitution,
+                 settings: LabelSettings, min_margin: float, drop_inconsistent: bool,
+                 ledger=None, max_actors: int = 1):
+        start = time.perf_counter()
+        engine = load_engine(backend, **engine_threads(backend, engine_kwargs, max_actors))
+        self.labeler = Labeler(engine, constitution, settings)
+        self.min_margin, self.drop_inconsistent = min_margin, drop_inconsistent
+        self.ledger = ledger
+        self.overhead = self._template_overhead()
+        if ledger is not None:
+            ledger.add_engine_stats.remote(model_load_s=time.perf_counter() - start, actors_started=1)
+
+    def _template_overhead(self) -> int:
+        """Tokens a comparison adds around (prompt + both responses): few-shot turns, the
+        longest question, markup; measured once, so rows are counted without the shots."""
+        eng = self.labeler.engine
+        longest = max(self.labeler.constitution.principles, key=lambda p: len(p.comparison_question))
+        full = prompts.comparison_messages(self.labeler.shots, [prompts.user("x")], "y", "z", longest,
+                                           cot=self.labeler.s.cot)
+        with_template, bare = eng.token_counts([full, [prompts.user("x y z")]])
+        budget = self.labeler.s.cot_max_new_tokens + 8 if self.labeler.s.cot else 2
+        return with_template - bare + budget + 8
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
+        n = batch.num_rows
+        reasons = batch["reject_reason"].to_pylist()
+        todo = [i for i in range(n) if reasons[i] is None]
+        ids = batch["id"].to_pylist()
+        convs_all = batch["prompt_messages"].to_pylist()
+        a_all, b_all = batch["response_a"].to_pylist(), batch["response_b"].to_pylist()
+        eng = self.labeler.engine
+        too_long: dict[int, str] = {}
+        if todo:
+            probe = [convs_all[i] + [prompts.assistant(a_all[i]), prompts.user(b_all[i])] for i in todo]
+            for i, tokens in zip(todo, eng.token_counts(probe)):
+                if tokens + self.overhead > eng.context_length:
+                    too_long[i] = (f"invalid: comparison too long for the labeler: about {tokens + self.overhead} "
+                                   f"tokens > context length {eng.context_length}")
+        go = [i for i in todo if i not in too_long]
+        results = self.labeler.label([ids[i] for i in go], [convs_all[i] for i in go],
+                                     [a_all[i] for i in go], [b_all[i] for i in go]) if go else []
+        by_row = dict(zip(go, results))
+
+        cols: dict[str, list] = {k: [None] * n for k in (
+            "p_a", "p_ab", "p_ba", "position_consistent", "principle_ids", "p_ab_by_principle",
+            "p_ba_by_principle", "reasoning", "p_chosen", "filter_reason", "labeler", "template_sha256")}
+        chosen_text, rejected_text, has_choice = [None] * n, [None] * n, [False] * n
+        for i in todo:
+            cols["labeler"][i] = eng.model_name
+            cols["template_sha256"][i] = self.labeler.template_sha256
+            if i in too_long:
+                cols["filter_reason"][i] = too_long[i]
+                continue
+            lab = by_row[i]
+            for k in ("p_a", "p_ab", "p_ba", "position_consistent", "principle_ids",
+                      "p_ab_by_principle", "p_ba_by_principle", "reasoning"):
+                cols[k][i] = getattr(lab, k)
+            cols["filter_reason"][i] = filter_reason(lab, self.min_margin, self.drop_inconsistent)
+            if lab.p_a is not None:
+                a_wins = lab.p_a >= 0.5
+                cols["p_chosen"][i] = lab.p_a if a_wins else 1 - lab.p_a
+                chosen_text[i], rejected_text[i] = (a_all[i], b_all[i]) if a_wins else (b_all[i], a_all[i])
+                has_choice[i] = True
+        out = batch
+        for name in cols:
+            out = out.append_column(LABEL_SCHEMA.field(name), pa.array(cols[name], LABEL_SCHEMA.field(name).type))
+        out = out.append_column(LABEL_SCHEMA.field("chosen"), append_message(batch["prompt_messages"], "assistant", chosen_text, has_choice))
+        out = out.append_column(LABEL_SCHEMA.field("rejected"), append_message(batch["prompt_messages"], "assistant", rejected_text, has_choice))
+        if self.ledger is not None:
+            self.ledger.add_engine_stats.remote(
+                engine_s=time.perf_counter() - t0, labeler_s=time.perf_counter() - t0,
+                comparisons=self.labeler.comparisons, tokens=0,
+            )
+            self.labeler.comparisons = 0
+        return out.select(LABEL_SCHEMA.names)
+
+
+# -- quality ----------------------------------------------------------------------------------
+def label_quality(out: Path) -> dict[str, Any]:
+    """Labeler figures over the whole output (data/ and filtered/), so a resumed run reports
+    the same numbers as a single one."""
+    from cai_ray.stage import read_output
+
+    table = read_output(out, ["p_a", "p_ab", "p_ba", "position_consistent", "filter_reason"], ("data", "filtered"))
+    rows = table.to_pylist() if table is not None else []
+    labelled = [r for r in rows if r["p_a"] is not None]
+    both = [r for r in labelled if r["p_ba"] is not None]
+    kinds: dict[str, int] = {}
+    for r in rows:
+        if r["filter_reason"]:
+            kind = r["filter_reason"].split(":")[0].split(" (")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+
+    def mean(xs):
+        xs = list(xs)
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {
+        "pairs": len(rows),
+        "labels": len(labelled),
+        "kept": sum(1 for r in rows if not r["filter_reason"]),
+        "filtered": kinds,
+        "invalid": sum(v for k, v in kinds.items() if k.startswith("invalid")),
+        "mean_margin": mean(abs(r["p_a"] - 0.5) for r in labelled),
+        "position_consistent_share": mean(1.0 if r["position_consistent"] else 0.0 for r in both),
+        # mean probability given to whichever response was shown first; 0.5 = no bias
+        "position_bias": mean(
+            ((r["p_ab"] + 1 - r["p_ba"]) / 2) if r["p_ba"] is not None else r["p_ab"] for r in labelled
+        ),
+    }
+
+
+def gold_metrics(gold_out: Path, folder: Path, bins: int = 10) -> dict[str, Any]:
+    """Accuracy, ECE and a reliability diagram of the labeler on the gold pairs."""
+    from cai_ray.stage import read_output
+
+    table = read_output(gold_out, ["p_a", "meta", "filter_reason"], ("data", "filtered"))
+    rows = table.to_pylist() if table is not None else []
+    probs, outcomes, invalid = [], [], 0
+    for r in rows:
+        if r["p_a"] is None:
+            invalid += 1
+            continue
+        probs.append(r["p_a"])
+        outcomes.append(int(json.loads(r["meta"])["gold_a"]))
+    correct = sum(1 for p, y in zip(probs, outcomes) if (p > 0.5 and y == 1) or (p < 0.5 and y == 0))
+    ties = sum(1 for p in probs if p == 0.5)
+    png = folder / "reliability.png"
+    if probs:
+        reliability_diagram(probs, outcomes, png, bins)
+    return {
+        "gold_pairs": len(rows),
+        "labelled": len(probs),
+        "invalid": invalid,
+        "accuracy": round(correct / len(probs), 4) if probs else None,  # ties (p = 0.5) count as wrong
+        "ties": ties,
+        "ece": round(label_math.expected_calibration_error(probs, outcomes, bins), 4) if probs else None,
+        "reliability_png": str(png) if probs else None,
+    }
+
+
+def reliability_diagram(probs: list[float], outcomes: list[int], path: Path, bins: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centers, freq, counts = [], [], []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, p in enumerate(probs) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if idx:
+            centers.append(sum(probs[i] for i in idx) / len(idx))
+            freq.append(sum(outcomes[i] for i in idx) / len(idx))
+            counts.append(len(idx))
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(centers, freq, "o-", label="labeler")
+    ax.set_ylabel("observed P(response_a is better)")
+    ax.set_title(f"Labeler reliability on {len(probs)} gold pairs")
+    ax.legend(loc="upper left")
+    hx.bar([b / bins + 0.5 / bins for b in range(bins)],
+           [sum(1 for p in probs if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1.0)) for b in range(bins)],
+           width=0.9 / bins)
+    hx.set_xlabel("predicted p_a")
+    hx.set_ylabel("pairs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
+    """The gold file (prompt|messages, chosen, rejected) as ready-made pairs, the known
+    winner placed as response_a or response_b by a seeded hash of the row id (so about
+    half each, and a position bias cannot pass for accuracy). Bad gold rows are an error."""
+    import hashlib
+
+    from cai_ray.datasets import InputError, read_local
+
+    table = read_local(gold, max_chars)
+    problems, rows = [], []
+    for r in table.to_pylist():
+        where = f"{r['source']}:{r['line']}"
+        if r["reject_reason"]:
+            problems.append(f"{where}: {r['reject_reason']}")
+            continue
+        meta = json.loads(r["meta"]) if r["meta"] else {}
+        ch, rj = meta.get("chosen"), meta.get("rejected")
+        if not (isinstance(ch, str) and ch.strip() and isinstance(rj, str) and rj.strip()):
+            problems.append(f"{where}: a gold row needs non-empty string fields 'chosen' and 'rejected'")
+            continue
+        a_first = hashlib.blake2b(f"{seed}\x00{r['id']}".encode(), digest_size=1).digest()[0] % 2 == 0
+        rows.append({
+            "id": r["id"], "messages": r["prompt_messages"],
+            "response_a": ch if a_first else rj, "response_b": rj if a_first else ch,
+            "gold_a": 1 if a_first else 0,
+        })
+    if problems:
+        raise InputError(f"--gold {gold}: {len(problems)} bad rows: " + "; ".join(problems[:5]))
+    if not rows:
+        raise InputError(f"--gold {gold}: no rows")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
+
+
+# -- the job ----------------------------------------------------------------------------------
+def label_fingerprint(config: dict[str, Any], constitution: Constitution) -> dict[str, Any]:
+    return {
+        "policy": config["policy"]["model"] or None,
+        "labeler": config["labeler"]["model"],
+        "constitution_sha256": constitution.sha256,
+        "seed": config["seed"],
+        "sampling": config["sampling"] if config["policy"]["model"] else None,
+        "pairs": config["pairs"] if config["policy"]["model"] else None,
+        "label": config["label"],
+        "filter": config["filter"],
+    }
+
+
+def settings_from(cfg) -> LabelSettings:
+    lc = cfg.label
+    return LabelSettings(
+        principles_per_pair=lc.principles_per_pair, both_orders=lc.both_orders, few_shot=lc.few_shot,
+        cot=lc.cot, clamp_low=lc.clamp_low, clamp_high=lc.clamp_high,
+        cot_max_new_tokens=lc.cot_max_new_tokens, cot_temperature=lc.cot_temperature, seed=cfg.seed,
+    )
+
+
+def label(cfg) -> dict[str, Any]:
+    """Run the label stage described by a ``LabelConfig``; returns the manifest (with the
+    labeler's quality figures, and gold accuracy/calibration when ``cfg.gold`` is set)."""
+    from cai_ray.config import to_dict
+    from cai_ray.pairs import PairSampler, to_pair_rows
+    from cai_ray.stage import Pool, StageDatasink, StageRun, actor_pool_args, model_info, run_stage
+
+    config = to_dict(cfg)
+    constitution = load_constitution(cfg.constitution)
+    settings = settings_from(cfg)
+    shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
+    template = prompts.template_sha256(shots, settings.cot)
+    pools = [Pool("labeler_pool", cfg.labeler.backend, cfg.labeler_pool)]
+    models = {"labeler": model_info(cfg.labeler)}
+    if cfg.samples_answers:
+        pools.insert(0, Pool("policy_pool", cfg.policy.backend, cfg.policy_pool))
+        models["policy"] = model_info(cfg.policy)
+
+    def build(ds, ledger):
+        ds = ds.map_batches(
+            to_pair_rows, fn_kwargs={"max_chars": cfg.inputs.max_prompt_chars, "can_sample": cfg.samples_answers},
+            batch_format="pyarrow", batch_size=None, num_cpus=cfg.labeler_pool.task_cpus,
+        )
+        if cfg.samples_answers:
+            ds = ds.map_batches(
+                PairSampler,
+                fn_constructor_kwargs=dict(
+                    backend=cfg.policy.backend, engine_kwargs=cfg.policy.engine_kwargs(),
+                    samples=cfg.pairs.samples, pairing=cfg.pairs.pairing, sampling=config["sampling"],
+                    seed=cfg.seed, ledger=ledger, max_actors=cfg.policy_pool.max_actors,
+                ),
+                **actor_pool_args(cfg.policy_pool),
+            )
+        return ds.map_batches(
+            LabelWorker,
+            fn_constructor_kwargs=dict(
+                backend=cfg.labeler.backend, engine_kwargs=cfg.labeler.engine_kwargs(),
+                constitution=constitution, settings=settings, min_margin=cfg.filter.min_margin,
+                drop_inconsistent=cfg.filter.drop_inconsistent, ledger=ledger,
+                max_actors=cfg.labeler_pool.max_actors,
+            ),
+            **actor_pool_args(cfg.labeler_pool),
+        )
+
+    def finish(out: Path, manifest: dict[str, Any]) -> None:
+        manifest["labels"] = label_quality(out)
+        t = manifest["timing"]
+        if t["wall_s"]:
+            # share of the run's wall time the labeler actors spent inside their engine calls
+            t["labeler_busy_share"] = round(t.get("labeler_s", 0.0) / (t["wall_s"] * cfg.labeler_pool.max_actors), 3)
+            t["labels_per_s"] = round(manifest["labels"]["labels"] / t["wall_s"], 3)
+
+    run = StageRun(
+        kind="label",
+        cfg=cfg,
+        config=config,
+        fingerprint=label_fingerprint(config, constitution),
+        manifest_extra=dict(constitution=constitution.summary(), models=models, template_sha256=template),
+        pools=pools,
+        read_pool=cfg.labeler_pool,
+        build=build,
+        sink=StageDatasink(cfg.output, cfg.outputs.rows_per_file, LABEL_OUTPUT_COLUMNS, filter_column="filter_reason"),
+        id_column="prompt_id",
+        folders=("data", "filtered"),
+        finish=finish,
+    )
+    manifest = run_stage(run)
+    if cfg.gold:
+        manifest["gold"] = label_gold(cfg, Path(cfg.output))
+        from cai_ray import runtime
+
+        runtime.write_json_atomic(Path(cfg.output) / "manifest.json", manifest)
+    return manifest
+
+
+def label_gold(cfg, out: Path) -> dict[str, Any]:
+    """Label the gold pairs with the same labeler and method into OUT/gold/, unfiltered."""
+    import dataclasses
+
+    from cai_ray.config import FilterConfig
+
+    gold_dir = out / "gold"
+    pairs_file = gold_dir / "input" / "pairs.jsonl"
+    write_gold_pairs(cfg.gold, pairs_file, cfg.inputs.max_prompt_chars, cfg.seed)
+    gold_cfg = dataclasses.replace(
+        cfg, input=str(pairs_file), output=str(gold_dir / "labels"), gold=None,
+        policy=dataclasses.replace(cfg.policy, model=""), filter=FilterConfig(),
+    )
+    gold_cfg.validate()
+    label(gold_cfg)
+    metrics = gold_metrics(gold_dir / "labels", out)
+    metrics.update(file=cfg.gold, labels=str(gold_dir / "labels"))
+    return metrics
