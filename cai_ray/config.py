@@ -308,7 +308,13 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
             raise ConfigError(f"unknown config key {path!r}{hint}; known: {', '.join(fields)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            # a partial section starts from the section's own defaults (a factory may set
+            # them: LabelConfig.policy has model ""), not from the section class's
+            f = fields[key]
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             kwargs[key] = from_dict(tp, value, path)
+            if base is not None:
+                kwargs[key] = dataclasses.replace(base, **{k: getattr(kwargs[key], k) for k in value})
         elif not _type_ok(value, tp):
             raise ConfigError(f"config key {path!r} expects {_type_name(tp)}, got {value!r}")
         else:

@@ -412,8 +412,12 @@ def label(cfg) -> dict[str, Any]:
     from cai_ray.pairs import PairSampler, to_pair_rows
     from cai_ray.stage import Pool, StageDatasink, StageRun, actor_pool_args, model_info, run_stage
 
+    from cai_ray.datasets import list_input_files
+
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)
+    if cfg.gold:
+        list_input_files(cfg.gold)  # a missing gold file fails before the run, not after it
     settings = settings_from(cfg)
     shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
     template = prompts.template_sha256(shots, settings.cot)

@@ -88,3 +88,50 @@ def test_generate_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, ext
     rc = main(args + extra)
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_label_help_lists_config_keys_and_flags():
+    out = subprocess.run([sys.executable, "-m", "cai_ray.cli", "label", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for key in ("--policy MODEL", "--labeler MODEL", "--samples K", "--principles-per-pair K", "--cot",
+                "--clamp LO,HI", "--min-margin X", "--gold", "label.both_orders", "filter.drop_inconsistent",
+                "labeler_pool.batch_size", "pairs.pairing"):
+        assert key in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--clamp", "0.6,0.4"], "clamp_low/clamp_high: need 0 <= low <= 0.5 <= high <= 1"),
+        (["--min-margin", "0.7"], "filter.min_margin: must be in [0, 0.5]"),
+        (["--samples", "1", "--policy", "tiny-random"], "pairs.samples: must be >= 2"),
+        (["label.principles_per_pare=2"], "did you mean 'principles_per_pair'"),
+        (["label.both_orders=false", "--drop-inconsistent"], "needs label.both_orders=true"),
+        (["--labeler", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--gold", "/nonexistent.jsonl"], "not found"),
+    ],
+)
+def test_label_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, extra, message):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "hello", "response_a": "x", "response_b": "y"}\n')
+    args = ["label", "--input", str(inp), "--output", str(tmp_path / "o"), "--labeler", "tiny-random"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_label_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"prompt": "hello"}\n{"prompt": ""}\n{"prompt": "bye"}\n')
+    rc = main(["label", "--input", str(inp), "--output", str(tmp_path / "o"), "--policy", "tiny-random",
+               "--labeler", "tiny-random", "--samples", "2", "--principles-per-pair", "2", "--cot",
+               "--clamp", "0.3,0.7", "--actors", "1", "--batch-size", "2", "sampling.max_new_tokens=6",
+               "label.cot_max_new_tokens=6", "policy.dtype=float32", "labeler.dtype=float32",
+               "policy_pool.cpus_per_actor=0.5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "read 3 rows: written 2" in out and "rejected 1" in out
+    assert "labeler: mean margin" in out and "position bias" in out
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["config"]["label"]["clamp_low"] == 0.3 and m["config"]["label"]["cot"] is True
+    # tiny-random writes no "(A)"/"(B)": every CoT comparison is invalid, counted, never coerced
+    assert m["labels"]["invalid"] == m["labels"]["pairs"] == 2 and m["labels"]["labels"] == 0

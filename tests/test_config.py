@@ -55,3 +55,13 @@ def test_vllm_needs_gpus_per_actor():
 def test_every_key_has_help():
     for key, _, help_text in describe(GenerateConfig):
         assert help_text, key
+
+
+def test_a_partial_section_keeps_the_sections_own_defaults():
+    """LabelConfig.policy defaults to model '' (no policy); setting policy.dtype alone
+    must not turn the policy on with EngineConfig's default model."""
+    from cai_ray.config import LabelConfig, load_config
+
+    cfg = load_config(LabelConfig, None, ["input=x", "output=y", "policy.dtype=float32", "sampling.max_new_tokens=8"])
+    assert cfg.policy.model == "" and cfg.policy.dtype == "float32" and not cfg.samples_answers
+    assert cfg.sampling.temperature == 1.0 and cfg.sampling.max_new_tokens == 8
