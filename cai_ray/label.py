@@ -428,10 +428,6 @@ def label(cfg) -> dict[str, Any]:
         models["policy"] = model_info(cfg.policy)
 
     def build(ds, ledger):
-        ds = ds.map_batches(
-            to_pair_rows, fn_kwargs={"max_chars": cfg.inputs.max_prompt_chars, "can_sample": cfg.samples_answers},
-            batch_format="pyarrow", batch_size=None, num_cpus=cfg.labeler_pool.task_cpus,
-        )
         if cfg.samples_answers:
             ds = ds.map_batches(
                 PairSampler,
@@ -474,6 +470,7 @@ def label(cfg) -> dict[str, Any]:
         id_column="prompt_id",
         folders=("data", "filtered"),
         finish=finish,
+        prepare=(to_pair_rows, {"max_chars": cfg.inputs.max_prompt_chars, "can_sample": cfg.samples_answers}),
     )
     manifest = run_stage(run)
     if cfg.gold:

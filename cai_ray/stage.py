@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -249,7 +250,8 @@ def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None
     # forever without an error ("backpressured: ResourceBudget"). Refuse that up front.
     busiest = sum(p.cfg.max_actors * p.cfg.cpus_per_actor for p in pools) + task_cpus
     if local and busiest > have.get("CPU", 0):
-        spare = max(0.1, (have.get("CPU", 1) - task_cpus) / sum(p.cfg.max_actors for p in pools))
+        # rounded down, so the suggestion itself fits
+        spare = max(0.01, math.floor(100 * (have.get("CPU", 1) - task_cpus) / sum(p.cfg.max_actors for p in pools)) / 100)
         names = " + ".join(f"{p.cfg.max_actors} {p.key} actors x {p.cfg.cpus_per_actor:g} CPU" for p in pools)
         keys = ", ".join(f"{p.key}.cpus_per_actor={spare:.2f}" for p in pools)
         raise ValueError(
@@ -299,11 +301,26 @@ class StageRun:
     id_column: str = "id"  # output column holding the input row's id (resume key)
     folders: tuple[str, ...] = ("data",)
     finish: Callable | None = None  # (out_dir, manifest) -> None: stage figures, after the checks
+    prepare: tuple[Callable, dict] | None = None  # (fn, kwargs): a row-wise map fused with the read
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _same(batch: pa.Table) -> pa.Table:
-    return batch
+def _task_cpus(ds, cpus: float) -> None:
+    """Give the repartition task ``cpus`` instead of Ray's default whole CPU.
+
+    ``Dataset.repartition`` takes no resource arguments, and on a small node a whole CPU
+    beside the actor pools' reservations stalls Ray Data (backpressured: ResourceBudget).
+    A map with batch_size cannot stand in: a task merges its small output blocks, so the
+    pool would get one block and one busy actor. The logical operator's remote args are
+    read when the plan is built, so they are set there; on a Ray without that attribute
+    the default stays and ``check_resources`` counts a whole CPU for it.
+    """
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    args = getattr(op, "ray_remote_args", None)
+    if type(op).__name__ == "StreamingRepartition" and isinstance(args, dict):
+        args["num_cpus"] = cpus
+    else:  # pragma: no cover - depends on the Ray version
+        log.warning("cannot set the repartition task's CPUs on this Ray version; it takes 1 CPU")
 
 
 def run_stage(run: StageRun) -> dict[str, Any]:
@@ -356,11 +373,14 @@ def run_stage(run: StageRun) -> dict[str, Any]:
         )
         # An actor task handles a whole input block: blocks of one engine batch keep every
         # actor of the pool busy, and a killed actor's retry redoes one batch, not a file.
-        # (a map with batch_size rather than repartition(), whose task asks for a whole
-        # CPU that a small node with two actor pools does not have: Ray Data would stall)
-        ds = ds.map_batches(
-            _same, batch_size=read_pool.batch_size, batch_format="pyarrow", num_cpus=read_pool.task_cpus
-        )
+        if run.prepare is not None:  # row-wise work, fused with the read task
+            fn, kwargs = run.prepare
+            ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
+                                num_cpus=read_pool.task_cpus)
+        ds = ds.repartition(target_num_rows_per_block=read_pool.batch_size)
+        # half the task CPUs: a different request keeps Ray from fusing the repartition into
+        # the read task, whose output buffer would merge the batches back into one block
+        _task_cpus(ds, read_pool.task_cpus / 2)
         ds = run.build(ds, ledger)
         ds.write_datasink(run.sink, ray_remote_args={"num_cpus": read_pool.task_cpus})
     except BaseException as e:

@@ -31,3 +31,32 @@ def test_smollm2_sl_cai_on_a_few_prompts(ray_local, tmp_path):
             assert len(text.strip()) >= 20 and any(c.isalpha() for c in text)
     assert json.loads(r["meta"])["category"]
     assert m["model"]["name"] == "smollm2"
+
+
+@pytest.mark.slow
+def test_smollm2_labels_sampled_pairs_and_the_gold_set(ray_local, tmp_path):
+    """The whole RLAIF stage with the real model: SmolLM2 samples answers, SmolLM2 labels
+    them (both orders), and labels the bundled gold pairs for accuracy and calibration."""
+    from cai_ray.config import LabelConfig
+    from cai_ray.label import label
+
+    src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
+    inp = tmp_path / "p.jsonl"
+    inp.write_text("\n".join(src) + "\n")
+    cfg = load_config(LabelConfig, None, [
+        f"input={inp}", f"output={tmp_path / 'o'}", "policy.model=smollm2", "labeler.model=smollm2",
+        "pairs.samples=2", "sampling.max_new_tokens=32", "labeler_pool.batch_size=8",
+        "policy_pool.cpus_per_actor=0.5", f"gold={ROOT / 'jobs' / 'data' / 'gold_pairs.jsonl'}",
+    ])
+    m = label(cfg)
+    assert m["counts"]["read"] == 3 and m["counts"]["written"] + m["counts"]["rejected"] == 3
+    rows = pq.read_table(tmp_path / "o" / "data").to_pylist()
+    assert rows and all(r["policy"] == "smollm2" and r["labeler"] == "smollm2" for r in rows)
+    for r in rows:
+        assert 0 < r["p_ab"] < 1 and 0 < r["p_ba"] < 1
+        assert r["p_a"] == pytest.approx((r["p_ab"] + r["p_ba"]) / 2)
+    g = m["gold"]
+    assert g["gold_pairs"] == g["labelled"] == 20 and g["accuracy"] is not None and g["ece"] is not None
+    assert Path(g["reliability_png"]).exists()
+    q = m["labels"]
+    assert q["labels"] == len(rows) and q["position_bias"] is not None

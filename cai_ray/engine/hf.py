@@ -132,25 +132,27 @@ class HFEngine(ChatTemplate):
         return seqs, input_ids.shape[1]
 
     def _prefix_kv(self, prefix: list[int], copies: int):
-        """A fresh KV cache of ``prefix`` repeated ``copies`` times. The prefill of a prefix
-        is kept (a few entries, LRU): a job's few-shot header is the same in every batch,
-        so it is computed once per actor, not once per micro-batch."""
-        import copy
-
+        """A fresh KV cache of ``prefix`` for a batch of ``copies`` rows. The prefill of a
+        prefix is kept (a few entries, LRU): a job's few-shot header is the same in every
+        batch, so it is computed once per actor, not once per micro-batch. The batch sees
+        the kept tensors through ``expand`` (no copy); the first forward's concatenation
+        with the new tokens is the only copy made."""
         import torch
+        from transformers import DynamicCache
 
         key = hash(tuple(prefix))
-        cache = self._prefix_caches.pop(key, None)
-        if cache is None or cache[0] != prefix:
+        entry = self._prefix_caches.pop(key, None)
+        if entry is None or entry[0] != prefix:
             ids = torch.tensor([prefix], device=self.device)
-            cache = (list(prefix), self.model(ids, use_cache=True).past_key_values)
-        self._prefix_caches[key] = cache  # most recently used last
+            kv = self.model(ids, use_cache=True).past_key_values
+            entry = (list(prefix), [(layer.keys, layer.values) for layer in kv.layers])
+        self._prefix_caches[key] = entry  # most recently used last
         while len(self._prefix_caches) > PREFIX_CACHE_ENTRIES:
             self._prefix_caches.pop(next(iter(self._prefix_caches)))
-        kv = copy.deepcopy(cache[1])  # forward/generate append to a cache in place
-        if copies > 1:
-            kv.batch_repeat_interleave(copies)
-        return kv
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(entry[1]):
+            cache.update(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1), i)
+        return cache
 
     def _last_logits(self, rows: list[list[int]]):
         """Next-token logits after each row ([rows, vocab]): one forward for the batch,
