@@ -159,6 +159,17 @@ def test_choice_logprobs_with_a_shared_prefix_equal_the_plain_forward(tiny_model
     for w, a, b in zip(want, first, again):
         assert a == pytest.approx(w, abs=1e-4)
         assert b == pytest.approx(w, abs=1e-4)
+    # groups sharing more than the header (the two orders of one comparison): computed
+    # once per group, and still the scores of the full forward
+    grouped = [header + [{"role": "user", "content": f"Group {g}: " + "shared words here " * (4 + g) + tail}]
+               + [{"role": "assistant", "content": "The answer is: ("}]
+               for g in range(3) for tail in ("one", "a longer tail of text", "x")]
+    plan = list(shared._plan_batches([shared._encode(c) for c in grouped]))
+    assert any(p >= 16 and len(m) > 1 for _, _, groups in plan for p, m in groups)
+    want = plain.choice_logprobs(grouped, ["A", "B"])
+    got = shared.choice_logprobs(grouped, ["A", "B"])
+    for w, g in zip(want, got):
+        assert g == pytest.approx(w, abs=1e-4)
     # multi-token choices take the per-choice path and agree with it too
     choices = ["A) yes", "B) no"]
     assert min(len(shared.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices) > 1

@@ -154,35 +154,99 @@ class HFEngine(ChatTemplate):
             cache.update(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1), i)
         return cache
 
-    def _last_logits(self, rows: list[list[int]]):
-        """Next-token logits after each row ([rows, vocab]): one forward for the batch,
-        the shared prefix taken from the prefix cache when it is long enough."""
-        import torch
+    def _last_logits(self, rows: list[list[int]], shared: int, groups: list[tuple[int, list[int]]]):
+        """Next-token logits after each row ([rows, vocab]).
 
-        shared = _common_prefix(rows) if self.prefix_cache and len(rows) > 1 else 0
+        Three segments, each computed once: the ``shared`` prefix of every row (from the
+        prefix cache), then per group of rows the tokens that group also shares (the two
+        orders of one labeler comparison share the conversation and question), then each
+        row's own tail. ``groups`` is [(group prefix length beyond ``shared``, row
+        indices)]. Padding sits at the left of each segment; positions come from the mask.
+        """
+        import torch
+        from transformers import DynamicCache
+
         n = len(rows)
-        if shared >= MIN_SHARED_PREFIX:
-            cache = self._prefix_kv(rows[0][:shared], n)
-            tail = self.tokenizer.pad(
-                {"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt"
-            ).to(self.device)
-            mask = torch.cat(
-                [torch.ones((n, shared), dtype=tail["attention_mask"].dtype, device=self.device),
-                 tail["attention_mask"]],
-                dim=1,
-            )
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            out = self.model(
-                input_ids=tail["input_ids"], attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )
-        else:
-            batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(
-                self.device
-            )
+        if shared < MIN_SHARED_PREFIX:
+            batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            out = self.model(**batch, position_ids=positions, logits_to_keep=1)
+            return self.model(**batch, position_ids=positions, logits_to_keep=1).logits[:, -1]
+
+        def padded(seqs):
+            t = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt").to(self.device)
+            return t["input_ids"], t["attention_mask"]
+
+        dev = self.device
+        group_of = torch.empty(n, dtype=torch.long)
+        for g, (_, members) in enumerate(groups):
+            group_of[members] = g
+        group_of = group_of.to(dev)
+        plen = [p for p, _ in groups]
+        if max(plen) > 0:
+            # segment 2: each group's own shared tokens, on top of the shared prefix
+            ids, seg_mask = padded([rows[m[0]][shared : shared + p] for p, m in groups])
+            cache = self._prefix_kv(rows[0][:shared], len(groups))
+            mask = torch.cat([torch.ones((len(groups), shared), dtype=seg_mask.dtype, device=dev), seg_mask], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            row_cache = DynamicCache()
+            for i, layer in enumerate(cache.layers):
+                row_cache.update(layer.keys.index_select(0, group_of), layer.values.index_select(0, group_of), i)
+            head_mask = mask.index_select(0, group_of)
+        else:
+            row_cache = self._prefix_kv(rows[0][:shared], n)
+            head_mask = torch.ones((n, shared), dtype=torch.long, device=dev)
+        # segment 3: every row's own tail
+        tail_ids, tail_mask = padded([rows[i][shared + plen[int(group_of[i])] :] for i in range(n)])
+        mask = torch.cat([head_mask.to(tail_mask.dtype), tail_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tail_ids.shape[1] :]
+        out = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=row_cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def _plan_batches(self, encoded: list[list[int]]):
+        """Micro-batches for scoring: [(conversation indices, shared prefix length, groups)].
+
+        Without the prefix cache: sorted by length, no sharing. With it: the prefix every
+        conversation of the call shares is found once; conversations are then grouped by
+        what they share beyond it (sorted by tokens, neighbours with >= MIN_GROUP_PREFIX
+        common tokens form a group), and groups are packed into micro-batches in order of
+        length, so padding stays small."""
+        n = len(encoded)
+        if not self.prefix_cache or n < 2:
+            order = sorted(range(n), key=lambda i: len(encoded[i]))
+            for start in range(0, n, self.max_batch_size):
+                idx = order[start : start + self.max_batch_size]
+                yield idx, 0, [(0, list(range(len(idx))))]
+            return
+        shared = _common_prefix(encoded)
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        order = sorted(range(n), key=lambda i: encoded[i][shared:])
+        runs: list[tuple[int, list[int]]] = []  # (group prefix length, conversation indices)
+        for i in order:
+            if runs:
+                p, members = runs[-1]
+                last = encoded[members[-1]]
+                common = _common_prefix([last, encoded[i]]) - shared
+                common = min(common, p) if len(members) > 1 else common
+                if common >= MIN_GROUP_PREFIX and len(members) < self.max_batch_size:
+                    runs[-1] = (common, members + [i])
+                    continue
+            runs.append((0, [i]))
+        runs = [(p if len(m) > 1 else 0, m) for p, m in runs]
+        runs.sort(key=lambda r: max(len(encoded[i]) for i in r[1]))
+        batch: list[int] = []
+        groups: list[tuple[int, list[int]]] = []
+        for p, members in runs:
+            if batch and len(batch) + len(members) > self.max_batch_size:
+                yield batch, shared, groups
+                batch, groups = [], []
+            groups.append((p, list(range(len(batch), len(batch) + len(members)))))
+            batch += members
+        if batch:
+            yield batch, shared, groups
 
     # -- choice scoring ---------------------------------------------------------------
     def choice_logprobs(
@@ -206,13 +270,11 @@ class HFEngine(ChatTemplate):
         if all(len(ids) == 1 for ids in choice_ids):
             targets = [ids[0] for ids in choice_ids]
             scores: list[list[float]] = [[]] * len(convs)
-            order = sorted(range(len(convs)), key=lambda i: len(encoded[i]))
-            for start in range(0, len(order), self.max_batch_size):
-                idx = order[start : start + self.max_batch_size]
+            for batch, shared, groups in self._plan_batches(encoded):
                 with torch.inference_mode():
-                    logits = self._last_logits([encoded[i] for i in idx])
+                    logits = self._last_logits([encoded[i] for i in batch], shared, groups)
                 logp = torch.log_softmax(logits.float(), dim=-1)[:, targets]
-                for row, i in enumerate(idx):
+                for row, i in enumerate(batch):
                     scores[i] = logp[row].tolist()
             return [normalise_logprobs(s) for s in scores]
 
@@ -247,6 +309,7 @@ class HFEngine(ChatTemplate):
 
 MIN_SHARED_PREFIX = 32  # tokens; below this a separate prefill is not worth it
 PREFIX_CACHE_ENTRIES = 4  # prefix KV caches kept per engine
+MIN_GROUP_PREFIX = 16  # tokens a group of conversations must share beyond the common prefix
 
 
 def _common_prefix(rows: list[list[int]]) -> int:
