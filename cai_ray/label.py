@@ -410,7 +410,8 @@ def label(cfg) -> dict[str, Any]:
     labeler's quality figures, and gold accuracy/calibration when ``cfg.gold`` is set)."""
     from cai_ray.config import to_dict
     from cai_ray.pairs import PairSampler, to_pair_rows
-    from cai_ray.stage import Pool, StageDatasink, StageRun, actor_pool_args, model_info, run_stage
+    from cai_ray.sink import StageDatasink
+    from cai_ray.stage import Pool, StageRun, actor_pool_args, model_info, run_stage
 
     from cai_ray.datasets import list_input_files
 

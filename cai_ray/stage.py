@@ -28,7 +28,6 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.datasource import Datasink
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +71,6 @@ def claim_ids(batch: pa.Table, ledger) -> pa.Table:
 
 
 # -- output -------------------------------------------------------------------------------
-class StageDatasink(Datasink):
-    """Rows with a reject_reason → _rejects/part-*.jsonl; rows with a ``filter_column``
-    value → filtered/part-*.parquet; the rest → data/part-*.parquet.
-
-    A part's name is a hash of the ids in it and it is written to a temp name and renamed,
-    so a retried write task overwrites the same file instead of duplicating rows, and a
-    crash never leaves a half-written part that resume would trust.
-    """
-
-    def __init__(self, out_dir: str, rows_per_file: int, columns: list[str], filter_column: str | None = None):
-        self.out = Path(out_dir)
-        self.rows_per_file = rows_per_file
-        self.columns = columns
-        self.filter_column = filter_column
-
-    @property
-    def min_rows_per_write(self):
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> None:
-        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return
-        table = pa.concat_tables(tables, promote_options="permissive")
-        bad_mask = pc.is_valid(table["reject_reason"])
-        good, bad = table.filter(pc.invert(bad_mask)), table.filter(bad_mask)
-        if bad.num_rows:
-            recs = reject_records(bad)
-            name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
-            _write_jsonl_atomic(self.out / "_rejects" / name, recs)
-        if self.filter_column and good.num_rows:
-            held = pc.is_valid(good[self.filter_column])
-            filtered, good = good.filter(held), good.filter(pc.invert(held))
-            if filtered.num_rows:
-                _atomic_parquet(filtered.select(self.columns), self.out / "filtered", filtered["id"].to_pylist())
-        if good.num_rows:
-            _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
-
-
 def _part_name(keys: list) -> str:
     return "part-" + hashlib.sha1("\x00".join(map(str, keys)).encode()).hexdigest()[:20]
 
@@ -297,7 +256,7 @@ class StageRun:
     pools: list[Pool]
     read_pool: Any  # PoolConfig whose batch_size / task_cpus / object_store_gb shape the read
     build: Callable  # (dataset, ledger) -> dataset between claim and sink
-    sink: Datasink
+    sink: Any  # sink.StageDatasink
     id_column: str = "id"  # output column holding the input row's id (resume key)
     folders: tuple[str, ...] = ("data",)
     finish: Callable | None = None  # (out_dir, manifest) -> None: stage figures, after the checks
