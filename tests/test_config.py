@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from cai_ray.config import ConfigError, GenerateConfig, describe, load_config
@@ -65,3 +67,13 @@ def test_a_partial_section_keeps_the_sections_own_defaults():
     cfg = load_config(LabelConfig, None, ["input=x", "output=y", "policy.dtype=float32", "sampling.max_new_tokens=8"])
     assert cfg.policy.model == "" and cfg.policy.dtype == "float32" and not cfg.samples_answers
     assert cfg.sampling.temperature == 1.0 and cfg.sampling.max_new_tokens == 8
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_bundled_job_config_validates(path):
+    from cai_ray.config import GenerateConfig, LabelConfig, load_config
+
+    cls = LabelConfig if path.name.startswith("label") else GenerateConfig
+    cfg = load_config(cls, path)
+    assert cfg.input and cfg.output
