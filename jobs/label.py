@@ -1,0 +1,35 @@
+"""RL-CAI preference labels: prompts (or ready-made pairs) → k answers → AI labels → Parquet.
+
+    ray job submit --working-dir . -- python jobs/label.py --config jobs/configs/label_gpu.yaml
+    python jobs/label.py --config jobs/configs/label.yaml label.principles_per_pair=2   # local Ray
+
+Every input row ends up written (its pairs in data/ or filtered/) or in rejects.jsonl with
+its reason; re-running resumes. Extra arguments are dotted config overrides.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from cai_ray.config import LabelConfig, load_config  # noqa: E402
+from cai_ray.label import label  # noqa: E402
+from cai_ray.runtime import setup_logging  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    setup_logging()
+
+    cfg = load_config(LabelConfig, args.config, args.overrides)
+    manifest = label(cfg)  # read → claim → [policy pool: k answers] → labeler pool → write
+    print(json.dumps({"counts": manifest["counts"], "labels": manifest["labels"], "gold": manifest.get("gold")}))
+
+
+if __name__ == "__main__":
+    main()
