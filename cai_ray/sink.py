@@ -15,7 +15,7 @@ class StageDatasink(Datasink):
     """Rows with a reject_reason → _rejects/part-*.jsonl; rows with a ``filter_column``
     value → filtered/part-*.parquet; the rest → data/part-*.parquet.
 
-    A part's name is a hash of the ids in it and it is written to a temp name and renamed,
+    A part's name is a hash of the ids in its block and it is written to a temp name and renamed,
     so a retried write task overwrites the same file instead of duplicating rows, and a
     crash never leaves a half-written part that resume would trust.
     """
@@ -43,9 +43,14 @@ class StageDatasink(Datasink):
             name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
             _write_jsonl_atomic(self.out / "_rejects" / name, recs)
         if self.filter_column and good.num_rows:
+            # both halves of a block share one part name and record the other's size, so a
+            # resume can tell a half-written block (drop_orphan_parts) from a whole one
+            name = _part_name(good["id"].to_pylist())
             held = pc.is_valid(good[self.filter_column])
             filtered, good = good.filter(held), good.filter(pc.invert(held))
-            if filtered.num_rows:
-                _atomic_parquet(filtered.select(self.columns), self.out / "filtered", filtered["id"].to_pylist())
-        if good.num_rows:
+            for part, other, folder in ((filtered, good, "filtered"), (good, filtered, "data")):
+                if part.num_rows:
+                    _atomic_parquet(part.select(self.columns), self.out / folder, [], name=name,
+                                    sibling_rows=other.num_rows)
+        elif good.num_rows:
             _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())

@@ -75,12 +75,37 @@ def _part_name(keys: list) -> str:
     return "part-" + hashlib.sha1("\x00".join(map(str, keys)).encode()).hexdigest()[:20]
 
 
-def _atomic_parquet(table: pa.Table, folder: Path, ids: list[str]) -> None:
+SIBLING_KEY = b"cai_ray.sibling_rows"  # parquet metadata: rows the same block wrote to the other folder
+
+
+def _atomic_parquet(table: pa.Table, folder: Path, ids: list[str], name: str | None = None,
+                    sibling_rows: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / (_part_name(ids) + ".parquet")
+    final = folder / ((name or _part_name(ids)) + ".parquet")
     tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    if sibling_rows:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), SIBLING_KEY: str(sibling_rows).encode()})
     pq.write_table(table, tmp)
     os.replace(tmp, final)
+
+
+def drop_orphan_parts(out_dir: Path, folders: tuple[str, ...]) -> list[Path]:
+    """A block split between data/ and filtered/ is written as two parts of one name; if a
+    crash came between the two writes, the part that exists is removed so its input rows
+    are redone whole instead of resuming with their other half missing."""
+    if len(folders) < 2:
+        return []
+    dropped = []
+    for folder in folders:
+        for f in sorted((out_dir / folder).glob("part-*.parquet")) if (out_dir / folder).exists() else []:
+            meta = pq.read_schema(f).metadata or {}
+            if SIBLING_KEY in meta and not any((out_dir / o / f.name).exists() for o in folders if o != folder):
+                f.unlink()
+                dropped.append(f)
+    if dropped:
+        log.warning("removed %d half-written block parts (a crash between data/ and filtered/): %s",
+                    len(dropped), ", ".join(p.name for p in dropped[:5]))
+    return dropped
 
 
 def reject_records(table: pa.Table) -> list[dict[str, Any]]:
@@ -156,6 +181,7 @@ def clean_partial(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> None:
     if rejects.exists():
         for f in rejects.glob("part-*.jsonl"):
             f.unlink()
+    drop_orphan_parts(out_dir, folders)
 
 
 def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:

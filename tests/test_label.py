@@ -339,3 +339,27 @@ def test_bad_gold_file_is_a_clear_error(tmp_path):
     gold.write_text(json.dumps({"prompt": "q", "chosen": "x"}) + "\n")
     with pytest.raises(InputError, match="needs non-empty string fields 'chosen' and 'rejected'"):
         write_gold_pairs(str(gold), tmp_path / "g.jsonl", 1000, 0)
+
+
+def test_a_block_half_written_before_a_crash_is_redone_whole(ray_local, tmp_path):
+    """A prompt's pairs can land partly in data/ (kept) and partly in filtered/. If a crash
+    came between those two writes, resume must not count the prompt as done with half of
+    its pairs missing: the surviving half is removed and the block labelled again."""
+    from cai_ray.label import label
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))
+    cfg = _cfg(tmp_path, src, **{"policy.model": "tiny-random", "pairs.samples": 3, "filter.min_margin": 0.001})
+    first = label(cfg)
+    out = tmp_path / "out"
+    ids_before = sorted(r["id"] for r in _rows(out) + _rows(out, "filtered"))
+    split = [name for name in sorted(p.name for p in (out / "filtered").glob("part-*.parquet"))
+             if (out / "data" / name).exists()
+             and set(pq.read_table(out / "data" / name)["prompt_id"].to_pylist())
+             & set(pq.read_table(out / "filtered" / name)["prompt_id"].to_pylist())]
+    assert split, "expected a prompt whose pairs were split between data/ and filtered/"
+    (out / "filtered" / split[0]).unlink()  # the crash: data/ written, filtered/ not
+    again = label(cfg)
+    assert again["counts"]["written_this_run"] >= 1
+    assert sorted(r["id"] for r in _rows(out) + _rows(out, "filtered")) == ids_before
+    assert again["labels"] == first["labels"]
