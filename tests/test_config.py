@@ -77,3 +77,12 @@ def test_every_bundled_job_config_validates(path):
     cls = LabelConfig if path.name.startswith("label") else GenerateConfig
     cfg = load_config(cls, path)
     assert cfg.input and cfg.output
+
+
+def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
+    from cai_ray.config import SFTTrainConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\noutput: o\noptim:\n  learning_rate: 5e-6\n")
+    assert load_config(SFTTrainConfig, f).optim.learning_rate == 5e-6
+    assert load_config(SFTTrainConfig, f, ["optim.learning_rate=3e-3"]).optim.learning_rate == 3e-3
