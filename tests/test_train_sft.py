@@ -66,3 +66,34 @@ def test_sl_output_folder_is_sft_data(tmp_path):
     rows, rejected = sft_rows(str(tmp_path))
     assert rows == [{"prompt": [{"role": "user", "content": "q"}],
                      "completion": [{"role": "assistant", "content": "revised answer"}]}] and rejected == {}
+
+
+def test_rerunning_the_same_command_continues_from_the_last_checkpoint(ray_local, tmp_path):
+    """Ray Train restores a run of the same name and storage path: the second run starts
+    from the first one's last checkpoint (step 4), not from step 0."""
+    from cai_ray.train.sft import train_sft
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MEMORISE))
+    over = {"scaling.workers": 1, "scaling.cpus_per_worker": 1.0, "checkpoint.every_steps": 2}
+    first = train_sft(_cfg(tmp_path, data, **over, **{"optim.max_steps": 4}))
+    assert first["metrics"]["global_step"] == 4 and not first["metrics"]["resumed_from"]
+    second = train_sft(_cfg(tmp_path, data, **over, **{"optim.max_steps": 6}))
+    assert second["metrics"]["resumed_from"] and second["metrics"]["global_step"] == 6
+    steps = [p["step"] for p in json.loads((tmp_path / "out" / "metrics.json").read_text())["loss_curve"]]
+    assert steps[-1] == 6 and len(steps) == 6  # the log history came back with the checkpoint
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    from cai_ray.train.sft import refuse_mixed_run, sft_fingerprint
+
+    cfg = {"model": "m", "seed": 0, "zero": 2, "scaling": {"workers": 2},
+           "optim": {"learning_rate": 1e-5, "per_worker_batch_size": 4, "grad_accum": 1, "max_length": 512,
+                     "dtype": "auto", "max_steps": 10, "epochs": 1}}
+    rows = [{"prompt": [], "completion": []}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"fingerprint": sft_fingerprint(cfg, rows)}))
+    longer = {**cfg, "optim": {**cfg["optim"], "max_steps": 20}}
+    refuse_mixed_run(tmp_path, sft_fingerprint(longer, rows))  # extending a run is fine
+    other = {**cfg, "zero": 3}
+    with pytest.raises(ValueError, match=r"different settings \(zero\)"):
+        refuse_mixed_run(tmp_path, sft_fingerprint(other, rows))

@@ -172,7 +172,10 @@ def train_sft(cfg) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows, rejected = sft_rows(cfg.data)
     config = to_dict(cfg)
+    fingerprint = sft_fingerprint(config, rows)
+    refuse_mixed_run(out, fingerprint)
     manifest = runtime.base_manifest("sft", config)
+    manifest["fingerprint"] = fingerprint
     data_manifest = Path(cfg.data) / "manifest.json" if Path(cfg.data).is_dir() else None
     manifest.update(
         data={"path": cfg.data, "rows": len(rows), "rejected_by_reason": rejected,
@@ -212,6 +215,37 @@ def train_sft(cfg) -> dict[str, Any]:
                     checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
     runtime.write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+def sft_fingerprint(config: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoints. The step
+    budget (epochs, max_steps) may change: that is how a run is extended."""
+    import hashlib
+
+    o = config["optim"]
+    return {
+        "model": config["model"],
+        "data_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+        "seed": config["seed"],
+        "zero": config["zero"],
+        "workers": config["scaling"]["workers"],  # ZeRO checkpoints are partitioned per rank
+        **{k: o[k] for k in ("learning_rate", "per_worker_batch_size", "grad_accum", "max_length", "dtype")},
+    }
+
+
+def refuse_mixed_run(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Ray Train resumes any run of the same name and storage; refuse it when the settings
+    that shaped the checkpoints changed, instead of silently continuing another run."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text()).get("fingerprint")
+    if previous and previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+        raise ValueError(
+            f"{out} holds a training run with different settings ({', '.join(changed)}); "
+            "re-running would resume it. Use a new --output, or delete the old one."
+        )
 
 
 def _model_info(name: str) -> dict[str, Any]:
