@@ -81,22 +81,17 @@ def _sft_row(r: dict) -> tuple[dict | None, str | None]:
 
 
 # -- on every worker --------------------------------------------------------------------------
-def train_loop(c: dict[str, Any]) -> None:
-    """Ray Train worker function: TRL SFTTrainer over ``c["rows"]`` (c is plain values)."""
-    import shutil
-
-    import ray.train
+def make_trainer(c: dict[str, Any], work: Path, callbacks: list | None = None):
+    """TRL SFTTrainer for one worker, from plain values (``c``): model, data, DeepSpeed ZeRO
+    config, precision. Used by the Ray Train worker below and by the GPU check."""
     import torch
     from datasets import Dataset
-    from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from cai_ray.models import resolve_model
     from cai_ray.train.deepspeed import zero_config
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     path = resolve_model(c["model"])
     cuda = torch.cuda.is_available() and c["use_gpu"]
     bf16 = c["dtype"] == "bfloat16" or (c["dtype"] == "auto" and cuda)
@@ -104,16 +99,6 @@ def train_loop(c: dict[str, Any]) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    work = Path(c["output"]) / "_work" / f"rank{rank}"
-    resume = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        # the Trainer resumes from a local folder: copy the reported checkpoint there
-        with ckpt.as_directory() as d:
-            local = work / "resume"
-            shutil.rmtree(local, ignore_errors=True)
-            shutil.copytree(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME, local)
-            resume = str(local)
     args = SFTConfig(
         output_dir=str(work / "hf"),
         num_train_epochs=c["epochs"],
@@ -134,17 +119,39 @@ def train_loop(c: dict[str, Any]) -> None:
         seed=c["seed"],
         data_seed=c["seed"],
         completion_only_loss=True,
-        disable_tqdm=rank != 0,
+        disable_tqdm=c.get("rank", 0) != 0,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(c["rows"]),
-                         processing_class=tok, callbacks=[RayTrainReportCallback()])
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(c["rows"]),
+                      processing_class=tok, callbacks=callbacks or [])
+
+
+def train_loop(c: dict[str, Any]) -> None:
+    """Ray Train worker function: the SFTTrainer over ``c["rows"]``, resuming from the run's
+    latest reported checkpoint, reporting new ones (c is plain values)."""
+    import shutil
+
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    rank = ray.train.get_context().get_world_rank()
+    work = Path(c["output"]) / "_work" / f"rank{rank}"
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        # the Trainer resumes from a local folder: copy the reported checkpoint there
+        with ckpt.as_directory() as d:
+            local = work / "resume"
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.copytree(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME, local)
+            resume = str(local)
+    trainer = make_trainer({**c, "rank": rank}, work, [RayTrainReportCallback()])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     model_dir = Path(c["output"]) / "model"
     trainer.save_model(str(model_dir))  # every rank takes part (ZeRO-3 gathers); rank 0 writes
     if rank == 0:
-        tok.save_pretrained(str(model_dir))
+        trainer.processing_class.save_pretrained(str(model_dir))
         history = [h for h in trainer.state.log_history if "loss" in h]
         metrics = {
             "train_loss": result.training_loss,
