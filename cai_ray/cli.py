@@ -180,6 +180,12 @@ def _print_counts(c: dict) -> None:
     )
 
 
+def _print_paths(out: Path, data: str) -> None:
+    print(f"output:   {data}")
+    print(f"rejects:  {out / 'rejects.jsonl'}")
+    print(f"manifest: {out / 'manifest.json'}")
+
+
 def cmd_generate(args) -> int:
     from cai_ray.config import GenerateConfig
     from cai_ray.sl import generate
@@ -190,9 +196,7 @@ def cmd_generate(args) -> int:
         return 2
     out = Path(cfg.output)
     _print_counts(manifest["counts"])
-    print(f"output:   {out / 'data'}")
-    print(f"rejects:  {out / 'rejects.jsonl'}")
-    print(f"manifest: {out / 'manifest.json'}")
+    _print_paths(out, str(out / "data"))
     return 0
 
 
@@ -221,9 +225,7 @@ def cmd_label(args) -> int:
             f"gold ({g['labelled']} of {g['gold_pairs']} labelled): accuracy {_fmt(g['accuracy'])}, "
             f"ECE {_fmt(g['ece'])}, reliability diagram {g['reliability_png']}"
         )
-    print(f"output:   {out / 'data'} (kept), {out / 'filtered'} (filtered, with filter_reason)")
-    print(f"rejects:  {out / 'rejects.jsonl'}")
-    print(f"manifest: {out / 'manifest.json'}")
+    _print_paths(out, f"{out / 'data'} (kept), {out / 'filtered'} (filtered, with filter_reason)")
     return 0
 
 

@@ -37,8 +37,6 @@ from cai_ray.stage import batch_seed, engine_threads
 
 log = logging.getLogger(__name__)
 
-_FINAL_ANSWER = re.compile(r"(?:the\s+)?answer\s+is:?\s*\(?\s*[AB]\b.*\Z", re.I | re.S)
-
 
 @dataclass(frozen=True)
 class LabelSettings:
@@ -246,7 +244,7 @@ class LabelWorker:
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
                 engine_s=time.perf_counter() - t0, labeler_s=time.perf_counter() - t0,
-                comparisons=self.labeler.comparisons, tokens=0,
+                comparisons=self.labeler.comparisons,
             )
             self.labeler.comparisons = 0
         return out.select(LABEL_SCHEMA.names)
@@ -423,10 +421,10 @@ def label(cfg) -> dict[str, Any]:
     shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
     template = prompts.template_sha256(shots, settings.cot)
     pools = [Pool("labeler_pool", cfg.labeler.backend, cfg.labeler_pool)]
-    models = {"labeler": model_info(cfg.labeler)}
+    models = {"labeler": model_info(cfg.labeler.model, cfg.labeler.backend)}
     if cfg.samples_answers:
         pools.insert(0, Pool("policy_pool", cfg.policy.backend, cfg.policy_pool))
-        models["policy"] = model_info(cfg.policy)
+        models["policy"] = model_info(cfg.policy.model, cfg.policy.backend)
 
     def build(ds, ledger):
         if cfg.samples_answers:

@@ -116,7 +116,9 @@ class PairSampler:
         t0 = time.perf_counter()
         reasons = batch["reject_reason"].to_pylist()
         ids = batch["id"].to_pylist()
-        todo = [i for i in range(batch.num_rows) if reasons[i] is None and batch["response_a"][i].as_py() is None]
+        given_a = batch["response_a"].to_pylist()
+        given_b = batch["response_b"].to_pylist()
+        todo = [i for i in range(batch.num_rows) if reasons[i] is None and given_a[i] is None]
         convs = batch["prompt_messages"].to_pylist() if todo else []
         budget = self.sampling["max_new_tokens"]
         for i, n in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
@@ -137,8 +139,6 @@ class PairSampler:
 
         # explode: one output row per pair (or the input row itself: given pair or reject)
         take, pair_ids, resp_a, resp_b, policy = [], [], [], [], []
-        given_a = batch["response_a"].to_pylist()
-        given_b = batch["response_b"].to_pylist()
         for i in range(batch.num_rows):
             if reasons[i] is None and i in answers:
                 distinct = answers[i]

@@ -93,6 +93,17 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def changed_settings(manifest_path: Path, fingerprint: dict[str, Any]) -> list[str]:
+    """Keys of ``fingerprint`` that differ from the one recorded in ``manifest_path``
+    (empty when there is no manifest or no recorded fingerprint): what forbids a resume."""
+    if not manifest_path.exists():
+        return []
+    previous = json.loads(manifest_path.read_text()).get("fingerprint")
+    if not previous or previous == fingerprint:
+        return []
+    return sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+
+
 def base_manifest(stage: str, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "stage": stage,

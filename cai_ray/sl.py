@@ -203,7 +203,7 @@ def generate(cfg) -> dict[str, Any]:
             cfg=cfg,
             config=config,
             fingerprint=generation_fingerprint(config, constitution),
-            manifest_extra=dict(constitution=constitution.summary(), model=model_info(cfg.engine)),
+            manifest_extra=dict(constitution=constitution.summary(), model=model_info(cfg.engine.model, cfg.engine.backend)),
             pools=[Pool("pool", cfg.engine.backend, pool)],
             read_pool=pool,
             build=build,

@@ -186,27 +186,27 @@ def clean_partial(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> None:
 
 def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:
     """A resume must use the settings that made the existing output, or rows would mix."""
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists() or not output_files(out, ("data", "filtered")):
+    from cai_ray.runtime import changed_settings
+
+    if not output_files(out, ("data", "filtered")):
         return
-    previous = json.loads(manifest_path.read_text()).get("fingerprint")
-    if previous and previous != fingerprint:
-        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+    changed = changed_settings(out / "manifest.json", fingerprint)
+    if changed:
         raise ValueError(
             f"{out} holds output made with different settings ({', '.join(changed)}); "
             "resuming would mix them. Use a new --output, or delete the old one."
         )
 
 
-def model_info(engine_cfg) -> dict[str, Any]:
+def model_info(model: str, backend: str = "hf") -> dict[str, Any]:
     """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model."""
     from cai_ray import runtime
     from cai_ray.models import is_alias, resolve_model
 
-    info: dict[str, Any] = {"name": engine_cfg.model, "backend": engine_cfg.backend}
-    if engine_cfg.backend != "noop":
-        resolved = resolve_model(engine_cfg.model)
-        if is_alias(engine_cfg.model) or Path(resolved).exists():
+    info: dict[str, Any] = {"name": model, "backend": backend}
+    if backend != "noop":
+        resolved = resolve_model(model)
+        if is_alias(model) or Path(resolved).exists():
             info.update(runtime.model_fingerprint(resolved))
     return info
 
@@ -298,7 +298,7 @@ def _task_cpus(ds, cpus: float) -> None:
     A map with batch_size cannot stand in: a task merges its small output blocks, so the
     pool would get one block and one busy actor. The logical operator's remote args are
     read when the plan is built, so they are set there; on a Ray without that attribute
-    the default stays and ``check_resources`` counts a whole CPU for it.
+    the default whole CPU stays, with a warning.
     """
     op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
     args = getattr(op, "ray_remote_args", None)

@@ -174,6 +174,7 @@ def train_sft(cfg) -> dict[str, Any]:
 
     from cai_ray import runtime
     from cai_ray.config import to_dict
+    from cai_ray.stage import model_info
 
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,7 @@ def train_sft(cfg) -> dict[str, Any]:
     manifest.update(
         data={"path": cfg.data, "rows": len(rows), "rejected_by_reason": rejected,
               "manifest": json.loads(data_manifest.read_text()) if data_manifest and data_manifest.exists() else None},
-        base_model=_model_info(cfg.model),
+        base_model=model_info(cfg.model),
     )
     runtime.write_json_atomic(out / "manifest.json", manifest)
 
@@ -243,27 +244,14 @@ def sft_fingerprint(config: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
 def refuse_mixed_run(out: Path, fingerprint: dict[str, Any]) -> None:
     """Ray Train resumes any run of the same name and storage; refuse it when the settings
     that shaped the checkpoints changed, instead of silently continuing another run."""
-    path = out / "manifest.json"
-    if not path.exists():
-        return
-    previous = json.loads(path.read_text()).get("fingerprint")
-    if previous and previous != fingerprint:
-        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
+    from cai_ray.runtime import changed_settings
+
+    changed = changed_settings(out / "manifest.json", fingerprint)
+    if changed:
         raise ValueError(
             f"{out} holds a training run with different settings ({', '.join(changed)}); "
             "re-running would resume it. Use a new --output, or delete the old one."
         )
-
-
-def _model_info(name: str) -> dict[str, Any]:
-    from cai_ray import runtime
-    from cai_ray.models import is_alias, resolve_model
-
-    info: dict[str, Any] = {"name": name}
-    resolved = resolve_model(name)
-    if is_alias(name) or Path(resolved).exists():
-        info.update(runtime.model_fingerprint(resolved))
-    return info
 
 
 def plot_loss(curve: list[dict[str, float]], path: Path, title: str) -> None:
