@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import GenerateConfig, LabelConfig, SFTTrainConfig
+    from cai_ray.config import DPOTrainConfig, GenerateConfig, LabelConfig, RMTrainConfig, SFTTrainConfig
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -109,25 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="training on Ray Train with DeepSpeed ZeRO")
     tsub = tr.add_subparsers(dest="trainer", required=True)
-    sft = tsub.add_parser(
-        "sft",
-        help="supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer, completion-only loss)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_config_epilog(SFTTrainConfig),
-        description="Fine-tune a model on the SL-CAI output (or any messages / prompt+completion "
-        "file) with Ray Train workers and DeepSpeed ZeRO. Writes OUTPUT/model (a plain HF model "
-        "folder), metrics.json, loss.png and manifest.json.",
+    sft = _train_parser(
+        tsub, "sft", SFTTrainConfig,
+        "supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer, completion-only loss)",
+        "Fine-tune a model on the SL-CAI output (or any messages / prompt+completion file) with Ray "
+        "Train workers and DeepSpeed ZeRO, optionally with LoRA and helpfulness data mixed in.",
+        "SL-CAI output folder or a JSONL/Parquet file",
     )
-    sft.add_argument("--data", help="SL-CAI output folder or a JSONL/Parquet file")
-    sft.add_argument("--output", help="output folder")
-    sft.add_argument("--config", help="YAML config file (see config keys below)")
-    sft.add_argument("--model", help="base model")
-    sft.add_argument("--workers", type=int, dest="scaling.workers", metavar="N", help="Ray Train workers")
-    sft.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    sft.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
-    sft.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
-    sft.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    sft.add_argument("--mix", metavar="FILE:RATIO", help="mix helpfulness rows in as RATIO of the mixed set (e.g. helpful.jsonl:0.25)")
+    rm = _train_parser(
+        tsub, "rm", RMTrainConfig,
+        "preference (reward) model on AI labels (TRL RewardTrainer; soft labels or Bradley-Terry)",
+        "Train a one-output sequence classifier on preference pairs: cross-entropy against the "
+        "labeler's p_chosen (soft), or Bradley-Terry on chosen > rejected (hard). Holds out "
+        "eval_fraction of the pairs and reports pairwise accuracy and calibration (calibration.png).",
+        "labeling output folder, or JSONL/Parquet with prompt, chosen, rejected [, p_chosen]",
+    )
+    rm.add_argument("--targets", choices=["auto", "soft", "hard"], help="soft labels (p_chosen) or hard (default auto)")
+    dpo = _train_parser(
+        tsub, "dpo", DPOTrainConfig,
+        "Direct Preference Optimisation on AI labels (TRL DPOTrainer)",
+        "Train the policy directly on preference pairs with DPO (reference = the base model).",
+        "labeling output folder, or JSONL/Parquet with prompt, chosen, rejected",
+    )
+    dpo.add_argument("--beta", type=float, help="DPO beta")
 
     c = sub.add_parser("constitution", help="validate or show constitution files")
     csub = c.add_subparsers(dest="action", required=True)
@@ -137,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="print the parsed file as JSON")
     return parser
+
+
+def _train_parser(tsub, name: str, cls, help: str, description: str, data_help: str):
+    p = tsub.add_parser(
+        name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(cls),
+        description=description + " Writes OUTPUT/model (a plain HF model folder), metrics.json, "
+        "loss.png, rejects.jsonl and manifest.json; re-running the same command resumes from the last checkpoint.",
+    )
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--output", help="output folder")
+    p.add_argument("--config", help="YAML config file (see config keys below)")
+    p.add_argument("--model", help="base model (a folder written by another trainer works)")
+    p.add_argument("--workers", type=int, dest="scaling.workers", metavar="N", help="Ray Train workers")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    p.add_argument("--lora", action="store_const", const=True, dest="lora.enabled", help="train LoRA adapters (merged on save)")
+    p.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
+    p.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
+    p.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
 
 
 _NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp", "trainer")
@@ -230,17 +256,27 @@ def cmd_label(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cai_ray.config import SFTTrainConfig
-    from cai_ray.train.sft import train_sft
+    from cai_ray import config
 
-    cfg = _load(SFTTrainConfig, args, "")
-    manifest = cfg and _run_job(train_sft, cfg)  # bad data is a ValueError: one line, exit 2
+    cls, module, fn = {"sft": (config.SFTTrainConfig, "sft", "train_sft"), "rm": (config.RMTrainConfig, "rm", "train_rm"),
+                       "dpo": (config.DPOTrainConfig, "dpo", "train_dpo")}[args.trainer]
+    cfg = _load(cls, args, "")
+    job = getattr(importlib.import_module(f"cai_ray.train.{module}"), fn)
+    manifest = cfg and _run_job(job, cfg)  # bad data is a ValueError: one line, exit 2
     if not manifest:
         return 2
     out = Path(cfg.output)
-    m = manifest["metrics"]
-    print(f"trained {m['global_step']} steps on {manifest['data']['rows']} rows "
-          f"(rejected {sum(manifest['data']['rejected_by_reason'].values())}): final loss {m['train_loss']:.4f}")
+    m, d = manifest["metrics"], manifest["data"]
+    print(f"trained {m['global_step']} steps on {d['rows']} rows (rejected {d['rejected']}: {d['rejects']}): "
+          f"final loss {m['train_loss']:.4f}")
+    if "mix" in manifest:
+        x = manifest["mix"]
+        print(f"mixed in {x['rows']} helpfulness rows from {x['path']} ({x['share']:.0%} of the set"
+              f"{', file repeated' if x['repeated'] else ''})")
+    if m.get("eval"):
+        e = m["eval"]
+        print(f"held out {e['pairs']} pairs: accuracy {_fmt(e['accuracy'])}, ECE {_fmt(e['ece'])}, "
+              f"calibration plot {e['calibration_png']}")
     print(f"model:    {out / 'model'}  (use it as --model / --policy)")
     print(f"metrics:  {out / 'metrics.json'}, {out / 'loss.png'}")
     print(f"manifest: {out / 'manifest.json'}")

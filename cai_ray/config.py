@@ -329,29 +329,117 @@ class CheckpointSection:
 
 
 @dataclass
-class SFTTrainConfig:
-    """`cai-ray train sft`: supervised fine-tuning on the SL-CAI revisions (Ray Train + DeepSpeed)."""
+class LoraSection:
+    enabled: bool = _f(False, "train LoRA adapters (peft) instead of all weights")
+    r: int = _f(16, "adapter rank")
+    alpha: int = _f(32, "adapter scaling (lora_alpha)")
+    dropout: float = _f(0.05, "adapter dropout")
+    target_modules: str = _f("all-linear", "modules to adapt: all-linear, or comma-separated names (q_proj,v_proj)")
+    merge: bool = _f(True, "merge the adapters into the weights on save (OUTPUT/model is a plain model); "
+                     "false = OUTPUT/model holds the adapter only")
 
-    data: str = _f("", "SL-CAI output folder (data/*.parquet) or JSONL/Parquet with messages, or prompt + completion")
-    output: str = _f("", "output folder: model/ (a plain HF model), metrics.json, loss.png, manifest.json")
+    def validate(self, where: str) -> None:
+        _positive(where, "r", self.r)
+        _positive(where, "alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1)")
+        if not self.target_modules.strip():
+            raise ConfigError(f"{where}.target_modules: empty")
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares: data, model, ZeRO, workers, optimiser, checkpoints, LoRA."""
+
+    data: str = _f("", "input folder or JSONL/Parquet file")
+    output: str = _f("", "output folder: model/ (a plain HF model), metrics.json, loss.png, manifest.json, rejects.jsonl")
     model: str = _f("smollm2", "base model: smollm2 | tiny-random[:SEED] | a model folder | a hub id")
-    seed: int = _f(0, "seeds data order and initialisation")
+    seed: int = _f(0, "seeds data order, splits and initialisation")
     zero: int = _f(2, "DeepSpeed ZeRO stage 0-3 (0 = plain DDP)")
     offload: bool = _f(False, "ZeRO >= 2: offload optimizer (and ZeRO-3 parameters) to CPU memory")
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
     scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers"})
     optim: OptimSection = field(default_factory=OptimSection, metadata={"help": "optimisation"})
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection, metadata={"help": "checkpoints and fault tolerance"})
+    lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapters (peft)"})
 
     def validate(self) -> None:
         if not self.data:
-            raise ConfigError("data: required (an SL-CAI output folder or a file)")
+            raise ConfigError("data: required (an input folder or a file)")
         if not self.output:
             raise ConfigError("output: required (an output folder)")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero: must be 0, 1, 2 or 3, got {self.zero}")
-        for name in ("scaling", "optim", "checkpoint"):
+        for name in ("scaling", "optim", "checkpoint", "lora"):
             getattr(self, name).validate(name)
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    """`cai-ray train sft`: supervised fine-tuning on the SL-CAI revisions (Ray Train + DeepSpeed)."""
+
+    data: str = _f("", "SL-CAI output folder (data/*.parquet) or JSONL/Parquet with messages, or prompt + completion")
+    mix: str | None = _f(None, "FILE:RATIO - mix helpfulness rows (same formats as data) in, as RATIO of the "
+                         "mixed set (0.25 = one row in four); sampled without replacement, repeated only "
+                         "when the file is too small (counted in the manifest)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mix is not None:
+            parse_mix(self.mix)
+
+
+def parse_mix(spec: str) -> tuple[str, float]:
+    """``FILE:RATIO`` → (file, ratio in (0, 1))."""
+    path, sep, raw = spec.rpartition(":")
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = None
+    if not sep or not path or ratio is None or not 0 < ratio < 1:
+        raise ConfigError(f"mix: expected FILE:RATIO with 0 < RATIO < 1 (share of the mixed set), got {spec!r}")
+    return path, ratio
+
+
+@dataclass
+class RMTrainConfig(TrainConfig):
+    """`cai-ray train rm`: a preference (reward) model on AI labels (Ray Train + DeepSpeed)."""
+
+    data: str = _f("", "labeling output folder (data/*.parquet) or JSONL/Parquet with prompt, chosen, rejected "
+                   "[, p_chosen]")
+    targets: str = _f("auto", "soft: cross-entropy against p_chosen (the CAI paper's soft labels) | hard: "
+                      "Bradley-Terry on chosen > rejected | auto: soft when the rows carry p_chosen")
+    eval_fraction: float = _f(0.1, "share of pairs held out (seeded by pair id) for accuracy and calibration")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.targets not in ("auto", "soft", "hard"):
+            raise ConfigError(f"targets: must be auto, soft or hard, got {self.targets!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL's DPOConfig
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """`cai-ray train dpo`: Direct Preference Optimisation on AI labels (TRL DPOTrainer)."""
+
+    data: str = _f("", "labeling output folder (data/*.parquet) or JSONL/Parquet with prompt, chosen, rejected")
+    beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference model")
+    loss_type: str = _f("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust | ...")
+    label_smoothing: float = _f(0.0, "conservative DPO: assumed share of wrong labels (sigmoid loss only)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_type not in DPO_LOSSES:
+            raise ConfigError(f"loss_type: must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def _positive(where: str, key: str, value) -> None:

@@ -1,0 +1,214 @@
+"""Training rows from the pipeline's outputs or user files, with every input row accounted for.
+
+    SL-CAI folder / messages / prompt+completion ─► sft_row ─► {"prompt": [...], "completion": [...]}
+    labeling folder / prompt+chosen+rejected     ─► pref_row ─► {"id", "prompt", "chosen", "rejected", "p_chosen"}
+
+A row that cannot be used is not dropped: it becomes a reject ``{source, line, id, reason,
+raw}`` that the job writes to ``OUTPUT/rejects.jsonl`` and counts in the manifest. Rows longer
+than ``optim.max_length`` tokens are rejects too: the trainers would otherwise truncate them
+(SFT) or filter them out without a word (TRL's reward and DPO trainers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from cai_ray.records import RAW_LIMIT
+
+Row = dict[str, Any]
+Reject = dict[str, Any]
+
+
+class TrainDataError(ValueError):
+    pass
+
+
+def read_records(path: str) -> tuple[list[tuple[str, int, Row]], str]:
+    """(source file, line or row number, record) for every input row, and what was read. A
+    folder means a pipeline output: its ``data/part-*.parquet`` (or ``*.parquet``)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted((p / "data").glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
+        if not files:
+            raise TrainDataError(f"{path}: no data/part-*.parquet or *.parquet files")
+    elif p.suffix == ".parquet" and p.exists():
+        files = [p]
+    elif p.suffix in (".jsonl", ".json") and p.exists():
+        out = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rec = {"_invalid": f"invalid JSON: {e.msg}", "_raw": line}
+                if not isinstance(rec, dict):
+                    rec = {"_invalid": "a row must be a JSON object", "_raw": line}
+                out.append((str(p), i, rec))
+        return out, str(p)
+    else:
+        raise TrainDataError(f"{path}: not found, or not a folder / .jsonl / .parquet file")
+    return [(str(f), i, r) for f in files for i, r in enumerate(pq.read_table(f).to_pylist(), 1)], str(p)
+
+
+def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]]) -> tuple[list[Row], list[Reject]]:
+    """Rows ``row_fn`` accepts, and a reject for each one it does not (never both, never neither)."""
+    rows, rejects = [], []
+    for source, line, rec in read_records(path)[0]:
+        row, why = (None, rec["_invalid"]) if "_invalid" in rec else row_fn(rec)
+        if row is None:
+            rejects.append(reject(source, line, rec, why))
+        else:
+            row.setdefault("id", str(rec.get("id") or f"{Path(source).name}:{line}"))
+            rows.append(row)
+    if not rows:
+        reasons = count_reasons(rejects)
+        raise TrainDataError(f"{path}: no usable rows ({reasons or 'empty'})")
+    return rows, rejects
+
+
+def reject(source: str, line: int, rec: Row, reason: str) -> Reject:
+    raw = rec.get("_raw") if "_raw" in rec else json.dumps(rec, default=str)
+    return {"source": source, "line": line, "id": rec.get("id"), "reason": reason, "raw": raw[:RAW_LIMIT]}
+
+
+def count_reasons(rejects: list[Reject]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rejects:
+        key = r["reason"].split(" (")[0]
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# -- row formats ---------------------------------------------------------------------------
+def _messages(value: Any) -> list[dict] | None:
+    """A clean message list, or None when ``value`` is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+               and m.get("role") in ("system", "user", "assistant") for m in value):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def sft_row(r: Row) -> tuple[Row | None, str | None]:
+    """``messages`` ending with an assistant turn (the SL-CAI output), or ``prompt`` +
+    ``completion`` strings → conversational prompt/completion (only the completion is trained)."""
+    if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str) and r.get("messages") is None:
+        if not r["prompt"].strip():
+            return None, "empty prompt"
+        if not r["completion"].strip():
+            return None, "empty completion"
+        return {"prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}]}, None
+    if not isinstance(r.get("messages"), list) or len(r["messages"]) < 2:
+        return None, "needs 'messages' (>= 2 turns) or 'prompt' + 'completion' strings"
+    msgs = _messages(r["messages"])
+    if msgs is None:
+        return None, "malformed messages (each needs role system|user|assistant and string content)"
+    if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+        return None, "the last message must be a non-empty assistant turn"
+    return {"prompt": msgs[:-1], "completion": msgs[-1:]}, None
+
+
+def pref_row(r: Row) -> tuple[Row | None, str | None]:
+    """A preference pair: the labeling output (``chosen``/``rejected`` conversations ending in
+    the two answers, ``p_chosen``), or ``prompt`` (string or messages) + ``chosen`` +
+    ``rejected`` (strings or one assistant message each) [+ ``p_chosen``]."""
+    chosen, rejected = r.get("chosen"), r.get("rejected")
+    if chosen is None or rejected is None:
+        return None, "needs 'chosen' and 'rejected' (an unlabelled pair has neither)"
+    prompt = r.get("prompt")
+    if isinstance(chosen, list) and isinstance(rejected, list) and (prompt is None or "prompt_messages" in r):
+        # the labeling output: full conversations, the last turn the answer
+        c, j = _messages(chosen), _messages(rejected)
+        if c is None or j is None or len(c) < 2 or len(j) < 2:
+            return None, "malformed chosen/rejected conversations"
+        if c[:-1] != j[:-1]:
+            return None, "chosen and rejected continue different conversations"
+        prompt_msgs, answers = c[:-1], (c[-1], j[-1])
+    else:
+        if isinstance(prompt, str):
+            prompt_msgs = [{"role": "user", "content": prompt}] if prompt.strip() else None
+        else:
+            prompt_msgs = _messages(prompt)
+        if prompt_msgs is None:
+            return None, "needs a non-empty 'prompt' (string or messages)"
+        answers = []
+        for name, v in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(v, str):
+                v = [{"role": "assistant", "content": v}]
+            v = _messages(v)
+            if v is None or len(v) != 1:
+                return None, f"'{name}' must be a string or one assistant message"
+            answers.append(v[0])
+    if any(a["role"] != "assistant" or not a["content"].strip() for a in answers):
+        return None, "chosen and rejected must be non-empty assistant turns"
+    if answers[0]["content"] == answers[1]["content"]:
+        return None, "chosen and rejected are identical"
+    if prompt_msgs[-1]["role"] == "assistant":
+        return None, "the prompt must end with a user turn"
+    p = r.get("p_chosen")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.5 <= p <= 1):
+        return None, f"p_chosen must be a number in [0.5, 1] (the chosen answer's probability), got {p!r}"
+    return {"prompt": prompt_msgs, "chosen": [answers[0]], "rejected": [answers[1]],
+            "p_chosen": None if p is None else float(p)}, None
+
+
+# -- lengths, mixing, splits ----------------------------------------------------------------
+def reject_long(rows: list[Row], tokenizer, max_length: int, parts: tuple[str, ...]) -> tuple[list[Row], list[Reject]]:
+    """Rows whose ``prompt`` + each of ``parts`` fits ``max_length`` tokens (chat template
+    applied, as the trainers do); the others become rejects naming their length."""
+    keep, rejects = [], []
+    for row in rows:
+        n = max(_n_tokens(tokenizer, row["prompt"] + row[part]) for part in parts)
+        if n > max_length:
+            rejects.append({"source": "data", "line": None, "id": row["id"],
+                            "reason": f"longer than optim.max_length ({n} > {max_length} tokens)",
+                            "raw": json.dumps(row)[:RAW_LIMIT]})
+        else:
+            keep.append(row)
+    return keep, rejects
+
+
+def _n_tokens(tokenizer, messages: list[dict]) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def mix_in(rows: list[Row], extra: list[Row], ratio: float, seed: int) -> tuple[list[Row], dict[str, Any]]:
+    """``rows`` plus helpfulness rows making up ``ratio`` of the result, drawn without
+    replacement (the file is repeated only when it is too small, and that is reported)."""
+    want = round(len(rows) * ratio / (1 - ratio))
+    rng = random.Random(seed)
+    picked: list[Row] = []
+    while len(picked) < want:
+        pool = list(extra)
+        rng.shuffle(pool)
+        picked += pool[: want - len(picked)]
+    mixed = rows + picked
+    rng.shuffle(mixed)
+    return mixed, {"rows": want, "available": len(extra), "repeated": want > len(extra),
+                   "share": round(want / len(mixed), 4) if mixed else 0.0}
+
+
+def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train, held out): a row is held out by a seeded hash of its id, so the split does not
+    depend on row order or on how many rows came before it."""
+    def held(row: Row) -> bool:
+        h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+    train = [r for r in rows if not held(r)]
+    return train, [r for r in rows if held(r)]
+
+
+def rows_sha256(rows: list[Row]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()

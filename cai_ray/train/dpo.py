@@ -1,0 +1,54 @@
+"""DPO on AI labels: TRL's DPOTrainer under the same Ray Train + DeepSpeed harness.
+
+    labeling output (prompt, chosen, rejected) ─► harness: TorchTrainer(N workers) ─► OUTPUT/model/
+                                                  DPOTrainer(policy, frozen reference)
+
+The alternative to preference model + PPO that many users pick. DPO trains on which answer
+won; the soft ``p_chosen`` of the labels is not used (``label_smoothing`` is the conservative-
+DPO way to say labels are sometimes wrong). The reference model is the base model (with LoRA:
+the base with adapters switched off).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cai_ray.train import harness
+from cai_ray.train.data import load_rows, pref_row, reject_long
+
+
+def load_base(c: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    return harness.load_model(c, AutoModelForCausalLM)
+
+
+def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok, model = load_base(c)
+    lora = harness.lora_config(c, "CAUSAL_LM")
+    # the frozen reference: loaded here, before the DeepSpeed config exists, because TRL would
+    # load it under ZeRO-3's zero.Init before DeepSpeed's process group is up (and fail);
+    # with LoRA the reference is the policy with its adapters off
+    ref = None if lora else load_base(c)[1]
+    args = harness.training_args(DPOConfig, c, work, beta=c["beta"], loss_type=[c["loss_type"]],
+                                 label_smoothing=c["label_smoothing"])
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in c["rows"]]
+    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, callbacks=callbacks or [], peft_config=lora)
+
+
+def train_dpo(cfg) -> dict[str, Any]:
+    """Run DPO as a ``DPOTrainConfig`` describes; returns the manifest."""
+    from transformers import AutoTokenizer
+
+    from cai_ray.models import resolve_model
+
+    rows, rejects = load_rows(cfg.data, pref_row)
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
+    settings = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
+    return harness.run("dpo", cfg, rows, rejects + long_rows, loop_extra=settings, fingerprint_extra=settings)

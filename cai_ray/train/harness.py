@@ -1,0 +1,297 @@
+"""The harness every trainer runs in: Ray Train workers, DeepSpeed ZeRO, checkpoints, outputs.
+
+    driver: rows ─► manifest (fingerprint, data lineage) ─► TorchTrainer(N workers) ─► loss.png, manifest
+    worker: restore Ray Train checkpoint ─► build(c) → TRL trainer ─► train ─► save OUTPUT/model
+            (LoRA merged) ─► rank 0: metrics.json (+ the trainer's own after_save metrics)
+
+A trainer module (sft, rm, dpo) supplies ``load_base(c)`` (tokenizer and model),
+``build(c, work, callbacks)`` returning a TRL trainer, and may supply ``after_save(c, model_dir, out)`` for metrics computed on the saved
+model (the preference model's held-out accuracy). ``c`` holds plain values only: it travels
+to the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TITLES = {"sft": "SFT loss", "rm": "preference model loss", "dpo": "DPO loss"}
+
+
+# -- on every worker ------------------------------------------------------------------------
+def precision(c: dict[str, Any]) -> tuple[bool, bool]:
+    """(use CUDA, bf16) for this worker."""
+    import torch
+
+    cuda = torch.cuda.is_available() and bool(c["use_gpu"])
+    return cuda, c["dtype"] == "bfloat16" or (c["dtype"] == "auto" and cuda)
+
+
+def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
+    """The TRL config (SFTConfig, RewardConfig, DPOConfig: all TrainingArguments) shared by
+    every trainer: steps, batch, optimiser, precision, ZeRO, checkpoint cadence."""
+    from cai_ray.train.deepspeed import zero_config
+
+    cuda, bf16 = precision(c)
+    return args_cls(
+        output_dir=str(work / "hf"),
+        num_train_epochs=c["epochs"],
+        max_steps=c["max_steps"],
+        learning_rate=c["learning_rate"],
+        per_device_train_batch_size=c["per_worker_batch_size"],
+        gradient_accumulation_steps=c["grad_accum"],
+        warmup_steps=c["warmup_ratio"],  # a float in [0, 1) is a ratio of the total steps
+        max_length=c["max_length"],
+        bf16=bf16,
+        use_cpu=not cuda,
+        deepspeed=zero_config(c["zero"], c["offload"]),
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=c["every_steps"],
+        save_total_limit=c["keep"],
+        report_to=[],
+        seed=c["seed"],
+        data_seed=c["seed"],
+        disable_tqdm=c.get("rank", 0) != 0,
+        **extra,
+    )
+
+
+def load_model(c: dict[str, Any], auto_cls, **kwargs):
+    """(tokenizer, model) for the base model in the worker's precision; a pad token is set."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cai_ray.models import resolve_model
+
+    path = resolve_model(c["model"])
+    _, bf16 = precision(c)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = auto_cls.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32, **kwargs)
+    return tok, model
+
+
+@contextlib.contextmanager
+def single_process_loading():
+    """Load a model in this process alone. After a ZeRO-3 trainer exists, transformers'
+    ``from_pretrained`` partitions new models across all ranks (``zero.Init``), which blocks
+    when only rank 0 loads (merging LoRA, scoring held-out pairs)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def lora_config(c: dict[str, Any], task_type: str):
+    """peft LoraConfig from the ``lora`` section, or None when LoRA is off."""
+    lora = c["lora"]
+    if not lora["enabled"]:
+        return None
+    from peft import LoraConfig
+
+    targets = lora["target_modules"]
+    return LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type=task_type,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+    )
+
+
+def train_loop(c: dict[str, Any]) -> None:
+    """Ray Train worker function: restore the run's latest checkpoint (after a restart or a
+    re-run), train, save the model, report."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    module = importlib.import_module(f"cai_ray.train.{c['kind']}")
+    rank = ray.train.get_context().get_world_rank()
+    work = Path(c["output"]) / "_work" / f"rank{rank}"
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        # the Trainer resumes from a local folder: copy the reported checkpoint there
+        with ckpt.as_directory() as d:
+            local = work / "resume"
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.copytree(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME, local)
+            resume = str(local)
+    c = {**c, "rank": rank}
+    trainer = module.build(c, work, [RayTrainReportCallback()])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    out = Path(c["output"])
+    model_dir = save_model(trainer, c, out, module)
+    if rank == 0:
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        metrics = {
+            "train_loss": result.training_loss,
+            "global_step": trainer.state.global_step,
+            "resumed_from": resume is not None,
+            "train_seconds": round(seconds, 3),
+            "samples_per_second": result.metrics.get("train_samples_per_second"),
+            "last_log": history[-1] if history else None,
+            "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        }
+        if hasattr(module, "after_save"):
+            with single_process_loading():
+                metrics.update(module.after_save(c, model_dir, out))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ray.train.report({"global_step": trainer.state.global_step, "train_loss": result.training_loss})
+
+
+def save_model(trainer, c: dict[str, Any], out: Path, module) -> Path:
+    """OUTPUT/model as a plain HF model folder. Every rank takes part (ZeRO-3 gathers the
+    weights); rank 0 writes. LoRA adapters are merged into the base weights unless
+    ``lora.merge`` is false, in which case OUTPUT/model is the adapter."""
+    model_dir = out / "model"
+    lora = c["lora"]
+    if not lora["enabled"] or not lora["merge"]:
+        trainer.save_model(str(model_dir))
+        if c["rank"] == 0:
+            trainer.processing_class.save_pretrained(str(model_dir))
+        return model_dir
+    adapter = out / "_work" / "adapter"
+    trainer.save_model(str(adapter))
+    if c["rank"] == 0:
+        from peft import PeftModel
+
+        with single_process_loading():
+            _, base = module.load_base({**c, "use_gpu": False})
+            merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged.save_pretrained(str(model_dir))
+        trainer.processing_class.save_pretrained(str(model_dir))
+    return model_dir
+
+
+# -- the job --------------------------------------------------------------------------------
+def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: dict | None = None,
+        fingerprint_extra: dict | None = None, manifest_extra: dict | None = None) -> dict[str, Any]:
+    """Train ``rows`` with trainer ``kind`` on Ray Train as ``cfg`` (a TrainConfig) says;
+    returns the manifest (also at OUTPUT/manifest.json)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cai_ray import runtime
+    from cai_ray.config import to_dict
+    from cai_ray.stage import model_info
+    from cai_ray.train.data import count_reasons, rows_sha256
+
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = to_dict(cfg)
+    fingerprint = fingerprint_of(kind, config, rows_sha256(rows), fingerprint_extra or {})
+    refuse_mixed_run(out, fingerprint)
+    with open(out / "rejects.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rejects)
+    manifest = runtime.base_manifest(kind, config)
+    manifest["fingerprint"] = fingerprint
+    manifest.update(
+        data={"path": cfg.data, "rows": len(rows), "rejected": len(rejects),
+              "rejected_by_reason": count_reasons(rejects), "rejects": str(out / "rejects.jsonl"),
+              "manifest": data_manifest(cfg.data)},
+        base_model=model_info(cfg.model),
+        **(manifest_extra or {}),
+    )
+    runtime.write_json_atomic(out / "manifest.json", manifest)
+
+    runtime.init_ray(cfg.ray_address)
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    loop_config = {
+        "kind": kind, "rows": rows, "model": cfg.model, "output": str(out), "use_gpu": use_gpu,
+        "zero": cfg.zero, "offload": cfg.offload, "seed": cfg.seed, "lora": config["lora"],
+        "every_steps": cfg.checkpoint.every_steps, "keep": cfg.checkpoint.keep,
+        **config["optim"], **(loop_extra or {}),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=kind,
+            storage_path=cfg.checkpoint.storage or str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out / "_work", ignore_errors=True)  # per-rank HF checkpoints: Ray Train keeps its own
+    metrics = json.loads((out / "metrics.json").read_text())
+    plot_loss(metrics["loss_curve"], out / "loss.png", TITLES[kind])
+    manifest.update(status="finished", finished=runtime.now(),
+                    metrics={k: v for k, v in metrics.items() if k != "loss_curve"},
+                    timing={"wall_s": round(wall, 3)}, model_dir=str(out / "model"),
+                    checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+    runtime.write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def data_manifest(path: str) -> dict | None:
+    """The manifest of the stage that wrote the data (SL-CAI, labeling): the lineage."""
+    p = Path(path) / "manifest.json"
+    return json.loads(p.read_text()) if Path(path).is_dir() and p.exists() else None
+
+
+def fingerprint_of(kind: str, config: dict[str, Any], data_sha256: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoints. The step
+    budget (epochs, max_steps) may change: that is how a run is extended."""
+    o = config["optim"]
+    return {
+        "kind": kind,
+        "model": config["model"],
+        "data_sha256": data_sha256,
+        "seed": config["seed"],
+        "zero": config["zero"],
+        "workers": config["scaling"]["workers"],  # ZeRO checkpoints are partitioned per rank
+        "lora": config["lora"],
+        **{k: o[k] for k in ("learning_rate", "per_worker_batch_size", "grad_accum", "max_length", "dtype")},
+        **extra,
+    }
+
+
+def refuse_mixed_run(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Ray Train resumes any run of the same name and storage; refuse it when the settings
+    that shaped the checkpoints changed, instead of silently continuing another run."""
+    from cai_ray.runtime import changed_settings
+
+    changed = changed_settings(out / "manifest.json", fingerprint)
+    if changed:
+        raise ValueError(
+            f"{out} holds a training run with different settings ({', '.join(changed)}); "
+            "re-running would resume it. Use a new --output, or delete the old one."
+        )
+
+
+def plot_loss(curve: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], "-o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
