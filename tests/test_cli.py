@@ -135,3 +135,48 @@ def test_label_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
     assert m["config"]["label"]["clamp_low"] == 0.3 and m["config"]["label"]["cot"] is True
     # tiny-random writes no "(A)"/"(B)": every CoT comparison is invalid, counted, never coerced
     assert m["labels"]["invalid"] == m["labels"]["pairs"] == 2 and m["labels"]["labels"] == 0
+
+
+@pytest.mark.parametrize("trainer,key", [("sft", "mix"), ("rm", "targets"), ("dpo", "beta")])
+def test_train_help_lists_flags_and_config_keys(capsys, trainer, key):
+    with pytest.raises(SystemExit):
+        main(["train", trainer, "--help"])
+    out = capsys.readouterr().out
+    for text in ("--lora", "--zero", "--workers", "lora.merge", "checkpoint.max_failures", key):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "sft", "--data", "d", "--output", "o", "optim.lerning_rate=1"], "did you mean 'learning_rate'"),
+    (["train", "sft", "--data", "d", "--output", "o", "--mix", "helpful.jsonl"], "FILE:RATIO"),
+    (["train", "rm", "--data", "d", "--output", "o", "eval_fraction=1.5"], "eval_fraction: must be in [0, 1)"),
+    (["train", "dpo", "--data", "d", "--output", "o", "loss_type=nope"], "loss_type: must be one of"),
+    (["train", "rm", "--output", "o"], "data: required"),
+])
+def test_train_config_errors_are_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_data_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "same", "rejected": "same"}\nnot json\n')
+    assert main(["train", "rm", "--data", str(bad), "--output", str(tmp_path / "o"), "--model", "tiny-random"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable rows" in err and "identical" in err and "invalid JSON" in err
+
+
+def test_train_rm_cli_end_to_end(ray_local, tmp_path, capsys):
+    from test_train import preference_toy
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_toy(40, 0.9)))
+    out = tmp_path / "rm"
+    assert main(["train", "rm", "--data", str(data), "--output", str(out), "--model", "tiny-random",
+                 "--workers", "1", "--max-steps", "4", "--zero", "2", "eval_fraction=0.2",
+                 "scaling.cpus_per_worker=1", "optim.learning_rate=1e-3"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 4 steps on" in printed and "held out" in printed and "calibration plot" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["targets"] == "soft" and m["metrics"]["eval"]["pairs"] == m["split"]["held_out"]
+    assert (out / "model" / "config.json").exists() and (out / "rejects.jsonl").read_text() == ""

@@ -60,3 +60,28 @@ def test_smollm2_labels_sampled_pairs_and_the_gold_set(ray_local, tmp_path):
     assert Path(g["reliability_png"]).exists()
     q = m["labels"]
     assert q["labels"] == len(rows) and q["position_bias"] is not None
+
+
+@pytest.mark.slow
+def test_smollm2_sft_on_two_workers(ray_local, tmp_path):
+    """SmolLM2-135M fine-tuned by 2 Ray Train workers under ZeRO-2: the loss falls over three
+    passes of a small set, and the saved folder generates with our engine."""
+    from cai_ray.config import SFTTrainConfig
+    from cai_ray.engine import Sampling, load_engine
+    from cai_ray.train.sft import train_sft
+
+    data = tmp_path / "helpful.jsonl"
+    data.write_text("\n".join((ROOT / "jobs" / "data" / "helpful.jsonl").read_text().splitlines()[:8]) + "\n")
+    m = train_sft(load_config(SFTTrainConfig, None, [
+        f"data={data}", f"output={tmp_path / 'sft'}", "model=smollm2", "zero=2", "scaling.workers=2",
+        "scaling.cpus_per_worker=1", "optim.max_steps=6", "optim.per_worker_batch_size=2",
+        "optim.learning_rate=1e-4", "optim.max_length=256", "checkpoint.every_steps=6",
+    ]))
+    curve = [p["loss"] for p in json.loads((tmp_path / "sft" / "metrics.json").read_text())["loss_curve"]]
+    # 8 rows, 4 a step: each epoch is 2 steps; by the third pass the same rows cost less
+    assert len(curve) == 6 and sum(curve[-2:]) < 0.9 * sum(curve[:2])
+    assert m["base_model"]["name"] == "smollm2" and m["data"]["rows"] == 8
+    engine = load_engine("hf", model=str(tmp_path / "sft" / "model"), dtype="float32", threads=2)
+    [text] = engine.generate([[{"role": "user", "content": "What is the capital of Australia?"}]],
+                             Sampling(temperature=0, max_new_tokens=16))
+    assert any(c.isalpha() for c in text)
