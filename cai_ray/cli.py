@@ -40,7 +40,7 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import DPOTrainConfig, GenerateConfig, LabelConfig, RMTrainConfig, SFTTrainConfig
+    from cai_ray.config import DPOTrainConfig, GenerateConfig, LabelConfig, RMTrainConfig, ServeConfig, SFTTrainConfig
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -134,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
         "labeling output folder, or JSONL/Parquet with prompt, chosen, rejected",
     )
     dpo.add_argument("--beta", type=float, help="DPO beta")
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the policy (OpenAI-compatible), the AI labeler and the guardrail on Ray Serve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(ServeConfig),
+        description="Start a Ray Serve app: POST /v1/chat/completions (OpenAI schema, streaming), "
+        "GET /v1/models, POST /v1/label (soft label, both orders), POST /v1/critique, GET /healthz. "
+        "Every model route needs 'Authorization: Bearer KEY' (KEY from $CAI_RAY_API_KEY or "
+        "--api-key-file). Binds 127.0.0.1 unless --host says otherwise. Runs until Ctrl-C.",
+    )
+    srv.add_argument("--policy", dest="policy.model", metavar="MODEL", help="the served model (a trained OUTPUT/model folder works)")
+    srv.add_argument("--labeler", dest="labeler.model", metavar="MODEL", help="labeler model (default: the policy)")
+    srv.add_argument("--constitution", help="constitution YAML")
+    srv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--api-key-file", dest="api_key_file", help="file holding the bearer token")
+    srv.add_argument("--guardrail", action="store_const", const=True, help="critique and revise every answer")
+    srv.add_argument("--config", help="YAML config file (see config keys below)")
+    srv.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    srv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     c = sub.add_parser("constitution", help="validate or show constitution files")
     csub = c.add_subparsers(dest="action", required=True)
@@ -283,6 +304,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cai_ray.config import ServeConfig
+
+    cfg = _load(ServeConfig, args, "")
+    if cfg is None:
+        return 2
+    from cai_ray.serve.deployment import start
+
+    try:
+        url = start(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {cfg.policy.model} at {url}  (OpenAI base_url {url}/v1; Ctrl-C stops)", flush=True)
+    from cai_ray.serve.deployment import wait_forever
+
+    wait_forever()
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -333,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_label(args)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "serve":
+        return cmd_serve(args)
     if args.command == "constitution":
         return cmd_constitution(args)
     return 2  # pragma: no cover

@@ -442,6 +442,77 @@ class DPOTrainConfig(TrainConfig):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
 
 
+@dataclass
+class ServeLimits:
+    max_body_bytes: int = _f(1_000_000, "larger request bodies get 413")
+    max_messages: int = _f(64, "messages per chat request")
+    max_message_chars: int = _f(32_000, "characters per message / response")
+    max_tokens: int = _f(512, "largest max_tokens a request may ask for (larger: 400)")
+    default_max_tokens: int = _f(128, "max_tokens when a request sets none")
+
+    def validate(self, where: str) -> None:
+        for k in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens", "default_max_tokens"):
+            _positive(where, k, getattr(self, k))
+        if self.default_max_tokens > self.max_tokens:
+            raise ConfigError(f"{where}.default_max_tokens: must be <= max_tokens")
+
+
+@dataclass
+class ServeScaling:
+    min_replicas: int = _f(1, "autoscaling: fewest replicas")
+    max_replicas: int = _f(1, "autoscaling: most replicas")
+    target_ongoing_requests: float = _f(4.0, "autoscaling: ongoing requests per replica to aim for")
+    max_ongoing_requests: int = _f(16, "requests a replica works on at once")
+    max_queued_requests: int = _f(32, "requests waiting per caller before 503 (bounded: overload fails fast)")
+    request_timeout_s: float = _f(120.0, "HTTP request timeout (the proxy answers 408 after it)")
+    max_batch_size: int = _f(8, "chat requests batched into one engine call (@serve.batch)")
+    batch_wait_timeout_s: float = _f(0.02, "how long a batch waits to fill")
+    cpus_per_replica: float = _f(1.0, "CPUs reserved per replica")
+    gpus_per_replica: float = _f(0.0, "GPUs per replica")
+
+    def validate(self, where: str) -> None:
+        for k in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+                  "max_queued_requests", "request_timeout_s", "max_batch_size", "cpus_per_replica"):
+            _positive(where, k, getattr(self, k))
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"{where}.min_replicas: must be <= max_replicas")
+        if self.batch_wait_timeout_s < 0 or self.gpus_per_replica < 0:
+            raise ConfigError(f"{where}: batch_wait_timeout_s and gpus_per_replica must be >= 0")
+
+
+@dataclass
+class ServeConfig:
+    """`cai-ray serve`: the policy (OpenAI-compatible chat), the AI labeler and the
+    constitutional guardrail on Ray Serve."""
+
+    policy: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the served policy"})
+    labeler: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
+                                  metadata={"help": "labeler for /v1/label; model '' = the policy's engine"})
+    constitution: str = _f("constitutions/general.yaml", "principles for /v1/label, /v1/critique and the guardrail")
+    guardrail: bool = _f(False, "critique every chat answer against the constitution and revise it when needed "
+                         "(a request may turn it on or off with cai_guardrail)")
+    guardrail_principles: int = _f(1, "principles sampled per guarded answer")
+    host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
+    port: int = _f(8000, "HTTP port")
+    api_key_file: str | None = _f(None, "file holding the bearer token; default: $CAI_RAY_API_KEY")
+    auth: bool = _f(True, "require the bearer token on every model route (false only on a trusted host)")
+    seed: int = _f(0, "seeds principle sampling")
+    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
+    limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "input limits"})
+    scaling: ServeScaling = field(default_factory=ServeScaling, metadata={"help": "replicas, batching, backpressure"})
+
+    def validate(self) -> None:
+        self.policy.validate("policy")
+        if self.labeler.model:
+            self.labeler.validate("labeler")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: must be 1-65535, got {self.port}")
+        if self.guardrail_principles < 1:
+            raise ConfigError(f"guardrail_principles: must be >= 1, got {self.guardrail_principles}")
+        self.limits.validate("limits")
+        self.scaling.validate("scaling")
+
+
 def _positive(where: str, key: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")

@@ -87,18 +87,26 @@ class Labeler:
     def orders(self) -> tuple[str, ...]:
         return ("AB", "BA") if self.s.both_orders else ("AB",)
 
-    def comparisons_for(self, pair_id: str, prompt, a: str, b: str):
-        """[(principle, order, messages)] for one pair: K principles x the orders."""
+    def comparisons_for(self, pair_id: str, prompt, a: str, b: str, principles=None):
+        """[(principle, order, messages)] for one pair: K principles (sampled by pair id, or
+        the ``principles`` given) x the orders."""
         out = []
         prefill = prompts.COT_PREFIX if self.s.cot else prompts.ANSWER_PREFIX
-        for p in self.constitution.sample_distinct(pair_id, self.s.principles_per_pair, self.s.seed):
+        if principles is None:
+            principles = self.constitution.sample_distinct(pair_id, self.s.principles_per_pair, self.s.seed)
+        for p in principles:
             for order in self.orders():
                 first, second = (a, b) if order == "AB" else (b, a)
                 out.append((p, order, prompts.comparison_messages(self.shots, prompt, first, second, p, prefill, self.s.cot)))
         return out
 
-    def label(self, pair_ids: list[str], convs: list, resp_a: list[str], resp_b: list[str]) -> list[PairLabel]:
-        per_pair = [self.comparisons_for(pid, c, a, b) for pid, c, a, b in zip(pair_ids, convs, resp_a, resp_b)]
+    def label(self, pair_ids: list[str], convs: list, resp_a: list[str], resp_b: list[str],
+              principles: list | None = None) -> list[PairLabel]:
+        """One label per pair; ``principles`` (a list of Principle lists, one per pair; None
+        entries sample) fixes which principles judge a pair."""
+        chosen = principles or [None] * len(pair_ids)
+        per_pair = [self.comparisons_for(pid, c, a, b, ps)
+                    for pid, c, a, b, ps in zip(pair_ids, convs, resp_a, resp_b, chosen)]
         flat = [m for comps in per_pair for _, _, m in comps]
         self.comparisons += len(flat)
         reasoning: list[str | None] = [None] * len(flat)

@@ -1,0 +1,218 @@
+"""The HTTP surface: OpenAI-compatible chat, /v1/label, /v1/critique, /healthz.
+
+Every model route needs ``Authorization: Bearer <key>`` (compared in constant time against
+the key's SHA-256; the key itself is never stored or logged). Bad input is a 4xx with an
+OpenAI-style error body naming the problem, never a 500: schema errors, too many or too
+long messages, ``max_tokens`` above the server's limit, prompts longer than the model's
+context, unknown principles, bodies over ``limits.max_body_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_ray.engine import Sampling
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    seed: int | None = None
+    cai_guardrail: bool | None = Field(None, description="critique and revise the answer (default: the server's)")
+
+
+class LabelRequest(BaseModel):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    response_a: str = Field(min_length=1)
+    response_b: str = Field(min_length=1)
+    principle_ids: list[str] | None = Field(None, min_length=1)
+
+
+class CritiqueRequest(BaseModel):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    response: str = Field(min_length=1)
+    principle_id: str
+    max_tokens: int | None = Field(None, ge=1)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> FastAPI:
+    """The FastAPI app over ``service`` (a ``Service``). ``key_sha256`` None = no auth
+    (only when ``auth: false``)."""
+    limits = settings["limits"]
+    app = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
+
+    def authorised(request: Request) -> None:
+        if key_sha256 is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), key_sha256)
+        if not ok:
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits["max_body_bytes"]):
+            return error(413, f"request body over {limits['max_body_bytes']} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        resp = error(exc.status_code, str(exc.detail), "authentication_error" if exc.status_code == 401 else "invalid_request_error")
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return error(400, problems or "invalid request")
+
+    def conversation(prompt: str | None, messages: list[ChatMessage] | None) -> list[dict]:
+        if (prompt is None) == (messages is None):
+            raise HTTPException(400, "give exactly one of 'prompt' or 'messages'")
+        msgs = [{"role": "user", "content": prompt}] if prompt is not None else [m.model_dump() for m in messages]
+        check_messages(msgs)
+        return msgs
+
+    def check_messages(msgs: list[dict]) -> None:
+        if len(msgs) > limits["max_messages"]:
+            raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits['max_messages']}")
+        for i, m in enumerate(msgs):
+            if len(m["content"]) > limits["max_message_chars"]:
+                raise HTTPException(400, f"messages[{i}] has {len(m['content'])} characters; the limit is "
+                                         f"{limits['max_message_chars']}")
+        if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
+            raise HTTPException(400, "the conversation needs a non-empty user message")
+        if msgs[-1]["role"] == "assistant":
+            raise HTTPException(400, "the last message must not be from the assistant")
+
+    def check_text(name: str, text: str) -> None:
+        if not text.strip():
+            raise HTTPException(400, f"'{name}' is empty")
+        if len(text) > limits["max_message_chars"]:
+            raise HTTPException(400, f"'{name}' has {len(text)} characters; the limit is {limits['max_message_chars']}")
+
+    def budget(requested: int | None) -> int:
+        n = requested or limits["default_max_tokens"]
+        if n > limits["max_tokens"]:
+            raise HTTPException(400, f"max_tokens {n} is over this server's limit of {limits['max_tokens']}")
+        return n
+
+    async def check_context(msgs: list[dict], max_tokens: int) -> int:
+        [n] = await service._run(service.policy.token_counts, [msgs])
+        if n + max_tokens > service.policy.context_length:
+            raise HTTPException(400, f"prompt of {n} tokens + max_tokens {max_tokens} exceeds the model's "
+                                     f"context of {service.policy.context_length} tokens")
+        return n
+
+    def principle_ids(ids: list[str]) -> None:
+        known = {p.id for p in service.constitution.principles}
+        unknown = [p for p in ids if p not in known]
+        if unknown:
+            raise HTTPException(400, f"unknown principle ids {unknown}; this constitution has {sorted(known)}")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "policy": service.policy_name}
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models():
+        names = dict.fromkeys([service.policy_name, service.labeler_name])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cai-ray"} for n in names]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat(req: ChatRequest):
+        msgs = [m.model_dump() for m in req.messages]
+        check_messages(msgs)
+        max_tokens = budget(req.max_completion_tokens or req.max_tokens)
+        prompt_tokens = await check_context(msgs, max_tokens)
+        guard = settings["guardrail"] if req.cai_guardrail is None else req.cai_guardrail
+        sampling = Sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
+                            seed=settings["seed"] if req.seed is None else req.seed)
+        out = await service.chat(msgs, sampling, guard, key=uuid.uuid4().hex)
+        text = out["text"]
+        [total] = await service._run(service.policy.token_counts, [msgs + [{"role": "assistant", "content": text}]])
+        completion_tokens = max(total - prompt_tokens, 0)
+        finish = "length" if completion_tokens >= max_tokens else "stop"
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(_sse(cid, created, service.policy_name, text, finish, out["guardrail"]),
+                                     media_type="text/event-stream")
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": service.policy_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "cai_guardrail": out["guardrail"],
+        }
+
+    @app.post("/v1/label", dependencies=[Depends(authorised)])
+    async def label(req: LabelRequest):
+        msgs = conversation(req.prompt, req.messages)
+        check_text("response_a", req.response_a)
+        check_text("response_b", req.response_b)
+        if req.principle_ids:
+            principle_ids(req.principle_ids)
+        return await service.label(msgs, req.response_a, req.response_b, req.principle_ids)
+
+    @app.post("/v1/critique", dependencies=[Depends(authorised)])
+    async def critique(req: CritiqueRequest):
+        msgs = conversation(req.prompt, req.messages)
+        check_text("response", req.response)
+        principle_ids([req.principle_id])
+        max_tokens = budget(req.max_tokens)
+        sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_tokens, seed=settings["seed"])
+        return await service.critique(msgs, req.response, req.principle_id, sampling)
+
+    return app
+
+
+async def _sse(cid: str, created: int, model: str, text: str, finish: str, guardrail):
+    """OpenAI streaming chunks: the role, the text in pieces, the finish reason, [DONE]."""
+    def chunk(delta: dict, reason: str | None = None, **extra) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    pieces = text.split(" ")
+    for i, piece in enumerate(pieces):
+        yield chunk({"content": piece if i == 0 else " " + piece})
+    yield chunk({}, finish, cai_guardrail=guardrail)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,121 @@
+"""The Ray Serve application: one deployment (FastAPI ingress) whose replicas each hold the
+engines; chat generations are batched into the engine with ``@serve.batch``.
+
+    client ─► Serve proxy (127.0.0.1:PORT, request timeout) ─► CAIServer replicas (autoscaled)
+              bounded queue: max_queued_requests → 503         max_ongoing_requests each
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from cai_ray.engine import Sampling
+from cai_ray.serve.service import Service
+
+log = logging.getLogger(__name__)
+APP_NAME = "cai-ray"
+
+
+@serve.ingress()
+class CAIServer(Service):
+    def __init__(self, settings: dict[str, Any], key_sha256: str | None):
+        super().__init__(settings)
+        self.key_sha256 = key_sha256
+        sc = settings["scaling"]
+        self._batched.set_max_batch_size(sc["max_batch_size"])
+        self._batched.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
+
+    def __serve_build_asgi_app__(self):
+        from cai_ray.serve.api import build_app
+
+        return build_app(self, self.settings, self.key_sha256)
+
+    async def generate(self, messages: list[dict], sampling: Sampling) -> str:
+        return await self._batched((messages, sampling))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, items: list[tuple[list[dict], Sampling]]) -> list[str]:
+        """One engine call per distinct sampling setting in the batch (the engine takes one
+        Sampling per call), answers back in request order."""
+        out: list[str | None] = [None] * len(items)
+        groups: dict[Sampling, list[int]] = {}
+        for i, (_, s) in enumerate(items):
+            groups.setdefault(s, []).append(i)
+        for s, idx in groups.items():
+            texts = await self._run(self.policy.generate, [items[i][0] for i in idx], s)
+            for i, t in zip(idx, texts):
+                out[i] = t
+        return out
+
+
+def deployment(settings: dict[str, Any], key_sha256: str | None):
+    """The bound application for ``serve.run``, with scaling and backpressure from config."""
+    sc = settings["scaling"]
+    autoscaling = None
+    if sc["max_replicas"] > sc["min_replicas"]:
+        autoscaling = {"min_replicas": sc["min_replicas"], "max_replicas": sc["max_replicas"],
+                       "target_ongoing_requests": sc["target_ongoing_requests"]}
+    opts: dict[str, Any] = {
+        "name": "CAIServer",
+        "max_ongoing_requests": sc["max_ongoing_requests"],
+        "max_queued_requests": sc["max_queued_requests"],
+        "ray_actor_options": {"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
+    }
+    if autoscaling:
+        opts["autoscaling_config"] = autoscaling
+    else:
+        opts["num_replicas"] = sc["min_replicas"]
+    return serve.deployment(CAIServer).options(**opts).bind(settings, key_sha256)
+
+
+def api_key(cfg) -> str | None:
+    """The bearer token from ``api_key_file`` or $CAI_RAY_API_KEY; an error when auth is on
+    and there is none."""
+    if not cfg.auth:
+        return None
+    if cfg.api_key_file:
+        key = Path(cfg.api_key_file).read_text().strip()
+        where = cfg.api_key_file
+    else:
+        key, where = os.environ.get("CAI_RAY_API_KEY", "").strip(), "$CAI_RAY_API_KEY"
+    if not key:
+        raise ValueError(f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file "
+                         "(or auth=false on a trusted host)")
+    if len(key) < 16:
+        raise ValueError(f"the API key in {where} is shorter than 16 characters")
+    return key
+
+
+def start(cfg) -> str:
+    """Run the app on a local or given Ray cluster; returns the base URL."""
+    from cai_ray import runtime
+    from cai_ray.config import to_dict
+    from cai_ray.serve.api import key_digest
+
+    key = api_key(cfg)
+    settings = to_dict(cfg)
+    settings["constitution"] = str(Path(cfg.constitution).resolve())
+    runtime.init_ray(cfg.ray_address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.scaling.request_timeout_s})
+    serve.run(deployment(settings, key_digest(key) if key else None), name=APP_NAME, route_prefix="/",
+              blocking=False)
+    url = f"http://{cfg.host}:{cfg.port}"
+    log.info("serving %s at %s (auth %s)", cfg.policy.model, url, "on" if key else "OFF")
+    return url
+
+
+def wait_forever() -> None:
+    """Keep the driver (and so a local Ray cluster) alive until Ctrl-C."""
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,95 @@
+"""What the server does, without HTTP or Ray: chat (with the optional constitutional
+guardrail), labels and critiques, on the same engines and the same label math as the batch
+stages. The Ray Serve deployment subclasses it to batch chat calls; tests use it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from typing import Any
+
+from cai_ray import prompts
+from cai_ray.constitution import load_constitution
+from cai_ray.engine import Sampling, load_engine
+from cai_ray.label import Labeler, LabelSettings
+
+
+class Service:
+    def __init__(self, settings: dict[str, Any]):
+        """``settings``: the ServeConfig as a dict (plain values travel to replicas)."""
+        self.settings = settings
+        pol = settings["policy"]
+        self.policy = load_engine(pol["backend"], **_engine_kwargs(pol))
+        lab = settings["labeler"]
+        same = not lab["model"] or (lab["model"], lab["backend"]) == (pol["model"], pol["backend"])
+        self.labeler_engine = self.policy if same else load_engine(lab["backend"], **_engine_kwargs(lab))
+        self.policy_name = pol["model"]
+        self.labeler_name = pol["model"] if same else lab["model"]
+        self.constitution = load_constitution(settings["constitution"])
+        self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(seed=settings["seed"]))
+        self.shots = prompts.few_shot_turns(self.constitution, None)
+        self._lock = threading.Lock()  # engines are not thread-safe: one call at a time
+
+    async def _run(self, fn, *args):
+        def call():
+            with self._lock:
+                return fn(*args)
+
+        return await asyncio.to_thread(call)
+
+    # -- chat ---------------------------------------------------------------------------------
+    async def generate(self, messages: list[dict], sampling: Sampling) -> str:
+        """One answer; the deployment overrides this with a batched version."""
+        [text] = await self._run(self.policy.generate, [messages], sampling)
+        return text
+
+    async def chat(self, messages: list[dict], sampling: Sampling, guardrail: bool, key: str) -> dict[str, Any]:
+        """The answer, and with the guardrail the critique/revision trace."""
+        draft = await self.generate(messages, sampling)
+        if not guardrail:
+            return {"text": draft, "guardrail": None}
+        steps = []
+        text = draft
+        for p in self.constitution.sample_distinct(key, self.settings["guardrail_principles"], self.settings["seed"]):
+            step = await self.critique(messages, text, p.id, sampling)
+            steps.append(step)
+            if step["revised"]:
+                text = step["revision"]
+        return {"text": text, "guardrail": {"draft": draft, "revised": text != draft, "steps": steps}}
+
+    # -- critique -----------------------------------------------------------------------------
+    async def critique(self, messages: list[dict], response: str, principle_id: str, sampling: Sampling) -> dict[str, Any]:
+        """The paper's critique then revision against one principle. ``revised`` says whether
+        the revision differs from the response."""
+        p = self.constitution.principle(principle_id)
+        critique = await self.generate(prompts.critique_messages(self.shots, messages, response, p), sampling)
+        revision = await self.generate(prompts.revision_messages(self.shots, messages, response, p, critique), sampling)
+        revision = revision.strip() or response
+        return {"principle": p.id, "critique": critique, "revision": revision, "revised": revision != response}
+
+    # -- labels -------------------------------------------------------------------------------
+    async def label(self, messages: list[dict], response_a: str, response_b: str,
+                    principle_ids: list[str] | None) -> dict[str, Any]:
+        principles = [self.constitution.principle(p) for p in principle_ids] if principle_ids else None
+        pair_id = pair_key(messages, response_a, response_b)
+        [lab] = await self._run(self.labeler.label, [pair_id], [messages], [response_a], [response_b],
+                                [principles] if principles else None)
+        return {"p_a": lab.p_a, "p_ab": lab.p_ab, "p_ba": lab.p_ba, "position_consistent": lab.position_consistent,
+                "principle_ids": lab.principle_ids, "p_ab_by_principle": lab.p_ab_by_principle,
+                "p_ba_by_principle": lab.p_ba_by_principle, "labeler": self.labeler_name,
+                "template_sha256": self.labeler.template_sha256}
+
+
+def pair_key(messages: list[dict], a: str, b: str) -> str:
+    """A stable id for a pair, so principle sampling is the same on every call."""
+    import json
+
+    return hashlib.sha256(json.dumps([messages, a, b], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _engine_kwargs(e: dict[str, Any]) -> dict[str, Any]:
+    from cai_ray.config import EngineConfig
+
+    return EngineConfig(**e).engine_kwargs()
