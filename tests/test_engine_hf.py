@@ -36,6 +36,14 @@ def test_sampling_is_seeded(engine):
     assert engine.generate(CONVS, p) != engine.generate(CONVS, Sampling(temperature=1.0, max_new_tokens=12, seed=4))
 
 
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(engine):
+    """temperature 4e-132 (found by fuzzing the server) divided the logits into inf."""
+    conv = [[{"role": "user", "content": "Tell me a story"}]]
+    tiny = Sampling(temperature=4e-132, max_new_tokens=12, seed=0)
+    assert tiny.greedy and not Sampling(temperature=0.01).greedy
+    assert engine.generate(conv, tiny) == engine.generate(conv, GREEDY)
+
+
 def test_choice_logprobs_normalise_and_do_not_depend_on_batching(engine):
     convs = [c + [{"role": "assistant", "content": "The answer is: ("}] for c in CONVS]
     rows = engine.choice_logprobs(convs, ["A", "B"])

@@ -20,9 +20,12 @@ class Message(TypedDict):
     content: str
 
 
+GREEDY_BELOW = 1e-3
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings for one ``generate`` call. ``temperature == 0`` is greedy."""
+    """Sampling settings for one ``generate`` call. A temperature below GREEDY_BELOW is greedy."""
 
     temperature: float = 0.7
     top_p: float = 0.95
@@ -31,6 +34,12 @@ class Sampling:
     # max_new_tokens so that every method spends the same token budget.
     min_new_tokens: int = 0
     seed: int | None = 0
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures this close to 0 are greedy decoding: dividing logits by them
+        overflows (a fuzzed request with temperature 4e-132 found it)."""
+        return self.temperature < GREEDY_BELOW
 
 
 class Engine(Protocol):

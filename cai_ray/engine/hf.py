@@ -73,7 +73,7 @@ class HFEngine(ChatTemplate):
         out: list[str | None] = [None] * len(convs)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        greedy = params.temperature <= 0
+        greedy = params.greedy
         gen_kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=params.min_new_tokens or None,

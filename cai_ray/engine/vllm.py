@@ -55,8 +55,8 @@ class VLLMEngine(ChatTemplate):
         from vllm import SamplingParams
 
         sp = SamplingParams(
-            temperature=max(0.0, params.temperature),
-            top_p=params.top_p if params.temperature > 0 else 1.0,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
             max_tokens=params.max_new_tokens,
             min_tokens=params.min_new_tokens,
             seed=params.seed,
