@@ -123,7 +123,9 @@ def server(ray_local, settings, monkeypatch_module):
     monkeypatch_module.setenv("CAI_RAY_API_KEY", KEY)
     cfg = load_config(ServeConfig, None, [
         "policy.model=tiny-random", "policy.dtype=float32", "policy.threads=1", f"port={port}",
-        "scaling.cpus_per_replica=0.5", "limits.max_tokens=32", "limits.default_max_tokens=8"])
+        "scaling.cpus_per_replica=0.5", "limits.max_tokens=32", "limits.default_max_tokens=8",
+        # small on purpose: 2 at work + 2 waiting per caller, the rest must get 503 at once
+        "scaling.max_ongoing_requests=2", "scaling.max_queued_requests=2", "scaling.max_batch_size=2"])
     url = start(cfg)
     yield url
     serve.shutdown()
@@ -155,7 +157,17 @@ def test_openai_client_against_the_ray_serve_app(server):
         client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}], max_tokens=999)
 
 
-def test_curl_and_sixteen_concurrent_requests(server):
+def _ask(server, i, max_tokens=8):
+    import httpx
+
+    return httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
+                      json={"messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": max_tokens,
+                            "temperature": 0})
+
+
+def test_curl_and_overload_gets_503_not_500(server):
+    """24 requests at once against 2 in progress + 2 queued: the rest are turned away with
+    503 straight away, none fails with another 5xx, and the server stays healthy."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
@@ -164,12 +176,37 @@ def test_curl_and_sixteen_concurrent_requests(server):
     out = subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {KEY}", f"{server}/v1/models"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["data"][0]["id"] == "tiny-random"
-
-    def ask(i):
-        return httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
-                          json={"messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 8, "temperature": 0})
-
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(ask, range(16)))
-    assert [r.status_code for r in replies] == [200] * 16
+    with ThreadPoolExecutor(24) as pool:
+        codes = [r.status_code for r in pool.map(lambda i: _ask(server, i, 32), range(24))]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 4 and 503 in codes, codes
     assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
+    assert _ask(server, 0).status_code == 200
+
+
+def test_a_killed_replica_is_replaced_and_requests_resume(server):
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    def replicas():
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"ServeReplica:cai-ray:CAIServer" in (proc / "cmdline").read_bytes():
+                    yield int(proc.name)
+            except OSError:
+                pass
+
+    [before] = list(replicas())
+    assert _ask(server, 1).status_code == 200
+    os.kill(before, signal.SIGKILL)
+    deadline, ok = time.time() + 120, False
+    while time.time() < deadline and not ok:
+        try:
+            ok = _ask(server, 2).status_code == 200
+        except Exception:  # connection reset while the replica is gone
+            ok = False
+        if not ok:
+            time.sleep(1)
+    assert ok, "no successful request within 120 s of killing the replica"
+    assert list(replicas()) and before not in list(replicas())
