@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -277,12 +276,10 @@ def cmd_label(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cai_ray import config
+    from cai_ray.train import trainer
 
-    cls, module, fn = {"sft": (config.SFTTrainConfig, "sft", "train_sft"), "rm": (config.RMTrainConfig, "rm", "train_rm"),
-                       "dpo": (config.DPOTrainConfig, "dpo", "train_dpo")}[args.trainer]
+    cls, job = trainer(args.trainer)
     cfg = _load(cls, args, "")
-    job = getattr(importlib.import_module(f"cai_ray.train.{module}"), fn)
     manifest = cfg and _run_job(job, cfg)  # bad data is a ValueError: one line, exit 2
     if not manifest:
         return 2
@@ -310,7 +307,7 @@ def cmd_serve(args) -> int:
     cfg = _load(ServeConfig, args, "")
     if cfg is None:
         return 2
-    from cai_ray.serve.deployment import start
+    from cai_ray.serve.deployment import start, wait_forever
 
     try:
         url = start(cfg)
@@ -318,8 +315,6 @@ def cmd_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {cfg.policy.model} at {url}  (OpenAI base_url {url}/v1; Ctrl-C stops)", flush=True)
-    from cai_ray.serve.deployment import wait_forever
-
     wait_forever()
     return 0
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from cai_ray import config  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
-
-TRAINERS = {"sft": config.SFTTrainConfig, "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig}
+from cai_ray.train import TRAINERS, trainer  # noqa: E402
 
 
 def main() -> None:
@@ -29,14 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
 
-    cfg = config.load_config(TRAINERS[args.trainer], args.config, args.overrides)
-    if args.trainer == "sft":
-        from cai_ray.train.sft import train_sft as run
-    elif args.trainer == "rm":
-        from cai_ray.train.rm import train_rm as run
-    else:
-        from cai_ray.train.dpo import train_dpo as run
-    manifest = run(cfg)
+    cls, run = trainer(args.trainer)
+    manifest = run(load_config(cls, args.config, args.overrides))
     print(json.dumps({"data": manifest["data"], "metrics": manifest["metrics"], "model": manifest["model_dir"]}))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import threading
 from typing import Any
 
@@ -84,8 +85,6 @@ class Service:
 
 def pair_key(messages: list[dict], a: str, b: str) -> str:
     """A stable id for a pair, so principle sampling is the same on every call."""
-    import json
-
     return hashlib.sha256(json.dumps([messages, a, b], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -67,7 +67,9 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
             row.setdefault("id", str(rec.get("id") or f"{Path(source).name}:{line}"))
             rows.append(row)
     if not rows:
-        reasons = count_reasons(rejects)
+        from cai_ray.stage import reasons_count
+
+        reasons = reasons_count(rejects)
         raise TrainDataError(f"{path}: no usable rows ({reasons or 'empty'})")
     return rows, rejects
 
@@ -75,14 +77,6 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
 def reject(source: str, line: int, rec: Row, reason: str) -> Reject:
     raw = rec.get("_raw") if "_raw" in rec else json.dumps(rec, default=str)
     return {"source": source, "line": line, "id": rec.get("id"), "reason": reason, "raw": raw[:RAW_LIMIT]}
-
-
-def count_reasons(rejects: list[Reject]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rejects:
-        key = r["reason"].split(" (")[0]
-        out[key] = out.get(key, 0) + 1
-    return out
 
 
 # -- row formats ---------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
 
     from cai_ray import runtime
     from cai_ray.config import to_dict
-    from cai_ray.stage import model_info
-    from cai_ray.train.data import count_reasons, rows_sha256
+    from cai_ray.stage import model_info, reasons_count
+    from cai_ray.train.data import rows_sha256
 
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
     manifest["fingerprint"] = fingerprint
     manifest.update(
         data={"path": cfg.data, "rows": len(rows), "rejected": len(rejects),
-              "rejected_by_reason": count_reasons(rejects), "rejects": str(out / "rejects.jsonl"),
+              "rejected_by_reason": reasons_count(rejects), "rejects": str(out / "rejects.jsonl"),
               "manifest": data_manifest(cfg.data)},
         base_model=model_info(cfg.model),
         **(manifest_extra or {}),
@@ -213,15 +213,9 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    loop_config = {
-        "kind": kind, "rows": rows, "model": cfg.model, "output": str(out), "use_gpu": use_gpu,
-        "zero": cfg.zero, "offload": cfg.offload, "seed": cfg.seed, "lora": config["lora"],
-        "every_steps": cfg.checkpoint.every_steps, "keep": cfg.checkpoint.keep,
-        **config["optim"], **(loop_extra or {}),
-    }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(kind, cfg, rows, out, use_gpu, loop_extra),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
@@ -243,6 +237,19 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
                     checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
     runtime.write_json_atomic(out / "manifest.json", manifest)
     return manifest
+
+
+def loop_config(kind: str, cfg, rows: list[dict], out: Path, use_gpu: bool, extra: dict | None = None) -> dict[str, Any]:
+    """The plain values every worker gets (``c`` in ``train_loop`` and ``build``)."""
+    from cai_ray.config import to_dict
+
+    config = to_dict(cfg)
+    return {
+        "kind": kind, "rows": rows, "model": cfg.model, "output": str(out), "use_gpu": use_gpu,
+        "zero": cfg.zero, "offload": cfg.offload, "seed": cfg.seed, "lora": config["lora"],
+        "every_steps": cfg.checkpoint.every_steps, "keep": cfg.checkpoint.keep,
+        **config["optim"], **(extra or {}),
+    }
 
 
 def data_manifest(path: str) -> dict | None:

@@ -53,19 +53,17 @@ def overrides(args, data: Path, out: Path, workers: int, cpus: float) -> list[st
 
 def direct(args, data: Path, out: Path) -> dict:
     """The worker's SFTTrainer in this process alone (run in a subprocess by main)."""
-    from cai_ray.config import SFTTrainConfig, load_config, to_dict
+    from cai_ray.config import SFTTrainConfig, load_config
     from cai_ray.train import sft
     from cai_ray.train.data import load_rows, sft_row
+    from cai_ray.train.harness import loop_config
 
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
         os.environ[k] = v
     cfg = load_config(SFTTrainConfig, None, overrides(args, data, out, 1, os.cpu_count()))
-    config = to_dict(cfg)
     rows, _ = load_rows(str(data), sft_row)
-    c = {"kind": "sft", "rows": rows, "model": cfg.model, "output": str(out), "use_gpu": False, "zero": cfg.zero,
-         "offload": False, "seed": cfg.seed, "lora": config["lora"], "every_steps": cfg.checkpoint.every_steps,
-         "keep": 1, "rank": 0, **config["optim"]}
+    c = {**loop_config("sft", cfg, rows, out, use_gpu=False), "rank": 0}
     t0 = time.perf_counter()
     trainer = sft.build(c, out / "_work")
     result = trainer.train()
