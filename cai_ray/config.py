@@ -47,19 +47,35 @@ def _f(default, help: str):
 # ---------------------------------------------------------------------------------------
 @dataclass
 class EngineConfig:
-    backend: str = _f("hf", "engine backend: hf (transformers, CPU/GPU) | vllm (GPU) | noop (benchmarks only)")
-    model: str = _f("smollm2", "smollm2 | tiny-random[:SEED] | a local HF model folder | a hub id (org/name)")
+    backend: str = _f("hf", "engine backend: hf (transformers, CPU/GPU) | vllm (GPU) | openai (an OpenAI-compatible "
+                      "endpoint, e.g. vLLM or cai-ray serve) | noop (benchmarks only)")
+    model: str = _f("smollm2", "smollm2 | tiny-random[:SEED] | a local HF model folder | a hub id (org/name); "
+                    "openai: the served model id")
     dtype: str = _f("bfloat16", "float32 | bfloat16 | float16 | auto (bfloat16 is ~2x float32 on this CPU)")
     threads: int | None = _f(None, "torch threads per engine actor on CPU; default: node CPUs / max actors")
     max_batch_size: int = _f(32, "hf: conversations per forward pass (micro-batch)")
     prefix_cache: bool = _f(True, "hf: prefill the tokens a micro-batch shares (few-shot turns) once and reuse the KV cache")
     tensor_parallel_size: int = _f(1, "vllm: GPUs per engine actor")
     gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache")
-    max_model_len: int | None = _f(None, "vllm: context length override")
+    max_model_len: int | None = _f(None, "vllm: context length override; openai: the context when the endpoint does not report it")
+    base_url: str | None = _f(None, "openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = _f("OPENAI_API_KEY", "openai: environment variable holding the API key (cai-ray serve: CAI_RAY_API_KEY)")
+    concurrency: int = _f(8, "openai: requests in flight per engine actor")
+    request_timeout_s: float = _f(300.0, "openai: seconds per request before it is retried")
 
     def validate(self, where: str) -> None:
-        if self.backend not in ("hf", "vllm", "noop"):
-            raise ConfigError(f"{where}.backend: must be hf, vllm or noop, got {self.backend!r}")
+        if self.backend not in ("hf", "vllm", "openai", "noop"):
+            raise ConfigError(f"{where}.backend: must be hf, vllm, openai or noop, got {self.backend!r}")
+        if self.backend == "openai":
+            if not self.base_url or not re.match(r"^https?://[^/\s]+", self.base_url):
+                raise ConfigError(f"{where}.base_url: backend openai needs the endpoint's URL, e.g. "
+                                  f"http://127.0.0.1:8000/v1 (got {self.base_url!r})")
+            if not self.model:
+                raise ConfigError(f"{where}.model: backend openai needs the served model id")
+            _positive(where, "concurrency", self.concurrency)
+            _positive(where, "request_timeout_s", self.request_timeout_s)
+        elif self.base_url is not None:
+            raise ConfigError(f"{where}.base_url: only backend openai uses it (backend is {self.backend!r})")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"{where}.dtype: must be float32, bfloat16, float16 or auto")
         _positive(where, "max_batch_size", self.max_batch_size)
@@ -79,6 +95,10 @@ class EngineConfig:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 max_model_len=self.max_model_len,
             )
+        elif self.backend == "openai":
+            return {"model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env,
+                    "max_model_len": self.max_model_len, "concurrency": self.concurrency,
+                    "request_timeout_s": self.request_timeout_s}
         return kw
 
 
@@ -492,6 +512,8 @@ class ServeConfig:
     guardrail: bool = _f(False, "critique every chat answer against the constitution and revise it when needed "
                          "(a request may turn it on or off with cai_guardrail)")
     guardrail_principles: int = _f(1, "principles sampled per guarded answer")
+    label: LabelerConfig = field(default_factory=LabelerConfig,
+                                 metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"})
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
     port: int = _f(8000, "HTTP port")
     api_key_file: str | None = _f(None, "file holding the bearer token; default: $CAI_RAY_API_KEY")
@@ -509,6 +531,7 @@ class ServeConfig:
             raise ConfigError(f"port: must be 1-65535, got {self.port}")
         if self.guardrail_principles < 1:
             raise ConfigError(f"guardrail_principles: must be >= 1, got {self.guardrail_principles}")
+        self.label.validate("label")
         self.limits.validate("limits")
         self.scaling.validate("scaling")
 

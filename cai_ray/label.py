@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from cai_ray import label_math, prompts
 from cai_ray.constitution import Constitution, load_constitution
-from cai_ray.engine import Sampling, load_engine
+from cai_ray.engine import Sampling, Unscored, load_engine
 from cai_ray.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
 from cai_ray.stage import batch_seed, engine_threads
 
@@ -83,6 +83,25 @@ class Labeler:
         self.shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
         self.template_sha256 = prompts.template_sha256(self.shots, settings.cot)
         self.comparisons = 0
+        # An engine that is a cai-ray server labels whole pairs itself (/v1/label): the same
+        # code on its side, so only the method has to match.
+        self.remote = getattr(engine, "label_pairs", None)
+        if self.remote is not None:
+            theirs = engine.label_method
+            diff = {k: {"here": v, "server": theirs.get(k)} for k, v in self.method().items() if theirs.get(k) != v}
+            if diff:
+                raise ValueError(f"the labeler server {engine.model_name} labels with another method than this "
+                                 f"job: {diff}; start it with the same constitution and label settings")
+
+    def method(self) -> dict[str, Any]:
+        """What decides a label besides the model (principle sampling aside): a remote
+        labeler must match it."""
+        m = {"constitution_sha256": self.constitution.sha256, "template_sha256": self.template_sha256,
+             "both_orders": self.s.both_orders, "cot": self.s.cot}
+        if self.s.cot:
+            m.update(clamp_low=self.s.clamp_low, clamp_high=self.s.clamp_high,
+                     cot_max_new_tokens=self.s.cot_max_new_tokens, cot_temperature=self.s.cot_temperature)
+        return m
 
     def orders(self) -> tuple[str, ...]:
         return ("AB", "BA") if self.s.both_orders else ("AB",)
@@ -105,6 +124,8 @@ class Labeler:
         """One label per pair; ``principles`` (a list of Principle lists, one per pair; None
         entries sample) fixes which principles judge a pair."""
         chosen = principles or [None] * len(pair_ids)
+        if self.remote is not None:
+            return self._label_remote(pair_ids, convs, resp_a, resp_b, chosen)
         per_pair = [self.comparisons_for(pid, c, a, b, ps)
                     for pid, c, a, b, ps in zip(pair_ids, convs, resp_a, resp_b, chosen)]
         flat = [m for comps in per_pair for _, _, m in comps]
@@ -129,10 +150,18 @@ class Labeler:
             scored = self.engine.choice_logprobs([c for _, c in to_score], prompts.CHOICES) if to_score else []
             p_option_a: list[float | None] = [None] * len(flat)
             for (j, _), lp in zip(to_score, scored):
-                p_option_a[j] = label_math.clamp(label_math.soft_label(*lp), self.s.clamp_low, self.s.clamp_high)
+                if isinstance(lp, Unscored):
+                    invalid[j] = lp.reason
+                else:
+                    p_option_a[j] = label_math.clamp(label_math.soft_label(*lp), self.s.clamp_low, self.s.clamp_high)
         else:
             scored = self.engine.choice_logprobs(flat, prompts.CHOICES) if flat else []
-            p_option_a = [label_math.soft_label(*lp) for lp in scored]
+            p_option_a = [None] * len(flat)
+            for j, lp in enumerate(scored):
+                if isinstance(lp, Unscored):
+                    invalid[j] = lp.reason
+                else:
+                    p_option_a[j] = label_math.soft_label(*lp)
 
         labels, j = [], 0
         for comps in per_pair:
@@ -163,6 +192,18 @@ class Labeler:
                 p_ba_list, p_ba, p_a, consistent = None, None, p_ab, None
             labels.append(PairLabel(p_a, p_ab, p_ba, consistent, pids, p_ab_list, p_ba_list, reasoning_out, None))
         return labels
+
+
+    def _label_remote(self, pair_ids, convs, resp_a, resp_b, chosen) -> list[PairLabel]:
+        """Principles drawn here (same seed and rule as local labeling), labels from the
+        server's /v1/label."""
+        ids = [[p.id for p in (ps or self.constitution.sample_distinct(pid, self.s.principles_per_pair, self.s.seed))]
+               for pid, ps in zip(pair_ids, chosen)]
+        self.comparisons += sum(len(x) for x in ids) * len(self.orders())
+        out = self.remote(convs, resp_a, resp_b, ids)
+        keys = ("p_a", "p_ab", "p_ba", "position_consistent", "principle_ids", "p_ab_by_principle",
+                "p_ba_by_principle", "reasoning", "invalid")
+        return [PairLabel(**{k: r.get(k) for k in keys}) for r in out]
 
 
 def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) -> str | None:
@@ -406,6 +447,7 @@ def label_fingerprint(config: dict[str, Any], constitution: Constitution) -> dic
 
 
 def settings_from(cfg) -> LabelSettings:
+    """The LabelSettings of a config with ``label`` (LabelerConfig) and ``seed``."""
     lc = cfg.label
     return LabelSettings(
         principles_per_pair=lc.principles_per_pair, both_orders=lc.both_orders, few_shot=lc.few_shot,
@@ -432,10 +474,10 @@ def label(cfg) -> dict[str, Any]:
     shots = prompts.comparison_shots(constitution, settings.few_shot, settings.cot)
     template = prompts.template_sha256(shots, settings.cot)
     pools = [Pool("labeler_pool", cfg.labeler.backend, cfg.labeler_pool)]
-    models = {"labeler": model_info(cfg.labeler.model, cfg.labeler.backend)}
+    models = {"labeler": model_info(cfg.labeler.model, cfg.labeler.backend, cfg.labeler.base_url)}
     if cfg.samples_answers:
         pools.insert(0, Pool("policy_pool", cfg.policy.backend, cfg.policy_pool))
-        models["policy"] = model_info(cfg.policy.model, cfg.policy.backend)
+        models["policy"] = model_info(cfg.policy.model, cfg.policy.backend, cfg.policy.base_url)
 
     def build(ds, ledger):
         if cfg.samples_answers:
@@ -446,7 +488,7 @@ def label(cfg) -> dict[str, Any]:
                     samples=cfg.pairs.samples, pairing=cfg.pairs.pairing, sampling=config["sampling"],
                     seed=cfg.seed, ledger=ledger, max_actors=cfg.policy_pool.max_actors,
                 ),
-                **actor_pool_args(cfg.policy_pool),
+                **actor_pool_args(cfg.policy_pool, cfg.policy),
             )
         return ds.map_batches(
             LabelWorker,
@@ -456,7 +498,7 @@ def label(cfg) -> dict[str, Any]:
                 drop_inconsistent=cfg.filter.drop_inconsistent, ledger=ledger,
                 max_actors=cfg.labeler_pool.max_actors,
             ),
-            **actor_pool_args(cfg.labeler_pool),
+            **actor_pool_args(cfg.labeler_pool, cfg.labeler),
         )
 
     def finish(out: Path, manifest: dict[str, Any]) -> None:

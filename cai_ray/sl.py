@@ -194,7 +194,7 @@ def generate(cfg) -> dict[str, Any]:
                 ledger=ledger,
                 max_actors=pool.max_actors,
             ),
-            **actor_pool_args(pool),
+            **actor_pool_args(pool, cfg.engine),
         )
 
     return run_stage(
@@ -203,7 +203,7 @@ def generate(cfg) -> dict[str, Any]:
             cfg=cfg,
             config=config,
             fingerprint=generation_fingerprint(config, constitution),
-            manifest_extra=dict(constitution=constitution.summary(), model=model_info(cfg.engine.model, cfg.engine.backend)),
+            manifest_extra=dict(constitution=constitution.summary(), model=model_info(cfg.engine.model, cfg.engine.backend, cfg.engine.base_url)),
             pools=[Pool("pool", cfg.engine.backend, pool)],
             read_pool=pool,
             build=build,

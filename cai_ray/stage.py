@@ -198,13 +198,16 @@ def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:
         )
 
 
-def model_info(model: str, backend: str = "hf") -> dict[str, Any]:
-    """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model."""
+def model_info(model: str, backend: str = "hf", base_url: str | None = None) -> dict[str, Any]:
+    """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model.
+    A remote model (backend openai) is named by its endpoint: its weights are not here."""
     from cai_ray import runtime
     from cai_ray.models import is_alias, resolve_model
 
     info: dict[str, Any] = {"name": model, "backend": backend}
-    if backend != "noop":
+    if backend == "openai":
+        info["base_url"] = base_url
+    elif backend != "noop":
         resolved = resolve_model(model)
         if is_alias(model) or Path(resolved).exists():
             info.update(runtime.model_fingerprint(resolved))
@@ -257,17 +260,22 @@ def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None
                 log.warning("%s; waiting for the autoscaler to add nodes", msg)
 
 
-def actor_pool_args(pool_cfg) -> dict[str, Any]:
-    """map_batches arguments for an engine actor pool."""
+def actor_pool_args(pool_cfg, engine_cfg=None) -> dict[str, Any]:
+    """map_batches arguments for an engine actor pool. An ``openai`` engine's API key, when
+    the driver has it, goes to the actors in their runtime_env (not in the config, so not in
+    any manifest); workers started before it was set would not see it otherwise."""
     from ray.data import ActorPoolStrategy
 
-    return dict(
+    args: dict[str, Any] = dict(
         batch_size=pool_cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=pool_cfg.min_actors, max_size=pool_cfg.max_actors),
         num_cpus=pool_cfg.cpus_per_actor,
         num_gpus=pool_cfg.gpus_per_actor or None,
     )
+    if engine_cfg is not None and engine_cfg.backend == "openai" and os.environ.get(engine_cfg.api_key_env):
+        args["runtime_env"] = {"env_vars": {engine_cfg.api_key_env: os.environ[engine_cfg.api_key_env]}}
+    return args
 
 
 # -- the run ----------------------------------------------------------------------------------

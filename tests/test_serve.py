@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from cai_ray.engine import Sampling
+
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -105,6 +107,32 @@ def test_guardrail_and_critique_return_their_trace(client):
     r = c.post("/v1/critique", headers=AUTH, json={"prompt": "q", "response": "an answer", "principle_id": "honesty",
                                                     "max_tokens": 8})
     assert r.status_code == 200 and r.json()["principle"] == "honesty" and r.json()["critique"]
+
+
+def test_engine_routes_tokenize_info_and_continued_messages(client):
+    """What the `openai` engine backend uses: /tokenize (vLLM's), /v1/cai, max_model_len,
+    continue_final_message; and a clear 400 for logprobs, which this server does not give."""
+    c, service = client
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = c.post("/tokenize", headers=AUTH, json={"model": "tiny-random", "messages": msgs})
+    assert r.json() == {"count": service.policy.token_counts([msgs])[0], "max_model_len": service.policy.context_length}
+    info = c.get("/v1/cai", headers=AUTH).json()
+    assert info["server"] == "cai-ray" and info["label_method"] == service.labeler.method()
+    assert info["label_method"]["constitution_sha256"] == service.constitution.sha256
+    assert c.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] == service.policy.context_length
+    prefill = msgs + [{"role": "assistant", "content": "The answer is: ("}]
+    r = c.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": prefill, "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 4,
+        "temperature": 0})
+    want = service.policy.generate([prefill], Sampling(temperature=0, max_new_tokens=4))[0]
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
+    for body, message in (({"messages": msgs, "logprobs": True}, "label scoring is POST /v1/label"),
+                          ({"messages": prefill, "continue_final_message": True}, "add_generation_prompt: false"),
+                          ({"messages": msgs, "min_tokens": 9, "max_tokens": 4}, "min_tokens 9 is over max_tokens 4"),
+                          ({"messages": prefill, "continue_final_message": True, "add_generation_prompt": False,
+                            "cai_guardrail": True}, "not continued messages")):
+        r = c.post("/v1/chat/completions", headers=AUTH, json=body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +238,53 @@ def test_a_killed_replica_is_replaced_and_requests_resume(server):
             time.sleep(1)
     assert ok, "no successful request within 120 s of killing the replica"
     assert list(replicas()) and before not in list(replicas())
+
+
+def test_the_openai_engine_on_the_running_server(server, client):
+    """The server as the engine of the batch code: generate (also a continued message),
+    exact token counts from /tokenize, and labels through /v1/label equal to local labels."""
+    from cai_ray.engine.openai_api import OpenAIEngine
+    from cai_ray.label import Labeler, LabelSettings
+
+    _, local = client
+    e = OpenAIEngine(model="tiny-random", base_url=f"{server}/v1", api_key_env="CAI_RAY_API_KEY")
+    assert e.is_cai_ray and e.token_counts_exact and e.context_length == local.policy.context_length
+    convs = [[{"role": "user", "content": f"Tell me about {x}."}] for x in ("cats", "rain", "maps")]
+    convs.append(convs[0] + [{"role": "assistant", "content": "Cats are"}])
+    greedy = Sampling(temperature=0, max_new_tokens=6)
+    texts = e.generate(convs, greedy)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts) and e.tokens_generated > 0
+    assert texts == [local.policy.generate([c], greedy)[0] for c in convs]
+    assert e.token_counts(convs) == local.policy.token_counts(convs)
+    sampled = e.generate([convs[0]] * 2, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3))
+    assert sampled[0] != sampled[1]  # one seed per conversation, not one per call
+
+    pairs = ([convs[0], convs[1]], ["I won't.", "Sure, here it is."], ["Here is how.", "No."])
+    remote = Labeler(e, local.constitution, LabelSettings(principles_per_pair=2)).label(["p1", "p2"], *pairs)
+    here = Labeler(local.policy, local.constitution, LabelSettings(principles_per_pair=2)).label(["p1", "p2"], *pairs)
+    for r, h in zip(remote, here):
+        assert r.principle_ids == h.principle_ids and r.p_a == pytest.approx(h.p_a, abs=1e-6)
+    with pytest.raises(ValueError, match="labels with another method than this job.*both_orders"):
+        Labeler(e, local.constitution, LabelSettings(both_orders=False))
+
+
+def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path):
+    """`cai-ray label` with labeler.backend=openai: every pair labelled through /v1/label,
+    rows name the endpoint, the manifest records it."""
+    from cai_ray.config import LabelConfig, load_config
+    from cai_ray.label import label
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"yes {i}",
+                                       "response_b": f"no {i}"}) + "\n" for i in range(5)))
+    cfg = load_config(LabelConfig, None, [
+        f"input={src}", f"output={tmp_path / 'out'}", "labeler.backend=openai", "labeler.model=tiny-random",
+        f"labeler.base_url={server}/v1", "labeler.api_key_env=CAI_RAY_API_KEY", "labeler_pool.cpus_per_actor=0.25",
+        "labeler_pool.batch_size=2"])
+    m = label(cfg)
+    assert m["counts"]["written"] == 5 and m["counts"]["rejected"] == 0 and m["labels"]["labels"] == 5
+    assert m["models"]["labeler"] == {"name": "tiny-random", "backend": "openai", "base_url": f"{server}/v1"}
+    import pyarrow.parquet as pq
+
+    rows = [r for f in sorted((tmp_path / "out" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert {r["labeler"] for r in rows} == {f"tiny-random@{server}/v1"} and all(0 < r["p_a"] < 1 for r in rows)

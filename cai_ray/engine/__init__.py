@@ -42,6 +42,14 @@ class Sampling:
         return self.temperature < GREEDY_BELOW
 
 
+@dataclass(frozen=True)
+class Unscored:
+    """A ``choice_logprobs`` row an engine could not score (e.g. a remote endpoint whose top
+    logprobs miss a choice); the labeler marks that comparison invalid with ``reason``."""
+
+    reason: str
+
+
 class Engine(Protocol):
     #: tokens the model can attend to (prompt + generated)
     context_length: int
@@ -52,9 +60,9 @@ class Engine(Protocol):
 
     def choice_logprobs(
         self, convs: list[list[Message]], choices: Sequence[str]
-    ) -> list[list[float]]:
+    ) -> list[list[float] | Unscored]:
         """Log-probabilities of each choice continuing each conversation, normalised over
-        the choices (``logsumexp == 0`` per row)."""
+        the choices (``logsumexp == 0`` per row); ``Unscored`` for a row that cannot be."""
         ...
 
     def token_counts(self, convs: list[list[Message]]) -> list[int]:
@@ -69,6 +77,8 @@ class EngineUnavailable(RuntimeError):
 BACKENDS = {
     "hf": "cai_ray.engine.hf:HFEngine",
     "vllm": "cai_ray.engine.vllm:VLLMEngine",
+    # Any OpenAI-compatible endpoint (vLLM, a hosted API, `cai-ray serve`).
+    "openai": "cai_ray.engine.openai_api:OpenAIEngine",
     # Benchmark-only: returns canned text instantly so orchestration can be timed alone.
     "noop": "cai_ray.engine.noop:NoopEngine",
 }

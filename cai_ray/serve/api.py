@@ -41,7 +41,19 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     seed: int | None = None
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no end of answer before this many tokens")
+    continue_final_message: bool = Field(False, description="vLLM extension: continue the last (assistant) message")
+    add_generation_prompt: bool = Field(True, description="vLLM extension: false with continue_final_message")
+    logprobs: bool = Field(False, description="not offered: label scoring is /v1/label")
     cai_guardrail: bool | None = Field(None, description="critique and revise the answer (default: the server's)")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize, the chat form."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class LabelRequest(BaseModel):
@@ -110,7 +122,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         check_messages(msgs)
         return msgs
 
-    def check_messages(msgs: list[dict]) -> None:
+    def check_messages(msgs: list[dict], continue_final: bool = False) -> None:
         if len(msgs) > limits["max_messages"]:
             raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits['max_messages']}")
         for i, m in enumerate(msgs):
@@ -119,8 +131,9 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
                                          f"{limits['max_message_chars']}")
         if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
             raise HTTPException(400, "the conversation needs a non-empty user message")
-        if msgs[-1]["role"] == "assistant":
-            raise HTTPException(400, "the last message must not be from the assistant")
+        if (msgs[-1]["role"] == "assistant") != continue_final:
+            raise HTTPException(400, "continue_final_message needs the last message to be the assistant's" if continue_final
+                                else "the last message must not be from the assistant (or set continue_final_message)")
 
     def check_text(name: str, text: str) -> None:
         if not text.strip():
@@ -154,20 +167,47 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models():
         names = dict.fromkeys([service.policy_name, service.labeler_name])
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cai-ray"} for n in names]}
+        ctx = {service.policy_name: service.policy.context_length, service.labeler_name: service.labeler_engine.context_length}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cai-ray",
+                                            "max_model_len": ctx[n]} for n in names]}
+
+    @app.get("/v1/cai", dependencies=[Depends(authorised)])
+    async def info():
+        """This server's identity and labeling method (for ``backend: openai`` clients)."""
+        return service.info()
+
+    @app.post("/tokenize", dependencies=[Depends(authorised)])
+    async def tokenize(req: TokenizeRequest):
+        """Prompt tokens after the policy's chat template (vLLM's route, count only)."""
+        msgs = [m.model_dump() for m in req.messages]
+        if len(msgs) > limits["max_messages"] or any(len(m["content"]) > limits["max_message_chars"] for m in msgs):
+            raise HTTPException(400, f"at most {limits['max_messages']} messages of {limits['max_message_chars']} characters")
+        [n] = await service._run(service.policy.token_counts, [msgs])
+        return {"count": n, "max_model_len": service.policy.context_length}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(req: ChatRequest):
         msgs = [m.model_dump() for m in req.messages]
-        check_messages(msgs)
+        if req.logprobs:
+            raise HTTPException(400, "this server does not return token logprobs; label scoring is POST /v1/label")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise HTTPException(400, "continue_final_message needs add_generation_prompt: false")
+        check_messages(msgs, req.continue_final_message)
         max_tokens = budget(req.max_completion_tokens or req.max_tokens)
+        if req.min_tokens > max_tokens:
+            raise HTTPException(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}")
         prompt_tokens = await check_context(msgs, max_tokens)
         guard = settings["guardrail"] if req.cai_guardrail is None else req.cai_guardrail
+        if guard and req.continue_final_message:
+            raise HTTPException(400, "the guardrail revises whole answers, not continued messages: "
+                                     "set cai_guardrail: false with continue_final_message")
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
-                            seed=settings["seed"] if req.seed is None else req.seed)
+                            min_new_tokens=req.min_tokens, seed=settings["seed"] if req.seed is None else req.seed)
         out = await service.chat(msgs, sampling, guard, key=uuid.uuid4().hex)
         text = out["text"]
-        [total] = await service._run(service.policy.token_counts, [msgs + [{"role": "assistant", "content": text}]])
+        done = (msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}] if req.continue_final_message
+                else msgs + [{"role": "assistant", "content": text}])
+        [total] = await service._run(service.policy.token_counts, [done])
         completion_tokens = max(total - prompt_tokens, 0)
         finish = "length" if completion_tokens >= max_tokens else "stop"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -29,7 +29,7 @@ class Service:
         self.policy_name = pol["model"]
         self.labeler_name = pol["model"] if same else lab["model"]
         self.constitution = load_constitution(settings["constitution"])
-        self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(seed=settings["seed"]))
+        self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"]))
         self.shots = prompts.few_shot_turns(self.constitution, None)
         self._lock = threading.Lock()  # engines are not thread-safe: one call at a time
 
@@ -79,8 +79,17 @@ class Service:
                                 [principles] if principles else None)
         return {"p_a": lab.p_a, "p_ab": lab.p_ab, "p_ba": lab.p_ba, "position_consistent": lab.position_consistent,
                 "principle_ids": lab.principle_ids, "p_ab_by_principle": lab.p_ab_by_principle,
-                "p_ba_by_principle": lab.p_ba_by_principle, "labeler": self.labeler_name,
-                "template_sha256": self.labeler.template_sha256}
+                "p_ba_by_principle": lab.p_ba_by_principle, "reasoning": lab.reasoning, "invalid": lab.invalid,
+                "labeler": self.labeler_name, "template_sha256": self.labeler.template_sha256}
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to use this server as an engine (``backend: openai``)."""
+        from cai_ray import __version__
+
+        return {"server": "cai-ray", "version": __version__, "policy": self.policy_name,
+                "labeler": self.labeler_name, "context_length": self.policy.context_length,
+                "principles": [p.id for p in self.constitution.principles],
+                "label_method": self.labeler.method()}
 
 
 def pair_key(messages: list[dict], a: str, b: str) -> str:
