@@ -135,6 +135,18 @@ def test_engine_routes_tokenize_info_and_continued_messages(client):
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
+def test_requests_are_counted_while_the_engine_is_busy(client):
+    """Token counting (context check, usage) must not queue behind a generation, or
+    concurrent requests reach @serve.batch one generation apart and batches fragment."""
+    import asyncio
+
+    _, service = client
+    msgs = [{"role": "user", "content": "count me"}]
+    with service._lock:  # the engine is generating for someone else
+        [n] = asyncio.run(asyncio.wait_for(service.count_tokens([msgs]), timeout=10))
+    assert n == service.policy.token_counts([msgs])[0]
+
+
 @pytest.fixture(scope="module")
 def server(ray_local, settings, monkeypatch_module):
     """The real Ray Serve app on 127.0.0.1 (a free port)."""

@@ -122,6 +122,18 @@ class ChatTemplate:
     def token_counts(self, convs: list[list[Message]]) -> list[int]:
         return [len(self._encode(c)) for c in convs]
 
+    def counter(self) -> "TokenCounter":
+        """Token counting on its own tokenizer copy, so a server can count requests while
+        the engine generates on another thread (HF tokenizers are not shared safely)."""
+        import copy
+
+        return TokenCounter(copy.deepcopy(self.tokenizer))
+
+
+class TokenCounter(ChatTemplate):
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
 
 def normalise_logprobs(row: Sequence[float]) -> list[float]:
     """Log-softmax over a row of unnormalised log-probabilities."""

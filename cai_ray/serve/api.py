@@ -148,7 +148,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         return n
 
     async def check_context(msgs: list[dict], max_tokens: int) -> int:
-        [n] = await service._run(service.policy.token_counts, [msgs])
+        [n] = await service.count_tokens([msgs])
         if n + max_tokens > service.policy.context_length:
             raise HTTPException(400, f"prompt of {n} tokens + max_tokens {max_tokens} exceeds the model's "
                                      f"context of {service.policy.context_length} tokens")
@@ -182,7 +182,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         msgs = [m.model_dump() for m in req.messages]
         if len(msgs) > limits["max_messages"] or any(len(m["content"]) > limits["max_message_chars"] for m in msgs):
             raise HTTPException(400, f"at most {limits['max_messages']} messages of {limits['max_message_chars']} characters")
-        [n] = await service._run(service.policy.token_counts, [msgs])
+        [n] = await service.count_tokens([msgs])
         return {"count": n, "max_model_len": service.policy.context_length}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
@@ -207,7 +207,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         text = out["text"]
         done = (msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}] if req.continue_final_message
                 else msgs + [{"role": "assistant", "content": text}])
-        [total] = await service._run(service.policy.token_counts, [done])
+        [total] = await service.count_tokens([done])
         completion_tokens = max(total - prompt_tokens, 0)
         finish = "length" if completion_tokens >= max_tokens else "stop"
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

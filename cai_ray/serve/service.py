@@ -32,11 +32,28 @@ class Service:
         self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"]))
         self.shots = prompts.few_shot_turns(self.constitution, None)
         self._lock = threading.Lock()  # engines are not thread-safe: one call at a time
+        # Requests are counted (context check, usage) without waiting for the engine: were
+        # counting behind the engine lock, requests would reach the batcher one generation
+        # apart and batches would fragment (measured: batches of 1-5 instead of 16).
+        make_counter = getattr(self.policy, "counter", None)
+        self._counter = make_counter() if make_counter else None
+        self._count_lock = threading.Lock()
 
     async def _run(self, fn, *args):
         def call():
             with self._lock:
                 return fn(*args)
+
+        return await asyncio.to_thread(call)
+
+    async def count_tokens(self, convs: list[list[dict]]) -> list[int]:
+        """Prompt tokens of each conversation after the policy's chat template."""
+        if self._counter is None:
+            return await self._run(self.policy.token_counts, convs)
+
+        def call():
+            with self._count_lock:
+                return self._counter.token_counts(convs)
 
         return await asyncio.to_thread(call)
 
