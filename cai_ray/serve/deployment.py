@@ -110,6 +110,27 @@ def start(cfg) -> str:
     return url
 
 
+def build(args: dict[str, Any]):
+    """Serve application builder, for ``serve run`` / ``serve deploy`` / a KubeRay RayService:
+
+        import_path: cai_ray.serve.deployment:build
+        args: {config: jobs/configs/serve_gpu.yaml, overrides: ["scaling.max_replicas=8"]}
+
+    The API key comes from $CAI_RAY_API_KEY where the app is built (a Secret in the pod);
+    host and port are the Serve config's ``http_options``, not ours."""
+    from cai_ray.config import ServeConfig, load_config, to_dict
+    from cai_ray.serve.api import key_digest
+
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; expected config and overrides")
+    cfg = load_config(ServeConfig, args.get("config"), list(args.get("overrides") or []))
+    key = api_key(cfg)
+    settings = to_dict(cfg)
+    settings["constitution"] = str(Path(cfg.constitution).resolve())
+    return deployment(settings, key_digest(key) if key else None)
+
+
 def wait_forever() -> None:
     """Keep the driver (and so a local Ray cluster) alive until Ctrl-C."""
     import time

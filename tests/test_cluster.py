@@ -1,0 +1,149 @@
+"""The cluster manifests (KubeRay RayCluster, RayJobs, RayService, the AWS launcher): they
+parse, token auth is on everywhere, nothing is exposed publicly, images are pinned,
+autoscaling is set, and every entrypoint points at a script and a config that exist and
+validate with the CLI's own loader."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBE = ROOT / "cluster" / "kuberay"
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def assert_token_auth(container: dict, where: str) -> None:
+    env = env_of(container)
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "cai-ray-auth", "key": "auth_token"}, where
+
+
+def assert_pinned(image: str) -> None:
+    name, _, tag = image.rpartition(":")
+    assert name and tag and tag != "latest" and any(c.isdigit() for c in tag), image
+
+
+def cluster_spec_checks(spec: dict, where: str) -> None:
+    assert spec["enableInTreeAutoscaling"] is True, where
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{where}: head service must not be exposed"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    pods = [("head", head["template"])] + [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    for name, tpl in pods:
+        for c in containers(tpl):
+            assert_token_auth(c, f"{where}/{name}")
+            assert_pinned(c["image"])
+    assert_token_auth({"env": spec["autoscalerOptions"]["env"]}, f"{where}/autoscaler")
+    for g in spec["workerGroupSpecs"]:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+    gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu and gpu[0]["maxReplicas"] > gpu[0]["minReplicas"]
+    limits = containers(gpu[0]["template"])[0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1
+
+
+def test_raycluster():
+    doc = load(KUBE / "raycluster.yaml")
+    assert (doc["apiVersion"], doc["kind"], doc["metadata"]["name"]) == ("ray.io/v1", "RayCluster", "cai-ray")
+    cluster_spec_checks(doc["spec"], "raycluster")
+    assert {g["groupName"] for g in doc["spec"]["workerGroupSpecs"]} == {"cpu", "gpu"}
+
+
+def _entry(entrypoint: str) -> tuple[Path, list[str]]:
+    """The job script and its arguments from 'cd DIR && python SCRIPT ARGS'."""
+    cmd = entrypoint.split("&&")[-1]
+    argv = shlex.split(cmd)
+    assert argv[0] == "python"
+    return ROOT / argv[1], argv[2:]
+
+
+STAGES = {"sl-data": "sl_data.py", "label": "label.py", "sft": "train.py", "rm": "train.py", "dpo": "train.py"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stage):
+    from cai_ray import config
+
+    doc = load(KUBE / f"rayjob-{stage}.yaml")
+    assert doc["kind"] == "RayJob" and doc["spec"]["clusterSelector"] == {"ray.io/cluster": "cai-ray"}
+    script, args = _entry(doc["spec"]["entrypoint"])
+    assert script.name == STAGES[stage] and script.exists()
+    cfg_path = ROOT / args[args.index("--config") + 1]
+    assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
+    cls = {"sl-data": config.GenerateConfig, "label": config.LabelConfig, "sft": config.SFTTrainConfig,
+           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig}[stage]
+    config.load_config(cls, cfg_path)
+    if script.name == "train.py":
+        assert args[0] == stage
+    [submitter] = containers(doc["spec"]["submitterPodTemplate"])
+    assert_token_auth(submitter, f"rayjob-{stage}/submitter")
+    assert_pinned(submitter["image"])
+
+
+def test_rayservice_serves_the_app_builder_with_serve_autoscaling(monkeypatch):
+    from cai_ray import config
+
+    doc = load(KUBE / "rayservice.yaml")
+    assert doc["kind"] == "RayService"
+    cluster_spec_checks(doc["spec"]["rayClusterConfig"], "rayservice")
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    [app] = serve_cfg["applications"]
+    module, _, fn = app["import_path"].partition(":")
+    assert (module, fn) == ("cai_ray.serve.deployment", "build")
+    cfg = config.load_config(config.ServeConfig, ROOT / app["args"]["config"])
+    assert cfg.scaling.min_replicas < cfg.scaling.max_replicas and cfg.scaling.gpus_per_replica >= 1
+    assert cfg.auth and cfg.policy.backend == "vllm"
+    head = containers(doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])[0]
+    assert env_of(head)["CAI_RAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "cai-ray-auth"
+
+
+def test_the_app_builder_builds_the_serve_app(monkeypatch):
+    from ray.serve import Application
+
+    from cai_ray.serve.deployment import build
+
+    monkeypatch.setenv("CAI_RAY_API_KEY", "k" * 24)
+    app = build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml"), "overrides": ["scaling.max_replicas=3"]})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match=r"unknown application args \['port'\]"):
+        build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml"), "port": 1})
+    monkeypatch.delenv("CAI_RAY_API_KEY")
+    with pytest.raises(ValueError, match="no API key"):
+        build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml")})
+
+
+def test_nothing_is_exposed_publicly():
+    for path in sorted((ROOT / "cluster").rglob("*.yaml")):
+        text = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())  # not the comments
+        assert "LoadBalancer" not in text and "kind: Ingress" not in text and "NodePort" not in text, path
+        assert "CidrIp: 0.0.0.0/0" not in text, path
+
+
+def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
+    doc = load(ROOT / "cluster" / "launcher" / "aws.yaml")
+    assert doc["provider"]["type"] == "aws"
+    assert "-e RAY_AUTH_MODE=token" in doc["docker"]["run_options"]
+    assert_pinned(doc["docker"]["image"])
+    assert doc["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    head = " ".join(doc["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token" in " ".join(doc["worker_start_ray_commands"])
+    ranges = [r["CidrIp"] for p in doc["provider"]["security_group"]["IpPermissions"] for r in p["IpRanges"]]
+    assert ranges and "0.0.0.0/0" not in ranges
+    assert {p["FromPort"] for p in doc["provider"]["security_group"]["IpPermissions"]} == {22}
+    gpu = doc["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] < gpu["max_workers"] <= doc["max_workers"]
