@@ -13,8 +13,9 @@
 # `env` prints. Without them the jobs API answers 401.
 #
 # Settings (environment): CAI_RAY_CLUSTER_DIR (default /tmp/cai-ray-cluster-$UID),
-# CAI_RAY_GCS_PORT (6390), CAI_RAY_DASHBOARD_PORT (8265), RAY (the ray CLI; default the
-# checkout's .venv/bin/ray, else ray on PATH).
+# CAI_RAY_GCS_PORT (6390), CAI_RAY_DASHBOARD_PORT (8265), CAI_RAY_TEMP_DIR (Ray's session
+# files; default /tmp/cai-ray-$UID-$GCS_PORT), RAY (the ray CLI; default the checkout's
+# .venv/bin/ray, else ray on PATH).
 set -euo pipefail
 
 DIR=${CAI_RAY_CLUSTER_DIR:-/tmp/cai-ray-cluster-$(id -u)}
@@ -26,7 +27,8 @@ if [[ -z "${RAY:-}" ]]; then
 fi
 [[ -n "$RAY" ]] || { echo "local.sh: no ray CLI (run 'make setup' or set RAY=)" >&2; exit 2; }
 TOKEN="$DIR/auth_token"
-TMP="$DIR/tmp"
+# Ray's own temp dir: short (its socket paths must stay under 107 bytes) and one per cluster.
+TMP=${CAI_RAY_TEMP_DIR:-/tmp/cai-ray-$(id -u)-$GCS_PORT}
 
 auth_env() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN"
@@ -72,7 +74,13 @@ case "$cmd" in
   status)
     auth_env
     running || { echo "down"; exit 3; }
-    "$RAY" status --address "127.0.0.1:$GCS_PORT"
+    # right after `up` the autoscaler has not published a status yet: wait for it
+    for _ in $(seq 30); do
+      out=$("$RAY" status --address "127.0.0.1:$GCS_PORT" 2>&1) || { echo "$out" >&2; exit 1; }
+      [[ "$out" == *"No cluster status"* ]] || break
+      sleep 1
+    done
+    echo "$out"
     ;;
   env)
     echo "export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN"
@@ -87,7 +95,7 @@ case "$cmd" in
     echo "down"
     ;;
   *)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$cmd" == "-h" || "$cmd" == "--help" ]] || exit 2
     ;;
 esac
