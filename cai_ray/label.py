@@ -106,14 +106,16 @@ class Labeler:
     def orders(self) -> tuple[str, ...]:
         return ("AB", "BA") if self.s.both_orders else ("AB",)
 
+    def principles_for(self, pair_id: str, principles=None) -> list:
+        """The principles that judge a pair: those given, else K drawn by its id (seeded, distinct)."""
+        return principles or self.constitution.sample_distinct(pair_id, self.s.principles_per_pair, self.s.seed)
+
     def comparisons_for(self, pair_id: str, prompt, a: str, b: str, principles=None):
         """[(principle, order, messages)] for one pair: K principles (sampled by pair id, or
         the ``principles`` given) x the orders."""
         out = []
         prefill = prompts.COT_PREFIX if self.s.cot else prompts.ANSWER_PREFIX
-        if principles is None:
-            principles = self.constitution.sample_distinct(pair_id, self.s.principles_per_pair, self.s.seed)
-        for p in principles:
+        for p in self.principles_for(pair_id, principles):
             for order in self.orders():
                 first, second = (a, b) if order == "AB" else (b, a)
                 out.append((p, order, prompts.comparison_messages(self.shots, prompt, first, second, p, prefill, self.s.cot)))
@@ -197,8 +199,7 @@ class Labeler:
     def _label_remote(self, pair_ids, convs, resp_a, resp_b, chosen) -> list[PairLabel]:
         """Principles drawn here (same seed and rule as local labeling), labels from the
         server's /v1/label."""
-        ids = [[p.id for p in (ps or self.constitution.sample_distinct(pid, self.s.principles_per_pair, self.s.seed))]
-               for pid, ps in zip(pair_ids, chosen)]
+        ids = [[p.id for p in self.principles_for(pid, ps)] for pid, ps in zip(pair_ids, chosen)]
         self.comparisons += sum(len(x) for x in ids) * len(self.orders())
         out = self.remote(convs, resp_a, resp_b, ids)
         keys = ("p_a", "p_ab", "p_ba", "position_consistent", "principle_ids", "p_ab_by_principle",

@@ -123,17 +123,20 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         return msgs
 
     def check_messages(msgs: list[dict], continue_final: bool = False) -> None:
+        check_sizes(msgs)
+        if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
+            raise HTTPException(400, "the conversation needs a non-empty user message")
+        if (msgs[-1]["role"] == "assistant") != continue_final:
+            raise HTTPException(400, "continue_final_message needs the last message to be the assistant's" if continue_final
+                                else "the last message must not be from the assistant (or set continue_final_message)")
+
+    def check_sizes(msgs: list[dict]) -> None:
         if len(msgs) > limits["max_messages"]:
             raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits['max_messages']}")
         for i, m in enumerate(msgs):
             if len(m["content"]) > limits["max_message_chars"]:
                 raise HTTPException(400, f"messages[{i}] has {len(m['content'])} characters; the limit is "
                                          f"{limits['max_message_chars']}")
-        if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
-            raise HTTPException(400, "the conversation needs a non-empty user message")
-        if (msgs[-1]["role"] == "assistant") != continue_final:
-            raise HTTPException(400, "continue_final_message needs the last message to be the assistant's" if continue_final
-                                else "the last message must not be from the assistant (or set continue_final_message)")
 
     def check_text(name: str, text: str) -> None:
         if not text.strip():
@@ -180,8 +183,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
     async def tokenize(req: TokenizeRequest):
         """Prompt tokens after the policy's chat template (vLLM's route, count only)."""
         msgs = [m.model_dump() for m in req.messages]
-        if len(msgs) > limits["max_messages"] or any(len(m["content"]) > limits["max_message_chars"] for m in msgs):
-            raise HTTPException(400, f"at most {limits['max_messages']} messages of {limits['max_message_chars']} characters")
+        check_sizes(msgs)
         [n] = await service.count_tokens([msgs])
         return {"count": n, "max_model_len": service.policy.context_length}
 

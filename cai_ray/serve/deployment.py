@@ -94,20 +94,27 @@ def api_key(cfg) -> str | None:
 def start(cfg) -> str:
     """Run the app on a local or given Ray cluster; returns the base URL."""
     from cai_ray import runtime
+
+    app, auth = application(cfg)
+    runtime.init_ray(cfg.ray_address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.scaling.request_timeout_s})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{cfg.host}:{cfg.port}"
+    log.info("serving %s at %s (auth %s)", cfg.policy.model, url, "on" if auth else "OFF")
+    return url
+
+
+def application(cfg):
+    """The bound app of a ServeConfig (settings as plain values, the key as its digest), and
+    whether auth is on."""
     from cai_ray.config import to_dict
     from cai_ray.serve.api import key_digest
 
     key = api_key(cfg)
     settings = to_dict(cfg)
     settings["constitution"] = str(Path(cfg.constitution).resolve())
-    runtime.init_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port,
-                              "request_timeout_s": cfg.scaling.request_timeout_s})
-    serve.run(deployment(settings, key_digest(key) if key else None), name=APP_NAME, route_prefix="/",
-              blocking=False)
-    url = f"http://{cfg.host}:{cfg.port}"
-    log.info("serving %s at %s (auth %s)", cfg.policy.model, url, "on" if key else "OFF")
-    return url
+    return deployment(settings, key_digest(key) if key else None), key is not None
 
 
 def build(args: dict[str, Any]):
@@ -118,17 +125,13 @@ def build(args: dict[str, Any]):
 
     The API key comes from $CAI_RAY_API_KEY where the app is built (a Secret in the pod);
     host and port are the Serve config's ``http_options``, not ours."""
-    from cai_ray.config import ServeConfig, load_config, to_dict
-    from cai_ray.serve.api import key_digest
+    from cai_ray.config import ServeConfig, load_config
 
     unknown = set(args) - {"config", "overrides"}
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; expected config and overrides")
     cfg = load_config(ServeConfig, args.get("config"), list(args.get("overrides") or []))
-    key = api_key(cfg)
-    settings = to_dict(cfg)
-    settings["constitution"] = str(Path(cfg.constitution).resolve())
-    return deployment(settings, key_digest(key) if key else None)
+    return application(cfg)[0]
 
 
 def wait_forever() -> None:

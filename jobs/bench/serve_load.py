@@ -68,12 +68,12 @@ async def load(url: str, key: str, texts: list[str], concurrency: int, tokens: i
     latencies: list[float] = []
     completion_tokens = 0
     errors: dict[int, int] = {}
-    queue = list(enumerate(texts))
+    queue = list(texts)
 
     async def worker(client):
         nonlocal completion_tokens
         while queue:
-            _, text = queue.pop()
+            text = queue.pop()
             t = time.perf_counter()
             r = await client.post(f"{url}/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": text}], "max_tokens": tokens, "min_tokens": tokens,
