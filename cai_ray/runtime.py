@@ -29,12 +29,13 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` if given, else start a local Ray on 127.0.0.1 (or reuse one that
-    this process already started)."""
+    """Join ``address`` if given (or $RAY_ADDRESS, which `ray job submit` sets for a job's
+    driver), else start a local Ray on 127.0.0.1 (or reuse one this process started)."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)

@@ -13,9 +13,15 @@
 # `env` prints. Without them the jobs API answers 401.
 #
 # Settings (environment): CAI_RAY_CLUSTER_DIR (default /tmp/cai-ray-cluster-$UID),
-# CAI_RAY_GCS_PORT (6390), CAI_RAY_DASHBOARD_PORT (8265), CAI_RAY_TEMP_DIR (Ray's session
-# files; default /tmp/cai-ray-$UID-$GCS_PORT), RAY (the ray CLI; default the checkout's
-# .venv/bin/ray, else ray on PATH).
+# CAI_RAY_GCS_PORT (6390), CAI_RAY_DASHBOARD_PORT (8265), CAI_RAY_AGENT_PORT and
+# CAI_RAY_CLIENT_PORT (the node's job agent and the Ray client server; default free ports, so
+# another Ray on this machine -- a test session's ray.init() holds 52365 and 10001 -- does not
+# leave the head without a job agent), CAI_RAY_TEMP_DIR (Ray's session files; default
+# /tmp/cai-ray-$UID-$GCS_PORT), RAY (the ray CLI; default the checkout's .venv/bin/ray, else
+# ray on PATH).
+#
+# Ray binds its node services to the machine's address, not 127.0.0.1 (`ray start` replaces a
+# loopback --node-ip-address); every one of them requires the token.
 set -euo pipefail
 
 DIR=${CAI_RAY_CLUSTER_DIR:-/tmp/cai-ray-cluster-$(id -u)}
@@ -34,6 +40,8 @@ auth_env() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN"
   unset RAY_AUTH_TOKEN  # it would take precedence over the file
 }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 running() { pgrep -u "$(id -u)" -f -- "gcs_server.*$TMP" >/dev/null 2>&1; }
 
@@ -60,8 +68,13 @@ case "$cmd" in
       echo "already up: jobs API on http://127.0.0.1:$DASH_PORT"
       exit 0
     fi
+    # job entrypoints run `python ...` through a shell: the one beside this ray CLI (the venv)
+    PATH="$(dirname "$RAY"):$PATH"
+    agent_port=${CAI_RAY_AGENT_PORT:-$(free_port)}
+    client_port=${CAI_RAY_CLIENT_PORT:-$(free_port)}
     "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+      --dashboard-agent-listen-port="$agent_port" --ray-client-server-port="$client_port" \
       --temp-dir="$TMP" --disable-usage-stats "${cpus[@]}" >"$DIR/start.log" 2>&1 \
       || { cat "$DIR/start.log" >&2; exit 1; }
     for _ in $(seq 60); do dashboard_up && break; sleep 1; done
@@ -95,7 +108,7 @@ case "$cmd" in
     echo "down"
     ;;
   *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     [[ "$cmd" == "-h" || "$cmd" == "--help" ]] || exit 2
     ;;
 esac
