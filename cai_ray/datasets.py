@@ -338,8 +338,55 @@ def read_file_blocks(stream, path: str, fmt: str, max_chars: int, block: int) ->
         yield rows.flush()
 
 
+def is_uri(path: str) -> bool:
+    """s3://, gs://, abfs://, hdfs://...: read through pyarrow's filesystems."""
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve_input(path: str):
+    """(filesystem or None for local paths, [(path, format)]) for a file or a folder
+    (recursively), sorted for stable order. Cloud URIs (s3://bucket/prefix/, gs://...) are
+    listed through pyarrow with the usual credentials chain (AWS_* variables, instance
+    profile / IRSA, AWS_ENDPOINT_URL for S3-compatible stores); their paths stay URIs."""
+    if is_uri(path):
+        return _resolve_remote(path)
+    return None, list_input_files(path)
+
+
+def _resolve_remote(uri: str):
+    import pyarrow.fs as pafs
+
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input not found: {uri}")
+        entries = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, pa.ArrowException) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{uri}: cannot list it: {e}") from None
+    files = []
+    for entry in sorted(entries, key=lambda e: e.path):
+        suffix = Path(entry.path).suffix.lower()
+        if entry.type != pafs.FileType.File or entry.base_name.startswith((".", "_")):
+            continue
+        if suffix not in SUFFIXES:
+            if info.type == pafs.FileType.File:
+                raise InputError(f"{uri}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+            continue
+        files.append((f"{scheme}://{entry.path}", SUFFIXES[suffix]))
+    if not files:
+        raise InputError(f"{uri}: no prompt files ({', '.join(SUFFIXES)}) under this prefix")
+    return fs, files
+
+
 def list_input_files(path: str) -> list[tuple[str, str]]:
-    """(file, format) pairs for a file or a folder (recursively), sorted for stable order."""
+    """(file, format) pairs for a file or a folder (recursively), sorted for stable order;
+    cloud URIs are listed through pyarrow (``resolve_input``)."""
+    if is_uri(path):
+        return _resolve_remote(path)[1]
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {path}")
@@ -371,17 +418,23 @@ def read_prompts(path: str, max_chars: int, rows_per_block: int, num_cpus: float
     import ray.data
     from ray.data.datasource import FileBasedDatasource
 
-    files = list_input_files(path)
-    formats = dict(files)
+    fs, files = resolve_input(path)
+    formats = {}
+    for f, fmt in files:
+        formats[f] = formats[f.split("://", 1)[-1]] = fmt
+    scheme = path.split("://", 1)[0] + "://" if fs is not None else ""
 
     class PromptFiles(FileBasedDatasource):
         def _read_stream(self, f, file_path: str):
             fmt = formats.get(file_path) or formats.get(str(Path(file_path).resolve()))
             if fmt is None:
                 fmt = SUFFIXES[Path(file_path).suffix.lower()]
-            yield from read_file_blocks(f, file_path, fmt, max_chars, rows_per_block)
+            # rejects name the file as the user gave it: the URI, not the bucket-relative path
+            source = file_path if "://" in file_path or not scheme else scheme + file_path
+            yield from read_file_blocks(f, source, fmt, max_chars, rows_per_block)
 
-    source = PromptFiles([f for f, _ in files])
+    paths = [f.split("://", 1)[1] if fs is not None else f for f, _ in files]
+    source = PromptFiles(paths, filesystem=fs)
     # One read task per file, streaming blocks of rows_per_block: left to itself Ray Data
     # would also split every block to reach its default parallelism, multiplying the
     # per-block costs (ledger round trips, re-batching) for no gain.
@@ -391,7 +444,12 @@ def read_prompts(path: str, max_chars: int, rows_per_block: int, num_cpus: float
 def read_local(path: str, max_chars: int, rows_per_block: int = 4096) -> pa.Table:
     """The same rows without Ray (tests, small tools)."""
     tables = []
-    for file, fmt in list_input_files(path):
+    fs, files = resolve_input(path)
+    for file, fmt in files:
+        if fs is not None:
+            with fs.open_input_stream(file.split("://", 1)[1]) as stream:
+                tables += list(read_file_blocks(stream, file, fmt, max_chars, rows_per_block))
+            continue
         with open(file, "rb") as fh:
             stream = pa.PythonFile(fh, mode="r")
             tables += list(read_file_blocks(stream, file, fmt, max_chars, rows_per_block))
