@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn a file of red-team prompts into an SL-CAI dataset "
         "(Parquet + rejects.jsonl + manifest.json). Re-running resumes.",
     )
-    g.add_argument("--input", help="prompt file or folder")
+    g.add_argument("--input", help="prompt file, folder or cloud URI (s3://bucket/prefix/)")
     g.add_argument("--output", help="output folder")
     g.add_argument("--config", help="YAML config file (see config keys below)")
     g.add_argument("--constitution", help="constitution YAML")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clamped chain of thought. Input: prompts (with --policy, k answers are sampled) or "
         "ready-made pairs (prompt|messages, response_a, response_b). Re-running resumes.",
     )
-    lab.add_argument("--input", help="prompts or ready-made pairs (file or folder)")
+    lab.add_argument("--input", help="prompts or ready-made pairs (file, folder or cloud URI)")
     lab.add_argument("--output", help="output folder")
     lab.add_argument("--config", help="YAML config file (see config keys below)")
     lab.add_argument("--constitution", help="constitution YAML")
