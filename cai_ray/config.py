@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import re
 import types
 import typing
@@ -162,7 +164,8 @@ class OutputConfig:
 class GenerateConfig:
     """`cai-ray generate`: SL-CAI data (answer → critique → revise ×N)."""
 
-    input: str = _f("", "prompt file or folder: JSONL (prompt|messages), Parquet, CSV, HF dataset on disk")
+    input: str = _f("", "prompt file or folder: JSONL (prompt|messages), Parquet, CSV, HF dataset on disk; "
+                    "or a cloud URI (s3://bucket/prefix/, gs://...) of JSONL/Parquet/CSV shards")
     output: str = _f("", "output folder (data/*.parquet, rejects.jsonl, manifest.json)")
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file")
     revisions: int = _f(4, "critique/revision rounds per prompt (paper: 4)")
@@ -245,7 +248,8 @@ class FilterConfig:
 class LabelConfig:
     """`cai-ray label`: RL-CAI preference labels (RLAIF) from an AI labeler."""
 
-    input: str = _f("", "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, response_b)")
+    input: str = _f("", "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, "
+                    "response_b): a file, a folder or a cloud URI (s3://bucket/prefix/)")
     output: str = _f("", "output folder (data/ and filtered/ Parquet, rejects.jsonl, manifest.json)")
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file (comparison questions and examples)")
     gold: str | None = _f(None, "pairs with a known answer (prompt|messages, chosen, rejected): labelled too, to measure accuracy and calibration")
@@ -646,7 +650,46 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
         apply_override(data, item)
     cfg = from_dict(cls, data)
     cfg.validate()
+    check_job_paths(cfg)
     return cfg
+
+
+def submitted_job() -> dict[str, Any] | None:
+    """The Ray job this process is the driver of (`ray job submit`), else None: its
+    submission id and working_dir, from the environment Ray's job supervisor sets."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return None
+    return {"submission_id": (job.get("metadata") or {}).get("job_submission_id"),
+            "working_dir": (job.get("runtime_env") or {}).get("working_dir")}
+
+
+def check_job_paths(cfg) -> None:
+    """In a submitted job the working directory is Ray's temporary copy of the submitter's
+    folder: a relative output would land there, out of the user's sight, and vanish with the
+    session. Refuse it before any work starts."""
+    job = submitted_job()
+    if not job or not job["working_dir"]:
+        return
+    paths = [("output", getattr(cfg, "output", None))]
+    if hasattr(cfg, "checkpoint"):
+        paths.append(("checkpoint.storage", cfg.checkpoint.storage))
+    for key, value in paths:
+        if value and "://" not in value and not Path(value).is_absolute():
+            raise ConfigError(
+                f"{key}={value!r} is relative: in a submitted Ray job (working_dir upload) it would be "
+                f"written inside the job's temporary copy of the working dir and lost; give an absolute "
+                f"path every node can reach, e.g. {key}=$PWD/{value} on a local cluster or a shared mount")
+    for key in ("input", "data", "gold"):
+        value = getattr(cfg, key, None)
+        if value and "://" not in value and not Path(value).is_absolute() and not Path(value).exists():
+            raise ConfigError(
+                f"{key}={value!r} is not in the job's working dir (outputs of earlier jobs are not uploaded "
+                f"with it); give the absolute path every node can reach, e.g. {key}=$PWD/{value}")
 
 
 def describe(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]:

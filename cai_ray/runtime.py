@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cai_ray.config import submitted_job
+
 log = logging.getLogger("cai_ray")
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -112,6 +114,7 @@ def base_manifest(stage: str, config: dict[str, Any]) -> dict[str, Any]:
         "started": now(),
         "command": sys.argv,
         "host": socket.gethostname(),
+        "ray_job": (submitted_job() or {}).get("submission_id"),
         "config": config,
         "versions": versions(),
     }

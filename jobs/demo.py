@@ -34,8 +34,8 @@ def main() -> None:
 
     cfg = load_config(
         GenerateConfig,
-        ROOT / "jobs" / "configs" / "sl_data.yaml",
-        [f"input={ROOT / 'jobs' / 'data' / 'red_team.jsonl'}", f"output={args.output}",
+        ROOT / "jobs" / "configs" / "sl_data_tiny.yaml",
+        [f"input={ROOT / 'jobs' / 'data' / 'red_team.jsonl'}", f"output={args.output}", "pool.batch_size=24",
          f"constitution={ROOT / 'constitutions' / 'general.yaml'}", *args.overrides],
     )
     from cai_ray.sl import generate

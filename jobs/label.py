@@ -1,10 +1,16 @@
-"""RL-CAI preference labels: prompts (or ready-made pairs) → k answers → AI labels → Parquet.
+"""ray job submit --working-dir . -- python jobs/label.py --config jobs/configs/label_tiny.yaml output=$PWD/out/labels
 
-    ray job submit --working-dir . -- python jobs/label.py --config jobs/configs/label_gpu.yaml
-    python jobs/label.py --config jobs/configs/label.yaml label.principles_per_pair=2   # local Ray
+RL-CAI preference labels: prompts (or ready-made pairs) → k answers from the policy → the AI
+labeler's soft, position-debiased preference per principle → Parquet.
 
-Every input row ends up written (its pairs in data/ or filtered/) or in rejects.jsonl with
-its reason; re-running resumes. Extra arguments are dotted config overrides.
+On a GPU cluster (8B policy and 70B labeler on vLLM, a million prompts from S3):
+    ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \
+        python jobs/label.py --config jobs/configs/label_gpu.yaml
+Without a cluster:
+    python jobs/label.py --config jobs/configs/label_tiny.yaml label.principles_per_pair=2
+
+Token, absolute outputs and resume as in jobs/sl_data.py. Every input row ends up written
+(its pairs in data/ or filtered/) or in rejects.jsonl with its reason.
 """
 
 import argparse
@@ -20,7 +26,7 @@ from cai_ray.runtime import setup_logging  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()

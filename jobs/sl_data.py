@@ -1,10 +1,19 @@
-"""SL-CAI data: red-team prompts → answer → critique → revise ×N → Parquet.
+"""ray job submit --working-dir . -- python jobs/sl_data.py --config jobs/configs/sl_data_tiny.yaml output=$PWD/out/sl
 
-    ray job submit --working-dir . -- python jobs/sl_data.py --config jobs/configs/sl_data.yaml
-    python jobs/sl_data.py --config jobs/configs/sl_data.yaml revisions=2   # local Ray
+SL-CAI data: red-team prompts → answer → critique against a sampled principle → revise ×N
+→ Parquet, through a Ray Data actor pool of the LLM engine.
 
-Reads every input row, writes each exactly once (data/*.parquet) or to rejects.jsonl with
-its reason; re-running resumes. Extra arguments are dotted config overrides.
+On a GPU cluster (8B on vLLM, a million prompts from S3, a pool of 2-16 GPU actors):
+    ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \
+        python jobs/sl_data.py --config jobs/configs/sl_data_gpu.yaml
+Without a cluster (a local Ray starts and stops with the script):
+    python jobs/sl_data.py --config jobs/configs/sl_data_tiny.yaml revisions=2
+
+A token-authenticated cluster needs the token on the client: `eval "$(cluster/local.sh env)"`
+for the local one (cluster/README.md for KubeRay). Outputs must be absolute paths every node
+reaches: the job runs in Ray's temporary copy of the working dir. Reads every input row,
+writes each exactly once (data/*.parquet) or to rejects.jsonl with its reason; resubmitting
+the same command resumes. Extra arguments are dotted config overrides.
 """
 
 import argparse
@@ -20,7 +29,7 @@ from cai_ray.sl import generate  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()

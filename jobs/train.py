@@ -1,11 +1,19 @@
-"""Training on Ray Train + DeepSpeed: SFT on SL-CAI revisions, preference model or DPO on AI labels.
+"""ray job submit --working-dir . -- python jobs/train.py sft --config jobs/configs/sft_tiny.yaml data=$PWD/out/sl output=$PWD/out/sft
 
-    ray job submit --working-dir . -- python jobs/train.py sft --config jobs/configs/sft_gpu.yaml
-    python jobs/train.py rm --config jobs/configs/rm.yaml optim.max_steps=20   # local Ray
+Training on Ray Train + DeepSpeed ZeRO: SFT on the SL-CAI revisions (sft), a preference model
+(rm) or DPO (dpo) on the AI labels; the other two the same way:
+    ray job submit --working-dir . -- python jobs/train.py rm --config jobs/configs/rm_tiny.yaml data=$PWD/out/labels output=$PWD/out/rm
+    ray job submit --working-dir . -- python jobs/train.py dpo --config jobs/configs/dpo_tiny.yaml data=$PWD/out/labels output=$PWD/out/dpo
+
+On a GPU cluster (8B, 8 GPU workers over nodes, ZeRO-3, checkpoints on shared storage):
+    ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \
+        python jobs/train.py sft --config jobs/configs/sft_gpu.yaml
+Without a cluster:
+    python jobs/train.py rm --config jobs/configs/rm_tiny.yaml optim.max_steps=20
 
 Writes OUTPUT/model (a plain HF model folder), metrics.json, loss.png, rejects.jsonl and
-manifest.json. Re-running the same command resumes from the last checkpoint. Extra
-arguments are dotted config overrides.
+manifest.json. Resubmitting the same command resumes from the last checkpoint; a lost worker
+restarts from it (checkpoint.max_failures). Token and absolute paths as in jobs/sl_data.py.
 """
 
 import argparse
@@ -21,7 +29,7 @@ from cai_ray.train import TRAINERS, trainer  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trainer", choices=sorted(TRAINERS))
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value")

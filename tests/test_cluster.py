@@ -117,13 +117,13 @@ def test_the_app_builder_builds_the_serve_app(monkeypatch):
     from cai_ray.serve.deployment import build
 
     monkeypatch.setenv("CAI_RAY_API_KEY", "k" * 24)
-    app = build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml"), "overrides": ["scaling.max_replicas=3"]})
+    app = build({"config": str(ROOT / "jobs" / "configs" / "serve_tiny.yaml"), "overrides": ["scaling.max_replicas=3"]})
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match=r"unknown application args \['port'\]"):
-        build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml"), "port": 1})
+        build({"config": str(ROOT / "jobs" / "configs" / "serve_tiny.yaml"), "port": 1})
     monkeypatch.delenv("CAI_RAY_API_KEY")
     with pytest.raises(ValueError, match="no API key"):
-        build({"config": str(ROOT / "jobs" / "configs" / "serve.yaml")})
+        build({"config": str(ROOT / "jobs" / "configs" / "serve_tiny.yaml")})
 
 
 def test_nothing_is_exposed_publicly():
@@ -147,3 +147,54 @@ def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
     assert {p["FromPort"] for p in doc["provider"]["security_group"]["IpPermissions"]} == {22}
     gpu = doc["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] < gpu["max_workers"] <= doc["max_workers"]
+
+
+ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo"], "serve": ["serve"]}
+
+
+@pytest.mark.parametrize("script", sorted(ENTRYPOINTS))
+def test_every_job_script_opens_with_its_ray_job_submit_command(script):
+    """The docstring's first line is the exact command; its config exists and loads, and its
+    paths are ones a submitted job can use (outputs absolute via $PWD)."""
+    import ast
+
+    from cai_ray import config
+
+    doc = ast.get_docstring(ast.parse((ROOT / "jobs" / f"{script}.py").read_text()))
+    first = doc.splitlines()[0]
+    assert first.startswith("ray job submit --working-dir . -- python jobs/"), first
+    argv = shlex.split(first.split(" -- ", 1)[1])
+    assert argv[1] == f"jobs/{script}.py" and (ROOT / argv[1]).is_file()
+    cfg_path = argv[argv.index("--config") + 1]
+    assert (ROOT / cfg_path).is_file() and cfg_path.endswith("_tiny.yaml")
+    for stage in ENTRYPOINTS[script]:  # every stage: a tiny and a gpu variant
+        for variant in ("tiny", "gpu"):
+            assert (ROOT / "jobs" / "configs" / f"{'sl_data' if stage == 'sl_data' else stage}_{variant}.yaml").is_file()
+    overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key in ("output", "data"):
+            assert value.startswith("$PWD/") or value.startswith("$HOME/"), o
+
+
+def test_a_submitted_job_refuses_relative_outputs_and_missing_relative_inputs(monkeypatch, tmp_path):
+    """In a job, the working dir is Ray's temporary copy: out/sl there would be lost."""
+    import json
+
+    from cai_ray.config import ConfigError, GenerateConfig, SFTTrainConfig, load_config, submitted_job
+
+    assert submitted_job() is None
+    load_config(GenerateConfig, None, ["input=x.jsonl", "output=out/sl"])  # fine outside a job
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}}))
+    monkeypatch.chdir(ROOT)
+    assert submitted_job() == {"submission_id": "raysubmit_1", "working_dir": "gcs://_ray_pkg_abc.zip"}
+    with pytest.raises(ConfigError, match=r"output='out/sl' is relative.*output=\$PWD/out/sl"):
+        load_config(GenerateConfig, ROOT / "jobs" / "configs" / "sl_data_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"data='out/sl' is not in the job's working dir"):
+        load_config(SFTTrainConfig, ROOT / "jobs" / "configs" / "sft_tiny.yaml", [f"output={tmp_path}/sft"])
+    with pytest.raises(ConfigError, match=r"checkpoint.storage='ckpt' is relative"):
+        load_config(SFTTrainConfig, None, [f"data={tmp_path}", f"output={tmp_path}/o", "checkpoint.storage=ckpt"])
+    ok = load_config(GenerateConfig, ROOT / "jobs" / "configs" / "sl_data_tiny.yaml", [f"output={tmp_path}/sl"])
+    assert ok.input == "jobs/data/red_team_tiny.jsonl"  # inputs inside the uploaded working dir are fine
+    load_config(GenerateConfig, None, ["input=s3://bucket/prompts/", "output=s3://bucket/out/"])

@@ -1,6 +1,7 @@
 """cluster/local.sh: a token-authenticated Ray head on 127.0.0.1; the tiny SL-CAI job goes
-in with `ray job submit` (token supplied), the jobs API refuses requests without it, and
-the head goes down again. Its own ports and temp dir: the session's Ray is left alone."""
+in with `ray job submit` (token supplied), the jobs API refuses requests without it, an
+engine pool grows under backlog (Ray Data's autoscaler), the serving job deploys the app,
+and the head goes down again. Its own ports and temp dir: the session's Ray is left alone."""
 
 import json
 import os
@@ -67,7 +68,8 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     job_id = f"cai-ray-sl-{int(time.time())}"
     argv = [RAY, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT),
             "--runtime-env-json", json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}),
-            "--", "python", "jobs/sl_data.py", "--config", "jobs/configs/sl_data.yaml", f"input={src}",
+            # the tiny config as submitted by users, on tiny-random to keep CI short
+            "--", "python", "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml", f"input={src}",
             f"output={out}", "engine.model=tiny-random", "engine.dtype=float32", "sampling.max_new_tokens=8",
             "pool.batch_size=4", "pool.cpus_per_actor=0.5"]
     for _ in range(30):  # right after start the node's job agent may not have registered yet
@@ -87,6 +89,7 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     assert state == "SUCCEEDED", logs[-3000:]
 
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ray_job"] == job_id
     assert manifest["counts"]["read"] == 7 and manifest["counts"]["written"] == 6 and manifest["counts"]["rejected"] == 1
     import pyarrow.parquet as pq
 
@@ -97,3 +100,39 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     bare = {k: v for k, v in client_env.items() if not k.startswith("RAY_AUTH")}
     denied = subprocess.run([RAY, "job", "list"], env=bare, capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0
+
+    # a relative output is refused before any work (it would vanish with the job's working dir copy)
+    rel = subprocess.run([RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
+                          json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}), "--", "python",
+                          "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml"],
+                         env=client_env, capture_output=True, text=True, timeout=300)
+    assert rel.returncode != 0 and "output='out/sl' is relative" in rel.stdout + rel.stderr
+
+    # Ray Data's autoscaler grows an engine pool from min toward max while prompts queue
+    gcs = f"127.0.0.1:{env['CAI_RAY_GCS_PORT']}"
+    bench = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench" / "pool_autoscale.py"), "--address", gcs,
+                            "--min", "1", "--max", "3", "--prompts", "48", "--output", str(tmp_path / "autoscale")],
+                           env=client_env, capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-3000:]
+    result = json.loads((tmp_path / "autoscale" / "actors.json").read_text())
+    assert result["first_alive"] == 1 and result["peak_alive"] == 3, result["samples"]
+    assert all(s["alive"] <= 3 for s in result["samples"])
+    assert result["counts"]["written"] == 48 and (tmp_path / "autoscale" / "actors.png").stat().st_size > 0
+
+    # the serving job deploys the app, which outlives the job; the key comes from a file
+    key_file = tmp_path / "api_key"
+    key_file.write_text("k" * 32)
+    key_file.chmod(0o600)
+    port = free_port()
+    serve_job = subprocess.run(
+        [RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
+         json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}), "--", "python", "jobs/serve.py",
+         "--config", "jobs/configs/serve_tiny.yaml", f"api_key_file={key_file}", f"port={port}",
+         "policy.model=tiny-random", "policy.dtype=float32", "scaling.max_replicas=1", "scaling.cpus_per_replica=0.5"],
+        env=client_env, capture_output=True, text=True, timeout=600)
+    assert serve_job.returncode == 0, serve_job.stdout[-3000:] + serve_job.stderr[-3000:]
+    assert f'"url": "http://127.0.0.1:{port}"' in serve_job.stdout
+    api = f"http://127.0.0.1:{port}/v1"
+    assert httpx.get(f"{api}/models", timeout=30).status_code == 401
+    models = httpx.get(f"{api}/models", headers={"Authorization": f"Bearer {'k' * 32}"}, timeout=30)
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny-random"
