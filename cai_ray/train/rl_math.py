@@ -1,0 +1,171 @@
+"""The arithmetic of RL-CAI, as pure tensor functions (no models, no state but the KL controller).
+
+Shapes: ``(batch, T)`` over the *response* tokens of a rollout. ``mask`` is 1 for the
+response's real tokens (up to and including its EOS) and 0 for the padding after it, so
+every function below ignores what comes after a sequence ended:
+
+    per-token reward   r_t = -β·KL_t            (+ the sequence score at the last real token)
+    GAE                δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t,   A_t = δ_t + γλ·m_{t+1}·A_{t+1}
+    policy loss        max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)),  ρ = exp(logπ - logπ_old)
+    value loss         ½·max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²)
+
+References: Ziegler et al. 2019 (per-token KL penalty, adaptive β), Schulman et al. 2017
+(PPO, GAE 2016), Schulman's note "Approximating KL divergence" (k1/k2/k3), Ahmadian et
+al. 2024 (RLOO), Shao et al. 2024 (GRPO).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over the positions where ``mask`` is 1 (0 where there are none)."""
+    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked positions."""
+    n = mask.sum()
+    if n < 2:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = masked_mean(x, mask)
+    return masked_sum((x - mean) ** 2, mask) / (n - 1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; padding stays 0. ``shift_mean=False``
+    keeps the mean (used for rewards, whose sign carries meaning)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from the sampled tokens' log-probabilities under
+    the policy and the reference. With r = logπ - logπ_ref: k1 = r (unbiased, can be
+    negative), k2 = r²/2 (low variance, biased), k3 = e^{-r} - 1 + r (unbiased, ≥ 0)."""
+    r = logp - ref_logp
+    if kind == "k1":
+        return r
+    if kind == "k2":
+        return 0.5 * r**2
+    if kind == "k3":
+        return torch.expm1(-r) + r
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real response token (its EOS, or the last token of a
+    response cut at max_new_tokens). Every response must have at least one token."""
+    lengths = mask.sum(1).long()
+    if bool((lengths == 0).any()):
+        raise ValueError("a response with no tokens has no place for its score")
+    return lengths - 1
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards: -β·KL_t on every real token, plus the sequence's score on its last
+    real token; 0 on padding."""
+    rewards = -kl_coef * kl * mask
+    idx = last_token_index(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, idx] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns (A + V). Past a sequence's last real
+    token there is no next state: its bootstrap value and advantage count as 0."""
+    b, t = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(next_adv)
+    next_mask = torch.zeros_like(next_adv)
+    for i in reversed(range(t)):
+        delta = rewards[:, i] + gamma * next_value * next_mask - values[:, i]
+        next_adv = delta + gamma * lam * next_mask * next_adv
+        advantages[:, i] = next_adv
+        next_value, next_mask = values[:, i], mask[:, i]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (to minimise) and its diagnostics: the share of tokens where
+    the clip was active, and an estimate of KL(π_old‖π) over the update."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
+        "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+    }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: the new value may not move more than ``clip`` from the rollout's
+    value for free (PPO2's value clipping)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    l1, l2 = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    return loss, {"vf_clipfrac": masked_mean((l2 > l1).to(values.dtype), mask)}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dimension."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """RLOO: each of a prompt's k samples (scores shape (prompts, k), k ≥ 2) is compared
+    with the mean score of the other k-1."""
+    k = scores.shape[1]
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    return scores - (scores.sum(1, keepdim=True) - scores) / (k - 1)
+
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """GRPO: each sample's score relative to its group's (the prompt's k samples) mean,
+    divided by the group's standard deviation when ``scale``."""
+    adv = scores - scores.mean(1, keepdim=True)
+    return adv / (scores.std(1, keepdim=True) + eps) if scale else adv
+
+
+class AdaptiveKL:
+    """β that follows a target KL (Ziegler et al. 2019): β ← β·(1 + clip(KL/target - 1,
+    ±0.2)·n/horizon) after n samples. ``target=None`` keeps β fixed."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        if init < 0:
+            raise ValueError("kl_coef must be >= 0")
+        self.value, self.target, self.horizon = float(init), target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        if self.target is not None and self.target > 0:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), state["target"], int(state["horizon"])
