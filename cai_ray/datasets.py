@@ -343,6 +343,11 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def fs_path(uri: str) -> str:
+    """The path a pyarrow filesystem takes for ``uri``: s3://bucket/key → bucket/key."""
+    return uri.split("://", 1)[1]
+
+
 def resolve_input(path: str):
     """(filesystem or None for local paths, [(path, format)]) for a file or a folder
     (recursively), sorted for stable order. Cloud URIs (s3://bucket/prefix/, gs://...) are
@@ -350,23 +355,24 @@ def resolve_input(path: str):
     profile / IRSA, AWS_ENDPOINT_URL for S3-compatible stores); their paths stay URIs."""
     if is_uri(path):
         return _resolve_remote(path)
-    return None, list_input_files(path)
+    return None, _list_local(path)
 
 
 def _resolve_remote(uri: str):
     import pyarrow.fs as pafs
 
-    scheme = uri.split("://", 1)[0]
+    scheme, entries = uri.split("://", 1)[0], []
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input not found: {uri}")
-        entries = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if info.type == pafs.FileType.Directory:
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (OSError, pa.ArrowException) as e:
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"{uri}: cannot list it: {e}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {uri}")
+    if info.type == pafs.FileType.File:
+        entries = [info]
     files = []
     for entry in sorted(entries, key=lambda e: e.path):
         suffix = Path(entry.path).suffix.lower()
@@ -383,10 +389,12 @@ def _resolve_remote(uri: str):
 
 
 def list_input_files(path: str) -> list[tuple[str, str]]:
-    """(file, format) pairs for a file or a folder (recursively), sorted for stable order;
-    cloud URIs are listed through pyarrow (``resolve_input``)."""
-    if is_uri(path):
-        return _resolve_remote(path)[1]
+    """(file, format) pairs for a file, a folder (recursively) or a cloud URI, sorted for
+    stable order."""
+    return resolve_input(path)[1]
+
+
+def _list_local(path: str) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {path}")
@@ -419,9 +427,8 @@ def read_prompts(path: str, max_chars: int, rows_per_block: int, num_cpus: float
     from ray.data.datasource import FileBasedDatasource
 
     fs, files = resolve_input(path)
-    formats = {}
-    for f, fmt in files:
-        formats[f] = formats[f.split("://", 1)[-1]] = fmt
+    # Ray hands _read_stream the path it opened: local as listed, remote without the scheme
+    formats = {fs_path(f) if fs is not None else f: fmt for f, fmt in files}
     scheme = path.split("://", 1)[0] + "://" if fs is not None else ""
 
     class PromptFiles(FileBasedDatasource):
@@ -430,11 +437,10 @@ def read_prompts(path: str, max_chars: int, rows_per_block: int, num_cpus: float
             if fmt is None:
                 fmt = SUFFIXES[Path(file_path).suffix.lower()]
             # rejects name the file as the user gave it: the URI, not the bucket-relative path
-            source = file_path if "://" in file_path or not scheme else scheme + file_path
+            source = file_path if "://" in file_path else scheme + file_path
             yield from read_file_blocks(f, source, fmt, max_chars, rows_per_block)
 
-    paths = [f.split("://", 1)[1] if fs is not None else f for f, _ in files]
-    source = PromptFiles(paths, filesystem=fs)
+    source = PromptFiles(list(formats), filesystem=fs)
     # One read task per file, streaming blocks of rows_per_block: left to itself Ray Data
     # would also split every block to reach its default parallelism, multiplying the
     # per-block costs (ledger round trips, re-batching) for no gain.
@@ -447,7 +453,7 @@ def read_local(path: str, max_chars: int, rows_per_block: int = 4096) -> pa.Tabl
     fs, files = resolve_input(path)
     for file, fmt in files:
         if fs is not None:
-            with fs.open_input_stream(file.split("://", 1)[1]) as stream:
+            with fs.open_input_stream(fs_path(file)) as stream:
                 tables += list(read_file_blocks(stream, file, fmt, max_chars, rows_per_block))
             continue
         with open(file, "rb") as fh:

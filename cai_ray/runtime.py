@@ -55,6 +55,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (servers, clusters and benchmarks started here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:

@@ -4,7 +4,6 @@ AWS variables (AWS_ENDPOINT_URL points at the S3-compatible store)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cai_ray.datasets import InputError, read_local, resolve_input
+from cai_ray.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and the head goes down again. Its own ports and temp dir: the session's Ray is l
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cai_ray.runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+UPLOAD = json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]})  # the checkout, less local outputs
 
 
 @pytest.fixture
@@ -67,7 +63,7 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     out = tmp_path / "sl"
     job_id = f"cai-ray-sl-{int(time.time())}"
     argv = [RAY, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}),
+            "--runtime-env-json", UPLOAD,
             # the tiny config as submitted by users, on tiny-random to keep CI short
             "--", "python", "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml", f"input={src}",
             f"output={out}", "engine.model=tiny-random", "engine.dtype=float32", "sampling.max_new_tokens=8",
@@ -103,7 +99,7 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
 
     # a relative output is refused before any work (it would vanish with the job's working dir copy)
     rel = subprocess.run([RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
-                          json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}), "--", "python",
+                          UPLOAD, "--", "python",
                           "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml"],
                          env=client_env, capture_output=True, text=True, timeout=300)
     assert rel.returncode != 0 and "output='out/sl' is relative" in rel.stdout + rel.stderr
@@ -126,7 +122,7 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     port = free_port()
     serve_job = subprocess.run(
         [RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
-         json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]}), "--", "python", "jobs/serve.py",
+         UPLOAD, "--", "python", "jobs/serve.py",
          "--config", "jobs/configs/serve_tiny.yaml", f"api_key_file={key_file}", f"port={port}",
          "policy.model=tiny-random", "policy.dtype=float32", "scaling.max_replicas=1", "scaling.cpus_per_replica=0.5"],
         env=client_env, capture_output=True, text=True, timeout=600)

@@ -150,16 +150,13 @@ def test_requests_are_counted_while_the_engine_is_busy(client):
 @pytest.fixture(scope="module")
 def server(ray_local, settings, monkeypatch_module):
     """The real Ray Serve app on 127.0.0.1 (a free port)."""
-    import socket
-
     from ray import serve
 
     from cai_ray.config import ServeConfig, load_config
+    from cai_ray.runtime import free_port
     from cai_ray.serve.deployment import start
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch_module.setenv("CAI_RAY_API_KEY", KEY)
     cfg = load_config(ServeConfig, None, [
         "policy.model=tiny-random", "policy.dtype=float32", "policy.threads=1", f"port={port}",

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-ENGINE_ACTOR = "SLWorker"  # the class Ray Data's actor pool instantiates (class_name contains it)
+ENGINE_ACTOR = "SLWorker"  # Ray Data names the pool's actors MapWorker(MapBatches(SLWorker))
 
 
 class ActorSampler(threading.Thread):
@@ -49,11 +49,8 @@ class ActorSampler(threading.Thread):
 
         while not self._halt.is_set():
             try:
-                actors = list_actors(filters=[("class_name", "=", f"MapWorker({ENGINE_ACTOR})")], limit=1000,
-                                     raise_on_missing_output=False) or []
-                if not actors:  # name format differs across Ray versions: match by substring
-                    actors = [a for a in list_actors(limit=10000, raise_on_missing_output=False)
-                              if ENGINE_ACTOR in (a.class_name or "")]
+                actors = [a for a in list_actors(limit=10000, raise_on_missing_output=False)
+                          if ENGINE_ACTOR in (a.class_name or "")]
                 states: dict[str, int] = {}
                 for a in actors:
                     states[a.state] = states.get(a.state, 0) + 1
@@ -72,17 +69,12 @@ class ActorSampler(threading.Thread):
 
 def local_cluster(cpus: int) -> tuple[str, dict]:
     """cluster/local.sh up on its own ports and dirs; returns (GCS address, client env)."""
-    import socket
-
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from cai_ray.runtime import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-    gcs = free()
+    gcs = free_port()
     env.update(CAI_RAY_CLUSTER_DIR=f"/tmp/cai-ray-bench-{os.getuid()}", CAI_RAY_GCS_PORT=str(gcs),
-               CAI_RAY_DASHBOARD_PORT=str(free()), RAY=str(Path(sys.executable).with_name("ray")))
+               CAI_RAY_DASHBOARD_PORT=str(free_port()), RAY=str(Path(sys.executable).with_name("ray")))
     sh = str(ROOT / "cluster" / "local.sh")
     subprocess.run([sh, "up", "--cpus", str(cpus)], env=env, check=True, timeout=300)
     return f"127.0.0.1:{gcs}", env

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import statistics
 import sys
 import time
@@ -33,16 +32,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from cai_ray.runtime import free_port  # noqa: E402
+
 
 def prompts(n: int) -> list[str]:
     rows = [json.loads(x) for x in (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()]
     return [rows[i % len(rows)]["prompt"] for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, dtype: str, max_batch_size: int, port: int, tokens: int):
