@@ -39,7 +39,8 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import DPOTrainConfig, GenerateConfig, LabelConfig, RMTrainConfig, ServeConfig, SFTTrainConfig
+    from cai_ray.config import (DPOTrainConfig, GenerateConfig, LabelConfig, RLTrainConfig, RMTrainConfig, ServeConfig,
+                                SFTTrainConfig)
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -133,6 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
         "labeling output folder, or JSONL/Parquet with prompt, chosen, rejected",
     )
     dpo.add_argument("--beta", type=float, help="DPO beta")
+    ppo = _train_parser(
+        tsub, "ppo", RLTrainConfig,
+        "RL-CAI: PPO against the preference model with a KL penalty to the SFT policy (or --algo grpo|rloo)",
+        "Optimise the SFT policy against a reward: the preference model (--reward-model), a reward "
+        "function (reward.function=FILE.py:NAME) or the AI labeler comparing each answer with a "
+        "reference answer (d-RLAIF: reward.labeler.model=MODEL). PPO runs ours (value model from the "
+        "preference model, GAE, clipped losses, KL penalty fixed or adaptive) on Ray Train workers "
+        "under DeepSpeed ZeRO; --algo grpo|rloo runs TRL's GRPOTrainer/RLOOTrainer with the same "
+        "reward. Per step: metrics (reward, KL, entropy, clip fraction, value loss, length, phase "
+        "times) in steps.jsonl and ppo.png, Goodhart monitors (top n-gram share, refusal rate on "
+        "benign probes), sampled answers in samples.jsonl; OUTPUT/value holds the value model.",
+        "prompts: JSONL/Parquet with prompt or messages [, reference]",
+        data_flag="--prompts", model_flag="--policy",
+    )
+    ppo.add_argument("--reward-model", dest="reward.model", metavar="RM_DIR", help="preference model folder (train rm OUTPUT/model)")
+    ppo.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="RL algorithm (default ppo)")
+    ppo.add_argument("--kl-coef", type=float, dest="ppo.kl_coef", metavar="B", help="KL penalty beta (initial beta with --adaptive-kl)")
+    ppo.add_argument("--adaptive-kl", type=float, dest="ppo.adaptive_kl", metavar="TARGET", help="adapt beta towards this KL per response")
+    ppo.add_argument("--rollout-batch", type=int, dest="ppo.rollout_batch", metavar="N", help="prompts per step (all workers)")
+    ppo.add_argument("--ppo-epochs", type=int, dest="ppo.ppo_epochs", metavar="N", help="passes over each rollout batch")
+    ppo.add_argument("--steps", type=int, dest="ppo.steps", metavar="N", help="RL steps")
+    ppo.add_argument("--max-new-tokens", type=int, dest="rollout.max_new_tokens", metavar="N", help="tokens per response")
 
     srv = sub.add_parser(
         "serve",
@@ -165,21 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_parser(tsub, name: str, cls, help: str, description: str, data_help: str):
+def _train_parser(tsub, name: str, cls, help: str, description: str, data_help: str,
+                  data_flag: str = "--data", model_flag: str = "--model"):
     p = tsub.add_parser(
         name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(cls),
         description=description + " Writes OUTPUT/model (a plain HF model folder), metrics.json, "
         "loss.png, rejects.jsonl and manifest.json; re-running the same command resumes from the last checkpoint.",
     )
-    p.add_argument("--data", help=data_help)
+    p.add_argument(data_flag, dest="data", help=data_help)
     p.add_argument("--output", help="output folder")
     p.add_argument("--config", help="YAML config file (see config keys below)")
-    p.add_argument("--model", help="base model (a folder written by another trainer works)")
+    p.add_argument(model_flag, dest="model", help="base model (a folder written by another trainer works)"
+                   if model_flag == "--model" else "the policy to optimise (the SFT OUTPUT/model); also the reference")
     p.add_argument("--workers", type=int, dest="scaling.workers", metavar="N", help="Ray Train workers")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--lora", action="store_const", const=True, dest="lora.enabled", help="train LoRA adapters (merged on save)")
-    p.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
-    p.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
+    if name != "ppo":  # RL counts steps with --steps
+        p.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
+        p.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
     p.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
@@ -285,8 +311,16 @@ def cmd_train(args) -> int:
         return 2
     out = Path(cfg.output)
     m, d = manifest["metrics"], manifest["data"]
-    print(f"trained {m['global_step']} steps on {d['rows']} rows (rejected {d['rejected']}: {d['rejects']}): "
-          f"final loss {m['train_loss']:.4f}")
+    if args.trainer == "ppo" and "first" in m:
+        f, last = m["first"], m["last"]
+        print(f"{cfg.algo}: {m['global_step']} steps on {d['rows']} prompts (rejected {d['rejected']}: {d['rejects']})")
+        print(f"reward {_fmt(f['reward'])} -> {_fmt(last['reward'])}, KL {_fmt(last['kl'])} (beta {_fmt(last['kl_coef'])}), "
+              f"entropy {_fmt(last['entropy'])}, benign refusal rate {_fmt(f['probe_refusal_rate'])} -> "
+              f"{_fmt(last['probe_refusal_rate'])}, top n-gram share {_fmt(last['top_ngram_share'])}")
+        print(f"value model: {out / 'value'}; per step: {out / 'steps.jsonl'}, {out / 'ppo.png'}, {out / 'samples.jsonl'}")
+    else:
+        print(f"trained {m['global_step']} steps on {d['rows']} rows (rejected {d['rejected']}: {d['rejects']}): "
+              f"final loss {_fmt(m['train_loss'])}")
     if "mix" in manifest:
         x = manifest["mix"]
         print(f"mixed in {x['rows']} helpfulness rows from {x['path']} ({x['share']:.0%} of the set"

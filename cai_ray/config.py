@@ -466,6 +466,169 @@ class DPOTrainConfig(TrainConfig):
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
 
 
+RL_ALGOS = ("ppo", "grpo", "rloo")
+REWARD_SOURCES = ("auto", "model", "function", "labeler")
+
+
+@dataclass
+class RewardSection:
+    source: str = _f("auto", "model (a preference model folder) | function (a Python reward function) | labeler "
+                     "(d-RLAIF: the AI labeler compares each answer with a reference answer) | auto: the one set")
+    model: str | None = _f(None, "preference model folder (`cai-ray train rm` OUTPUT/model); also the value "
+                           "model's initialisation")
+    function: str | None = _f(None, "FILE.py:NAME or MODULE:NAME, called as NAME(prompts, responses) -> list of floats "
+                              "(prompts: the chat messages of each row; responses: strings)")
+    labeler: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
+                                  metadata={"help": "d-RLAIF: the labeler engine (hf, vllm, or openai at a "
+                                            "`cai-ray serve` /v1 URL, which labels with its /v1/label)"})
+    label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "d-RLAIF: the labeling method"})
+    constitution: str = _f("constitutions/general.yaml", "d-RLAIF: constitution of the labeler's comparisons")
+    reference: str = _f("policy", "d-RLAIF reference answer: policy (the frozen reference policy's greedy "
+                        "answer, once per prompt) | field (the prompt row's `reference`)")
+    length_penalty: float = _f(0.0, "subtracted from the score per response token")
+    clip: float | None = _f(None, "clip scores to [-clip, clip] (null = no clipping)")
+
+    def validate(self, where: str) -> None:
+        if self.source not in REWARD_SOURCES:
+            raise ConfigError(f"{where}.source: must be one of {', '.join(REWARD_SOURCES)}, got {self.source!r}")
+        given = [s for s, v in (("model", self.model), ("function", self.function), ("labeler", self.labeler.model)) if v]
+        if self.source == "auto":
+            if len(given) != 1:
+                raise ConfigError(f"{where}: set exactly one reward: --reward-model DIR, reward.function=FILE.py:NAME "
+                                  f"or reward.labeler.model=MODEL (got {', '.join(given) or 'none'})")
+        elif self.source not in given:
+            key = "labeler.model" if self.source == "labeler" else self.source
+            raise ConfigError(f"{where}.source is {self.source}, but {where}.{key} is not set")
+        if self.function is not None and not re.match(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$", self.function):
+            raise ConfigError(f"{where}.function: expected FILE.py:NAME or MODULE:NAME, got {self.function!r}")
+        if self.kind == "labeler":
+            self.labeler.validate(f"{where}.labeler")
+            self.label.validate(f"{where}.label")
+        if self.reference not in ("policy", "field"):
+            raise ConfigError(f"{where}.reference: must be policy or field, got {self.reference!r}")
+        if self.length_penalty < 0:
+            raise ConfigError(f"{where}.length_penalty: must be >= 0")
+        if self.clip is not None:
+            _positive(where, "clip", self.clip)
+
+    @property
+    def kind(self) -> str:
+        """model | function | labeler: the source in use."""
+        if self.source != "auto":
+            return self.source
+        return "model" if self.model else "function" if self.function else "labeler"
+
+
+@dataclass
+class RolloutSection:
+    engine: str = _f("hf", "hf: generate with the training weights in the worker (no copy, no sync) | vllm: a "
+                     "colocated vLLM engine per worker, weights pushed into it after every update (GPU)")
+    max_new_tokens: int = _f(128, "tokens per sampled response")
+    temperature: float = _f(1.0, "sampling temperature (log-probabilities are taken at the same temperature)")
+    top_p: float = _f(1.0, "nucleus sampling mass (1 = the exact policy distribution)")
+    gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for its weights and KV cache")
+
+    def validate(self, where: str) -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ConfigError(f"{where}.engine: must be hf or vllm, got {self.engine!r}")
+        _positive(where, "max_new_tokens", self.max_new_tokens)
+        if self.temperature < GREEDY_TEMPERATURE:
+            raise ConfigError(f"{where}.temperature: must be >= {GREEDY_TEMPERATURE} (RL samples; it cannot be greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}.top_p: must be in (0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{where}.gpu_memory_utilization: must be in (0, 1]")
+
+
+GREEDY_TEMPERATURE = 0.05
+
+
+@dataclass
+class PPOSection:
+    steps: int = _f(100, "RL steps (each: rollout, score, advantages, ppo_epochs of updates)")
+    rollout_batch: int = _f(16, "prompts per step, over all workers (a multiple of the worker count)")
+    group_size: int = _f(4, "grpo/rloo: answers per prompt (their baseline); ppo samples one")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    clip_range: float = _f(0.2, "PPO ratio clip epsilon")
+    value_clip: float = _f(0.2, "value clip around the rollout's values")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    kl_coef: float = _f(0.05, "beta of the per-token KL penalty to the reference (SFT) policy; the initial value "
+                        "with adaptive_kl")
+    adaptive_kl: float | None = _f(None, "target KL per response: adapt beta towards it (Ziegler et al.); null = fixed beta")
+    kl_horizon: int = _f(10000, "adaptive KL horizon in samples")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1 (log ratio) | k2 | k3")
+    whiten_advantages: bool = _f(True, "normalise advantages over the batch (all workers)")
+    value_learning_rate: float = _f(1e-5, "learning rate of the value model (optim.learning_rate is the policy's)")
+    critic_warmup_steps: int = _f(0, "first steps train the value model only (a value model fresh from the preference "
+                                  "model has not seen per-token returns)")
+
+    def validate(self, where: str) -> None:
+        for key in ("steps", "rollout_batch", "group_size", "ppo_epochs", "kl_horizon", "value_learning_rate"):
+            _positive(where, key, getattr(self, key))
+        if self.group_size < 2:
+            raise ConfigError(f"{where}.group_size: grpo/rloo need >= 2 answers per prompt for a baseline")
+        for key in ("clip_range", "value_clip"):
+            if not 0 < getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key}: must be in (0, 1)")
+        if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"{where}: need 0 < gamma <= 1 and 0 <= lam <= 1")
+        if self.kl_coef < 0:
+            raise ConfigError(f"{where}.kl_coef: must be >= 0")
+        if self.adaptive_kl is not None:
+            _positive(where, "adaptive_kl", self.adaptive_kl)
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"{where}.kl_estimator: must be k1, k2 or k3")
+        if self.critic_warmup_steps < 0 or self.critic_warmup_steps >= self.steps:
+            raise ConfigError(f"{where}.critic_warmup_steps: must be in [0, steps)")
+
+
+@dataclass
+class MonitorSection:
+    every: int = _f(10, "run the benign probe set every N steps (and at the last step)")
+    probe: str | None = _f(None, "benign prompts (JSONL with prompt) for the refusal-rate monitor; null = the "
+                           "built-in set of 12")
+    probe_max_new_tokens: int = _f(48, "tokens per probe answer (greedy)")
+    ngram: int = _f(3, "n of the boilerplate monitor (word n-grams)")
+    top_ngrams: int = _f(10, "the boilerplate monitor's share is that of the N most common n-grams")
+
+    def validate(self, where: str) -> None:
+        for key in ("every", "probe_max_new_tokens", "ngram", "top_ngrams"):
+            _positive(where, key, getattr(self, key))
+
+
+@dataclass
+class RLTrainConfig(TrainConfig):
+    """`cai-ray train ppo`: RL-CAI, the policy optimised against the preference model (or another reward)
+    with a KL penalty to the SFT policy: PPO (ours, value model + GAE) or GRPO/RLOO (TRL)."""
+
+    data: str = _f("", "prompts: JSONL/Parquet with prompt (string) or messages (ending with a user turn) "
+                   "[, reference for d-RLAIF], or a folder of them")
+    model: str = _f("smollm2", "the policy to optimise (the SFT output); also the frozen reference")
+    algo: str = _f("ppo", "ppo (clipped policy + value model, GAE) | grpo | rloo (TRL, critic-free)")
+    reward: RewardSection = field(default_factory=RewardSection, metadata={"help": "where the reward comes from"})
+    rollout: RolloutSection = field(default_factory=RolloutSection, metadata={"help": "sampling the responses"})
+    ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "the RL algorithm"})
+    monitor: MonitorSection = field(default_factory=MonitorSection, metadata={"help": "Goodhart monitors"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo not in RL_ALGOS:
+            raise ConfigError(f"algo: must be one of {', '.join(RL_ALGOS)}, got {self.algo!r}")
+        for name in ("reward", "rollout", "ppo", "monitor"):
+            getattr(self, name).validate(name)
+        if self.ppo.rollout_batch % self.scaling.workers:
+            raise ConfigError(f"ppo.rollout_batch ({self.ppo.rollout_batch}) must be a multiple of scaling.workers "
+                              f"({self.scaling.workers}): every worker samples the same number of prompts")
+        if self.rollout.max_new_tokens >= self.optim.max_length:
+            raise ConfigError(f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below optim.max_length "
+                              f"({self.optim.max_length}), which bounds prompt + response")
+        if self.algo != "ppo" and self.rollout.engine != "hf":
+            raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
+        if self.lora.enabled and self.algo == "ppo":
+            raise ConfigError("lora: not supported by the PPO trainer yet (grpo/rloo take it)")
+
+
 @dataclass
 class ServeLimits:
     max_body_bytes: int = _f(1_000_000, "larger request bodies get 413")

@@ -1,4 +1,4 @@
-"""Training on Ray Train with DeepSpeed: SFT, preference model, DPO (see harness.py)."""
+"""Training on Ray Train with DeepSpeed: SFT, preference model, DPO, RL (PPO/GRPO/RLOO) (see harness.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ TRAINERS = {
     "sft": ("SFTTrainConfig", "cai_ray.train.sft:train_sft"),
     "rm": ("RMTrainConfig", "cai_ray.train.rm:train_rm"),
     "dpo": ("DPOTrainConfig", "cai_ray.train.dpo:train_dpo"),
+    "ppo": ("RLTrainConfig", "cai_ray.train.ppo:train_rl"),
 }
 
 

@@ -23,7 +23,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TITLES = {"sft": "SFT loss", "rm": "preference model loss", "dpo": "DPO loss"}
+TITLES = {"sft": "SFT loss", "rm": "preference model loss", "dpo": "DPO loss", "ppo": "PPO policy loss",
+          "grpo": "GRPO loss", "rloo": "RLOO loss"}
+# trainer → the module with its load_base/build (default cai_ray.train.<kind>)
+MODULES = {"grpo": "cai_ray.train.critic_free", "rloo": "cai_ray.train.critic_free"}
 
 
 # -- on every worker ------------------------------------------------------------------------
@@ -41,6 +44,8 @@ def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
     from cai_ray.train.deepspeed import zero_config
 
     cuda, bf16 = precision(c)
+    if "max_length" in args_cls.__dataclass_fields__:  # GRPO/RLOO bound the completion instead
+        extra.setdefault("max_length", c["max_length"])
     return args_cls(
         output_dir=str(work / "hf"),
         num_train_epochs=c["epochs"],
@@ -49,7 +54,6 @@ def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
         per_device_train_batch_size=c["per_worker_batch_size"],
         gradient_accumulation_steps=c["grad_accum"],
         warmup_steps=c["warmup_ratio"],  # a float in [0, 1) is a ratio of the total steps
-        max_length=c["max_length"],
         bf16=bf16,
         use_cpu=not cuda,
         deepspeed=zero_config(c["zero"], c["offload"]),
@@ -116,7 +120,7 @@ def train_loop(c: dict[str, Any]) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    module = importlib.import_module(f"cai_ray.train.{c['kind']}")
+    module = importlib.import_module(MODULES.get(c["kind"], f"cai_ray.train.{c['kind']}"))
     rank = ray.train.get_context().get_world_rank()
     work = Path(c["output"]) / "_work" / f"rank{rank}"
     resume = None
@@ -178,10 +182,11 @@ def save_model(trainer, c: dict[str, Any], out: Path, module) -> Path:
 
 
 # -- the job --------------------------------------------------------------------------------
-def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: dict | None = None,
+def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop=None, loop_extra: dict | None = None,
         fingerprint_extra: dict | None = None, manifest_extra: dict | None = None) -> dict[str, Any]:
     """Train ``rows`` with trainer ``kind`` on Ray Train as ``cfg`` (a TrainConfig) says;
-    returns the manifest (also at OUTPUT/manifest.json)."""
+    returns the manifest (also at OUTPUT/manifest.json). ``loop`` is the worker function
+    (default ``train_loop``, the TRL trainers'; PPO brings its own)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -214,7 +219,7 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
-        train_loop,
+        loop or train_loop,
         train_loop_config=loop_config(kind, cfg, rows, out, use_gpu, loop_extra),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -232,7 +237,7 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop_extra: di
     metrics = json.loads((out / "metrics.json").read_text())
     plot_loss(metrics["loss_curve"], out / "loss.png", TITLES[kind])
     manifest.update(status="finished", finished=runtime.now(),
-                    metrics={k: v for k, v in metrics.items() if k != "loss_curve"},
+                    metrics={k: v for k, v in metrics.items() if k not in ("loss_curve", "history")},
                     timing={"wall_s": round(wall, 3)}, model_dir=str(out / "model"),
                     checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
     runtime.write_json_atomic(out / "manifest.json", manifest)

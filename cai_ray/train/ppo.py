@@ -1,0 +1,615 @@
+"""RL-CAI with PPO: the SFT policy optimised against the preference model, near the SFT policy.
+
+    prompts ─► harness: TorchTrainer(N workers, DeepSpeed ZeRO) ─► OUTPUT/model (policy), OUTPUT/value,
+                                                                    metrics.json, ppo.png, samples.jsonl
+    each worker, each step (named, timed phases):
+        rollout    sample a response per prompt from the policy (rollout engine: hf | vllm)
+        score      preference model (or reward function, or the AI labeler) on prompt + response
+        reference  log-probs of the responses under the frozen reference (SFT) policy
+        values     log-probs under the rollout policy and the value model's per-token values
+        advantages per-token reward = score on the last real token - β·KL; GAE; whitening
+                   (statistics over all workers)
+        update     ppo_epochs × minibatches: clipped policy loss, clipped value loss
+        monitor    every N steps: refusal rate on benign probes (greedy)
+        checkpoint every N steps: both DeepSpeed engines + loop state, reported to Ray Train
+
+Four models per worker (OpenRLHF's layout): policy and value train under DeepSpeed (ZeRO-2 or
+-3, own optimizers); the reference and the reward model are frozen (partitioned too under
+ZeRO-3). The value model starts from the preference model (its score head predicts returns),
+or, with a reward function or the labeler, from the policy with a zero head. Responses end at
+their first EOS (kept, it is a real action); everything after it is masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cai_ray.train import harness
+from cai_ray.train.data import load_rows, reject
+
+log = logging.getLogger(__name__)
+
+PHASES = ("rollout", "score", "reference", "values", "advantages", "update", "monitor", "checkpoint")
+SAMPLES_PER_STEP = 4  # responses written to samples.jsonl per step (rank 0's first ones)
+
+
+# -- rows -----------------------------------------------------------------------------------
+def prompt_row(r: dict) -> tuple[dict | None, str | None]:
+    """``prompt`` (string) or ``messages`` ending with a user turn [+ ``reference``]."""
+    from cai_ray.train.data import _messages
+
+    if isinstance(r.get("prompt"), str):
+        if not r["prompt"].strip():
+            return None, "empty prompt"
+        msgs = [{"role": "user", "content": r["prompt"]}]
+    elif r.get("messages") is not None:
+        msgs = _messages(r["messages"])
+        if msgs is None:
+            return None, "malformed messages (each needs role system|user|assistant and string content)"
+        if msgs[-1]["role"] != "user":
+            return None, "messages must end with a user turn (the policy answers it)"
+    else:
+        return None, "needs 'prompt' (string) or 'messages'"
+    ref = r.get("reference")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip()):
+        return None, "'reference' must be a non-empty string"
+    return {"prompt": msgs, "reference": ref}, None
+
+
+def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Usable prompt rows and rejects (malformed, too long for prompt + response, no reference
+    where d-RLAIF needs one)."""
+    rows, rejects = load_rows(cfg.data, prompt_row)
+    room = cfg.optim.max_length - cfg.rollout.max_new_tokens
+    keep = []
+    for row in rows:
+        n = len(_encode(tokenizer, row["prompt"]))
+        why = None
+        if n > room:
+            why = (f"prompt is {n} tokens; optim.max_length ({cfg.optim.max_length}) - rollout.max_new_tokens "
+                   f"({cfg.rollout.max_new_tokens}) leaves {room}")
+        elif cfg.reward.kind == "labeler" and cfg.reward.reference == "field" and not row["reference"]:
+            why = "reward.reference=field, but the row has no 'reference' answer"
+        if why:
+            rejects.append(reject("data", None, {"id": row["id"], **row}, why))
+        else:
+            keep.append(row)
+    return keep, rejects
+
+
+def _encode(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# -- the job --------------------------------------------------------------------------------
+def train_rl(cfg) -> dict[str, Any]:
+    """Run RL as an ``RLTrainConfig`` says (PPO here; GRPO/RLOO through TRL); returns the manifest."""
+    from transformers import AutoTokenizer
+
+    from cai_ray.models import resolve_model
+    from cai_ray.stage import model_info
+    from cai_ray.train.data import TrainDataError
+    from cai_ray.train.reward import load_function
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    rows, rejects = prompt_rows(cfg, tok)
+    if not rows:
+        raise TrainDataError(f"{cfg.data}: no usable prompts ({len(rejects)} rejected: see the reasons in rejects)")
+    r = cfg.reward
+    reward_info = {"source": r.kind, "model": model_info(r.model) if r.kind == "model" else None,
+                   "function": r.function if r.kind == "function" else None,
+                   "labeler": r.labeler.model if r.kind == "labeler" else None}
+    if r.kind == "labeler":
+        from cai_ray.constitution import load_constitution
+
+        reward_info["constitution_sha256"] = load_constitution(r.constitution).sha256
+    if r.kind == "function":
+        load_function(r.function)  # a missing file or name fails here, before any worker starts
+    settings = {"algo": cfg.algo, "reward": {**_plain(cfg.reward), "base_dir": os.getcwd()}, "rollout": _plain(cfg.rollout),
+                "ppo": _plain(cfg.ppo), "monitor": _plain(cfg.monitor)}
+    fingerprint = {k: v for k, v in settings.items() if k not in ("ppo", "reward")}
+    fingerprint["reward"] = _plain(cfg.reward)
+    fingerprint["ppo"] = {k: v for k, v in settings["ppo"].items() if k != "steps"}  # steps may grow on resume
+    if cfg.algo == "ppo":
+        return harness.run("ppo", cfg, rows, rejects, loop=ppo_loop, loop_extra=settings,
+                           fingerprint_extra=fingerprint, manifest_extra={"reward": reward_info})
+    return harness.run(cfg.algo, cfg, rows, rejects, loop_extra=settings, fingerprint_extra=fingerprint,
+                       manifest_extra={"reward": reward_info})
+
+
+def _plain(section) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(section)
+
+
+# -- on every worker ------------------------------------------------------------------------
+class Phases:
+    """Wall time per named phase of one step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def ds_config(c: dict[str, Any], micro_batch: int, world: int, frozen: bool = False) -> dict[str, Any]:
+    """A concrete DeepSpeed config (no HF Trainer fills "auto" here): ZeRO stage, batch, precision.
+    A frozen model gets ZeRO-3 partitioning when training uses ZeRO-3, else none."""
+    from cai_ray.train.deepspeed import zero_config
+
+    _, bf16 = harness.precision(c)
+    stage = c["zero"]
+    if frozen:
+        zero = {"stage": 3 if stage == 3 else 0}
+    else:
+        zero = (zero_config(stage, c["offload"]) or {"zero_optimization": {"stage": 0}})["zero_optimization"]
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Worker:
+    """One Ray Train worker's models and the step; ``ppo_loop`` drives it."""
+
+    def __init__(self, c: dict[str, Any]):
+        import deepspeed
+        import ray.train
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        from cai_ray.models import resolve_model
+        from cai_ray.train.reward import RewardScorer
+        from cai_ray.train.rollout import make_rollout
+
+        self.c = c
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        cuda, bf16 = harness.precision(c)
+        self.device = ray.train.torch.get_device() if cuda else torch.device("cpu")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        torch.manual_seed(c["seed"])
+        path = resolve_model(c["model"])
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        rw = c["reward"]
+        kind = rw["source"] if rw["source"] != "auto" else (
+            "model" if rw["model"] else "function" if rw["function"] else "labeler")
+        self.reward_kind = kind
+        mb, lr = c["per_worker_batch_size"], c["learning_rate"]
+
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        policy.generation_config.pad_token_id = self.tok.pad_token_id
+        value_path = resolve_model(rw["model"]) if kind == "model" else path
+        value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=self.dtype)
+        value.config.pad_token_id = self.tok.pad_token_id
+        if kind != "model":
+            with torch.no_grad():
+                self._value_head(value).weight.zero_()  # a fresh head: V = 0 until it learns returns
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().requires_grad_(False)
+
+        self.policy, *_ = deepspeed.initialize(
+            model=policy, optimizer=torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0),
+            config=ds_config(c, mb, self.world))
+        self.value, *_ = deepspeed.initialize(
+            model=value, optimizer=torch.optim.AdamW(value.parameters(), lr=c["ppo"]["value_learning_rate"],
+                                                     weight_decay=0.0),
+            config=ds_config(c, mb, self.world))
+        if c["zero"] == 3:
+            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config(c, mb, self.world, frozen=True))
+            self.ref.eval()
+        else:
+            self.ref = ref.to(self.device)
+        self.rollout = make_rollout(c["rollout"]["engine"], self.policy.module, self.tok, str(self.device), path, c)
+        self.scorer = RewardScorer(rw, kind, device=str(self.device), seed=c["seed"],
+                                   reference_answer=self.reference_answers)
+        from cai_ray.train.monitors import load_probes
+        from cai_ray.train.rl_math import AdaptiveKL
+
+        self.kl = AdaptiveKL(c["ppo"]["kl_coef"], c["ppo"]["adaptive_kl"], c["ppo"]["kl_horizon"])
+        self.probes = load_probes(c["monitor"]["probe"])
+        rows = c["rows"]
+        self.rows = rows[self.rank::self.world] or rows  # every worker needs prompts, even with few rows
+        self.per_worker = c["ppo"]["rollout_batch"] // self.world
+        self.step = 0
+        self.history: list[dict] = []
+
+    @staticmethod
+    def _value_head(model):
+        return model.score if hasattr(model, "score") else model.classifier
+
+    # -- forward passes ----------------------------------------------------------------------
+    def _positions(self, attn):
+        return (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def logprobs(self, model, ids, attn, p_len: int, with_logits: bool = False):
+        """Log-probabilities of the response tokens (at the sampling temperature) and, when
+        asked, the response logits (for entropy)."""
+        import torch
+
+        out = model(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).logits
+        logits = out[:, p_len - 1:-1].float() / self.c["rollout"]["temperature"]
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
+        return (logp, logits) if with_logits else logp
+
+    def values_of(self, ids, attn, p_len: int):
+        """V(s_t) before each response token: the value head on every position's hidden state."""
+        m = self.value.module
+        backbone = getattr(m, m.base_model_prefix)
+        h = backbone(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).last_hidden_state
+        return self._value_head(m)(h).squeeze(-1)[:, p_len - 1:-1].float()
+
+    def _chunks(self, n: int):
+        mb = self.c["per_worker_batch_size"]
+        return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+
+    def reference_answers(self, prompts: list[list[dict]]) -> list[str]:
+        """d-RLAIF reference answers: the frozen reference policy's greedy answers."""
+        import torch
+
+        module = self.ref.module if hasattr(self.ref, "module") else self.ref
+        out = []
+        for sl in self._chunks(len(prompts)):
+            enc = [_encode(self.tok, p) for p in prompts[sl]]
+            ids, attn, width = self._left_pad(enc)
+            with torch.no_grad():
+                gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False,
+                                      max_new_tokens=self.c["rollout"]["max_new_tokens"],
+                                      pad_token_id=self.tok.pad_token_id)
+            out += self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+        return out
+
+    def _left_pad(self, seqs: list[list[int]]):
+        import torch
+
+        pad = self.tok.pad_token_id
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, attn, width
+
+    # -- one step -----------------------------------------------------------------------------
+    def batch_rows(self, step: int) -> list[dict]:
+        """This worker's prompts for ``step``: its shard, in a seeded order per pass."""
+        n, k = len(self.rows), self.per_worker
+        out = []
+        for j in range(step * k, step * k + k):
+            epoch, i = divmod(j, n)
+            order = list(range(n))
+            random.Random(f"{self.c['seed']}:{self.rank}:{epoch}").shuffle(order)
+            out.append(self.rows[order[i]])
+        return out
+
+    def run_step(self, step: int) -> dict[str, Any]:
+        import torch
+
+        from cai_ray.train import rl_math as m
+
+        c, ppo, ph = self.c, self.c["ppo"], Phases()
+        rows = self.batch_rows(step)
+        prompts = [_encode(self.tok, r["prompt"]) for r in rows]
+
+        with ph("rollout"):
+            responses = self.rollout.generate(prompts, c["rollout"]["max_new_tokens"], c["rollout"]["temperature"],
+                                              c["rollout"]["top_p"], seed=hash((c["seed"], step, self.rank)) % 2**31)
+            responses = [r or [self.tok.eos_token_id] for r in responses]  # an empty answer still ends
+            p_ids, p_attn, p_len = self._left_pad(prompts)
+            t_len = max(len(r) for r in responses)
+            pad = self.tok.pad_token_id
+            r_ids = torch.tensor([r + [pad] * (t_len - len(r)) for r in responses], device=self.device)
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (t_len - len(r)) for r in responses], device=self.device)
+            ids = torch.cat([p_ids, r_ids], 1)
+            attn = torch.cat([p_attn, mask.long()], 1)
+            texts = self.tok.batch_decode(responses, skip_special_tokens=True)
+
+        with ph("score"):
+            scores = torch.tensor(self.scorer.score([r["id"] for r in rows], [r["prompt"] for r in rows], texts,
+                                                    [len(r) for r in responses], [r["reference"] for r in rows]),
+                                  device=self.device, dtype=torch.float32)
+
+        with torch.no_grad():
+            with ph("reference"):
+                ref_logp = torch.cat([self.logprobs(self.ref, ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
+            with ph("values"):
+                old_logp = torch.cat([self.logprobs(self.policy, ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
+                old_values = torch.cat([self.values_of(ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
+            with ph("advantages"):
+                kl = m.kl_per_token(old_logp, ref_logp, ppo["kl_estimator"]) * mask
+                beta = self.kl.value
+                rewards = m.token_rewards(scores, kl, beta, mask)
+                adv, returns = m.gae(rewards, old_values, mask, ppo["gamma"], ppo["lam"])
+                if ppo["whiten_advantages"]:
+                    adv = self._whiten_all(adv, mask)
+
+        with ph("update"):
+            stats = self.update(ids, attn, p_len, mask, old_logp, old_values, adv, returns,
+                                train_policy=step >= ppo["critic_warmup_steps"])
+        seq_kl = (kl.sum(1)).mean().item()
+        self.kl.update(self._mean_all(seq_kl), ppo["rollout_batch"])
+
+        local = {
+            "reward": scores.mean().item(), "kl": seq_kl, "entropy": stats["entropy"],
+            "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"], "policy_loss": stats["policy_loss"],
+            "value_loss": stats["value_loss"], "vf_clipfrac": stats["vf_clipfrac"],
+            "response_length": mask.sum(1).mean().item(), "value_mean": m.masked_mean(old_values, mask).item(),
+            "return_mean": m.masked_mean(returns, mask).item(),
+            "ended_share": sum(1 for r in responses if r[-1] == self.tok.eos_token_id) / len(responses),
+        }
+        metrics = {k: self._mean_all(v) for k, v in local.items()}
+        metrics.update(step=step + 1, kl_coef=beta, reward_std=self._std_all(scores))
+        if self.reward_kind == "labeler":
+            metrics["labeler_invalid"] = self._sum_all(self.scorer.invalid)
+        all_texts = self._gather(texts)
+        from cai_ray.train.monitors import top_ngram_share
+
+        metrics["top_ngram_share"] = top_ngram_share(all_texts, c["monitor"]["ngram"], c["monitor"]["top_ngrams"])
+        last = step + 1 == ppo["steps"]
+        if (step + 1) % c["monitor"]["every"] == 0 or step == 0 or last:
+            with ph("monitor"):
+                metrics["probe_refusal_rate"] = self.probe_refusal_rate()
+        metrics["seconds"] = {k: round(v, 4) for k, v in ph.seconds.items()}
+        metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "response": t, "score": s}
+                              for r, t, s in zip(rows, texts, scores.tolist())][:SAMPLES_PER_STEP]
+        return metrics
+
+    def update(self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool) -> dict:
+        import torch
+
+        from cai_ray.train import rl_math as m
+
+        ppo = self.c["ppo"]
+        sums: dict[str, float] = {}
+        n = 0
+        gen = torch.Generator().manual_seed(self.c["seed"])
+        for _ in range(ppo["ppo_epochs"]):
+            order = torch.randperm(ids.shape[0], generator=gen).to(self.device)
+            for sl in self._chunks(ids.shape[0]):
+                idx = order[sl]
+                mb_mask = mask[idx]
+                logp, logits = self.logprobs(self.policy, ids[idx], attn[idx], p_len, with_logits=True)
+                pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo["clip_range"])
+                if train_policy:
+                    self.policy.backward(pl)
+                    self.policy.step()
+                v = self.values_of(ids[idx], attn[idx], p_len)
+                vl, vst = m.value_loss(v, old_values[idx], returns[idx], mb_mask, ppo["value_clip"])
+                self.value.backward(vl)
+                self.value.step()
+                with torch.no_grad():
+                    ent = m.masked_mean(m.entropy_from_logits(logits * self.c["rollout"]["temperature"]), mb_mask)
+                for k, x in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent), ("clipfrac", st["clipfrac"]),
+                             ("approx_kl", st["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
+                    sums[k] = sums.get(k, 0.0) + float(x.detach())
+                n += 1
+        if not self.rollout.shares_weights:
+            from cai_ray.train.rollout import gathered_params
+
+            self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
+        return {k: v / n for k, v in sums.items()}
+
+    def probe_refusal_rate(self) -> float | None:
+        """Share of the benign probes (greedy answers, split over the workers) that are refusals."""
+        import torch
+
+        from cai_ray.refusal import is_refusal
+
+        mine = self.probes[self.rank::self.world]
+        flags: list[bool] = []
+        if mine:
+            enc = [_encode(self.tok, [{"role": "user", "content": p}]) for p in mine]
+            ids, attn, width = self._left_pad(enc)
+            module = self.policy.module
+            module.eval()
+            with torch.no_grad():
+                gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False,
+                                      max_new_tokens=self.c["monitor"]["probe_max_new_tokens"],
+                                      pad_token_id=self.tok.pad_token_id)
+            module.train()
+            flags = [is_refusal(t) for t in self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)]
+        every = self._gather(flags)
+        return sum(every) / len(every) if every else None
+
+    # -- across workers -------------------------------------------------------------------------
+    def _all_sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _mean_all(self, x: float) -> float:
+        return self._all_sum([x])[0] / self.world
+
+    def _sum_all(self, x: float) -> float:
+        return self._all_sum([x])[0]
+
+    def _std_all(self, scores) -> float:
+        n, s, s2 = self._all_sum([scores.numel(), scores.sum().item(), (scores**2).sum().item()])
+        return math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
+
+    def _whiten_all(self, adv, mask):
+        """(A - mean) / std with the statistics of every worker's tokens."""
+        n, s, s2 = self._all_sum([mask.sum().item(), (adv * mask).sum().item(), (adv**2 * mask).sum().item()])
+        mean = s / n
+        var = max(s2 / n - mean**2, 0.0) * n / max(n - 1, 1)
+        return (adv - mean) / math.sqrt(var + 1e-8) * mask
+
+    def _gather(self, items: list) -> list:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return list(items)
+        out: list = [None] * self.world
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, d: Path) -> None:
+        self.policy.save_checkpoint(str(d), tag="policy", save_latest=False)
+        self.value.save_checkpoint(str(d), tag="value", save_latest=False)
+        if self.rank == 0:
+            (d / "loop_state.json").write_text(json.dumps(
+                {"step": self.step, "kl": self.kl.state_dict(), "history": self.history}))
+
+    def restore(self, d: Path) -> None:
+        self.policy.load_checkpoint(str(d), tag="policy")
+        self.value.load_checkpoint(str(d), tag="value")
+        state = json.loads((d / "loop_state.json").read_text())
+        self.step, self.history = state["step"], state["history"]
+        self.kl.load_state_dict(state["kl"])
+        if not self.rollout.shares_weights:
+            from cai_ray.train.rollout import gathered_params
+
+            self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
+
+    def save_models(self, out: Path) -> None:
+        """OUTPUT/model (the policy) and OUTPUT/value as plain HF folders; ZeRO-3 gathers first."""
+        for engine, name in ((self.policy, "model"), (self.value, "value")):
+            if self.c["zero"] == 3:
+                state = engine._zero3_consolidated_16bit_state_dict()
+            else:
+                state = engine.module.state_dict()
+            if self.rank == 0:
+                engine.module.save_pretrained(str(out / name), state_dict=state)
+                self.tok.save_pretrained(str(out / name))
+
+
+def ppo_loop(c: dict[str, Any]) -> None:
+    """Ray Train worker function: build the four models, restore the last checkpoint (a
+    restarted worker or a re-run), then run the steps."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    w = Worker(c)
+    out = Path(c["output"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            w.restore(Path(d))
+        log.info("resumed at step %d", w.step)
+    resumed_at = w.step
+    steps, every = c["ppo"]["steps"], c["every_steps"]
+    t0 = time.perf_counter()
+    for step in range(w.step, steps):
+        metrics = w.run_step(step)
+        w.step = step + 1
+        w.history.append(metrics)
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        if w.rank == 0:
+            _write_progress(out, w.history, c)
+            log.info("step %d/%d reward %.4f kl %.4f entropy %.3f clipfrac %.3f", w.step, steps,
+                     metrics["reward"], metrics["kl"], metrics["entropy"], metrics["clipfrac"])
+        if w.step % every == 0 or w.step == steps:
+            with tempfile.TemporaryDirectory() as d:
+                ph = time.perf_counter()
+                w.save(Path(d))
+                metrics["seconds"]["checkpoint"] = round(time.perf_counter() - ph, 4)
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report)
+    seconds = time.perf_counter() - t0
+    w.save_models(out)
+    if w.rank == 0:
+        _write_progress(out, w.history, c)
+        last = w.history[-1] if w.history else {}
+        summary = {
+            "global_step": w.step,
+            "train_loss": last.get("policy_loss"),
+            "resumed_from": resumed_at or None,
+            "train_seconds": round(seconds, 3),
+            "first": _headline(w.history[0]) if w.history else None,
+            "last": _headline(last) if last else None,
+            "seconds_per_step": _mean_seconds(w.history[resumed_at:]),
+            "loss_curve": [{"step": h["step"], "loss": h["policy_loss"]} for h in w.history],
+            "history": w.history,
+            "plot": str(out / "ppo.png"),
+            "samples": str(out / "samples.jsonl"),
+        }
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+
+HEADLINE = ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "response_length", "top_ngram_share",
+            "probe_refusal_rate")
+
+
+def _headline(m: dict) -> dict:
+    return {k: m.get(k) for k in HEADLINE}
+
+
+def _mean_seconds(history: list[dict]) -> dict[str, float] | None:
+    if not history:
+        return None
+    total: dict[str, float] = {}
+    for h in history:
+        for k, v in h["seconds"].items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: round(v / len(history), 4) for k, v in total.items()}
+
+
+def _write_progress(out: Path, history: list[dict], c: dict[str, Any]) -> None:
+    """metrics so far (steps.jsonl), the plot and the samples: a user watches a run here."""
+    with open(out / "steps.jsonl", "w") as f:
+        f.writelines(json.dumps({k: v for k, v in h.items() if k != "samples"}) + "\n" for h in history)
+    with open(out / "samples.jsonl", "w") as f:
+        for h in history:
+            f.writelines(json.dumps({"step": h["step"], **s}) + "\n" for s in h["samples"])
+    plot_ppo(history, out / "ppo.png")
+
+
+def plot_ppo(history: list[dict], path: Path) -> None:
+    """Reward, KL, entropy, clip fraction, value loss, length, Goodhart monitors and phase times per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward", "mean reward"), ("kl", "KL to reference (per response)"), ("entropy", "entropy (per token)"),
+              ("clipfrac", "clip fraction"), ("value_loss", "value loss"), ("response_length", "response tokens"),
+              ("top_ngram_share", "top n-gram share (boilerplate)"), ("probe_refusal_rate", "benign refusal rate")]
+    fig, axes = plt.subplots(3, 3, figsize=(12, 9))
+    steps = [h["step"] for h in history]
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(s, h.get(key)) for s, h in zip(steps, history) if h.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", markersize=2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+    ax = axes.flat[-1]
+    bottom = [0.0] * len(history)
+    for phase in PHASES:
+        vals = [h["seconds"].get(phase, 0.0) for h in history]
+        if any(vals):
+            ax.bar(steps, vals, bottom=bottom, label=phase, width=1.0)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_title("seconds per phase", fontsize=10)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
