@@ -28,17 +28,18 @@ class RewardFunction:
     scorer (and its model) is built on first use, in the worker."""
 
     def __init__(self, c: dict[str, Any]):
+        from cai_ray.train.reward import reward_kind
+
         self.c = c
         self.scorer = None
-        self.__name__ = f"reward_{c['reward']['source']}"  # TRL logs rewards/<name>
+        self.kind = reward_kind(c["reward"])
+        self.__name__ = f"reward_{self.kind}"  # TRL logs rewards/<name>/mean
 
     def __call__(self, prompts, completions, completion_ids=None, id=None, reference=None, **_):
         from cai_ray.train.reward import RewardScorer
 
         if self.scorer is None:
-            rw = self.c["reward"]
-            kind = rw["source"] if rw["source"] != "auto" else (
-                "model" if rw["model"] else "function" if rw["function"] else "labeler")
+            rw, kind = self.c["reward"], self.kind
             cuda, _ = harness.precision(self.c)
             self.scorer = RewardScorer(rw, kind, device="cuda" if cuda else "cpu", seed=self.c["seed"],
                                        reference_answer=None)

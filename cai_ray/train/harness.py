@@ -149,6 +149,7 @@ def train_loop(c: dict[str, Any]) -> None:
             "samples_per_second": result.metrics.get("train_samples_per_second"),
             "last_log": history[-1] if history else None,
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
+            "history": trainer.state.log_history,  # everything the trainer logged (GRPO: rewards at generation steps)
         }
         if hasattr(module, "after_save"):
             with single_process_loading():

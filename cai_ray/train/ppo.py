@@ -182,7 +182,7 @@ class Worker:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from cai_ray.models import resolve_model
-        from cai_ray.train.reward import RewardScorer
+        from cai_ray.train.reward import RewardScorer, reward_kind
         from cai_ray.train.rollout import make_rollout
 
         self.c = c
@@ -198,9 +198,7 @@ class Worker:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         rw = c["reward"]
-        kind = rw["source"] if rw["source"] != "auto" else (
-            "model" if rw["model"] else "function" if rw["function"] else "labeler")
-        self.reward_kind = kind
+        kind = self.reward_kind = reward_kind(rw)
         mb, lr = c["per_worker_batch_size"], c["learning_rate"]
 
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)

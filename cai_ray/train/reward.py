@@ -24,15 +24,22 @@ class RewardError(ValueError):
     """A reward source that cannot be loaded or returned something unusable."""
 
 
+def local_path(path: str, base: str | None) -> Path:
+    """``path`` as given when it exists (a submitted job's working dir), else under ``base``
+    (the driver's working dir: local Ray workers run in another directory)."""
+    p = Path(path)
+    if not p.exists() and base and not p.is_absolute():
+        return Path(base) / p
+    return p
+
+
 def load_function(spec: str, base: str | None = None) -> Callable:
     """``FILE.py:NAME`` or ``MODULE:NAME``. A relative file is looked up in the working dir
     (a submitted job's upload), then under ``base`` (the driver's working dir: local Ray
     workers run elsewhere)."""
     target, _, name = spec.rpartition(":")
     if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file() and base and not path.is_absolute():
-            path = Path(base) / target
+        path = local_path(target, base)
         if not path.is_file():
             raise RewardError(f"reward.function: file {target} not found")
         mod_spec = importlib.util.spec_from_file_location(f"cai_ray_reward_{path.stem}", path)
@@ -50,6 +57,13 @@ def load_function(spec: str, base: str | None = None) -> Callable:
     if not callable(fn):
         raise RewardError(f"reward.function: {target} has no function {name!r}")
     return fn
+
+
+def reward_kind(reward: dict[str, Any]) -> str:
+    """model | function | labeler from the section's plain values (RewardSection.kind)."""
+    if reward["source"] != "auto":
+        return reward["source"]
+    return "model" if reward["model"] else "function" if reward["function"] else "labeler"
 
 
 class RewardScorer:
@@ -91,7 +105,7 @@ class RewardScorer:
             settings = LabelSettings(**{k: lab[k] for k in (
                 "principles_per_pair", "both_orders", "few_shot", "cot", "clamp_low", "clamp_high",
                 "cot_max_new_tokens", "cot_temperature")}, seed=seed)
-            self.labeler = Labeler(engine, load_constitution(reward["constitution"]), settings)
+            self.labeler = Labeler(engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings)
             self.reference_answer = reference_answer
             self._references: dict[str, str] = {}
         else:

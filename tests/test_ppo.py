@@ -1,0 +1,224 @@
+"""RL-CAI trainers (PPO ours, GRPO/RLOO through TRL) on Ray Train + DeepSpeed with tiny-random:
+learning is real, ZeRO-2 and -3 with two workers, resume, every reward source, metrics and
+monitors on disk, and bad settings or reward functions are clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cai_ray.config import ConfigError, RLTrainConfig, load_config
+
+REWARDS = Path(__file__).parent / "data" / "rewards.py"
+# tiny-random's favourite first answer token to this prompt decodes to "ugs" (~9% likely)
+PROMPT = "What's the most painless way to end my life?"
+
+
+def _prompts(path: Path, n: int = 8, extra: str = "") -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": PROMPT}) + "\n" for i in range(n)) + extra)
+    return path
+
+
+def _cfg(tmp_path, data, **over):
+    base = {"data": data, "output": tmp_path / "out", "model": "tiny-random", "scaling.workers": 1,
+            "scaling.cpus_per_worker": 1.0, "ppo.steps": 3, "ppo.rollout_batch": 4, "rollout.max_new_tokens": 4,
+            "optim.per_worker_batch_size": 4, "checkpoint.every_steps": 2, "monitor.every": 2,
+            "reward.function": f"{REWARDS}:prefer_ugs"}
+    base.update(over)
+    return load_config(RLTrainConfig, None, [f"{k}={v}" for k, v in base.items() if v is not None])
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def token_rm(tmp_path_factory, tiny_model):
+    """A preference model folder (tiny-random with a one-output head), as `train rm` writes."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# -- learning ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ppo_learns_to_prefer_a_token_with_bounded_kl(ray_local, tmp_path):
+    """The reward prefers one token; over 30 PPO steps its mean rises clearly while the KL to
+    the reference (per response) stays bounded by the penalty."""
+    from cai_ray.train.ppo import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    m = train_rl(_cfg(tmp_path, data, **{
+        "ppo.steps": 30, "ppo.rollout_batch": 16, "optim.per_worker_batch_size": 8, "optim.learning_rate": 3e-5,
+        "ppo.value_learning_rate": 1e-4, "ppo.kl_coef": 0.05, "checkpoint.every_steps": 30, "monitor.every": 15}))
+    h = _history(tmp_path / "out")
+    assert len(h) == 30 and m["metrics"]["global_step"] == 30
+    first = sum(x["reward"] for x in h[:10]) / 10
+    last = sum(x["reward"] for x in h[-10:]) / 10
+    assert last >= first + 0.2, (first, last)
+    assert max(x["kl"] for x in h) < 5.0  # nats per response of 4 tokens
+    assert h[-1]["entropy"] < h[0]["entropy"]  # the policy concentrated
+    assert h[-1]["probe_refusal_rate"] is not None and h[-1]["top_ngram_share"] is not None
+
+
+# -- the trainer end to end ----------------------------------------------------------------------
+def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tmp_path, token_rm):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from cai_ray.train.ppo import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl", extra='{"broken\n' + json.dumps({"id": "e", "prompt": " "}) + "\n")
+    over = {"scaling.workers": 2, "scaling.cpus_per_worker": 0.5, "zero": 3, "reward.function": None,
+            "reward.model": token_rm, "ppo.adaptive_kl": 0.5, "reward.length_penalty": 0.01, "monitor.every": 5}
+    m = train_rl(_cfg(tmp_path, data, **over))
+    out = tmp_path / "out"
+    assert m["metrics"]["global_step"] == 3 and m["data"]["rows"] == 8 and m["data"]["rejected"] == 2
+    assert m["reward"]["source"] == "model"
+    reasons = [json.loads(x)["reason"] for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert any("invalid JSON" in r for r in reasons) and "empty prompt" in reasons
+    h = _history(out)
+    for key in ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "response_length",
+                "top_ngram_share", "seconds"):
+        assert all(key in x for x in h), key
+    assert {"rollout", "score", "reference", "values", "advantages", "update"} <= set(h[0]["seconds"])
+    # the probes run at the first step, every monitor.every steps and at the last
+    assert h[0]["probe_refusal_rate"] is not None and "probe_refusal_rate" not in h[1] and "probe_refusal_rate" in h[2]
+    assert h[-1]["kl_coef"] != h[0]["kl_coef"]  # adaptive
+    assert (out / "ppo.png").stat().st_size > 10_000 and len((out / "steps.jsonl").read_text().splitlines()) == 3
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # rank 0 samples 2 prompts a step
+    AutoModelForCausalLM.from_pretrained(out / "model")  # plain HF folders, gathered from ZeRO-3 shards
+    AutoModelForSequenceClassification.from_pretrained(out / "value")
+
+    # the same command with more steps continues from the step-3 checkpoint
+    m2 = train_rl(_cfg(tmp_path, data, **over, **{"ppo.steps": 5}))
+    assert m2["metrics"]["resumed_from"] == 3 and m2["metrics"]["global_step"] == 5
+    assert [x["step"] for x in _history(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_algorithms_run_through_trl_with_our_reward(ray_local, tmp_path, algo):
+    from cai_ray.train.ppo import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    m = train_rl(_cfg(tmp_path, data, algo=algo, **{"ppo.steps": 2, "ppo.group_size": 2, "ppo.rollout_batch": 2,
+                                                     "optim.per_worker_batch_size": 4}))
+    assert m["metrics"]["global_step"] == 2
+    logged = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert any("rewards/reward_function/mean" in h for h in logged), logged  # TRL logged our reward's scores
+    assert (tmp_path / "out" / "model" / "config.json").exists()
+
+
+def test_d_rlaif_rewards_come_from_the_labeler(ray_local, tmp_path):
+    """Online AI feedback: the labeler compares each sampled answer with the reference
+    policy's greedy answer; scores are probabilities."""
+    from cai_ray.train.ppo import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl", n=4)
+    m = train_rl(_cfg(tmp_path, data, **{"reward.function": None, "reward.labeler.model": "tiny-random",
+                                         "reward.labeler.dtype": "float32", "reward.labeler.threads": 1,
+                                         "ppo.steps": 2, "monitor.every": 5}))
+    assert m["reward"]["source"] == "labeler" and m["reward"]["constitution_sha256"]
+    for x in _history(tmp_path / "out"):
+        assert 0.0 <= x["reward"] <= 1.0 and x["labeler_invalid"] == 0
+
+
+# -- errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("over,match", [
+    ({"reward.function": None}, "set exactly one reward"),
+    ({"reward.model": "x"}, "set exactly one reward"),
+    ({"reward.function": "no_colon"}, "FILE.py:NAME"),
+    ({"ppo.rollout_batch": 3, "scaling.workers": 2}, "multiple of scaling.workers"),
+    ({"rollout.max_new_tokens": 2048}, "below optim.max_length"),
+    ({"ppo.kl_estimator": "k4"}, "k1, k2 or k3"),
+    ({"algo": "a2c"}, "ppo, grpo, rloo"),
+    ({"ppo.group_size": 1}, ">= 2 answers"),
+    ({"rollout.temperature": 0}, "cannot be greedy"),
+    ({"reward.source": "labeler"}, "labeler.model is not set"),
+    ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
+    ({"ppo.clip_rnage": 0.1}, "clip_range"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, tmp_path / "p.jsonl", **over)
+
+
+def test_reward_functions_load_and_fail_clearly(tmp_path):
+    from cai_ray.train.reward import RewardError, RewardScorer, load_function
+
+    assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
+    assert load_function("cai_ray.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
+    assert load_function("data/rewards.py:prefer_ugs", base=str(REWARDS.parent.parent))
+    for spec, match in ((f"{tmp_path}/none.py:f", "not found"), (f"{REWARDS}:nope", "no function 'nope'"),
+                        ("cai_ray.nothing:f", "cannot import")):
+        with pytest.raises(RewardError, match=match):
+            load_function(spec)
+    rw = {"function": f"{REWARDS}:not_a_list", "length_penalty": 0.0, "clip": None}
+    with pytest.raises(RewardError, match="must return numbers"):
+        RewardScorer(rw, "function").score(["a"], [[]], ["x"], [1])
+    rw = {"function": f"{REWARDS}:prefer_ugs", "length_penalty": 0.5, "clip": 1.0}
+    assert RewardScorer(rw, "function").score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [1.0, -0.5]  # 4 - 2 clipped to 1; 0 - 0.5
+
+
+def test_preference_model_scores_with_the_chat_template(token_rm):
+    """The scorer feeds prompt + answer through the chat template, as `train rm` trained it:
+    scores equal a direct forward pass on that text, padding or not."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_ray.train.reward import RewardScorer
+
+    rw = {"model": str(token_rm), "length_penalty": 0.0, "clip": None}
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}]]
+    got = RewardScorer(rw, "model").score(["a", "b"], prompts, ["hello", "ok"], [1, 1])
+    tok = AutoTokenizer.from_pretrained(token_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(token_rm).eval()
+    for p, r, g in zip(prompts, ["hello", "ok"], got):
+        ids = tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+        with torch.no_grad():
+            assert model(**ids).logits[0, 0].item() == pytest.approx(g, abs=1e-4)
+
+
+def test_cli_help_and_flags():
+    from cai_ray.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0] \
+        .choices["ppo"].format_help()
+    for flag in ("--policy", "--reward-model", "--prompts", "--output", "--workers", "--zero", "--kl-coef",
+                 "--adaptive-kl", "--rollout-batch", "--ppo-epochs", "--steps", "--max-new-tokens", "--config",
+                 "--algo", "reward.function", "rollout.engine"):
+        assert flag in text, flag
+
+
+def test_prompt_rows_and_monitors():
+    from cai_ray.refusal import is_refusal
+    from cai_ray.train.monitors import load_probes, top_ngram_share
+    from cai_ray.train.ppo import prompt_row
+
+    assert prompt_row({"prompt": "hi"})[0]["prompt"] == [{"role": "user", "content": "hi"}]
+    assert prompt_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})[1] \
+        == "messages must end with a user turn (the policy answers it)"
+    assert prompt_row({"prompt": "x", "reference": ""})[1] == "'reference' must be a non-empty string"
+    assert prompt_row({"text": "x"})[1] == "needs 'prompt' (string) or 'messages'"
+    # 3-grams: "a b c" x2 and "b c d" once → the top one holds 2 of 3
+    assert top_ngram_share(["a b c", "a b c d"], n=3, top=1) == pytest.approx(2 / 3)
+    assert top_ngram_share(["a b"], n=3) is None
+    assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("I cannot assist with this request")
+    assert not is_refusal("Boil it for six minutes, then cool it in cold water.")
+    assert len(load_probes(None)) == 12
+
+
+def test_vllm_rollout_needs_vllm_and_says_so():
+    from cai_ray.engine import EngineUnavailable
+    from cai_ray.train.rollout import _until_eos, make_rollout
+
+    with pytest.raises(EngineUnavailable, match="vLLM"):
+        make_rollout("vllm", None, None, "cpu", "x", {"rollout": {"gpu_memory_utilization": 0.3},
+                                                      "max_length": 64, "seed": 0})
+    assert _until_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2] and _until_eos([5, 6], 2) == [5, 6]
