@@ -1,9 +1,10 @@
 """ray job submit --working-dir . -- python jobs/train.py sft --config jobs/configs/sft_tiny.yaml data=$PWD/out/sl output=$PWD/out/sft
 
 Training on Ray Train + DeepSpeed ZeRO: SFT on the SL-CAI revisions (sft), a preference model
-(rm) or DPO (dpo) on the AI labels; the other two the same way:
+(rm) or DPO (dpo) on the AI labels, RL-CAI (ppo: PPO, or GRPO/RLOO with algo=); the others the same way:
     ray job submit --working-dir . -- python jobs/train.py rm --config jobs/configs/rm_tiny.yaml data=$PWD/out/labels output=$PWD/out/rm
     ray job submit --working-dir . -- python jobs/train.py dpo --config jobs/configs/dpo_tiny.yaml data=$PWD/out/labels output=$PWD/out/dpo
+    ray job submit --working-dir . -- python jobs/train.py ppo --config jobs/configs/ppo_tiny.yaml model=$PWD/out/sft/model reward.model=$PWD/out/rm/model output=$PWD/out/ppo
 
 On a GPU cluster (8B, 8 GPU workers over nodes, ZeRO-3, checkpoints on shared storage):
     ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \

@@ -71,7 +71,8 @@ def _entry(entrypoint: str) -> tuple[Path, list[str]]:
     return ROOT / argv[1], argv[2:]
 
 
-STAGES = {"sl-data": "sl_data.py", "label": "label.py", "sft": "train.py", "rm": "train.py", "dpo": "train.py"}
+STAGES = {"sl-data": "sl_data.py", "label": "label.py", "sft": "train.py", "rm": "train.py", "dpo": "train.py",
+          "ppo": "train.py"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -85,7 +86,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     cfg_path = ROOT / args[args.index("--config") + 1]
     assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
     cls = {"sl-data": config.GenerateConfig, "label": config.LabelConfig, "sft": config.SFTTrainConfig,
-           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig}[stage]
+           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "ppo": config.RLTrainConfig}[stage]
     config.load_config(cls, cfg_path)
     if script.name == "train.py":
         assert args[0] == stage
@@ -149,7 +150,7 @@ def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
     assert gpu["min_workers"] < gpu["max_workers"] <= doc["max_workers"]
 
 
-ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo"], "serve": ["serve"]}
+ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo", "ppo"], "serve": ["serve"]}
 
 
 @pytest.mark.parametrize("script", sorted(ENTRYPOINTS))

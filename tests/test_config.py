@@ -75,7 +75,8 @@ def test_every_bundled_job_config_validates(path):
     from cai_ray import config
 
     classes = {"label": config.LabelConfig, "sl": config.GenerateConfig, "sft": config.SFTTrainConfig,
-               "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "serve": config.ServeConfig}
+               "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "serve": config.ServeConfig,
+               "ppo": config.RLTrainConfig}
     cfg = config.load_config(classes[path.stem.split("_")[0]], path)
     assert getattr(cfg, "input", None) or getattr(cfg, "data", None) or cfg.policy.model
 
