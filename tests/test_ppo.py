@@ -101,6 +101,47 @@ def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tm
     assert [x["step"] for x in _history(out)] == [1, 2, 3, 4, 5]
 
 
+def test_a_killed_ppo_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
+    """SIGKILL the worker once the step-2 checkpoint is registered: with max_failures=1 the
+    worker group restarts, restores both DeepSpeed engines and the loop state, and finishes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cai_ray.train.ppo import train_rl
+
+    storage = tmp_path / "out" / "ray" / "ppo"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            try:
+                registered = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+            except (OSError, ValueError, KeyError):
+                registered = []
+            if registered:
+                for proc in Path("/proc").iterdir():
+                    try:
+                        if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                            os.kill(int(proc.name), signal.SIGKILL)
+                            killed.append(proc.name)
+                    except OSError:
+                        pass
+            time.sleep(0.2)
+
+    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    t.start()
+    m = train_rl(_cfg(tmp_path, _prompts(tmp_path / "p.jsonl"), **{
+        "ppo.steps": 12, "checkpoint.max_failures": 1, "monitor.every": 50}))
+    t.join()
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert m["metrics"]["resumed_from"] and m["metrics"]["global_step"] == 12
+    steps = [x["step"] for x in _history(tmp_path / "out")]
+    assert steps == list(range(1, 13))  # the history came back with the checkpoint, no step twice
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_critic_free_algorithms_run_through_trl_with_our_reward(ray_local, tmp_path, algo):
     from cai_ray.train.ppo import train_rl
