@@ -189,7 +189,12 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         cuda, bf16 = harness.precision(c)
-        self.device = ray.train.torch.get_device() if cuda else torch.device("cpu")
+        if cuda:
+            from ray.train.torch import get_device
+
+            self.device = get_device()
+        else:
+            self.device = torch.device("cpu")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         torch.manual_seed(c["seed"])
         path = resolve_model(c["model"])
