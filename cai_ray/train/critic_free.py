@@ -28,11 +28,9 @@ class RewardFunction:
     scorer (and its model) is built on first use, in the worker."""
 
     def __init__(self, c: dict[str, Any]):
-        from cai_ray.train.reward import reward_kind
-
         self.c = c
         self.scorer = None
-        self.kind = reward_kind(c["reward"])
+        self.kind = c["reward"]["kind"]
         self.__name__ = f"reward_{self.kind}"  # TRL logs rewards/<name>/mean
 
     def __call__(self, prompts, completions, completion_ids=None, id=None, reference=None, **_):

@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from pathlib import Path
 
 from cai_ray.refusal import BENIGN_PROBES
 
@@ -32,19 +30,17 @@ def top_ngram_share(texts: list[str], n: int = 3, top: int = 10) -> float | None
 
 
 def load_probes(path: str | None) -> list[str]:
-    """The probe prompts: a JSONL file with ``prompt`` per line, or the built-in set."""
+    """The probe prompts: a JSONL/Parquet file (or folder) with ``prompt`` per row, or the built-in set."""
     if path is None:
         return list(BENIGN_PROBES)
+    from cai_ray.train.data import read_records
+
     probes = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"monitor.probe {path}:{i}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"monitor.probe {path}:{i}: needs a non-empty 'prompt' string")
+    for source, line, row in read_records(path)[0]:
+        if "_invalid" in row:
+            raise ValueError(f"monitor.probe {source}:{line}: {row['_invalid']}")
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"monitor.probe {source}:{line}: needs a non-empty 'prompt' string")
         probes.append(row["prompt"])
     if not probes:
         raise ValueError(f"monitor.probe {path}: no prompts")

@@ -96,6 +96,7 @@ def train_rl(cfg) -> dict[str, Any]:
     """Run RL as an ``RLTrainConfig`` says (PPO here; GRPO/RLOO through TRL); returns the manifest."""
     from transformers import AutoTokenizer
 
+    from cai_ray.config import to_dict
     from cai_ray.models import resolve_model
     from cai_ray.stage import model_info
     from cai_ray.train.data import TrainDataError
@@ -115,22 +116,16 @@ def train_rl(cfg) -> dict[str, Any]:
         reward_info["constitution_sha256"] = load_constitution(r.constitution).sha256
     if r.kind == "function":
         load_function(r.function)  # a missing file or name fails here, before any worker starts
-    settings = {"algo": cfg.algo, "reward": {**_plain(cfg.reward), "base_dir": os.getcwd()}, "rollout": _plain(cfg.rollout),
-                "ppo": _plain(cfg.ppo), "monitor": _plain(cfg.monitor)}
-    fingerprint = {k: v for k, v in settings.items() if k not in ("ppo", "reward")}
-    fingerprint["reward"] = _plain(cfg.reward)
-    fingerprint["ppo"] = {k: v for k, v in settings["ppo"].items() if k != "steps"}  # steps may grow on resume
+    plain = {name: to_dict(getattr(cfg, name)) for name in ("reward", "rollout", "ppo", "monitor")}
+    # the workers get the reward source resolved, and the driver's working dir for relative files
+    settings = {"algo": cfg.algo, **plain, "reward": {**plain["reward"], "kind": r.kind, "base_dir": os.getcwd()}}
+    fingerprint = {"algo": cfg.algo, **plain}
+    fingerprint["ppo"] = {k: v for k, v in plain["ppo"].items() if k != "steps"}  # steps may grow on resume
     if cfg.algo == "ppo":
         return harness.run("ppo", cfg, rows, rejects, loop=ppo_loop, loop_extra=settings,
                            fingerprint_extra=fingerprint, manifest_extra={"reward": reward_info})
     return harness.run(cfg.algo, cfg, rows, rejects, loop_extra=settings, fingerprint_extra=fingerprint,
                        manifest_extra={"reward": reward_info})
-
-
-def _plain(section) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(section)
 
 
 # -- on every worker ------------------------------------------------------------------------
@@ -182,7 +177,7 @@ class Worker:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from cai_ray.models import resolve_model
-        from cai_ray.train.reward import RewardScorer, reward_kind
+        from cai_ray.train.reward import RewardScorer
         from cai_ray.train.rollout import make_rollout
 
         self.c = c
@@ -203,7 +198,7 @@ class Worker:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         rw = c["reward"]
-        kind = self.reward_kind = reward_kind(rw)
+        kind = self.reward_kind = rw["kind"]
         mb, lr = c["per_worker_batch_size"], c["learning_rate"]
 
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)

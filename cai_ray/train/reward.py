@@ -59,13 +59,6 @@ def load_function(spec: str, base: str | None = None) -> Callable:
     return fn
 
 
-def reward_kind(reward: dict[str, Any]) -> str:
-    """model | function | labeler from the section's plain values (RewardSection.kind)."""
-    if reward["source"] != "auto":
-        return reward["source"]
-    return "model" if reward["model"] else "function" if reward["function"] else "labeler"
-
-
 class RewardScorer:
     """Scores responses from plain config values (``c["reward"]``, the RewardSection as a dict)."""
 
