@@ -623,6 +623,9 @@ class RLTrainConfig(TrainConfig):
         if self.rollout.max_new_tokens >= self.optim.max_length:
             raise ConfigError(f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below optim.max_length "
                               f"({self.optim.max_length}), which bounds prompt + response")
+        if self.algo != "ppo" and self.reward.kind == "labeler" and self.reward.reference == "policy":
+            raise ConfigError("reward.reference: grpo/rloo score the labeler against the rows' reference answers; "
+                              "set reward.reference=field (reference answers from the reference policy are PPO's)")
         if self.algo != "ppo" and self.rollout.engine != "hf":
             raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
         if self.lora.enabled and self.algo == "ppo":

@@ -183,6 +183,7 @@ def test_d_rlaif_rewards_come_from_the_labeler(ray_local, tmp_path):
     ({"reward.source": "labeler"}, "labeler.model is not set"),
     ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
     ({"ppo.clip_rnage": 0.1}, "clip_range"),
+    ({"algo": "grpo", "reward.function": None, "reward.labeler.model": "tiny-random"}, "reward.reference=field"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
@@ -237,7 +238,7 @@ def test_cli_help_and_flags():
         assert flag in text, flag
 
 
-def test_prompt_rows_and_monitors():
+def test_prompt_rows_and_monitors(tmp_path):
     from cai_ray.refusal import is_refusal
     from cai_ray.train.monitors import load_probes, top_ngram_share
     from cai_ray.train.ppo import prompt_row
@@ -253,6 +254,12 @@ def test_prompt_rows_and_monitors():
     assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("I cannot assist with this request")
     assert not is_refusal("Boil it for six minutes, then cool it in cold water.")
     assert len(load_probes(None)) == 12
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "Why is the sky blue?"}\n')
+    assert load_probes(str(probes)) == ["Why is the sky blue?"]
+    probes.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="probes.jsonl:2: needs a non-empty 'prompt'"):
+        load_probes(str(probes))
 
 
 def test_vllm_rollout_needs_vllm_and_says_so():
