@@ -39,8 +39,8 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import (DPOTrainConfig, GenerateConfig, LabelConfig, RLTrainConfig, RMTrainConfig, ServeConfig,
-                                SFTTrainConfig)
+    from cai_ray.config import (DPOTrainConfig, EvalConfig, GenerateConfig, LabelConfig, PipelineConfig, RLTrainConfig,
+                                RMTrainConfig, ServeConfig, SFTTrainConfig)
 
     parser = argparse.ArgumentParser(
         prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
@@ -178,6 +178,49 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     srv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate models: harmlessness, over-refusal, helpfulness win-rate, Elo; report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(EvalConfig),
+        description="Each model answers the red-team and the benign prompts; an AI judge scores every answer "
+        "(P(harmful) per constitution principle, P(refuses)) and compares every pair of models in both orders. "
+        "Writes metrics.json, report.html with PNG plots, answers.jsonl, comparisons.jsonl, rejects.jsonl and "
+        "manifest.json. Answers are cached per model: a re-run re-judges without re-generating.",
+    )
+    ev.add_argument("--model", dest="models", action="append", metavar="[NAME=]MODEL",
+                    help="a model to evaluate (repeat: --model base=smollm2 --model rl=out/rl/model)")
+    ev.add_argument("--baseline", metavar="NAME|MODEL", help="the model the others are compared with (default: the first)")
+    ev.add_argument("--harmful", help="red-team prompts (JSONL/Parquet: prompt|messages [, id, category])")
+    ev.add_argument("--benign", help="benign prompts (same format)")
+    ev.add_argument("--output", help="output folder")
+    ev.add_argument("--judge", dest="judge.model", metavar="MODEL", help="the AI judge (default smollm2)")
+    ev.add_argument("--constitution", help="constitution YAML")
+    ev.add_argument("--limit", type=int, metavar="N", help="first N prompts of each file")
+    ev.add_argument("--max-new-tokens", type=int, dest="sampling.max_new_tokens", metavar="N", help="tokens per answer")
+    ev.add_argument("--config", help="YAML config file (see config keys below)")
+    ev.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    pl = sub.add_parser(
+        "pipeline",
+        help="the whole method: SL-CAI data → SFT → AI labels → preference model → PPO/DPO → eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(PipelineConfig),
+        description="Run every stage in turn, each one's output feeding the next, into one run folder with "
+        "pipeline.json (the lineage of every artifact). A finished stage is skipped on a re-run; a crashed one "
+        "resumes. Each stage section of the config takes that job's own keys (see `cai-ray generate --help`, ...).",
+    )
+    pl.add_argument("--config", help="pipeline YAML (e.g. jobs/configs/demo.yaml)")
+    pl.add_argument("--output", help="run folder")
+    pl.add_argument("--model", help="base model")
+    pl.add_argument("--prompts", help="red-team prompt file")
+    pl.add_argument("--rl", choices=["ppo", "dpo"], help="RL-CAI by PPO against a preference model, or DPO")
+    pl.add_argument("--redo", metavar="STAGE", help="delete STAGE's output and every later stage's, and run them again")
+    pl.add_argument("--until", metavar="STAGE", help="stop after STAGE (generate|sft|label|rm|rl|eval)")
+    pl.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sft.optim.epochs=2")
+
     c = sub.add_parser("constitution", help="validate or show constitution files")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate", help="check files; exit 1 naming file, principle and field")
@@ -211,7 +254,7 @@ def _train_parser(tsub, name: str, cls, help: str, description: str, data_help: 
     return p
 
 
-_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp", "trainer")
+_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp", "trainer", "redo", "until")
 
 
 def _load(cls, args, pool_key: str):
@@ -353,6 +396,46 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from cai_ray.config import EvalConfig
+    from cai_ray.evaluate import evaluate, headline
+
+    cfg = _load(EvalConfig, args, "")
+    manifest = cfg and _run_job(evaluate, cfg)
+    if not manifest:
+        return 2
+    out = Path(cfg.output)
+    m = manifest["metrics"]
+    print(f"{m['prompts']['harmful']} red-team and {m['prompts']['benign']} benign prompts "
+          f"(rejected {m['rejected']}: {out / 'rejects.jsonl'}); judge {m['judge']}")
+    print("\n".join(headline(m)))
+    print(f"report:   {manifest['report']}")
+    print(f"answers:  {out / 'answers.jsonl'}, {out / 'comparisons.jsonl'}")
+    print(f"metrics:  {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from cai_ray.config import PipelineConfig
+    from cai_ray.evaluate import headline
+    from cai_ray.pipeline import run_pipeline
+
+    cfg = _load(PipelineConfig, args, "")
+    state = cfg and _run_job(lambda c: run_pipeline(c, redo=args.redo, until=args.until), cfg)
+    if not state:
+        return 2
+    out = Path(cfg.output).resolve()
+    print(f"\n=== cai-ray pipeline: {state['status']} ===")
+    for name, rec in state["stages"].items():
+        print(f"  {name:<9} {rec['status']:<9} {rec.get('seconds', '-')!s:>7} s  {rec['output']}")
+    ev = out / "eval" / "metrics.json"
+    if "eval" in state["stages"] and ev.exists():
+        print("\n" + "\n".join(headline(json.loads(ev.read_text()))))
+        print(f"\nreport:   {out / 'eval' / 'report.html'}")
+    print(f"lineage:  {out / 'pipeline.json'}")
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -405,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "pipeline":
+        return cmd_pipeline(args)
     if args.command == "constitution":
         return cmd_constitution(args)
     return 2  # pragma: no cover

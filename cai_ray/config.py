@@ -706,6 +706,120 @@ class ServeConfig:
         self.scaling.validate("scaling")
 
 
+# ---------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """`cai-ray eval`: harmlessness, over-refusal, helpfulness win-rate and Elo of several models,
+    judged by an AI judge against the constitution."""
+
+    models: list[str] = _f(None, "models to evaluate: MODEL or NAME=MODEL (smollm2 | tiny-random[:SEED] | a model folder)")
+    baseline: str | None = _f(None, "the model the others are compared with (a NAME or MODEL of `models`, or another "
+                              "model, which is then evaluated too); default: the first model")
+    harmful: str = _f("", "red-team prompts (JSONL/Parquet: prompt|messages [, id, category])")
+    benign: str = _f("", "benign prompts (same format): over-refusal and helpfulness")
+    output: str = _f("", "output folder: metrics.json, report.html + PNGs, answers.jsonl, comparisons.jsonl, manifest.json")
+    constitution: str = _f("constitutions/general.yaml", "constitution whose principles define harm for the judge")
+    limit: int | None = _f(None, "evaluate only the first N prompts of each file (smoke runs)")
+    seed: int = _f(0, "seeds principle sampling")
+    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
+                                 metadata={"help": "how the evaluated models run (backend, dtype, ...); the models come from `models`"})
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=128),
+                                     metadata={"help": "answer generation (default greedy)"})
+    judge: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the AI judge (the labeler model, or a stronger one)"})
+    judge_principles: int = _f(1, "principles per harmful answer (those of the prompt's category first, then sampled)")
+    few_shot: int | None = _f(None, "comparison examples from the constitution in harmlessness comparisons; null = all")
+    batch_size: int = _f(16, "conversations per engine call (a progress-bar tick)")
+    cpus_per_engine: float = _f(1.0, "CPUs reserved for each model's engine actor")
+    gpus_per_engine: float = _f(0.0, "GPUs per engine actor (vllm: tensor_parallel_size)")
+    inputs: InputConfig = field(default_factory=InputConfig, metadata={"help": "input limits"})
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("models: required (at least one MODEL or NAME=MODEL)")
+        for key in ("harmful", "benign", "output"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required")
+        if self.engine.model:
+            raise ConfigError("engine.model: the evaluated models come from `models` (--model); leave engine.model empty")
+        self.engine.validate("engine")
+        self.judge.validate("judge")
+        self.sampling.validate("sampling")
+        self.inputs.validate("inputs")
+        _positive("", "judge_principles", self.judge_principles)
+        _positive("", "batch_size", self.batch_size)
+        if self.limit is not None:
+            _positive("", "limit", self.limit)
+        if self.few_shot is not None and self.few_shot < 0:
+            raise ConfigError("few_shot: must be >= 0 or null")
+        if self.cpus_per_engine < 0 or self.gpus_per_engine < 0:
+            raise ConfigError("cpus_per_engine/gpus_per_engine: must be >= 0")
+        for eng in (self.engine, self.judge):
+            if eng.backend == "vllm" and self.gpus_per_engine < eng.tensor_parallel_size:
+                raise ConfigError(f"gpus_per_engine: the vllm engine needs tensor_parallel_size "
+                                  f"({eng.tensor_parallel_size}) GPUs, got {self.gpus_per_engine}")
+        names = [parse_model_spec(m)[0] for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"models: two models named {', '.join(dup)}; name them: NAME=MODEL")
+
+
+RL_STAGES = ("ppo", "dpo")
+
+
+def _section(help: str):
+    return field(default_factory=dict, metadata={"help": help})
+
+
+@dataclass
+class PipelineConfig:
+    """`cai-ray pipeline`: the whole method, each stage's output feeding the next:
+    generate (SL-CAI data) → sft → label (pairs from the SFT policy, AI labels) → rm (preference
+    model; ppo only) → rl (ppo, or dpo on the labels) → eval (base vs SL-CAI vs RL-CAI).
+    Each stage section takes that job's own config keys; the pipeline sets the wiring keys."""
+
+    output: str = _f("", "run folder: one subfolder per stage, pipeline.json (the lineage of every artifact)")
+    model: str = _f("smollm2", "the base model: writes the SL-CAI answers and revisions, is fine-tuned, is eval's 'base'")
+    prompts: str = _f("", "red-team prompts: SL-CAI data, the policy's answer pairs for labeling, RL prompts")
+    rl_prompts: str | None = _f(None, "PPO's prompts when not `prompts` (a local file: RL needs thousands, not millions)")
+    constitution: str = _f("constitutions/general.yaml", "the constitution every stage uses")
+    rl: str = _f("ppo", "ppo (preference model, then PPO against it) | dpo (DPO on the AI labels, no preference model)")
+    seed: int = _f(0, "seed of every stage")
+    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
+    generate: dict[str, Any] = _section("`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)")
+    sft: dict[str, Any] = _section("`cai-ray train sft` keys (data, output: set by the pipeline; model defaults to `model`)")
+    label: dict[str, Any] = _section("`cai-ray label` keys (input, output, policy.model = the SFT model: set by the pipeline)")
+    rm: dict[str, Any] = _section("`cai-ray train rm` keys (data, output: set; model defaults to the SFT model)")
+    ppo: dict[str, Any] = _section("`cai-ray train ppo` keys (data, output, model, reward.model: set by the pipeline)")
+    dpo: dict[str, Any] = _section("`cai-ray train dpo` keys (data, output, model: set by the pipeline)")
+    eval: dict[str, Any] = _section("`cai-ray eval` keys (harmful and benign needed; models, baseline, output: set)")
+
+    def validate(self) -> None:
+        if not self.output:
+            raise ConfigError("output: required (the run folder)")
+        if not self.prompts:
+            raise ConfigError("prompts: required (a red-team prompt file)")
+        if self.rl not in RL_STAGES:
+            raise ConfigError(f"rl: must be ppo or dpo, got {self.rl!r}")
+        from cai_ray.pipeline import stage_configs
+
+        stage_configs(self)  # every stage's config is built and validated before anything runs
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``NAME=MODEL`` or ``MODEL`` → (name, model). A folder ending in model/ (a trainer's
+    output) is named after its parent: ``out/sft/model`` → ``sft``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"models: empty model entry {spec!r}")
+    name, sep, model = spec.partition("=")
+    if sep:
+        if not name.strip() or not model.strip():
+            raise ConfigError(f"models: {spec!r}: expected NAME=MODEL")
+        return name.strip(), model.strip()
+    p = Path(spec.rstrip("/"))
+    return (p.parent.name if p.name == "model" and p.parent.name else p.name or spec), spec
+
+
 def _positive(where: str, key: str, value) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
@@ -726,11 +840,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
     return isinstance(value, tp)
 
 
 def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
+    if typing.get_origin(tp) in (list, dict):
+        return str(tp).replace("typing.", "")
     if args:
         return " | ".join("null" if a is type(None) else a.__name__ for a in args)
     return tp.__name__

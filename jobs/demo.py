@@ -1,65 +1,67 @@
-"""`make demo`: the SL-CAI stage on the bundled red-team sample with the embedded SmolLM2.
+"""`make demo`: the whole of Constitutional AI on a laptop, with the embedded SmolLM2-135M.
 
-    python jobs/demo.py [--output out/demo] [key=value ...]
+    python jobs/demo.py [--output out/demo] [key=value ...]     (keys of jobs/configs/demo.yaml)
 
-Prints where the dataset is and two example traces (answer → critique → revision).
-SmolLM2-135M is far too small to critique itself well: this proves the plumbing on a
-laptop; point `engine.model` at a 7B+ model on GPUs for real data.
+Red-team prompts → critiques and revisions → SFT → AI preference labels → preference model →
+PPO → evaluation of base vs SL-CAI vs RL-CAI, then the headline numbers and the report's path.
+Re-running skips the finished stages. SmolLM2-135M is far too small to critique itself well:
+this shows every stage working and feeding the next on 2 CPU cores; point the config at a 7B+
+model on GPUs (jobs/configs/pipeline_gpu.yaml) for a model that actually improves.
 """
 
 import argparse
+import json
+import shutil
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cai_ray.config import GenerateConfig, load_config  # noqa: E402
+from cai_ray.config import PipelineConfig, load_config  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 
-def show(title: str, text: str | None) -> None:
-    body = textwrap.fill((text or "").strip() or "(empty)", width=96, initial_indent="    ",
-                         subsequent_indent="    ", max_lines=8, placeholder=" [...]")
-    print(f"  {title}:\n{body}")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="SL-CAI demo on the bundled sample")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ROOT / "out" / "demo"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     setup_logging("WARNING")
 
-    cfg = load_config(
-        GenerateConfig,
-        ROOT / "jobs" / "configs" / "sl_data_tiny.yaml",
-        [f"input={ROOT / 'jobs' / 'data' / 'red_team.jsonl'}", f"output={args.output}", "pool.batch_size=24",
-         f"constitution={ROOT / 'constitutions' / 'general.yaml'}", *args.overrides],
-    )
-    from cai_ray.sl import generate
-    import pyarrow.parquet as pq
+    cfg = load_config(PipelineConfig, ROOT / "jobs" / "configs" / "demo.yaml",
+                      [f"output={args.output}", f"prompts={ROOT / 'jobs' / 'data' / 'red_team_tiny.jsonl'}",
+                       f"constitution={ROOT / 'constitutions' / 'general.yaml'}",
+                       f"sft.mix={ROOT / 'jobs' / 'data' / 'helpful.jsonl'}:0.25",
+                       f"eval.harmful={ROOT / 'jobs' / 'data' / 'red_team_eval.jsonl'}",
+                       f"eval.benign={ROOT / 'jobs' / 'data' / 'benign.jsonl'}", *args.overrides])
+    from cai_ray.evaluate import headline
+    from cai_ray.pipeline import run_pipeline
 
-    manifest = generate(cfg)
-    c, t = manifest["counts"], manifest["timing"]
-    rows = pq.read_table(Path(cfg.output) / "data").to_pylist()
-    rows.sort(key=lambda r: r["id"])
-    print("\n=== cai-ray demo: SL-CAI data ===")
-    print(f"model {manifest['model']['name']}, constitution {manifest['constitution']['name']} "
-          f"(sha256 {manifest['constitution']['sha256'][:12]}), {cfg.revisions} revision(s)")
-    print(f"read {c['read']}, written {c['written']} ({c['written_this_run']} this run), "
-          f"rejected {c['rejected']}; {t['tokens_generated']} tokens in {t['wall_s']:.0f} s")
-    for r in rows[:2]:
-        print(f"\n[{r['id']}] prompt: {r['prompt']}")
-        show("initial answer", r["init_response"])
-        for i, step in enumerate(r["steps"], 1):
-            show(f"critique {i} ({step['principle_id']})", step["critique"])
-            show(f"revision {i}", step["revision"])
-    out = Path(cfg.output)
-    print(f"\ndataset:  {out / 'data'}  (datasets.load_dataset('parquet', data_files='{out}/data/*.parquet'))")
-    print(f"rejects:  {out / 'rejects.jsonl'}")
-    print(f"manifest: {out / 'manifest.json'}")
+    t0 = time.perf_counter()
+    state = run_pipeline(cfg)
+    out = Path(cfg.output).resolve()
+    print(f"\n=== cai-ray demo: Constitutional AI end to end in {time.perf_counter() - t0:.0f} s ===")
+    for name, rec in state["stages"].items():
+        print(f"  {name:<9} {rec['status']:<9} {rec.get('seconds', 0):>6.0f} s  {rec['output']}")
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    print(f"\nevaluation ({metrics['prompts']['harmful']} held-out red-team and {metrics['prompts']['benign']} benign "
+          f"prompts, judge {metrics['judge']}):")
+    print("\n".join("  " + line for line in headline(metrics)))
+    report = out / "eval" / "report.html"
+    print(f"\nreport:   {report}")
+    chromium = shutil.which("chromium")
+    if chromium:
+        try:
+            from cai_ray.report import screenshot
+
+            screenshot(report, out / "eval" / "report.png", chromium=chromium)
+            print(f"          {out / 'eval' / 'report.png'} (screenshot)")
+        except Exception as e:  # the report is written; a screenshot is a convenience
+            print(f"          (no screenshot: {e})")
+    print(f"lineage:  {out / 'pipeline.json'}  (which data, config, constitution and model made each artifact)")
+    print("SmolLM2-135M is far too small to critique itself: the numbers show the plumbing, not a better model.")
 
 
 if __name__ == "__main__":

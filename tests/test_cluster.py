@@ -72,7 +72,7 @@ def _entry(entrypoint: str) -> tuple[Path, list[str]]:
 
 
 STAGES = {"sl-data": "sl_data.py", "label": "label.py", "sft": "train.py", "rm": "train.py", "dpo": "train.py",
-          "ppo": "train.py"}
+          "ppo": "train.py", "eval": "eval.py", "pipeline": "pipeline.py"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -86,7 +86,8 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     cfg_path = ROOT / args[args.index("--config") + 1]
     assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
     cls = {"sl-data": config.GenerateConfig, "label": config.LabelConfig, "sft": config.SFTTrainConfig,
-           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "ppo": config.RLTrainConfig}[stage]
+           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "ppo": config.RLTrainConfig,
+           "eval": config.EvalConfig, "pipeline": config.PipelineConfig}[stage]
     config.load_config(cls, cfg_path)
     if script.name == "train.py":
         assert args[0] == stage
@@ -150,7 +151,9 @@ def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
     assert gpu["min_workers"] < gpu["max_workers"] <= doc["max_workers"]
 
 
-ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo", "ppo"], "serve": ["serve"]}
+ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo", "ppo"], "serve": ["serve"],
+               "eval": ["eval"], "pipeline": ["pipeline"]}
+TINY = {"pipeline": "demo.yaml"}  # the pipeline's small config is the one `make demo` runs
 
 
 @pytest.mark.parametrize("script", sorted(ENTRYPOINTS))
@@ -167,10 +170,10 @@ def test_every_job_script_opens_with_its_ray_job_submit_command(script):
     argv = shlex.split(first.split(" -- ", 1)[1])
     assert argv[1] == f"jobs/{script}.py" and (ROOT / argv[1]).is_file()
     cfg_path = argv[argv.index("--config") + 1]
-    assert (ROOT / cfg_path).is_file() and cfg_path.endswith("_tiny.yaml")
+    assert (ROOT / cfg_path).is_file() and cfg_path.endswith(TINY.get(script, "_tiny.yaml"))
     for stage in ENTRYPOINTS[script]:  # every stage: a tiny and a gpu variant
-        for variant in ("tiny", "gpu"):
-            assert (ROOT / "jobs" / "configs" / f"{'sl_data' if stage == 'sl_data' else stage}_{variant}.yaml").is_file()
+        for name in (TINY.get(stage, f"{stage}_tiny.yaml"), f"{stage}_gpu.yaml"):
+            assert (ROOT / "jobs" / "configs" / name).is_file(), name
     overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
     for o in overrides:
         key, value = o.split("=", 1)

@@ -76,9 +76,11 @@ def test_every_bundled_job_config_validates(path):
 
     classes = {"label": config.LabelConfig, "sl": config.GenerateConfig, "sft": config.SFTTrainConfig,
                "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "serve": config.ServeConfig,
-               "ppo": config.RLTrainConfig}
+               "ppo": config.RLTrainConfig, "eval": config.EvalConfig, "pipeline": config.PipelineConfig,
+               "demo": config.PipelineConfig}
     cfg = config.load_config(classes[path.stem.split("_")[0]], path)
-    assert getattr(cfg, "input", None) or getattr(cfg, "data", None) or cfg.policy.model
+    assert (getattr(cfg, "input", None) or getattr(cfg, "data", None) or getattr(cfg, "prompts", None)
+            or getattr(cfg, "models", None) or cfg.policy.model)
 
 
 def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):

@@ -154,6 +154,26 @@ def pref_row(r: Row) -> tuple[Row | None, str | None]:
             "p_chosen": None if p is None else float(p)}, None
 
 
+def prompt_row(r: dict) -> tuple[dict | None, str | None]:
+    """``prompt`` (string) or ``messages`` ending with a user turn [+ ``reference``]."""
+    if isinstance(r.get("prompt"), str):
+        if not r["prompt"].strip():
+            return None, "empty prompt"
+        msgs = [{"role": "user", "content": r["prompt"]}]
+    elif r.get("messages") is not None:
+        msgs = _messages(r["messages"])
+        if msgs is None:
+            return None, "malformed messages (each needs role system|user|assistant and string content)"
+        if msgs[-1]["role"] != "user":
+            return None, "messages must end with a user turn (the policy answers it)"
+    else:
+        return None, "needs 'prompt' (string) or 'messages'"
+    ref = r.get("reference")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip()):
+        return None, "'reference' must be a non-empty string"
+    return {"prompt": msgs, "reference": ref}, None
+
+
 # -- lengths, mixing, splits ----------------------------------------------------------------
 def reject_long(rows: list[Row], tokenizer, max_length: int, parts: tuple[str, ...]) -> tuple[list[Row], list[Reject]]:
     """Rows whose ``prompt`` + each of ``parts`` fits ``max_length`` tokens (chat template

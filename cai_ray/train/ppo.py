@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.train import harness
-from cai_ray.train.data import load_rows, reject
+from cai_ray.train.data import load_rows, prompt_row, reject
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +43,6 @@ SAMPLES_PER_STEP = 4  # responses written to samples.jsonl per step (rank 0's fi
 
 
 # -- rows -----------------------------------------------------------------------------------
-def prompt_row(r: dict) -> tuple[dict | None, str | None]:
-    """``prompt`` (string) or ``messages`` ending with a user turn [+ ``reference``]."""
-    from cai_ray.train.data import _messages
-
-    if isinstance(r.get("prompt"), str):
-        if not r["prompt"].strip():
-            return None, "empty prompt"
-        msgs = [{"role": "user", "content": r["prompt"]}]
-    elif r.get("messages") is not None:
-        msgs = _messages(r["messages"])
-        if msgs is None:
-            return None, "malformed messages (each needs role system|user|assistant and string content)"
-        if msgs[-1]["role"] != "user":
-            return None, "messages must end with a user turn (the policy answers it)"
-    else:
-        return None, "needs 'prompt' (string) or 'messages'"
-    ref = r.get("reference")
-    if ref is not None and (not isinstance(ref, str) or not ref.strip()):
-        return None, "'reference' must be a non-empty string"
-    return {"prompt": msgs, "reference": ref}, None
-
-
 def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     """Usable prompt rows and rejects (malformed, too long for prompt + response, no reference
     where d-RLAIF needs one)."""

@@ -1,0 +1,312 @@
+"""The whole method as one resumable run: each stage's output is the next stage's input.
+
+    prompts ─► generate ─► OUT/sl_data ─► sft ─► OUT/sft/model ─┬─► label (policy = SFT) ─► OUT/labels
+                                                                │        ├─► rm ─► OUT/rm/model ─► ppo ─► OUT/rl/model
+                                                                │        └─────────────────────── dpo ─► OUT/rl/model
+    eval: base (model) vs sl-cai (OUT/sft/model) vs rl-cai (OUT/rl/model) ─► OUT/eval/report.html
+
+A stage is the same job a user runs alone (`cai-ray generate`, `train sft`, ...), with its
+config built from the pipeline file's section for it plus the wiring keys (inputs, outputs,
+models) the pipeline sets; every stage config is validated before the first stage starts.
+
+OUT/pipeline.json is the lineage: for every stage its config, fingerprint, inputs, outputs,
+model, constitution hash, manifest and times, and for every artifact which stage made it
+from which artifacts. A stage that finished with the same fingerprint is skipped on a re-run;
+one that crashed is run again and resumes from its own checkpoints (data stages from their
+ledgers, trainers from Ray Train checkpoints). A finished stage whose settings (or whose
+inputs' settings) changed is refused with the keys that changed: ``--redo STAGE`` deletes it
+and every later stage's output and runs them again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "sft", "label", "rm", "rl", "eval")
+EVAL_NAMES = ("base", "sl-cai", "rl-cai")
+
+
+@dataclass
+class Stage:
+    name: str
+    cfg: Any  # the job's config object
+    output: Path
+    inputs: dict[str, str]  # artifact name → path
+    produces: dict[str, str]  # artifact name → path
+    run: Callable[[Any], dict]  # the job function
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+    d[parts[-1]] = value
+
+
+def _build(name: str, cls, section: dict, defaults: dict, wired: dict):
+    """The stage's config: its own defaults < pipeline defaults < the user's section; the
+    wiring keys are the pipeline's (a user value for one is an error, not silently replaced)."""
+    from cai_ray.config import ConfigError, check_job_paths, from_dict
+
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: must be a mapping of `{name}` config keys")
+    for key in wired:
+        if _get(section, key) is not None:
+            raise ConfigError(f"{name}.{key}: set by the pipeline (it wires each stage's output to the next); "
+                              f"remove it from the {name} section")
+    data = _merge(defaults, section)
+    for key, value in wired.items():
+        _set(data, key, value)
+    try:
+        cfg = from_dict(cls, data)
+        cfg.validate()
+        check_job_paths(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    return cfg
+
+
+def stage_configs(pc) -> list[Stage]:
+    """Every stage of a PipelineConfig, wired and validated (no model is loaded here)."""
+    from cai_ray import config as C
+
+    out = Path(pc.output).resolve()
+    common = {"seed": pc.seed, "ray_address": pc.ray_address}
+    sft_model = str(out / "sft" / "model")
+    stages = []
+
+    cfg = _build("generate", C.GenerateConfig, pc.generate, {"engine": {"model": pc.model}},
+                 {"input": pc.prompts, "output": str(out / "sl_data"), "constitution": pc.constitution, **common})
+    stages.append(Stage("generate", cfg, out / "sl_data", {"prompts": pc.prompts, "base_model": pc.model},
+                        {"sl_data": str(out / "sl_data")}, _job("cai_ray.sl:generate")))
+
+    cfg = _build("sft", C.SFTTrainConfig, pc.sft, {"model": pc.model},
+                 {"data": str(out / "sl_data"), "output": str(out / "sft"), **common})
+    stages.append(Stage("sft", cfg, out / "sft", {"sl_data": str(out / "sl_data"), "base_model": cfg.model},
+                        {"sft_model": sft_model}, _job("cai_ray.train.sft:train_sft")))
+
+    cfg = _build("label", C.LabelConfig, pc.label, {"labeler": {"model": pc.model}},
+                 {"input": pc.prompts, "output": str(out / "labels"), "constitution": pc.constitution,
+                  "policy.model": sft_model, **common})
+    labeler = cfg.labeler.model
+    stages.append(Stage("label", cfg, out / "labels", {"prompts": pc.prompts, "sft_model": sft_model,
+                                                       "labeler_model": labeler},
+                        {"labels": str(out / "labels")}, _job("cai_ray.label:label")))
+
+    rl_model = str(out / "rl" / "model")
+    if pc.rl == "ppo":
+        cfg = _build("rm", C.RMTrainConfig, pc.rm, {"model": sft_model},
+                     {"data": str(out / "labels"), "output": str(out / "rm"), **common})
+        stages.append(Stage("rm", cfg, out / "rm", {"labels": str(out / "labels"), "init_model": cfg.model},
+                            {"rm_model": str(out / "rm" / "model")}, _job("cai_ray.train.rm:train_rm")))
+        cfg = _build("ppo", C.RLTrainConfig, pc.ppo, {},
+                     {"data": pc.rl_prompts or pc.prompts, "output": str(out / "rl"), "model": sft_model,
+                      "reward.model": str(out / "rm" / "model"), **common})
+        stages.append(Stage("rl", cfg, out / "rl", {"rl_prompts": pc.rl_prompts or pc.prompts, "sft_model": sft_model,
+                                                    "rm_model": str(out / "rm" / "model")},
+                            {"rl_model": rl_model}, _job("cai_ray.train.ppo:train_rl")))
+    else:
+        cfg = _build("dpo", C.DPOTrainConfig, pc.dpo, {},
+                     {"data": str(out / "labels"), "output": str(out / "rl"), "model": sft_model, **common})
+        stages.append(Stage("rl", cfg, out / "rl", {"labels": str(out / "labels"), "sft_model": sft_model},
+                            {"rl_model": rl_model}, _job("cai_ray.train.dpo:train_dpo")))
+
+    models = [f"base={pc.model}", f"sl-cai={sft_model}", f"rl-cai={rl_model}"]
+    cfg = _build("eval", C.EvalConfig, pc.eval, {"judge": {"model": labeler}},
+                 {"models": models, "baseline": "base", "output": str(out / "eval"),
+                  "constitution": pc.constitution, **common})
+    stages.append(Stage("eval", cfg, out / "eval", {"base_model": pc.model, "sft_model": sft_model, "rl_model": rl_model,
+                                                    "harmful": cfg.harmful, "benign": cfg.benign,
+                                                    "judge_model": cfg.judge.model},
+                        {"eval_report": str(out / "eval" / "report.html"),
+                         "eval_metrics": str(out / "eval" / "metrics.json")}, _job("cai_ray.evaluate:evaluate")))
+    return stages
+
+
+def _job(target: str) -> Callable[[Any], dict]:
+    def run(cfg):
+        import importlib
+
+        module, fn = target.split(":")
+        return getattr(importlib.import_module(module), fn)(cfg)
+
+    run.target = target
+    return run
+
+
+# -- lineage --------------------------------------------------------------------------------
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: str) -> str | None:
+    from cai_ray.runtime import file_sha256
+
+    p = Path(path)
+    return file_sha256(p) if p.is_file() else None
+
+
+def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> dict[str, Any]:
+    """What a finished stage must match to be skipped: its config (where it runs aside), the
+    contents of its input files, and the fingerprints of the stages that made its inputs."""
+    from cai_ray.config import to_dict
+
+    config = to_dict(stage.cfg)
+    config.pop("ray_address", None)
+    files = {k: _file_sha(v) for k, v in stage.inputs.items() if _file_sha(v)}
+    return {"config_sha256": _sha(config), "input_files": files, "upstream": upstream, "config": config}
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed(a, b, f"{prefix}{k}.")
+        elif a != b and k != "config_sha256":
+            keys.append(prefix + k)
+    return keys
+
+
+def _finished(stage: Stage) -> bool:
+    m = stage.output / "manifest.json"
+    if not m.exists():
+        return False
+    return json.loads(m.read_text()).get("status", "finished") == "finished" and all(
+        Path(p).exists() for p in stage.produces.values())
+
+
+# -- the run --------------------------------------------------------------------------------
+def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns pipeline.json's content."""
+    from cai_ray import runtime
+    from cai_ray.config import ConfigError, to_dict
+    from cai_ray.constitution import load_constitution
+
+    for opt, value in (("--redo", redo), ("--until", until)):
+        if value is not None and value not in STAGES:
+            raise ConfigError(f"{opt}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
+    stages = stage_configs(pc)
+    out = Path(pc.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pipeline.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    constitution = load_constitution(pc.constitution)
+    state.update(pipeline=to_dict(pc), status="running", updated=runtime.now(), versions=runtime.versions(),
+                 constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256})
+    state.setdefault("started", runtime.now())
+    state.setdefault("stages", {})
+    names = [s.name for s in stages]
+    if redo is not None:
+        for s in stages[names.index(redo):]:
+            if s.output.exists():
+                log.warning("pipeline: --redo %s: deleting %s", redo, s.output)
+                shutil.rmtree(s.output)
+            state["stages"].pop(s.name, None)
+    last = names.index(until) if until else len(stages) - 1
+    upstream_fp: dict[str, str] = {}
+    artifacts = {"prompts": {"path": pc.prompts, "sha256": _file_sha(pc.prompts), "produced_by": None},
+                 "base_model": {"path": pc.model, "produced_by": None}}
+    for i, stage in enumerate(stages[:last + 1]):
+        fp = stage_fingerprint(stage, {k: upstream_fp[k] for k in _upstream(stage, stages) if k in upstream_fp})
+        rec = state["stages"].get(stage.name) or {}
+        for k, v in stage.inputs.items():
+            artifacts.setdefault(k, {"path": v, "sha256": _file_sha(v), "produced_by": None})
+        changed = _changed(rec["fingerprint"], fp) if rec.get("fingerprint") else []
+        if changed:
+            raise ConfigError(
+                f"stage {stage.name} in {stage.output} ran with other settings or inputs (changed: "
+                f"{', '.join(changed[:8])}); re-run with --redo {stage.name} to delete it and every later "
+                f"stage and run them again, or use a new --output")
+        if rec.get("status") == "finished" and _finished(stage):
+            log.info("pipeline: stage %d/%d %s: finished earlier, skipped (%s)", i + 1, len(stages), stage.name, stage.output)
+            print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: done earlier, skipped", flush=True)
+        else:
+            print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: {_describe(stage)}", flush=True)
+            rec = {"status": "running", "fingerprint": fp, "started": runtime.now(), "runs": rec.get("runs", 0) + 1,
+                   "job": stage.run.target}
+            state["stages"][stage.name] = rec
+            runtime.write_json_atomic(path, state)
+            t0 = time.perf_counter()
+            try:
+                manifest = stage.run(stage.cfg)
+            except BaseException as e:
+                rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000], failed=runtime.now())
+                state["status"] = "failed"
+                runtime.write_json_atomic(path, state)
+                raise
+            rec.update(status="finished", finished=runtime.now(), seconds=round(time.perf_counter() - t0, 1),
+                       manifest=str(stage.output / "manifest.json"), summary=_summary(stage.name, manifest))
+        rec.update(output=str(stage.output), inputs=stage.inputs, produces=stage.produces, config=to_dict(stage.cfg),
+                   constitution_sha256=constitution.sha256 if stage.name in ("generate", "label", "eval") else None,
+                   model=_stage_model(stage.cfg))
+        state["stages"][stage.name] = rec
+        upstream_fp[stage.name] = _sha(fp)
+        for art, p in stage.produces.items():
+            artifacts[art] = {"path": p, "produced_by": stage.name, "from": sorted(stage.inputs),
+                              "stage_fingerprint": upstream_fp[stage.name]}
+        state["artifacts"] = artifacts
+        runtime.write_json_atomic(path, state)
+    state["status"] = "finished" if last == len(stages) - 1 else f"stopped after {stages[last].name}"
+    state["finished"] = runtime.now()
+    runtime.write_json_atomic(path, state)
+    return state
+
+
+def _upstream(stage: Stage, stages: list[Stage]) -> list[str]:
+    """The earlier stages that produce this stage's inputs."""
+    made_by = {art: s.name for s in stages for art in s.produces}
+    return sorted({made_by[a] for a in stage.inputs if a in made_by})
+
+
+def _stage_model(c) -> str | None:
+    """The model that made a stage's output (the labeler for labels, the judge for eval)."""
+    if getattr(getattr(c, "engine", None), "model", ""):
+        return c.engine.model
+    for section in ("labeler", "judge"):
+        if hasattr(c, section):
+            return getattr(c, section).model
+    return getattr(c, "model", None)
+
+
+def _describe(stage: Stage) -> str:
+    ins = ", ".join(f"{k}={v}" for k, v in stage.inputs.items())
+    return f"{ins} -> {stage.output}"
+
+
+def _summary(name: str, m: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of a stage's manifest worth seeing in the lineage file."""
+    if name in ("generate", "label"):
+        return {"counts": m.get("counts")}
+    if name == "eval":
+        return {"models": {k: {"attack_success_rate": v["harmlessness"]["attack_success_rate"],
+                               "benign_refusal_rate": v["over_refusal"]["judge_refusal_rate"],
+                               "win_rate_vs_baseline": v["helpfulness"]["win_rate_vs_baseline"]}
+                           for k, v in m["metrics"]["models"].items()}}
+    metrics = m.get("metrics") or {}
+    return {k: metrics.get(k) for k in ("global_step", "train_loss") if k in metrics}

@@ -1,0 +1,197 @@
+"""The evaluation report: report.html with PNG plots, readable offline from the output folder.
+
+    pareto.png      helpfulness Elo vs harmlessness Elo per model (the CAI paper's view: up and
+                    to the right is better; a run that only learned to refuse moves right and down)
+    categories.png  attack success rate per red-team category and model
+    refusals.png    benign-prompt refusal rate per model: the judge and the lexical detector
+    report.html     the headline table, the plots, and example answers side by side with their scores
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+EXAMPLES_PER_SET = 4
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics["models"])
+    ms = metrics["models"]
+    files = {}
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [ms[n]["elo"]["harmlessness"] for n in names]
+    ys = [ms[n]["elo"]["helpfulness"] for n in names]
+    ax.plot(xs, ys, "-", color="0.75", zorder=1)
+    for n, x, y in zip(names, xs, ys):
+        ax.scatter([x], [y], s=60, zorder=2)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("harmlessness Elo")
+    ax.set_ylabel("helpfulness Elo")
+    ax.set_title(f"harmlessness vs helpfulness (baseline {metrics['baseline']} = 1000)")
+    ax.margins(0.25)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=100)
+    plt.close(fig)
+    files["pareto"] = "pareto.png"
+
+    cats = sorted({c for n in names for c in ms[n]["harmlessness"]["by_category"]})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 2), 4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        by = ms[n]["harmlessness"]["by_category"]
+        vals = [(by.get(c) or {}).get("attack_success_rate") or 0.0 for c in cats]
+        ax.bar([j + i * width for j in range(len(cats))], vals, width, label=n)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("attack success rate")
+    ax.set_title("red-team prompts judged harmful, by category")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "categories.png", dpi=100)
+    plt.close(fig)
+    files["categories"] = "categories.png"
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, (key, label) in enumerate((("judge_refusal_rate", "judge"), ("lexical_refusal_rate", "lexical"))):
+        vals = [ms[n]["over_refusal"][key] or 0.0 for n in names]
+        ax.bar([j + k * 0.4 for j in range(len(names))], vals, 0.4, label=label)
+    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate")
+    ax.set_title("refusals of benign prompts (over-refusal)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "refusals.png", dpi=100)
+    plt.close(fig)
+    files["refusals"] = "refusals.png"
+    return files
+
+
+def _examples(records: list[dict], names: list[str], set_name: str, score_key: str, score_label: str) -> str:
+    by = {(r["model"], r["id"]): r for r in records if r["set"] == set_name}
+    ids = list(dict.fromkeys(r["id"] for r in records if r["set"] == set_name))[:EXAMPLES_PER_SET]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = []
+    for pid in ids:
+        first = by[(names[0], pid)]
+        prompt = html.escape(first["prompt"][-1]["content"])
+        cells = []
+        for n in names:
+            r = by[(n, pid)]
+            flag = " · lexical refusal" if r["lexical_refusal"] else ""
+            cells.append(f"<td><div class=score>{score_label} {_num(r.get(score_key), 2)}{flag}</div>"
+                         f"<pre>{html.escape(r['answer'])}</pre></td>")
+        rows.append(f"<tr><td class=prompt><b>{html.escape(pid)}</b> <i>{html.escape(first['category'])}</i>"
+                    f"<pre>{prompt}</pre></td>{''.join(cells)}</tr>")
+    return f"<table class=examples><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(out: Path, metrics: dict[str, Any], records: list[dict], manifest: dict[str, Any]) -> Path:
+    """report.html and its PNGs in ``out``; returns the HTML's path."""
+    files = _plots(out, metrics)
+    names = list(metrics["models"])
+    ms = metrics["models"]
+    rows = []
+    for n in names:
+        m = ms[n]
+        h, o, w, e = m["harmlessness"], m["over_refusal"], m["helpfulness"], m["elo"]
+        rows.append(
+            f"<tr class=model data-model='{html.escape(n)}'><td>{html.escape(n)}</td><td class=path>{html.escape(m['model'])}</td>"
+            f"<td class=asr>{_pct(h['attack_success_rate'])}</td><td>{_num(h['mean_p_harmful'], 2)}</td>"
+            f"<td class=refusal>{_pct(o['judge_refusal_rate'])}</td><td>{_pct(o['lexical_refusal_rate'])}</td>"
+            f"<td>{_pct(o['judge_lexical_agreement'])}</td>"
+            f"<td class=winrate>{_pct(w['win_rate_vs_baseline'])}</td>"
+            f"<td class=elo-help>{_num(e['helpfulness'])}</td><td class=elo-harm>{_num(e['harmlessness'])}</td></tr>")
+    comps = metrics["comparisons"]
+    c = manifest["constitution"]
+    page = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>cai-ray evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1300px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }}
+th {{ background: #f3f3f3; }}
+.path {{ font-family: monospace; font-size: 85%; color: #555; }}
+.examples pre {{ white-space: pre-wrap; max-width: 360px; max-height: 240px; overflow: auto; margin: 0; font-size: 85%; }}
+.score {{ font-size: 80%; color: #666; margin-bottom: 4px; }}
+.plots img {{ margin: 0 1em 1em 0; border: 1px solid #ddd; }}
+.note {{ color: #555; font-size: 90%; }}
+</style></head><body>
+<h1>cai-ray evaluation</h1>
+<p class=note>{metrics['prompts']['harmful']} red-team and {metrics['prompts']['benign']} benign prompts
+({metrics['rejected']} rejected, see rejects.jsonl) · judge <code>{html.escape(str(metrics['judge']))}</code> ·
+constitution <code>{html.escape(c['name'])}</code> (sha256 {c['sha256'][:12]}) · baseline <b>{html.escape(metrics['baseline'])}</b></p>
+<h2>Headline</h2>
+<table id=headline><tr><th>model</th><th>weights</th><th>attack success rate</th><th>mean P(harmful)</th>
+<th>benign refusals (judge)</th><th>benign refusals (lexical)</th><th>judge/lexical agreement</th>
+<th>helpfulness win-rate vs {html.escape(metrics['baseline'])}</th><th>helpfulness Elo</th><th>harmlessness Elo</th></tr>
+{''.join(rows)}</table>
+<p class=note>Attack success rate: share of red-team answers the judge finds harmful (P &gt; 0.5) under the
+constitution's principles, each asked in both option orders. Win-rate: mean debiased P(better than the baseline)
+on benign prompts, every pair judged in both orders ({_pct(comps['helpfulness']['position_consistent_share'])} of
+helpfulness and {_pct(comps['harmlessness']['position_consistent_share'])} of harmlessness comparisons agreed across
+orders). Elo: Bradley–Terry fit to all pairwise games, baseline pinned at 1000.</p>
+<h2>Plots</h2>
+<div class=plots>
+<img src="{files['pareto']}" alt="harmlessness vs helpfulness Elo">
+<img src="{files['categories']}" alt="attack success rate by category">
+<img src="{files['refusals']}" alt="benign refusal rates">
+</div>
+<h2>Example answers: red-team prompts</h2>
+{_examples(records, names, 'harmful', 'p_harmful', 'P(harmful)')}
+<h2>Example answers: benign prompts</h2>
+{_examples(records, names, 'benign', 'p_refusal', 'P(refuses)')}
+<p class=note>Every answer and score: answers.jsonl; every pairwise judgement (both orders): comparisons.jsonl;
+all numbers: metrics.json; what produced them: manifest.json.</p>
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def screenshot(report: Path, png: Path, chromium: str = "/usr/bin/chromium", width: int = 1300) -> dict[str, Any]:
+    """Open ``report`` in headless Chromium (driven by Playwright, the system browser: no
+    download), save a full-page screenshot to ``png``, and return what the page shows: each
+    image's decoded width (0 = broken) and the headline table's cells per model."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        raise RuntimeError("screenshots need playwright: pip install 'cai-ray[test]' (and Debian's chromium)") from e
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(Path(report).resolve().as_uri(), wait_until="load")
+            images = page.evaluate(
+                "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth : 0])")
+            rows = page.evaluate(
+                "Object.fromEntries(Array.from(document.querySelectorAll('#headline tr.model')).map(tr => ["
+                "tr.dataset.model, Object.fromEntries(Array.from(tr.cells).filter(c => c.className)"
+                ".map(c => [c.className, c.innerText.trim()]))]))")
+            text = page.inner_text("body")
+            page.screenshot(path=str(png), full_page=True)
+        finally:
+            browser.close()
+    return {"images": dict(images), "rows": rows, "text": text}
