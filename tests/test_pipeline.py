@@ -44,7 +44,7 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     rl = stages["rl"].cfg
     assert rl.model == str(run / "sft" / "model") and rl.reward.model == str(run / "rm" / "model")
     ev = stages["eval"].cfg
-    assert ev.models == [f"base=tiny-random", f"sl-cai={run / 'sft' / 'model'}", f"rl-cai={run / 'rl' / 'model'}"]
+    assert ev.models == ["base=tiny-random", f"sl-cai={run / 'sft' / 'model'}", f"rl-cai={run / 'rl' / 'model'}"]
     assert ev.baseline == "base" and ev.judge.model == "tiny-random"
     # the stage sections keep their own settings
     assert stages["generate"].cfg.revisions == 1 and rl.ppo.steps == 1
@@ -143,13 +143,19 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
     assert set(m["models"]) == {"base", "sl-cai", "rl-cai"}
     # the SFT data is the SL-CAI output, and its manifest records where it came from
     sft_manifest = json.loads(Path(state["stages"]["sft"]["manifest"]).read_text())
-    assert sft_manifest["data"]["manifest"]["stage"] == "generate"
+    assert sft_manifest["data"]["manifest"]["stage"] == "sl"
 
     # a third run has nothing to do; a changed setting of a finished stage is refused, naming it
     state = pipeline.run_pipeline(_load(tmp_path))
     assert all(v["runs"] == (2 if k == "rm" else 1) for k, v in state["stages"].items())
     with pytest.raises(ConfigError, match=r"stage sft .*changed: config\.optim\.learning_rate.*--redo sft"):
         pipeline.run_pipeline(_load(tmp_path, "sft.optim.learning_rate=1e-3"))
+    # --redo STAGE deletes that stage's output and runs it again with the new settings
+    state = pipeline.run_pipeline(_load(tmp_path, "eval.limit=1"), redo="eval")
+    assert state["stages"]["eval"]["runs"] == 1 and state["stages"]["rl"]["runs"] == 1
+    assert json.loads((run / "eval" / "metrics.json").read_text())["prompts"] == {"harmful": 1, "benign": 1}
+    with pytest.raises(ConfigError, match="--redo: unknown stage 'ppo'"):
+        pipeline.run_pipeline(pc, redo="ppo")
 
 
 @pytest.mark.slow
