@@ -178,7 +178,7 @@ def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> dict[str, Any]:
 
     config = to_dict(stage.cfg)
     config.pop("ray_address", None)
-    files = {k: _file_sha(v) for k, v in stage.inputs.items() if _file_sha(v)}
+    files = {k: h for k, v in stage.inputs.items() if (h := _file_sha(v))}
     return {"config_sha256": _sha(config), "input_files": files, "upstream": upstream, "config": config}
 
 
@@ -208,10 +208,11 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
     from cai_ray.config import ConfigError, to_dict
     from cai_ray.constitution import load_constitution
 
-    for opt, value in (("--redo", redo), ("--until", until)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{opt}: unknown stage {value!r}; stages: {', '.join(STAGES)}")
     stages = stage_configs(pc)
+    names = [s.name for s in stages]
+    for opt, value in (("--redo", redo), ("--until", until)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{opt}: unknown stage {value!r}; this pipeline's stages (rl={pc.rl}): {', '.join(names)}")
     out = Path(pc.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"
@@ -221,7 +222,6 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
                  constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256})
     state.setdefault("started", runtime.now())
     state.setdefault("stages", {})
-    names = [s.name for s in stages]
     if redo is not None:
         for s in stages[names.index(redo):]:
             if s.output.exists():

@@ -176,3 +176,13 @@ def test_pipeline_with_smollm2_on_a_few_prompts_and_the_cli(ray_local, tmp_path,
     assert list(state["stages"]) == ["generate", "sft", "label", "rl", "eval"]
     assert state["stages"]["generate"]["model"] == "smollm2"
     _artifacts_linked(state)
+
+
+def test_redo_and_until_name_a_stage_of_this_pipeline(tmp_path):
+    from cai_ray.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match=r"--redo: unknown stage 'rm'; this pipeline's stages \(rl=dpo\)"):
+        run_pipeline(_load(tmp_path, "rl=dpo"), redo="rm")
+    with pytest.raises(ConfigError, match="--until: unknown stage 'train'"):
+        run_pipeline(_load(tmp_path), until="train")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
