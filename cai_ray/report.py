@@ -136,7 +136,7 @@ th {{ background: #f3f3f3; }}
 </style></head><body>
 <h1>cai-ray evaluation</h1>
 <p class=note>{metrics['prompts']['harmful']} red-team and {metrics['prompts']['benign']} benign prompts
-({metrics['rejected']} rejected, see rejects.jsonl) · judge <code>{html.escape(str(metrics['judge']))}</code> ·
+({metrics['rejected']} input rows not evaluated: malformed, too long or over the limit; see rejects.jsonl) · judge <code>{html.escape(str(metrics['judge']))}</code> ·
 constitution <code>{html.escape(c['name'])}</code> (sha256 {c['sha256'][:12]}) · baseline <b>{html.escape(metrics['baseline'])}</b></p>
 <h2>Headline</h2>
 <table id=headline><tr><th>model</th><th>weights</th><th>attack success rate</th><th>mean P(harmful)</th>
