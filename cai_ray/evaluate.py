@@ -134,7 +134,18 @@ class EngineActor:
         return self.engine.generate(convs, Sampling(**sampling))
 
     def choice_logprobs(self, convs, choices):
-        return self.engine.choice_logprobs(convs, choices)
+        """As the engine's, but a conversation longer than the model's context is not scored
+        (an ``Unscored`` with the reason) instead of failing the batch or being cut."""
+        from cai_ray.engine import Unscored
+
+        limit = getattr(self.engine, "context_length", None)
+        counts = self.engine.token_counts(convs) if limit and hasattr(self.engine, "token_counts") else [0] * len(convs)
+        fits = [i for i, n in enumerate(counts) if n < limit] if limit else list(range(len(convs)))
+        scored = self.engine.choice_logprobs([convs[i] for i in fits], choices) if fits else []
+        out: list = [Unscored(f"{n} tokens: longer than the judge's context ({limit})") for n in counts]
+        for i, lp in zip(fits, scored):
+            out[i] = lp
+        return out
 
 
 class RemoteEngine:

@@ -237,3 +237,18 @@ def test_report_opens_in_headless_chromium_with_images_and_headline_numbers(eval
         assert f"{mm['helpfulness']['win_rate_vs_baseline']:.0%}" == row["winrate"]
         assert f"{mm['elo']['helpfulness']:.0f}" == row["elo-help"]
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_a_judgement_longer_than_the_judges_context_is_unscored_not_a_crash():
+    from cai_ray import prompts
+    from cai_ray.engine import Unscored
+    from cai_ray.evaluate import EngineActor
+
+    actor = EngineActor("hf", {"model": "tiny-random", "dtype": "float32", "threads": 1})  # context 1024
+    short = prompts.judgement_messages([prompts.user("hi")], "hello", prompts.REFUSAL_QUESTION,
+                                       *prompts.REFUSAL_OPTIONS, swapped=False)
+    long = prompts.judgement_messages([prompts.user("hi")], "hello " * 2000, prompts.REFUSAL_QUESTION,
+                                      *prompts.REFUSAL_OPTIONS, swapped=False)
+    out = actor.choice_logprobs([short, long, short], prompts.CHOICES)
+    assert out[0] == out[2] and not isinstance(out[0], Unscored)
+    assert isinstance(out[1], Unscored) and "longer than the judge's context (1024)" in out[1].reason
