@@ -418,7 +418,7 @@ def cmd_eval(args) -> int:
 def cmd_pipeline(args) -> int:
     from cai_ray.config import PipelineConfig
     from cai_ray.evaluate import headline
-    from cai_ray.pipeline import run_pipeline
+    from cai_ray.pipeline import run_pipeline, stage_lines
 
     cfg = _load(PipelineConfig, args, "")
     state = cfg and _run_job(lambda c: run_pipeline(c, redo=args.redo, until=args.until), cfg)
@@ -426,8 +426,7 @@ def cmd_pipeline(args) -> int:
         return 2
     out = Path(cfg.output).resolve()
     print(f"\n=== cai-ray pipeline: {state['status']} ===")
-    for name, rec in state["stages"].items():
-        print(f"  {name:<9} {rec['status']:<9} {rec.get('seconds', '-')!s:>7} s  {rec['output']}")
+    print("\n".join(stage_lines(state)))
     ev = out / "eval" / "metrics.json"
     if "eval" in state["stages"] and ev.exists():
         print("\n" + "\n".join(headline(json.loads(ev.read_text()))))

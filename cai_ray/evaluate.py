@@ -407,13 +407,12 @@ def evaluate(cfg) -> dict[str, Any]:
                            lambda i: [prompts.REFUSAL_QUESTION], *prompts.REFUSAL_OPTIONS)
         for x, h in zip(benign_recs, ref):
             x.update(p_refusal=h["p"], p_refusal_orders=h["orders"], invalid=h["invalid"])
-        by_model = {m.name: answers[m.name] for m in models}
         judge.desc = "judge: harmlessness pairs"
         harm_labeler = Labeler(judge, constitution, LabelSettings(few_shot=cfg.few_shot, seed=cfg.seed))
-        harm_comps = compare_all(harm_labeler, models, sets["harmful"], by_model, "harmful", lambda r: principles[r["id"]])
+        harm_comps = compare_all(harm_labeler, models, sets["harmful"], answers, "harmful", lambda r: principles[r["id"]])
         judge.desc = "judge: helpfulness pairs"
         help_labeler = Labeler(judge, constitution, LabelSettings(few_shot=0, seed=cfg.seed))
-        help_comps = compare_all(help_labeler, models, sets["benign"], by_model, "benign", lambda r: [HELPFULNESS])
+        help_comps = compare_all(help_labeler, models, sets["benign"], answers, "benign", lambda r: [HELPFULNESS])
     finally:
         stop_engine(judge)
     for c in harm_comps:

@@ -171,14 +171,14 @@ def _file_sha(path: str) -> str | None:
     return file_sha256(p) if p.is_file() else None
 
 
-def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> dict[str, Any]:
+def stage_fingerprint(stage: Stage, upstream: dict[str, str], sha=_file_sha) -> dict[str, Any]:
     """What a finished stage must match to be skipped: its config (where it runs aside), the
     contents of its input files, and the fingerprints of the stages that made its inputs."""
     from cai_ray.config import to_dict
 
     config = to_dict(stage.cfg)
     config.pop("ray_address", None)
-    files = {k: h for k, v in stage.inputs.items() if (h := _file_sha(v))}
+    files = {k: h for k, v in stage.inputs.items() if (h := sha(v))}
     return {"config_sha256": _sha(config), "input_files": files, "upstream": upstream, "config": config}
 
 
@@ -230,13 +230,20 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
             state["stages"].pop(s.name, None)
     last = names.index(until) if until else len(stages) - 1
     upstream_fp: dict[str, str] = {}
-    artifacts = {"prompts": {"path": pc.prompts, "sha256": _file_sha(pc.prompts), "produced_by": None},
+    hashes: dict[str, str | None] = {}
+
+    def sha(path: str) -> str | None:  # each input file read once per run (a prompt file may be large)
+        if path not in hashes:
+            hashes[path] = _file_sha(path)
+        return hashes[path]
+
+    artifacts = {"prompts": {"path": pc.prompts, "sha256": sha(pc.prompts), "produced_by": None},
                  "base_model": {"path": pc.model, "produced_by": None}}
     for i, stage in enumerate(stages[:last + 1]):
-        fp = stage_fingerprint(stage, {k: upstream_fp[k] for k in _upstream(stage, stages) if k in upstream_fp})
+        fp = stage_fingerprint(stage, {k: upstream_fp[k] for k in _upstream(stage, stages) if k in upstream_fp}, sha)
         rec = state["stages"].get(stage.name) or {}
         for k, v in stage.inputs.items():
-            artifacts.setdefault(k, {"path": v, "sha256": _file_sha(v), "produced_by": None})
+            artifacts.setdefault(k, {"path": v, "sha256": sha(v), "produced_by": None})
         changed = _changed(rec["fingerprint"], fp) if rec.get("fingerprint") else []
         if changed:
             raise ConfigError(
@@ -292,6 +299,12 @@ def _stage_model(c) -> str | None:
         if hasattr(c, section):
             return getattr(c, section).model
     return getattr(c, "model", None)
+
+
+def stage_lines(state: dict[str, Any]) -> list[str]:
+    """One line per stage of a pipeline.json: status, seconds of its last run, output."""
+    return [f"  {name:<9} {rec['status']:<9} {rec.get('seconds', '-')!s:>7} s  {rec['output']}"
+            for name, rec in state["stages"].items()]
 
 
 def _describe(stage: Stage) -> str:

@@ -46,42 +46,51 @@ def _plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     ax.set_title(f"harmlessness vs helpfulness (baseline {metrics['baseline']} = 1000)")
     ax.margins(0.25)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=100)
-    plt.close(fig)
+    _save(fig, out / "pareto.png")
     files["pareto"] = "pareto.png"
 
     cats = sorted({c for n in names for c in ms[n]["harmlessness"]["by_category"]})
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 2), 4))
-    width = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        by = ms[n]["harmlessness"]["by_category"]
-        vals = [(by.get(c) or {}).get("attack_success_rate") or 0.0 for c in cats]
-        ax.bar([j + i * width for j in range(len(cats))], vals, width, label=n)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("attack success rate")
-    ax.set_title("red-team prompts judged harmful, by category")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "categories.png", dpi=100)
-    plt.close(fig)
+    _grouped_bars(out / "categories.png", cats,
+                  {n: [(ms[n]["harmlessness"]["by_category"].get(c) or {}).get("attack_success_rate") or 0.0
+                       for c in cats] for n in names},
+                  "attack success rate", "red-team prompts judged harmful, by category",
+                  width=max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 2), rotate=True)
     files["categories"] = "categories.png"
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k, (key, label) in enumerate((("judge_refusal_rate", "judge"), ("lexical_refusal_rate", "lexical"))):
-        vals = [ms[n]["over_refusal"][key] or 0.0 for n in names]
-        ax.bar([j + k * 0.4 for j in range(len(names))], vals, 0.4, label=label)
-    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("refusal rate")
-    ax.set_title("refusals of benign prompts (over-refusal)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "refusals.png", dpi=100)
-    plt.close(fig)
+    _grouped_bars(out / "refusals.png", names,
+                  {label: [ms[n]["over_refusal"][key] or 0.0 for n in names]
+                   for key, label in (("judge_refusal_rate", "judge"), ("lexical_refusal_rate", "lexical"))},
+                  "refusal rate", "refusals of benign prompts (over-refusal)", width=6)
     files["refusals"] = "refusals.png"
     return files
+
+
+def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
+                  width: float, rotate: bool = False) -> None:
+    """One bar per series in each group (rates in [0, 1])."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, 4 if rotate else 3.5))
+    bar = 0.8 / max(1, len(series))
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar([j + i * bar for j in range(len(groups))], vals, bar, label=label)
+    ticks = [j + bar * (len(series) - 1) / 2 for j in range(len(groups))]
+    if rotate:
+        ax.set_xticks(ticks, groups, rotation=30, ha="right")
+    else:
+        ax.set_xticks(ticks, groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _examples(records: list[dict], names: list[str], set_name: str, score_key: str, score_label: str) -> str:

@@ -37,14 +37,13 @@ def main() -> None:
                        f"eval.harmful={ROOT / 'jobs' / 'data' / 'red_team_eval.jsonl'}",
                        f"eval.benign={ROOT / 'jobs' / 'data' / 'benign.jsonl'}", *args.overrides])
     from cai_ray.evaluate import headline
-    from cai_ray.pipeline import run_pipeline
+    from cai_ray.pipeline import run_pipeline, stage_lines
 
     t0 = time.perf_counter()
     state = run_pipeline(cfg)
     out = Path(cfg.output).resolve()
     print(f"\n=== cai-ray demo: Constitutional AI end to end in {time.perf_counter() - t0:.0f} s ===")
-    for name, rec in state["stages"].items():
-        print(f"  {name:<9} {rec['status']:<9} {rec.get('seconds', 0):>6.0f} s  {rec['output']}")
+    print("\n".join(stage_lines(state)))
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     print(f"\nevaluation ({metrics['prompts']['harmful']} held-out red-team and {metrics['prompts']['benign']} benign "
           f"prompts, judge {metrics['judge']}):")
