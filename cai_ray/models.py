@@ -4,6 +4,9 @@
   Converted once into a plain HF folder under the cache (training needs plain weights).
 - ``tiny-random`` / ``tiny-random:SEED``: a tiny random Llama with the SmolLM2 tokenizer, built
   locally and deterministic by seed. For fast tests of plumbing, never for quality.
+- ``tiny-random-wide`` / ``tiny-random-wide:SEED``: the same with head_dim 64 (hidden 128, 2 heads,
+  1 KV head): vLLM's CPU attention rejects tiny-random's head_dim 16, so the vLLM tests and the
+  hf-vs-vllm comparisons use this one.
 - a local folder with ``config.json``: used as is.
 - ``org/name``: a hub id, passed through (GPU clusters usually have hub access; here
   ``HF_HUB_OFFLINE=1`` makes transformers/vLLM fail with their own clear error).
@@ -22,7 +25,7 @@ import shutil
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = ("smollm2", "tiny-random")
+ALIASES = ("smollm2", "tiny-random", "tiny-random-wide")
 
 # The tiny model's shape: small enough to build in ~0.1 s and generate 64 tokens in ~0.3 s,
 # with a short context so "prompt longer than the context" is cheap to test.
@@ -39,6 +42,11 @@ TINY_CONFIG = dict(
     initializer_range=0.3,
 )
 TINY_VERSION = 2  # bump when TINY_CONFIG changes, so cached copies are rebuilt
+# vLLM's CPU attention kernels take head_dim 64 and up (16 is "Unsupported CPU attention
+# configuration"); the rest as small as the tiny model.
+TINY_WIDE_CONFIG = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+                    "num_key_value_heads": 1}
+TINY_WIDE_VERSION = 1
 
 
 class ModelNotFound(ValueError):
@@ -66,18 +74,19 @@ def smollm2_gguf_path() -> Path:
 
 
 def is_alias(name: str) -> bool:
-    return name in ALIASES or name.startswith("tiny-random:")
+    return name in ALIASES or name.startswith(("tiny-random:", "tiny-random-wide:"))
 
 
 def resolve_model(name: str) -> str:
     """Return a path (or hub id) that ``from_pretrained`` / vLLM can load."""
     if name == "smollm2":
         return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
-    if name == "tiny-random" or name.startswith("tiny-random:"):
-        seed = int(name.split(":", 1)[1]) if ":" in name else 0
-        return str(
-            _build_once(cache_dir() / f"tiny-random-llama-v{TINY_VERSION}-s{seed}", lambda d: _build_tiny(d, seed))
-        )
+    for alias, version, shape in (("tiny-random", TINY_VERSION, TINY_CONFIG),
+                                  ("tiny-random-wide", TINY_WIDE_VERSION, TINY_WIDE_CONFIG)):
+        if name == alias or name.startswith(alias + ":"):
+            seed = int(name.split(":", 1)[1]) if ":" in name else 0
+            folder = f"{alias}-llama-v{version}-s{seed}"
+            return str(_build_once(cache_dir() / folder, lambda d: _build_tiny(d, seed, shape, folder)))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -142,7 +151,7 @@ def _convert_smollm2(out: Path) -> None:
     _smollm2_tokenizer().save_pretrained(out)
 
 
-def _build_tiny(out: Path, seed: int) -> None:
+def _build_tiny(out: Path, seed: int, shape: dict, name: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -152,10 +161,10 @@ def _build_tiny(out: Path, seed: int) -> None:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **TINY_CONFIG,
+        **shape,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.config.name_or_path = f"tiny-random-llama-v{TINY_VERSION}-s{seed}"
+    model.config.name_or_path = name
     model.save_pretrained(out)
     tok.save_pretrained(out)

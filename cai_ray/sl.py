@@ -10,6 +10,7 @@ Reads: PROMPT_SCHEMA columns. Writes: SL_SCHEMA columns (records.py). Rows with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -40,6 +41,7 @@ class SLWorker:
         sampling: dict[str, Any],
         ledger=None,
         max_actors: int = 1,
+        async_chains: bool = True,
     ):
         start = time.perf_counter()
         self.engine = load_engine(backend, **engine_threads(backend, engine_kwargs, max_actors))
@@ -49,6 +51,7 @@ class SLWorker:
         self.seed = seed
         self.sampling = sampling
         self.ledger = ledger
+        self.async_chains = async_chains and getattr(self.engine, "supports_async", False)
         self.shots = prompts.few_shot_turns(constitution, few_shot, with_critique=critique)
         self.overhead = self._template_overhead()
         if ledger is not None:
@@ -72,6 +75,58 @@ class SLWorker:
     def _generate(self, convs, ids, stage):
         params = Sampling(**self.sampling, seed=batch_seed(self.seed, ids, stage))
         return self.engine.generate(convs, params)
+
+    def _chains_batched(self, ids, convs, drawn):
+        """Every row's chain in lock-step: one engine call per step for the whole batch (a
+        step waits for the slowest row of the previous one). [(answer, trace, revision)]"""
+        current = self._generate([prompts.answer_messages(c) for c in convs], ids, "answer")
+        first = current
+        trace: list[list[dict]] = [[] for _ in ids]
+        for step in range(self.revisions):
+            principles = [d[step] for d in drawn]
+            critiques: list[str | None] = [None] * len(ids)
+            if self.critique:
+                critiques = self._generate(
+                    [prompts.critique_messages(self.shots, c, resp, p) for c, resp, p in zip(convs, current, principles)],
+                    ids, f"critique{step}",
+                )
+            current = self._generate(
+                [prompts.revision_messages(self.shots, c, resp, p, k)
+                 for c, resp, p, k in zip(convs, current, principles, critiques)],
+                ids, f"revision{step}",
+            )
+            for t, p, k, rev in zip(trace, principles, critiques, current):
+                t.append({"principle_id": p.id, "critique": k, "revision": rev})
+        return list(zip(first, trace, current))
+
+    def _chains_async(self, ids, convs, drawn):
+        """Each row's chain as its own request stream on an async engine (vLLM): a row's
+        critique starts when *its* answer is done, so the engine's batch stays full of
+        work instead of draining at every step. Each request is seeded by its row id and
+        step, so a row's text does not depend on the batch it came in."""
+        params = Sampling(**self.sampling)
+        eng = self.engine
+
+        async def chain(rid, conv, principles):
+            def seed(stage):
+                return batch_seed(self.seed, [rid], stage)
+
+            current = first = await eng.agenerate(prompts.answer_messages(conv), params, seed("answer"))
+            trace = []
+            for step, p in enumerate(principles):
+                critique = None
+                if self.critique:
+                    critique = await eng.agenerate(prompts.critique_messages(self.shots, conv, current, p), params,
+                                                   seed(f"critique{step}"))
+                current = await eng.agenerate(prompts.revision_messages(self.shots, conv, current, p, critique),
+                                              params, seed(f"revision{step}"))
+                trace.append({"principle_id": p.id, "critique": critique, "revision": current})
+            return first, trace, current
+
+        async def all_rows():
+            return await asyncio.gather(*(chain(r, c, d) for r, c, d in zip(ids, convs, drawn)))
+
+        return eng.run(all_rows())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """PROMPT_SCHEMA table in, SL_SCHEMA table out. Column-wise: the prompt columns pass
@@ -101,34 +156,10 @@ class SLWorker:
         if todo:
             good_ids = [ids[i] for i in todo]
             convs = [convs_all[i] for i in todo]
-            current = self._generate([prompts.answer_messages(c) for c in convs], good_ids, "answer")
-            first = current
             drawn = [self.constitution.sample(rid, self.revisions, self.seed) for rid in good_ids]
-            trace: list[list[dict]] = [[] for _ in todo]
-            for step in range(self.revisions):
-                principles = [d[step] for d in drawn]
-                critiques: list[str | None] = [None] * len(todo)
-                if self.critique:
-                    critiques = self._generate(
-                        [
-                            prompts.critique_messages(self.shots, c, resp, p)
-                            for c, resp, p in zip(convs, current, principles)
-                        ],
-                        good_ids,
-                        f"critique{step}",
-                    )
-                current = self._generate(
-                    [
-                        prompts.revision_messages(self.shots, c, resp, p, k)
-                        for c, resp, p, k in zip(convs, current, principles, critiques)
-                    ],
-                    good_ids,
-                    f"revision{step}",
-                )
-                for t, p, k, rev in zip(trace, principles, critiques, current):
-                    t.append({"principle_id": p.id, "critique": k, "revision": rev})
-            for j, i in enumerate(todo):
-                init[i], steps[i], final[i] = first[j], trace[j], current[j]
+            chains = self._chains_async if self.async_chains else self._chains_batched
+            for i, (first, trace, last) in zip(todo, chains(good_ids, convs, drawn)):
+                init[i], steps[i], final[i] = first, trace, last
 
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
@@ -161,6 +192,8 @@ def generation_fingerprint(config: dict[str, Any], constitution: Constitution) -
         "few_shot": config["few_shot"],
         "seed": config["seed"],
         "sampling": config["sampling"],
+        # per-row seeds (async chains) and per-batch seeds draw different samples
+        "async_chains": config["async_chains"] and config["engine"]["backend"] == "vllm",
     }
 
 
@@ -193,6 +226,7 @@ def generate(cfg) -> dict[str, Any]:
                 sampling=config["sampling"],
                 ledger=ledger,
                 max_actors=pool.max_actors,
+                async_chains=cfg.async_chains,
             ),
             **actor_pool_args(pool, cfg.engine),
         )

@@ -47,8 +47,8 @@ def batch_seed(seed: int, ids: list[str], stage: str) -> int:
 
 
 def engine_threads(backend: str, engine_kwargs: dict[str, Any], max_actors: int) -> dict[str, Any]:
-    """hf on CPU: unless set, each actor gets an equal share of the node's cores."""
-    if backend == "hf" and not engine_kwargs.get("threads"):
+    """hf and vllm on CPU: unless set, each actor gets an equal share of the node's cores."""
+    if backend in ("hf", "vllm") and not engine_kwargs.get("threads"):
         return {**engine_kwargs, "threads": max(1, (os.cpu_count() or 1) // max_actors)}
     return engine_kwargs
 

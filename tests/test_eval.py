@@ -102,7 +102,7 @@ def _cfg(tmp_path, *over):
     (["models=[tiny-random]", "modles=[x]"], "did you mean 'models'"),
     (["models=tiny-random"], "expects list"),
     (["models=[=x]"], "NAME=MODEL"),
-    (["models=[tiny-random]", "engine.backend=vllm"], "gpus_per_engine"),
+    (["models=[tiny-random]", "engine.backend=vllm", "engine.tensor_parallel_size=2"], "gpus_per_engine"),
 ])
 def test_eval_config_errors_are_clear(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
