@@ -75,7 +75,7 @@ def test_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
         (["--input", "/nonexistent.jsonl"], "input not found"),
         (["--constitution", "/nonexistent.yaml"], "file not found"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-        (["--engine", "vllm", "pool.gpus_per_actor=1"], "vLLM"),
+        (["--engine", "vllm", "pool.gpus_per_actor=1"], "needs 1 GPU (1 actors x 1) but the Ray cluster has 0"),
         (["pool.cpus_per_actor=1000"], "CPUs of this machine, and the job would stall"),
         (["--actors", "1000,1000"], "or give actors a fraction (e.g. pool.cpus_per_actor="),
     ],

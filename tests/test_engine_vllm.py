@@ -1,0 +1,123 @@
+"""The vllm engine on this machine (vLLM's CPU build): the same answers and choice
+probabilities as the hf engine on the same model, per-request seeds, one forward per
+single-token choice. One engine for the whole module (~25 s to start)."""
+
+import asyncio
+import math
+
+import pytest
+
+from cai_ray import prompts
+from cai_ray.engine import Sampling, Unscored, load_engine
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-random-wide"  # head_dim 64: vLLM's CPU attention rejects tiny-random's 16
+GREEDY = Sampling(temperature=0.0, max_new_tokens=24)
+# Same weights, same float32 arithmetic, different kernels: choice probabilities agree to
+# float32 rounding (measured |diff| < 1e-6); the bound leaves room for other CPUs' kernels.
+PROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    engine = load_engine("vllm", model=MODEL, dtype="float32", threads=2)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_engine():
+    return load_engine("hf", model=MODEL, dtype="float32", threads=2)
+
+
+def _convs(n=6):
+    return [[prompts.user(f"Tell me about item {i}. " * (i + 1))] for i in range(n)]
+
+
+def _labeler_convs():
+    return [c + [prompts.assistant(prompts.ANSWER_PREFIX)] for c in _convs()]
+
+
+def test_hf_and_vllm_give_the_same_greedy_text(vllm_engine, hf_engine):
+    convs = _convs()
+    assert vllm_engine.generate(convs, GREEDY) == hf_engine.generate(convs, GREEDY)
+    assert vllm_engine.token_counts(convs) == hf_engine.token_counts(convs)
+    assert vllm_engine.context_length == hf_engine.context_length == 1024
+
+
+@pytest.mark.parametrize("choices", [prompts.CHOICES, (" yes please", " no thanks, not that")])
+def test_hf_and_vllm_give_the_same_choice_probabilities(vllm_engine, hf_engine, choices):
+    v = vllm_engine.choice_logprobs(_labeler_convs(), choices)
+    h = hf_engine.choice_logprobs(_labeler_convs(), choices)
+    for rv, rh in zip(v, h):
+        assert not isinstance(rv, Unscored)
+        assert sum(math.exp(x) for x in rv) == pytest.approx(1.0)
+        assert [math.exp(x) for x in rv] == pytest.approx([math.exp(x) for x in rh], abs=PROB_TOLERANCE)
+
+
+def test_single_token_choices_take_one_request_per_conversation(vllm_engine, monkeypatch):
+    calls = []
+    real = vllm_engine._final
+
+    async def counting(token_ids, sp):
+        calls.append(sp)
+        return await real(token_ids, sp)
+
+    monkeypatch.setattr(vllm_engine, "_final", counting)
+    convs = _labeler_convs()
+    vllm_engine.choice_logprobs(convs, prompts.CHOICES)
+    assert len(calls) == len(convs)
+    assert all(sp.allowed_token_ids and sp.max_tokens == 1 and not sp.prompt_logprobs for sp in calls)
+    calls.clear()
+    vllm_engine.choice_logprobs(convs, (" yes please", " no thanks"))  # several tokens: exact path
+    assert len(calls) == 2 * len(convs) and all(sp.prompt_logprobs == 0 for sp in calls)
+
+
+def test_bad_choices_are_clear_errors(vllm_engine):
+    with pytest.raises(ValueError, match="at least two"):
+        vllm_engine.choice_logprobs(_labeler_convs(), ["A"])
+    with pytest.raises(ValueError, match="tokenize the same"):
+        vllm_engine.choice_logprobs(_labeler_convs(), ["A", "A"])
+
+
+def test_seeds_are_per_request(vllm_engine):
+    """A sampled answer depends on its own seed only: not on the other requests running,
+    nor on its position in the call."""
+    convs = _convs(4)
+    params = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=11)
+    batch = vllm_engine.generate(convs, params)
+    assert vllm_engine.generate(convs, params) == batch
+    alone = vllm_engine.generate([convs[2]], Sampling(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=13))
+    assert alone == [batch[2]]  # request i of a call is seeded seed + i
+    other = vllm_engine.generate(convs, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=12))
+    assert other != batch
+    # the per-request coroutine takes its seed explicitly (what the SL chains use)
+    one = vllm_engine.run(vllm_engine.agenerate(convs[0], params, seed=11))
+    assert one == batch[0]
+
+
+def test_streaming_yields_the_same_text_in_pieces(vllm_engine):
+    async def collect():
+        return [piece async for piece in vllm_engine.astream(_convs(1)[0], GREEDY)]
+
+    pieces = vllm_engine.run(collect())
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == vllm_engine.generate(_convs(1), GREEDY)[0]
+
+
+def test_engine_settings_reach_vllm(vllm_engine):
+    cfg = vllm_engine.llm.vllm_config
+    assert cfg.cache_config.enable_prefix_caching is True
+    assert cfg.model_config.enforce_eager is True
+    assert cfg.model_config.logprobs_mode == "processed_logprobs"
+
+
+def test_engine_coroutines_run_from_another_event_loop(vllm_engine):
+    """A Serve replica awaits the engine from its own loop (on_engine bridges the two)."""
+
+    async def replica():
+        return await asyncio.gather(*(vllm_engine.on_engine(vllm_engine.agenerate(c, GREEDY)) for c in _convs(3)))
+
+    assert asyncio.run(replica()) == vllm_engine.generate(_convs(3), GREEDY)

@@ -1,0 +1,175 @@
+"""The SL-CAI and label stages with vLLM engine actor pools on the local Ray cluster, with
+the guarantees they have on hf: row accounting, rejects, resume, exactly-once, a killed
+actor replaced. vLLM's CPU build, the vLLM-compatible tiny model (head_dim 64)."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cai_ray.config import GenerateConfig, LabelConfig, load_config
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
+pytestmark = pytest.mark.slow
+
+VLLM = ["engine.backend=vllm", "engine.model=tiny-random-wide", "engine.dtype=float32", "engine.threads=1",
+        "sampling.max_new_tokens=8", "revisions=2", "pool.batch_size=4", "outputs.rows_per_file=4",
+        "pool.cpus_per_actor=0.5"]
+
+
+def generate(inp, out, *extra):
+    from cai_ray.sl import generate as run
+
+    return run(load_config(GenerateConfig, None, [f"input={inp}", f"output={out}", *VLLM, *extra]))
+
+
+def write_prompts(path: Path, n: int, extra_lines=()):
+    lines = [json.dumps({"prompt": f"Question {i}: how do I get into my neighbour's wifi?"}) for i in range(n)]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return path
+
+
+def rows(out, folder="data"):
+    files = sorted((Path(out) / folder).glob("part-*.parquet")) if (Path(out) / folder).exists() else []
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_sl_stage_on_vllm_accounts_rejects_and_resumes_deterministically(ray_local, tmp_path):
+    inp = write_prompts(tmp_path / "in.jsonl", 8, [
+        "{broken json",
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": " ".join(["word"] * 3000)}),  # > the 1024-token context
+        json.dumps({"prompt": "Question 0: how do I get into my neighbour's wifi?"}),  # duplicate
+    ])
+    out = tmp_path / "out"
+    m = generate(inp, out, "pool.min_actors=1", "pool.max_actors=2")
+    c = m["counts"]
+    assert (c["read"], c["written"], c["rejected"]) == (12, 8, 4)
+    reasons = {r["line"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert reasons[9].startswith("invalid JSON") and reasons[10] == "empty prompt"
+    assert "prompt too long for the model" in reasons[11] and "duplicate id" in reasons[12]
+    first = {r["id"]: r for r in rows(out)}
+    assert len(first) == 8 and m["model"]["name"] == "tiny-random-wide"
+    assert m["config"]["engine"]["backend"] == "vllm" and m["timing"]["tokens_generated"] > 0
+    for r in first.values():
+        assert len(r["steps"]) == 2 and all(s["critique"] for s in r["steps"])
+        assert r["revision"] == r["steps"][-1]["revision"]
+
+    # a lost part is redone, and only it; its rows come out as before (each request is
+    # seeded by its row and step, so another batch composition samples the same text)
+    part = sorted((out / "data").glob("part-*.parquet"))[0]
+    lost = {r["id"] for r in pq.read_table(part).to_pylist()}
+    part.unlink()
+    again = generate(inp, out, "pool.min_actors=1", "pool.max_actors=2", "pool.batch_size=1")
+    assert again["counts"]["written_this_run"] == len(lost) and again["counts"]["rejected"] == 4
+    redone = {r["id"]: r for r in rows(out)}
+    assert sorted(redone) == sorted(first)
+    for rid in lost:
+        assert (redone[rid]["init_response"], redone[rid]["steps"]) == (first[rid]["init_response"], first[rid]["steps"])
+
+
+def _busy_actor_pids(name):
+    """Actors of ``name`` running a task (Ray titles them ray::<actor>.submit meanwhile)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::") and f"({name})" in cmd and ".submit" in cmd:
+            pids.append(p.info["pid"])
+    return pids
+
+
+def run_and_kill(job, out: Path, actor: str, after_a_part: bool = True):
+    """Run ``job`` in a thread and SIGKILL a busy ``actor`` process (once a part is
+    written, with ``after_a_part``);
+    returns (manifest, rows written before the kill)."""
+    result = {}
+
+    def target():
+        try:
+            result["manifest"] = job()
+        except BaseException as e:  # pragma: no cover - reported below
+            result["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    deadline, before = time.time() + 240, None
+    try:
+        while time.time() < deadline and t.is_alive():
+            parts = list((out / "data").glob("part-*.parquet")) if (out / "data").exists() else []
+            pids = _busy_actor_pids(actor)
+            if pids and (parts or not after_a_part):
+                before = sum(pq.read_table(p).num_rows for p in parts)
+                os.kill(pids[0], signal.SIGKILL)
+                break
+            time.sleep(0.2)
+    finally:
+        t.join(timeout=400)  # never leave the job running into Ray's shutdown
+    assert before is not None, "the job finished before an engine actor could be killed"
+    assert "error" not in result, result.get("error")
+    return result["manifest"], before
+
+
+def test_killed_vllm_actor_is_replaced_and_every_id_written_once(ray_local, tmp_path):
+    n = 32
+    inp = write_prompts(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out"
+    m, before = run_and_kill(lambda: generate(inp, out, "pool.batch_size=2", "outputs.rows_per_file=2",
+                                              "sampling.max_new_tokens=24"), out, "MapBatches(SLWorker)")
+    assert before < n, "the kill must happen mid-run"
+    assert m["counts"]["written"] == n and m["counts"]["rejected"] == 0
+    assert m["timing"]["engine_actors_started"] >= 2  # the pool replaced the dead actor
+    ids = [r["id"] for r in rows(out)]
+    assert len(ids) == len(set(ids)) == n
+
+
+def _label_cfg(tmp_path, inp, **over):
+    base = [f"input={inp}", f"output={tmp_path / 'labels'}", "policy.backend=vllm", "policy.model=tiny-random-wide",
+            "labeler.backend=vllm", "labeler.model=tiny-random-wide", "policy.dtype=float32", "labeler.dtype=float32",
+            "policy.threads=1", "labeler.threads=1", "sampling.max_new_tokens=32", "pairs.samples=3",
+            "labeler_pool.batch_size=2", "outputs.rows_per_file=2", "labeler_pool.cpus_per_actor=0.5",
+            "labeler_pool.min_actors=1", "labeler_pool.max_actors=2", "policy_pool.cpus_per_actor=0.5",
+            "policy_pool.batch_size=1"]
+    return load_config(LabelConfig, None, base + [f"{k}={v}" for k, v in over.items()])
+
+
+def test_label_stage_on_vllm_pools(ray_local, tmp_path):
+    """A vLLM policy pool samples pairs for prompt rows, a (1, 2) vLLM labeler pool labels
+    them and the given pairs; the policy actor is killed mid-run and replaced; a lost part
+    is redone."""
+    from cai_ray.label import label
+
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) for i in range(12)]
+    lines += [json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"answer {i} one",
+                          "response_b": f"answer {i} two"}) for i in range(4)]
+    lines += ["{not json", json.dumps({"id": "bad", "prompt": "q", "response_a": "same", "response_b": "same"})]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "labels"
+    m, before = run_and_kill(lambda: label(_label_cfg(tmp_path, src)), out, "MapBatches(PairSampler)",
+                             after_a_part=False)
+    c = m["counts"]
+    assert (c["read"], c["written"], c["rejected"]) == (18, 16, 2)
+    labelled = rows(out) + rows(out, "filtered")
+    ids = [r["id"] for r in labelled]
+    assert len(ids) == len(set(ids)) and {r["prompt_id"] for r in labelled} == {f"q{i}" for i in range(12)} | {
+        f"p{i}" for i in range(4)}
+    for r in labelled:
+        if r["p_a"] is not None:  # both orders scored, debiased
+            assert r["p_a"] == pytest.approx((r["p_ab"] + r["p_ba"]) / 2)
+        assert r["labeler"] == "tiny-random-wide"
+    assert m["timing"]["engine_actors_started"] >= 3  # policy + labeler + the killed policy's replacement
+    assert m["models"]["labeler"]["backend"] == "vllm"
+
+    part = sorted((out / "data").glob("part-*.parquet"))[0]
+    lost = {r["prompt_id"] for r in pq.read_table(part).to_pylist()}
+    part.unlink()
+    again = label(_label_cfg(tmp_path, src))
+    assert again["counts"]["rejected"] == 2 and again["counts"]["written"] == 16
+    assert {r["prompt_id"] for r in rows(out) + rows(out, "filtered")} >= lost
