@@ -1,5 +1,6 @@
 """The server: the HTTP surface in-process (auth, 4xx on bad input, label = batch labeler),
-then the real Ray Serve app on 127.0.0.1 with the official `openai` client."""
+then the real Ray Serve app on 127.0.0.1 with the official `openai` client. Every test runs
+on an hf replica and on a vLLM one (vLLM's CPU build, continuous batching, live streaming)."""
 
 import json
 
@@ -11,12 +12,30 @@ KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+ENGINES = {"hf": ["policy.model=tiny-random"],
+           # vLLM's CPU attention needs head_dim 64: the wide tiny model
+           "vllm": ["policy.backend=vllm", "policy.model=tiny-random-wide"]}
+
+
+@pytest.fixture(scope="module", params=[
+    "hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def engine(request):
+    if request.param == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def settings():
+def model(engine):
+    return ENGINES[engine][-1].split("=")[1]
+
+
+@pytest.fixture(scope="module")
+def settings(engine):
     from cai_ray.config import ServeConfig, load_config, to_dict
 
     return to_dict(load_config(ServeConfig, None, [
-        "policy.model=tiny-random", "policy.dtype=float32", "policy.threads=1", "limits.max_tokens=32",
+        *ENGINES[engine], "policy.dtype=float32", "policy.threads=1", "limits.max_tokens=32",
         "limits.default_max_tokens=8", "limits.max_messages=4", "limits.max_message_chars=2000",
         "limits.max_body_bytes=20000"]))
 
@@ -29,7 +48,8 @@ def client(settings):
     from cai_ray.serve.service import Service
 
     service = Service(settings)
-    return TestClient(build_app(service, settings, key_digest(KEY))), service
+    yield TestClient(build_app(service, settings, key_digest(KEY))), service
+    getattr(service.policy, "shutdown", lambda: None)()
 
 
 def test_every_model_route_needs_the_key(client):
@@ -109,12 +129,12 @@ def test_guardrail_and_critique_return_their_trace(client):
     assert r.status_code == 200 and r.json()["principle"] == "honesty" and r.json()["critique"]
 
 
-def test_engine_routes_tokenize_info_and_continued_messages(client):
+def test_engine_routes_tokenize_info_and_continued_messages(client, model):
     """What the `openai` engine backend uses: /tokenize (vLLM's), /v1/cai, max_model_len,
     continue_final_message; and a clear 400 for logprobs, which this server does not give."""
     c, service = client
     msgs = [{"role": "user", "content": "Hello there"}]
-    r = c.post("/tokenize", headers=AUTH, json={"model": "tiny-random", "messages": msgs})
+    r = c.post("/tokenize", headers=AUTH, json={"model": model, "messages": msgs})
     assert r.json() == {"count": service.policy.token_counts([msgs])[0], "max_model_len": service.policy.context_length}
     info = c.get("/v1/cai", headers=AUTH).json()
     assert info["server"] == "cai-ray" and info["label_method"] == service.labeler.method()
@@ -148,7 +168,7 @@ def test_requests_are_counted_while_the_engine_is_busy(client):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, settings, monkeypatch_module):
+def server(ray_local, engine, monkeypatch_module):
     """The real Ray Serve app on 127.0.0.1 (a free port)."""
     from ray import serve
 
@@ -159,7 +179,7 @@ def server(ray_local, settings, monkeypatch_module):
     port = free_port()
     monkeypatch_module.setenv("CAI_RAY_API_KEY", KEY)
     cfg = load_config(ServeConfig, None, [
-        "policy.model=tiny-random", "policy.dtype=float32", "policy.threads=1", f"port={port}",
+        *ENGINES[engine], "policy.dtype=float32", "policy.threads=1", f"port={port}",
         "scaling.cpus_per_replica=0.5", "limits.max_tokens=32", "limits.default_max_tokens=8",
         # small on purpose: 2 at work + 2 waiting per caller, the rest must get 503 at once
         "scaling.max_ongoing_requests=2", "scaling.max_queued_requests=2", "scaling.max_batch_size=2"])
@@ -175,23 +195,23 @@ def monkeypatch_module():
     mp.undo()
 
 
-def test_openai_client_against_the_ray_serve_app(server):
+def test_openai_client_against_the_ray_serve_app(server, model):
     import openai
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["tiny-random"]
-    r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "Hello!"}],
+    assert [m.id for m in client.models.list().data] == [model]
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
                                        max_tokens=8, temperature=0)
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "Hello!"}],
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
                                             max_tokens=8, temperature=0, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == r.choices[0].message.content  # greedy: streamed = non-streamed
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong-key", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}], max_tokens=999)
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=999)
 
 
 def _ask(server, i, max_tokens=8):
@@ -202,7 +222,7 @@ def _ask(server, i, max_tokens=8):
                             "temperature": 0})
 
 
-def test_curl_and_overload_gets_503_not_500(server):
+def test_curl_and_overload_gets_503_not_500(server, model):
     """24 requests at once against 2 in progress + 2 queued: the rest are turned away with
     503 straight away, none fails with another 5xx, and the server stays healthy."""
     import subprocess
@@ -212,7 +232,7 @@ def test_curl_and_overload_gets_503_not_500(server):
 
     out = subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {KEY}", f"{server}/v1/models"],
                          capture_output=True, text=True, check=True).stdout
-    assert json.loads(out)["data"][0]["id"] == "tiny-random"
+    assert json.loads(out)["data"][0]["id"] == model
     with ThreadPoolExecutor(24) as pool:
         codes = [r.status_code for r in pool.map(lambda i: _ask(server, i, 32), range(24))]
     # at least the 2 in progress succeed (under CPU load a queued slot can be refused as well)
@@ -250,14 +270,14 @@ def test_a_killed_replica_is_replaced_and_requests_resume(server):
     assert list(replicas()) and before not in list(replicas())
 
 
-def test_the_openai_engine_on_the_running_server(server, client):
+def test_the_openai_engine_on_the_running_server(server, client, model):
     """The server as the engine of the batch code: generate (also a continued message),
     exact token counts from /tokenize, and labels through /v1/label equal to local labels."""
     from cai_ray.engine.openai_api import OpenAIEngine
     from cai_ray.label import Labeler, LabelSettings
 
     _, local = client
-    e = OpenAIEngine(model="tiny-random", base_url=f"{server}/v1", api_key_env="CAI_RAY_API_KEY")
+    e = OpenAIEngine(model=model, base_url=f"{server}/v1", api_key_env="CAI_RAY_API_KEY")
     assert e.is_cai_ray and e.token_counts_exact and e.context_length == local.policy.context_length
     convs = [[{"role": "user", "content": f"Tell me about {x}."}] for x in ("cats", "rain", "maps")]
     convs.append(convs[0] + [{"role": "assistant", "content": "Cats are"}])
@@ -278,7 +298,7 @@ def test_the_openai_engine_on_the_running_server(server, client):
         Labeler(e, local.constitution, LabelSettings(both_orders=False))
 
 
-def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path):
+def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path, model):
     """`cai-ray label` with labeler.backend=openai: every pair labelled through /v1/label,
     rows name the endpoint, the manifest records it."""
     from cai_ray.config import LabelConfig, load_config
@@ -288,13 +308,13 @@ def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path):
     src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"yes {i}",
                                        "response_b": f"no {i}"}) + "\n" for i in range(5)))
     cfg = load_config(LabelConfig, None, [
-        f"input={src}", f"output={tmp_path / 'out'}", "labeler.backend=openai", "labeler.model=tiny-random",
+        f"input={src}", f"output={tmp_path / 'out'}", "labeler.backend=openai", f"labeler.model={model}",
         f"labeler.base_url={server}/v1", "labeler.api_key_env=CAI_RAY_API_KEY", "labeler_pool.cpus_per_actor=0.25",
         "labeler_pool.batch_size=2"])
     m = label(cfg)
     assert m["counts"]["written"] == 5 and m["counts"]["rejected"] == 0 and m["labels"]["labels"] == 5
-    assert m["models"]["labeler"] == {"name": "tiny-random", "backend": "openai", "base_url": f"{server}/v1"}
+    assert m["models"]["labeler"] == {"name": model, "backend": "openai", "base_url": f"{server}/v1"}
     import pyarrow.parquet as pq
 
     rows = [r for f in sorted((tmp_path / "out" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
-    assert {r["labeler"] for r in rows} == {f"tiny-random@{server}/v1"} and all(0 < r["p_a"] < 1 for r in rows)
+    assert {r["labeler"] for r in rows} == {f"{model}@{server}/v1"} and all(0 < r["p_a"] < 1 for r in rows)

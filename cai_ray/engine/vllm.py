@@ -236,6 +236,40 @@ class VLLMEngine(ChatTemplate):
             raise ValueError(f"two choices tokenize the same: {choices!r}")
         return ids
 
+    async def stream(self, conv: list[Message], params: Sampling) -> AsyncIterator[str]:
+        """``astream`` consumed from another event loop (a Serve replica's): pieces cross
+        through a queue; closing this generator (the client went away) cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone
+                pass
+
+        async def pump():
+            try:
+                async for piece in self.astream(conv, params):
+                    put(piece)
+                put(end)
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                put(e)
+
+        task = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            task.cancel()
+
+    def counter(self):
+        """vLLM's tokenizer is already safe to share between threads (a pool of copies)."""
+        return self
+
     # -- the Engine protocol (synchronous, a batch at a time) ---------------------------------
     def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]:
         """Each conversation its own request; request i is seeded with ``params.seed + i``."""

@@ -205,14 +205,31 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
                                      "set cai_guardrail: false with continue_final_message")
         sampling = Sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                             min_new_tokens=req.min_tokens, seed=settings["seed"] if req.seed is None else req.seed)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        async def finish_reason(text: str) -> tuple[int, str]:
+            done = (msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}]
+                    if req.continue_final_message else msgs + [{"role": "assistant", "content": text}])
+            [total] = await service.count_tokens([done])
+            completion_tokens = max(total - prompt_tokens, 0)
+            return completion_tokens, "length" if completion_tokens >= max_tokens else "stop"
+
+        if req.stream and not guard and service.streams:
+            # tokens as the engine makes them (vLLM); the guardrail needs the whole answer first
+            async def live():
+                yield _chunk(cid, created, service.policy_name, {"role": "assistant", "content": ""})
+                pieces = []
+                async for piece in service.stream(msgs, sampling):
+                    pieces.append(piece)
+                    yield _chunk(cid, created, service.policy_name, {"content": piece})
+                _, finish = await finish_reason("".join(pieces).strip())
+                yield _chunk(cid, created, service.policy_name, {}, finish, cai_guardrail=None)
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(live(), media_type="text/event-stream")
         out = await service.chat(msgs, sampling, guard, key=uuid.uuid4().hex)
         text = out["text"]
-        done = (msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}] if req.continue_final_message
-                else msgs + [{"role": "assistant", "content": text}])
-        [total] = await service.count_tokens([done])
-        completion_tokens = max(total - prompt_tokens, 0)
-        finish = "length" if completion_tokens >= max_tokens else "stop"
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        completion_tokens, finish = await finish_reason(text)
         if req.stream:
             return StreamingResponse(_sse(cid, created, service.policy_name, text, finish, out["guardrail"]),
                                      media_type="text/event-stream")
@@ -245,16 +262,19 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
     return app
 
 
-async def _sse(cid: str, created: int, model: str, text: str, finish: str, guardrail):
-    """OpenAI streaming chunks: the role, the text in pieces, the finish reason, [DONE]."""
-    def chunk(delta: dict, reason: str | None = None, **extra) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
-        return f"data: {json.dumps(body)}\n\n"
+def _chunk(cid: str, created: int, model: str, delta: dict, reason: str | None = None, **extra) -> str:
+    """One OpenAI streaming chunk (server-sent event)."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+    return f"data: {json.dumps(body)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+
+async def _sse(cid: str, created: int, model: str, text: str, finish: str, guardrail):
+    """A finished answer as OpenAI streaming chunks (hf engines, guardrail answers): the
+    role, the text in pieces, the finish reason, [DONE]."""
+    yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
     pieces = text.split(" ")
     for i, piece in enumerate(pieces):
-        yield chunk({"content": piece if i == 0 else " " + piece})
-    yield chunk({}, finish, cai_guardrail=guardrail)
+        yield _chunk(cid, created, model, {"content": piece if i == 0 else " " + piece})
+    yield _chunk(cid, created, model, {}, finish, cai_guardrail=guardrail)
     yield "data: [DONE]\n\n"

@@ -1,5 +1,6 @@
 """The Ray Serve application: one deployment (FastAPI ingress) whose replicas each hold the
-engines; chat generations are batched into the engine with ``@serve.batch``.
+engines. hf: chat generations are batched into the engine with ``@serve.batch``; vllm:
+every request goes straight to vLLM's async engine, which batches continuously.
 
     client ─► Serve proxy (127.0.0.1:PORT, request timeout) ─► CAIServer replicas (autoscaled)
               bounded queue: max_queued_requests → 503         max_ongoing_requests each
@@ -36,6 +37,8 @@ class CAIServer(Service):
         return build_app(self, self.settings, self.key_sha256)
 
     async def generate(self, messages: list[dict], sampling: Sampling) -> str:
+        if self.async_engine:  # vLLM batches continuously across requests itself
+            return await super().generate(messages, sampling)
         return await self._batched((messages, sampling))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)

@@ -31,7 +31,10 @@ class Service:
         self.constitution = load_constitution(settings["constitution"])
         self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"]))
         self.shots = prompts.few_shot_turns(self.constitution, None)
-        self._lock = threading.Lock()  # engines are not thread-safe: one call at a time
+        # hf engines are not thread-safe: one call at a time. An async engine (vLLM) takes
+        # every request as it comes and batches them itself (continuous batching).
+        self.async_engine = all(getattr(e, "supports_async", False) for e in (self.policy, self.labeler_engine))
+        self._lock = threading.Lock()
         # Requests are counted (context check, usage) without waiting for the engine: were
         # counting behind the engine lock, requests would reach the batcher one generation
         # apart and batches would fragment (measured: batches of 1-5 instead of 16).
@@ -40,6 +43,9 @@ class Service:
         self._count_lock = threading.Lock()
 
     async def _run(self, fn, *args):
+        if self.async_engine:
+            return await asyncio.to_thread(fn, *args)
+
         def call():
             with self._lock:
                 return fn(*args)
@@ -59,9 +65,20 @@ class Service:
 
     # -- chat ---------------------------------------------------------------------------------
     async def generate(self, messages: list[dict], sampling: Sampling) -> str:
-        """One answer; the deployment overrides this with a batched version."""
+        """One answer; for hf engines the deployment batches these (@serve.batch)."""
+        if self.async_engine:
+            return await self.policy.on_engine(self.policy.agenerate(messages, sampling))
         [text] = await self._run(self.policy.generate, [messages], sampling)
         return text
+
+    @property
+    def streams(self) -> bool:
+        """Whether the policy streams tokens as they are generated (vLLM)."""
+        return hasattr(self.policy, "stream")
+
+    def stream(self, messages: list[dict], sampling: Sampling):
+        """Text pieces of one answer as the engine makes them (an async generator)."""
+        return self.policy.stream(messages, sampling)
 
     async def chat(self, messages: list[dict], sampling: Sampling, guardrail: bool, key: str) -> dict[str, Any]:
         """The answer, and with the guardrail the critique/revision trace."""
