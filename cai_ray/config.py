@@ -544,6 +544,9 @@ class RolloutSection:
     temperature: float = _f(1.0, "sampling temperature (log-probabilities are taken at the same temperature)")
     top_p: float = _f(1.0, "nucleus sampling mass (1 = the exact policy distribution)")
     gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for its weights and KV cache")
+    enforce_eager: bool = _f(True, "vllm: eager mode; false = torch.compile / CUDA graphs")
+    check_sync: bool = _f(False, "vllm: after every weight sync, compare vLLM's greedy answers to the policy's own "
+                          "(metrics sync_greedy_match / sync_greedy_changed; costs two greedy passes)")
 
     def validate(self, where: str) -> None:
         if self.engine not in ("hf", "vllm"):

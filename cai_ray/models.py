@@ -44,9 +44,11 @@ TINY_CONFIG = dict(
 TINY_VERSION = 2  # bump when TINY_CONFIG changes, so cached copies are rebuilt
 # vLLM's CPU attention kernels take head_dim 64 and up (16 is "Unsupported CPU attention
 # configuration"); the rest as small as the tiny model.
+# Untied embeddings: vLLM's CPU build does not refresh a tied lm_head on an in-place weight
+# reload (PPO's weight sync), so the vLLM rollout tests need an untied model.
 TINY_WIDE_CONFIG = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
-                    "num_key_value_heads": 1}
-TINY_WIDE_VERSION = 1
+                    "num_key_value_heads": 1, "tie_word_embeddings": False}
+TINY_WIDE_VERSION = 2
 
 
 class ModelNotFound(ValueError):

@@ -262,11 +262,34 @@ def test_prompt_rows_and_monitors(tmp_path):
         load_probes(str(probes))
 
 
-def test_vllm_rollout_needs_vllm_and_says_so():
-    from cai_ray.engine import EngineUnavailable
+@pytest.mark.slow
+def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tmp_path):
+    """Two workers at ZeRO-3, each with a colocated vLLM (its CPU build) for rollouts: after
+    every update the gathered weights reach vLLM, whose greedy answers then equal the
+    training model's own and differ from vLLM's answers before the sync (a high learning
+    rate makes every update visible). A resume syncs the restored weights too."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
+    from cai_ray.train.ppo import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    over = {"model": "tiny-random-wide", "scaling.workers": 2, "scaling.cpus_per_worker": 0.5, "zero": 3,
+            "rollout.engine": "vllm", "rollout.check_sync": "true", "ppo.steps": 2, "optim.learning_rate": 0.05,
+            "rollout.max_new_tokens": 6, "optim.per_worker_batch_size": 2,
+            "reward.function": f"{REWARDS}:by_length"}
+    m = train_rl(_cfg(tmp_path, data, **over))
+    h = _history(tmp_path / "out")
+    assert m["metrics"]["global_step"] == 2 and len(h) == 2
+    for step in h:
+        assert step["sync_greedy_match"] == 1.0, {k: v for k, v in step.items() if k != "samples"}  # vLLM answers as the updated policy does
+        assert step["sync_greedy_changed"] > 0, step  # ... and no longer as the old one did
+        assert step["seconds"]["sync"] > 0
+    m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 3}))
+    assert m2["metrics"]["resumed_from"] == 2 and _history(tmp_path / "out")[-1]["sync_greedy_match"] == 1.0
+
+
+def test_rollout_engines_are_checked():
     from cai_ray.train.rollout import _until_eos, make_rollout
 
-    with pytest.raises(EngineUnavailable, match="vLLM"):
-        make_rollout("vllm", None, None, "cpu", "x", {"rollout": {"gpu_memory_utilization": 0.3},
-                                                      "max_length": 64, "seed": 0})
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_rollout("tpu", None, None, "cpu", "x", {})
     assert _until_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2] and _until_eos([5, 6], 2) == [5, 6]

@@ -10,6 +10,8 @@
         advantages per-token reward = score on the last real token - β·KL; GAE; whitening
                    (statistics over all workers)
         update     ppo_epochs × minibatches: clipped policy loss, clipped value loss
+        sync       (vllm rollouts) the updated weights into the rollout engine; with
+                   rollout.check_sync, vLLM's greedy answers checked against the policy's own
         monitor    every N steps: refusal rate on benign probes (greedy)
         checkpoint every N steps: both DeepSpeed engines + loop state, reported to Ray Train
 
@@ -38,7 +40,8 @@ from cai_ray.train.data import load_rows, prompt_row, reject
 
 log = logging.getLogger(__name__)
 
-PHASES = ("rollout", "score", "reference", "values", "advantages", "update", "monitor", "checkpoint")
+PHASES = ("rollout", "score", "reference", "values", "advantages", "update", "sync", "monitor", "checkpoint")
+SYNC_CHECK_PROMPTS = 4  # prompts per worker whose greedy answers check a weight sync
 SAMPLES_PER_STEP = 4  # responses written to samples.jsonl per step (rank 0's first ones)
 
 
@@ -325,6 +328,10 @@ class Worker:
         with ph("update"):
             stats = self.update(ids, attn, p_len, mask, old_logp, old_values, adv, returns,
                                 train_policy=step >= ppo["critic_warmup_steps"])
+        sync_check = {}
+        if not self.rollout.shares_weights:
+            with ph("sync"):
+                sync_check = self.sync_rollout(prompts[:SYNC_CHECK_PROMPTS] if c["rollout"]["check_sync"] else None)
         seq_kl = (kl.sum(1)).mean().item()
         self.kl.update(self._mean_all(seq_kl), ppo["rollout_batch"])
 
@@ -335,6 +342,7 @@ class Worker:
             "response_length": mask.sum(1).mean().item(), "value_mean": m.masked_mean(old_values, mask).item(),
             "return_mean": m.masked_mean(returns, mask).item(),
             "ended_share": sum(1 for r in responses if r[-1] == self.tok.eos_token_id) / len(responses),
+            **sync_check,
         }
         metrics = {k: self._mean_all(v) for k, v in local.items()}
         metrics.update(step=step + 1, kl_coef=beta, reward_std=self._std_all(scores))
@@ -382,11 +390,39 @@ class Worker:
                              ("approx_kl", st["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                     sums[k] = sums.get(k, 0.0) + float(x.detach())
                 n += 1
-        if not self.rollout.shares_weights:
-            from cai_ray.train.rollout import gathered_params
-
-            self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
         return {k: v / n for k, v in sums.items()}
+
+    def sync_rollout(self, check: list[list[int]] | None) -> dict[str, float]:
+        """The updated policy into the rollout engine (gathered from ZeRO-3 shards one
+        parameter at a time). With ``check`` prompts: the engine's greedy answers after the
+        sync against the training model's own (``sync_greedy_match``, 1.0 = every answer
+        token for token) and against the engine's answers before it (``sync_greedy_changed``)
+        — a sync that silently fails leaves vLLM sampling from the old policy."""
+        from cai_ray.train.rollout import gathered_params
+
+        n = self.c["rollout"]["max_new_tokens"]
+        before = self.rollout.greedy(check, n) if check else None
+        self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
+        if not check:
+            return {}
+        after, own = self.rollout.greedy(check, n), self.greedy_ids(check, n)
+        return {"sync_greedy_match": sum(a == o for a, o in zip(after, own)) / len(check),
+                "sync_greedy_changed": sum(a != b for a, b in zip(after, before)) / len(check)}
+
+    def greedy_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The training policy's greedy response ids (up to and including EOS)."""
+        import torch
+
+        from cai_ray.train.rollout import _until_eos
+
+        ids, attn, width = self._left_pad(prompts)
+        module = self.policy.module
+        module.eval()
+        with torch.no_grad():
+            gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        module.train()
+        return [_until_eos(row, self.tok.eos_token_id) for row in gen[:, width:].tolist()]
 
     def probe_refusal_rate(self) -> float | None:
         """Share of the benign probes (greedy answers, split over the workers) that are refusals."""

@@ -9,3 +9,8 @@ def prefer_ugs(prompts, responses):
 
 def not_a_list(prompts, responses):
     return 3.0
+
+
+def by_length(prompts, responses):
+    """Longer answers score higher: a reward that varies for any model."""
+    return [float(len(r)) / 10 for r in responses]
