@@ -10,7 +10,6 @@ import pytest
 from cai_ray import prompts
 from cai_ray.engine import Sampling, Unscored, load_engine
 
-pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-random-wide"  # head_dim 64: vLLM's CPU attention rejects tiny-random's 16

@@ -14,7 +14,6 @@ import pytest
 
 from cai_ray.config import GenerateConfig, LabelConfig, load_config
 
-pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs its CPU build)")
 pytestmark = pytest.mark.slow
 
 VLLM = ["engine.backend=vllm", "engine.model=tiny-random-wide", "engine.dtype=float32", "engine.threads=1",
