@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check cai_ray tests jobs
+	$(BIN)/ruff format --check cai_ray tests jobs
+
+format: setup
+	$(BIN)/ruff check --fix cai_ray tests jobs
+	$(BIN)/ruff format cai_ray tests jobs
 
 bench: setup
 	$(BIN)/python jobs/bench/sl_throughput.py

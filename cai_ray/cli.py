@@ -39,12 +39,19 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import (DPOTrainConfig, EvalConfig, GenerateConfig, LabelConfig, PipelineConfig, RLTrainConfig,
-                                RMTrainConfig, ServeConfig, SFTTrainConfig)
-
-    parser = argparse.ArgumentParser(
-        prog="cai-ray", description="Constitutional AI at cluster scale on Ray."
+    from cai_ray.config import (
+        DPOTrainConfig,
+        EvalConfig,
+        GenerateConfig,
+        LabelConfig,
+        PipelineConfig,
+        RLTrainConfig,
+        RMTrainConfig,
+        ServeConfig,
+        SFTTrainConfig,
     )
+
+    parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI at cluster scale on Ray.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,10 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", dest="engine.model", metavar="MODEL", help="smollm2 | tiny-random | model folder")
     g.add_argument("--engine", dest="engine.backend", choices=["hf", "vllm"], help="engine backend")
     g.add_argument("--revisions", type=int, metavar="N", help="critique/revision rounds")
-    g.add_argument("--direct", action="store_const", const=False, dest="critique",
-                   help="direct revision without a critique")
-    g.add_argument("--max-new-tokens", type=int, dest="sampling.max_new_tokens", metavar="N",
-                   help="token budget per answer, critique and revision")
+    g.add_argument(
+        "--direct", action="store_const", const=False, dest="critique", help="direct revision without a critique"
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        dest="sampling.max_new_tokens",
+        metavar="N",
+        help="token budget per answer, critique and revision",
+    )
     g.add_argument("--actors", type=_actors, metavar="MIN,MAX", help="engine actor pool size: MIN,MAX (or N)")
     g.add_argument("--batch-size", type=int, dest="pool.batch_size", metavar="N", help="rows per engine call")
     g.add_argument("--seed", type=int)
@@ -87,23 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output", help="output folder")
     lab.add_argument("--config", help="YAML config file (see config keys below)")
     lab.add_argument("--constitution", help="constitution YAML")
-    lab.add_argument("--policy", dest="policy.model", metavar="MODEL",
-                     help="model that samples k answers per prompt (omit when the input holds pairs)")
+    lab.add_argument(
+        "--policy",
+        dest="policy.model",
+        metavar="MODEL",
+        help="model that samples k answers per prompt (omit when the input holds pairs)",
+    )
     lab.add_argument("--labeler", dest="labeler.model", metavar="MODEL", help="the AI labeler model")
     lab.add_argument("--samples", type=int, dest="pairs.samples", metavar="K", help="answers per prompt (k >= 2)")
     lab.add_argument("--pairing", dest="pairs.pairing", choices=["all", "disjoint"], help="pairs from the k answers")
-    lab.add_argument("--principles-per-pair", type=int, dest="label.principles_per_pair", metavar="K",
-                     help="principle ensemble size")
-    lab.add_argument("--cot", action="store_const", const=True, dest="label.cot",
-                     help="chain-of-thought labels (clamped)")
+    lab.add_argument(
+        "--principles-per-pair", type=int, dest="label.principles_per_pair", metavar="K", help="principle ensemble size"
+    )
+    lab.add_argument(
+        "--cot", action="store_const", const=True, dest="label.cot", help="chain-of-thought labels (clamped)"
+    )
     lab.add_argument("--clamp", type=_clamp, metavar="LO,HI", help="CoT clamp range (default 0.4,0.6)")
-    lab.add_argument("--min-margin", type=float, dest="filter.min_margin", metavar="X",
-                     help="keep pairs with |p_a - 0.5| >= X")
-    lab.add_argument("--drop-inconsistent", action="store_const", const=True, dest="filter.drop_inconsistent",
-                     help="filter pairs whose two orders disagree")
-    lab.add_argument("--gold", help="pairs with a known answer (prompt, chosen, rejected): accuracy, ECE, reliability PNG")
+    lab.add_argument(
+        "--min-margin", type=float, dest="filter.min_margin", metavar="X", help="keep pairs with |p_a - 0.5| >= X"
+    )
+    lab.add_argument(
+        "--drop-inconsistent",
+        action="store_const",
+        const=True,
+        dest="filter.drop_inconsistent",
+        help="filter pairs whose two orders disagree",
+    )
+    lab.add_argument(
+        "--gold", help="pairs with a known answer (prompt, chosen, rejected): accuracy, ECE, reliability PNG"
+    )
     lab.add_argument("--actors", type=_actors, metavar="MIN,MAX", help="labeler actor pool size")
-    lab.add_argument("--batch-size", type=int, dest="labeler_pool.batch_size", metavar="N", help="pairs per labeler call")
+    lab.add_argument(
+        "--batch-size", type=int, dest="labeler_pool.batch_size", metavar="N", help="pairs per labeler call"
+    )
     lab.add_argument("--seed", type=int)
     lab.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     lab.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -111,15 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="training on Ray Train with DeepSpeed ZeRO")
     tsub = tr.add_subparsers(dest="trainer", required=True)
     sft = _train_parser(
-        tsub, "sft", SFTTrainConfig,
+        tsub,
+        "sft",
+        SFTTrainConfig,
         "supervised fine-tuning on SL-CAI revisions (TRL SFTTrainer, completion-only loss)",
         "Fine-tune a model on the SL-CAI output (or any messages / prompt+completion file) with Ray "
         "Train workers and DeepSpeed ZeRO, optionally with LoRA and helpfulness data mixed in.",
         "SL-CAI output folder or a JSONL/Parquet file",
     )
-    sft.add_argument("--mix", metavar="FILE:RATIO", help="mix helpfulness rows in as RATIO of the mixed set (e.g. helpful.jsonl:0.25)")
+    sft.add_argument(
+        "--mix",
+        metavar="FILE:RATIO",
+        help="mix helpfulness rows in as RATIO of the mixed set (e.g. helpful.jsonl:0.25)",
+    )
     rm = _train_parser(
-        tsub, "rm", RMTrainConfig,
+        tsub,
+        "rm",
+        RMTrainConfig,
         "preference (reward) model on AI labels (TRL RewardTrainer; soft labels or Bradley-Terry)",
         "Train a one-output sequence classifier on preference pairs: cross-entropy against the "
         "labeler's p_chosen (soft), or Bradley-Terry on chosen > rejected (hard). Holds out "
@@ -128,14 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rm.add_argument("--targets", choices=["auto", "soft", "hard"], help="soft labels (p_chosen) or hard (default auto)")
     dpo = _train_parser(
-        tsub, "dpo", DPOTrainConfig,
+        tsub,
+        "dpo",
+        DPOTrainConfig,
         "Direct Preference Optimisation on AI labels (TRL DPOTrainer)",
         "Train the policy directly on preference pairs with DPO (reference = the base model).",
         "labeling output folder, or JSONL/Parquet with prompt, chosen, rejected",
     )
     dpo.add_argument("--beta", type=float, help="DPO beta")
     ppo = _train_parser(
-        tsub, "ppo", RLTrainConfig,
+        tsub,
+        "ppo",
+        RLTrainConfig,
         "RL-CAI: PPO against the preference model with a KL penalty to the SFT policy (or --algo grpo|rloo)",
         "Optimise the SFT policy against a reward: the preference model (--reward-model), a reward "
         "function (reward.function=FILE.py:NAME) or the AI labeler comparing each answer with a "
@@ -146,16 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
         "times) in steps.jsonl and ppo.png, Goodhart monitors (top n-gram share, refusal rate on "
         "benign probes), sampled answers in samples.jsonl; OUTPUT/value holds the value model.",
         "prompts: JSONL/Parquet with prompt or messages [, reference]",
-        data_flag="--prompts", model_flag="--policy",
+        data_flag="--prompts",
+        model_flag="--policy",
     )
-    ppo.add_argument("--reward-model", dest="reward.model", metavar="RM_DIR", help="preference model folder (train rm OUTPUT/model)")
+    ppo.add_argument(
+        "--reward-model", dest="reward.model", metavar="RM_DIR", help="preference model folder (train rm OUTPUT/model)"
+    )
     ppo.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="RL algorithm (default ppo)")
-    ppo.add_argument("--kl-coef", type=float, dest="ppo.kl_coef", metavar="B", help="KL penalty beta (initial beta with --adaptive-kl)")
-    ppo.add_argument("--adaptive-kl", type=float, dest="ppo.adaptive_kl", metavar="TARGET", help="adapt beta towards this KL per response")
-    ppo.add_argument("--rollout-batch", type=int, dest="ppo.rollout_batch", metavar="N", help="prompts per step (all workers)")
-    ppo.add_argument("--ppo-epochs", type=int, dest="ppo.ppo_epochs", metavar="N", help="passes over each rollout batch")
+    ppo.add_argument(
+        "--kl-coef",
+        type=float,
+        dest="ppo.kl_coef",
+        metavar="B",
+        help="KL penalty beta (initial beta with --adaptive-kl)",
+    )
+    ppo.add_argument(
+        "--adaptive-kl",
+        type=float,
+        dest="ppo.adaptive_kl",
+        metavar="TARGET",
+        help="adapt beta towards this KL per response",
+    )
+    ppo.add_argument(
+        "--rollout-batch", type=int, dest="ppo.rollout_batch", metavar="N", help="prompts per step (all workers)"
+    )
+    ppo.add_argument(
+        "--ppo-epochs", type=int, dest="ppo.ppo_epochs", metavar="N", help="passes over each rollout batch"
+    )
     ppo.add_argument("--steps", type=int, dest="ppo.steps", metavar="N", help="RL steps")
-    ppo.add_argument("--max-new-tokens", type=int, dest="rollout.max_new_tokens", metavar="N", help="tokens per response")
+    ppo.add_argument(
+        "--max-new-tokens", type=int, dest="rollout.max_new_tokens", metavar="N", help="tokens per response"
+    )
 
     srv = sub.add_parser(
         "serve",
@@ -167,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Every model route needs 'Authorization: Bearer KEY' (KEY from $CAI_RAY_API_KEY or "
         "--api-key-file). Binds 127.0.0.1 unless --host says otherwise. Runs until Ctrl-C.",
     )
-    srv.add_argument("--policy", dest="policy.model", metavar="MODEL", help="the served model (a trained OUTPUT/model folder works)")
+    srv.add_argument(
+        "--policy", dest="policy.model", metavar="MODEL", help="the served model (a trained OUTPUT/model folder works)"
+    )
     srv.add_argument("--labeler", dest="labeler.model", metavar="MODEL", help="labeler model (default: the policy)")
     srv.add_argument("--constitution", help="constitution YAML")
     srv.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -188,9 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes metrics.json, report.html with PNG plots, answers.jsonl, comparisons.jsonl, rejects.jsonl and "
         "manifest.json. Answers are cached per model: a re-run re-judges without re-generating.",
     )
-    ev.add_argument("--model", dest="models", action="append", metavar="[NAME=]MODEL",
-                    help="a model to evaluate (repeat: --model base=smollm2 --model rl=out/rl/model)")
-    ev.add_argument("--baseline", metavar="NAME|MODEL", help="the model the others are compared with (default: the first)")
+    ev.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="[NAME=]MODEL",
+        help="a model to evaluate (repeat: --model base=smollm2 --model rl=out/rl/model)",
+    )
+    ev.add_argument(
+        "--baseline", metavar="NAME|MODEL", help="the model the others are compared with (default: the first)"
+    )
     ev.add_argument("--harmful", help="red-team prompts (JSONL/Parquet: prompt|messages [, id, category])")
     ev.add_argument("--benign", help="benign prompts (same format)")
     ev.add_argument("--output", help="output folder")
@@ -231,21 +302,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_parser(tsub, name: str, cls, help: str, description: str, data_help: str,
-                  data_flag: str = "--data", model_flag: str = "--model"):
+def _train_parser(
+    tsub,
+    name: str,
+    cls,
+    help: str,
+    description: str,
+    data_help: str,
+    data_flag: str = "--data",
+    model_flag: str = "--model",
+):
     p = tsub.add_parser(
-        name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(cls),
+        name,
+        help=help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(cls),
         description=description + " Writes OUTPUT/model (a plain HF model folder), metrics.json, "
         "loss.png, rejects.jsonl and manifest.json; re-running the same command resumes from the last checkpoint.",
     )
     p.add_argument(data_flag, dest="data", help=data_help)
     p.add_argument("--output", help="output folder")
     p.add_argument("--config", help="YAML config file (see config keys below)")
-    p.add_argument(model_flag, dest="model", help="base model (a folder written by another trainer works)"
-                   if model_flag == "--model" else "the policy to optimise (the SFT OUTPUT/model); also the reference")
+    p.add_argument(
+        model_flag,
+        dest="model",
+        help="base model (a folder written by another trainer works)"
+        if model_flag == "--model"
+        else "the policy to optimise (the SFT OUTPUT/model); also the reference",
+    )
     p.add_argument("--workers", type=int, dest="scaling.workers", metavar="N", help="Ray Train workers")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    p.add_argument("--lora", action="store_const", const=True, dest="lora.enabled", help="train LoRA adapters (merged on save)")
+    p.add_argument(
+        "--lora", action="store_const", const=True, dest="lora.enabled", help="train LoRA adapters (merged on save)"
+    )
     if name != "ppo":  # RL counts steps with --steps
         p.add_argument("--epochs", type=float, dest="optim.epochs", metavar="N", help="passes over the data")
         p.add_argument("--max-steps", type=int, dest="optim.max_steps", metavar="N", help="optimizer steps")
@@ -357,21 +446,31 @@ def cmd_train(args) -> int:
     if args.trainer == "ppo" and "first" in m:
         f, last = m["first"], m["last"]
         print(f"{cfg.algo}: {m['global_step']} steps on {d['rows']} prompts (rejected {d['rejected']}: {d['rejects']})")
-        print(f"reward {_fmt(f['reward'])} -> {_fmt(last['reward'])}, KL {_fmt(last['kl'])} (beta {_fmt(last['kl_coef'])}), "
-              f"entropy {_fmt(last['entropy'])}, benign refusal rate {_fmt(f['probe_refusal_rate'])} -> "
-              f"{_fmt(last['probe_refusal_rate'])}, top n-gram share {_fmt(last['top_ngram_share'])}")
-        print(f"value model: {out / 'value'}; per step: {out / 'steps.jsonl'}, {out / 'ppo.png'}, {out / 'samples.jsonl'}")
+        print(
+            f"reward {_fmt(f['reward'])} -> {_fmt(last['reward'])}, KL {_fmt(last['kl'])} (beta {_fmt(last['kl_coef'])}), "
+            f"entropy {_fmt(last['entropy'])}, benign refusal rate {_fmt(f['probe_refusal_rate'])} -> "
+            f"{_fmt(last['probe_refusal_rate'])}, top n-gram share {_fmt(last['top_ngram_share'])}"
+        )
+        print(
+            f"value model: {out / 'value'}; per step: {out / 'steps.jsonl'}, {out / 'ppo.png'}, {out / 'samples.jsonl'}"
+        )
     else:
-        print(f"trained {m['global_step']} steps on {d['rows']} rows (rejected {d['rejected']}: {d['rejects']}): "
-              f"final loss {_fmt(m['train_loss'])}")
+        print(
+            f"trained {m['global_step']} steps on {d['rows']} rows (rejected {d['rejected']}: {d['rejects']}): "
+            f"final loss {_fmt(m['train_loss'])}"
+        )
     if "mix" in manifest:
         x = manifest["mix"]
-        print(f"mixed in {x['rows']} helpfulness rows from {x['path']} ({x['share']:.0%} of the set"
-              f"{', file repeated' if x['repeated'] else ''})")
+        print(
+            f"mixed in {x['rows']} helpfulness rows from {x['path']} ({x['share']:.0%} of the set"
+            f"{', file repeated' if x['repeated'] else ''})"
+        )
     if m.get("eval"):
         e = m["eval"]
-        print(f"held out {e['pairs']} pairs: accuracy {_fmt(e['accuracy'])}, ECE {_fmt(e['ece'])}, "
-              f"calibration plot {e['calibration_png']}")
+        print(
+            f"held out {e['pairs']} pairs: accuracy {_fmt(e['accuracy'])}, ECE {_fmt(e['ece'])}, "
+            f"calibration plot {e['calibration_png']}"
+        )
     print(f"model:    {out / 'model'}  (use it as --model / --policy)")
     print(f"metrics:  {out / 'metrics.json'}, {out / 'loss.png'}")
     print(f"manifest: {out / 'manifest.json'}")
@@ -406,8 +505,10 @@ def cmd_eval(args) -> int:
         return 2
     out = Path(cfg.output)
     m = manifest["metrics"]
-    print(f"{m['prompts']['harmful']} red-team and {m['prompts']['benign']} benign prompts "
-          f"(rejected {m['rejected']}: {out / 'rejects.jsonl'}); judge {m['judge']}")
+    print(
+        f"{m['prompts']['harmful']} red-team and {m['prompts']['benign']} benign prompts "
+        f"(rejected {m['rejected']}: {out / 'rejects.jsonl'}); judge {m['judge']}"
+    )
     print("\n".join(headline(m)))
     print(f"report:   {manifest['report']}")
     print(f"answers:  {out / 'answers.jsonl'}, {out / 'comparisons.jsonl'}")
@@ -451,9 +552,11 @@ def cmd_constitution(args) -> int:
                 print(e, file=sys.stderr)
                 failed += 1
             else:
-                print(f"{f}: ok ({c.name} {c.version}, {len(c.principles)} principles, "
-                      f"{len(c.critique_examples)} critique and {len(c.comparison_examples)} "
-                      f"comparison examples)")
+                print(
+                    f"{f}: ok ({c.name} {c.version}, {len(c.principles)} principles, "
+                    f"{len(c.critique_examples)} critique and {len(c.comparison_examples)} "
+                    f"comparison examples)"
+                )
         return 1 if failed else 0
     try:
         c = load_constitution(args.file)
@@ -469,8 +572,7 @@ def cmd_constitution(args) -> int:
     print(f"\n{'id':<24} {'category':<18} {'weight':>6} {'P(draw)':>8}")
     for p in c.principles:
         print(f"{p.id:<24} {p.category:<18} {p.weight:>6.2f} {p.weight / total:>8.1%}")
-    print(f"\nfew-shot: {len(c.critique_examples)} critique/revision, "
-          f"{len(c.comparison_examples)} comparison examples")
+    print(f"\nfew-shot: {len(c.critique_examples)} critique/revision, {len(c.comparison_examples)} comparison examples")
     return 0
 
 

@@ -49,25 +49,40 @@ def _f(default, help: str):
 # ---------------------------------------------------------------------------------------
 @dataclass
 class EngineConfig:
-    backend: str = _f("hf", "engine backend: hf (transformers, CPU/GPU) | vllm (vLLM's async engine; GPU, or its CPU build) | openai (an OpenAI-compatible "
-                      "endpoint, e.g. vLLM or cai-ray serve) | noop (benchmarks only)")
-    model: str = _f("smollm2", "smollm2 | tiny-random[:SEED] | a local HF model folder | a hub id (org/name); "
-                    "openai: the served model id")
+    backend: str = _f(
+        "hf",
+        "engine backend: hf (transformers, CPU/GPU) | vllm (vLLM's async engine; GPU, or its CPU build) | openai (an OpenAI-compatible "
+        "endpoint, e.g. vLLM or cai-ray serve) | noop (benchmarks only)",
+    )
+    model: str = _f(
+        "smollm2",
+        "smollm2 | tiny-random[:SEED] | a local HF model folder | a hub id (org/name); openai: the served model id",
+    )
     dtype: str = _f("bfloat16", "float32 | bfloat16 | float16 | auto (bfloat16 is ~2x float32 on this CPU)")
     threads: int | None = _f(None, "torch threads per engine actor on CPU; default: node CPUs / max actors")
     max_batch_size: int = _f(32, "hf: conversations per forward pass (micro-batch)")
-    prefix_cache: bool = _f(True, "prefill the tokens prompts share (few-shot turns) once and reuse the KV cache "
-                            "(hf: per micro-batch; vllm: its automatic prefix caching)")
-    enforce_eager: bool = _f(True, "vllm: eager mode; false = torch.compile / CUDA graphs (slower start-up, "
-                             "measured ~15% more tokens/s on CPU)")
-    kv_cache_gb: float | None = _f(None, "vllm on CPU: KV cache GiB per engine (default 1); on GPUs "
-                                   "gpu_memory_utilization sizes it")
+    prefix_cache: bool = _f(
+        True,
+        "prefill the tokens prompts share (few-shot turns) once and reuse the KV cache "
+        "(hf: per micro-batch; vllm: its automatic prefix caching)",
+    )
+    enforce_eager: bool = _f(
+        True,
+        "vllm: eager mode; false = torch.compile / CUDA graphs (slower start-up, measured ~15% more tokens/s on CPU)",
+    )
+    kv_cache_gb: float | None = _f(
+        None, "vllm on CPU: KV cache GiB per engine (default 1); on GPUs gpu_memory_utilization sizes it"
+    )
     max_num_seqs: int | None = _f(None, "vllm: requests the engine runs at once (its batch); null = vLLM's default")
     tensor_parallel_size: int = _f(1, "vllm: GPUs per engine actor")
     gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for weights + KV cache")
-    max_model_len: int | None = _f(None, "vllm: context length override; openai: the context when the endpoint does not report it")
+    max_model_len: int | None = _f(
+        None, "vllm: context length override; openai: the context when the endpoint does not report it"
+    )
     base_url: str | None = _f(None, "openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
-    api_key_env: str = _f("OPENAI_API_KEY", "openai: environment variable holding the API key (cai-ray serve: CAI_RAY_API_KEY)")
+    api_key_env: str = _f(
+        "OPENAI_API_KEY", "openai: environment variable holding the API key (cai-ray serve: CAI_RAY_API_KEY)"
+    )
     concurrency: int = _f(8, "openai: requests in flight per engine actor")
     request_timeout_s: float = _f(300.0, "openai: seconds per request before it is retried")
 
@@ -76,8 +91,10 @@ class EngineConfig:
             raise ConfigError(f"{where}.backend: must be hf, vllm, openai or noop, got {self.backend!r}")
         if self.backend == "openai":
             if not self.base_url or not re.match(r"^https?://[^/\s]+", self.base_url):
-                raise ConfigError(f"{where}.base_url: backend openai needs the endpoint's URL, e.g. "
-                                  f"http://127.0.0.1:8000/v1 (got {self.base_url!r})")
+                raise ConfigError(
+                    f"{where}.base_url: backend openai needs the endpoint's URL, e.g. "
+                    f"http://127.0.0.1:8000/v1 (got {self.base_url!r})"
+                )
             if not self.model:
                 raise ConfigError(f"{where}.model: backend openai needs the served model id")
             _positive(where, "concurrency", self.concurrency)
@@ -103,8 +120,10 @@ class EngineConfig:
         if self.backend != "vllm":
             return
         if gpus < self.tensor_parallel_size and (gpus > 0 or self.tensor_parallel_size > 1):
-            raise ConfigError(f"{where}: the vllm engine needs tensor_parallel_size ({self.tensor_parallel_size}) "
-                              f"GPUs per actor, got {gpus:g}")
+            raise ConfigError(
+                f"{where}: the vllm engine needs tensor_parallel_size ({self.tensor_parallel_size}) "
+                f"GPUs per actor, got {gpus:g}"
+            )
 
     def engine_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model, "dtype": self.dtype}
@@ -122,9 +141,14 @@ class EngineConfig:
                 max_num_seqs=self.max_num_seqs,
             )
         elif self.backend == "openai":
-            return {"model": self.model, "base_url": self.base_url, "api_key_env": self.api_key_env,
-                    "max_model_len": self.max_model_len, "concurrency": self.concurrency,
-                    "request_timeout_s": self.request_timeout_s}
+            return {
+                "model": self.model,
+                "base_url": self.base_url,
+                "api_key_env": self.api_key_env,
+                "max_model_len": self.max_model_len,
+                "concurrency": self.concurrency,
+                "request_timeout_s": self.request_timeout_s,
+            }
         return kw
 
 
@@ -151,9 +175,14 @@ class PoolConfig:
     max_actors: int = _f(1, "engine actors at most")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per engine actor; fractional so a small node never deadlocks")
     gpus_per_actor: float = _f(0.0, "GPUs per engine actor (vllm: = tensor_parallel_size)")
-    batch_size: int = _f(16, "rows per engine actor task (the unit of work, of retry after a crash, and of actor load balancing)")
+    batch_size: int = _f(
+        16, "rows per engine actor task (the unit of work, of retry after a crash, and of actor load balancing)"
+    )
     task_cpus: float = _f(0.25, "CPUs reserved per read / validate / write task")
-    object_store_gb: float | None = _f(None, "cap on object-store memory this job's data in flight may use (Ray Data resource limit); null = Ray's default share")
+    object_store_gb: float | None = _f(
+        None,
+        "cap on object-store memory this job's data in flight may use (Ray Data resource limit); null = Ray's default share",
+    )
 
     def validate(self, where: str) -> None:
         _positive(where, "min_actors", self.min_actors)
@@ -188,17 +217,25 @@ class OutputConfig:
 class GenerateConfig:
     """`cai-ray generate`: SL-CAI data (answer → critique → revise ×N)."""
 
-    input: str = _f("", "prompt file or folder: JSONL (prompt|messages), Parquet, CSV, HF dataset on disk; "
-                    "or a cloud URI (s3://bucket/prefix/, gs://...) of JSONL/Parquet/CSV shards")
+    input: str = _f(
+        "",
+        "prompt file or folder: JSONL (prompt|messages), Parquet, CSV, HF dataset on disk; "
+        "or a cloud URI (s3://bucket/prefix/, gs://...) of JSONL/Parquet/CSV shards",
+    )
     output: str = _f("", "output folder (data/*.parquet, rejects.jsonl, manifest.json)")
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file")
     revisions: int = _f(4, "critique/revision rounds per prompt (paper: 4)")
     critique: bool = _f(True, "false = direct revision without a critique")
     few_shot: int | None = _f(None, "critique/revision examples from the constitution; null = all")
     seed: int = _f(0, "seeds principle sampling (per row) and generation")
-    async_chains: bool = _f(True, "vllm: each row's answer → critique → revise chain is its own request stream "
-                            "(rows never wait for each other); false = the batch moves step by step")
-    ray_address: str | None = _f(None, "join this Ray cluster (e.g. auto, ray://host:10001); default: start a local one")
+    async_chains: bool = _f(
+        True,
+        "vllm: each row's answer → critique → revise chain is its own request stream "
+        "(rows never wait for each other); false = the batch moves step by step",
+    )
+    ray_address: str | None = _f(
+        None, "join this Ray cluster (e.g. auto, ray://host:10001); default: start a local one"
+    )
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the LLM engine"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "generation settings"})
     pool: PoolConfig = field(default_factory=PoolConfig, metadata={"help": "Ray Data actor pool and task resources"})
@@ -233,7 +270,9 @@ class PairsConfig:
 
 @dataclass
 class LabelerConfig:
-    principles_per_pair: int = _f(1, "principles sampled (seeded, distinct) per pair; their probabilities are averaged (ensemble)")
+    principles_per_pair: int = _f(
+        1, "principles sampled (seeded, distinct) per pair; their probabilities are averaged (ensemble)"
+    )
     both_orders: bool = _f(True, "label every pair as (A,B) and (B,A) and average: position debiasing (RLAIF)")
     few_shot: int | None = _f(None, "comparison examples from the constitution; null = all")
     cot: bool = _f(False, "chain of thought: the labeler reasons first, then the choice is scored and clamped")
@@ -270,11 +309,17 @@ class FilterConfig:
 class LabelConfig:
     """`cai-ray label`: RL-CAI preference labels (RLAIF) from an AI labeler."""
 
-    input: str = _f("", "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, "
-                    "response_b): a file, a folder or a cloud URI (s3://bucket/prefix/)")
+    input: str = _f(
+        "",
+        "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, "
+        "response_b): a file, a folder or a cloud URI (s3://bucket/prefix/)",
+    )
     output: str = _f("", "output folder (data/ and filtered/ Parquet, rejects.jsonl, manifest.json)")
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file (comparison questions and examples)")
-    gold: str | None = _f(None, "pairs with a known answer (prompt|messages, chosen, rejected): labelled too, to measure accuracy and calibration")
+    gold: str | None = _f(
+        None,
+        "pairs with a known answer (prompt|messages, chosen, rejected): labelled too, to measure accuracy and calibration",
+    )
     seed: int = _f(0, "seeds principle sampling, pair order and generation")
     ray_address: str | None = _f(None, "join this Ray cluster (e.g. auto); default: start a local one")
     policy: EngineConfig = field(
@@ -286,7 +331,9 @@ class LabelConfig:
         metadata={"help": "policy sampling (paper: temperature 1)"},
     )
     pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "how answers become pairs"})
-    labeler: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the AI labeler (may be stronger than the policy)"})
+    labeler: EngineConfig = field(
+        default_factory=EngineConfig, metadata={"help": "the AI labeler (may be stronger than the policy)"}
+    )
     label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "the labeling method"})
     filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "which labelled pairs are kept"})
     policy_pool: PoolConfig = field(
@@ -315,7 +362,9 @@ class LabelConfig:
             self.policy.validate("policy")
             self.policy_pool.validate("policy_pool")
         if self.filter.drop_inconsistent and not self.label.both_orders:
-            raise ConfigError("filter.drop_inconsistent: needs label.both_orders=true (one order cannot be inconsistent)")
+            raise ConfigError(
+                "filter.drop_inconsistent: needs label.both_orders=true (one order cannot be inconsistent)"
+            )
         for eng, pool in (("policy", "policy_pool"), ("labeler", "labeler_pool")):
             getattr(self, eng).check_gpus(f"{pool}.gpus_per_actor", getattr(self, pool).gpus_per_actor)
 
@@ -376,8 +425,11 @@ class LoraSection:
     alpha: int = _f(32, "adapter scaling (lora_alpha)")
     dropout: float = _f(0.05, "adapter dropout")
     target_modules: str = _f("all-linear", "modules to adapt: all-linear, or comma-separated names (q_proj,v_proj)")
-    merge: bool = _f(True, "merge the adapters into the weights on save (OUTPUT/model is a plain model); "
-                     "false = OUTPUT/model holds the adapter only")
+    merge: bool = _f(
+        True,
+        "merge the adapters into the weights on save (OUTPUT/model is a plain model); "
+        "false = OUTPUT/model holds the adapter only",
+    )
 
     def validate(self, where: str) -> None:
         _positive(where, "r", self.r)
@@ -393,7 +445,9 @@ class TrainConfig:
     """What every trainer shares: data, model, ZeRO, workers, optimiser, checkpoints, LoRA."""
 
     data: str = _f("", "input folder or JSONL/Parquet file")
-    output: str = _f("", "output folder: model/ (a plain HF model), metrics.json, loss.png, manifest.json, rejects.jsonl")
+    output: str = _f(
+        "", "output folder: model/ (a plain HF model), metrics.json, loss.png, manifest.json, rejects.jsonl"
+    )
     model: str = _f("smollm2", "base model: smollm2 | tiny-random[:SEED] | a model folder | a hub id")
     seed: int = _f(0, "seeds data order, splits and initialisation")
     zero: int = _f(2, "DeepSpeed ZeRO stage 0-3 (0 = plain DDP)")
@@ -401,7 +455,9 @@ class TrainConfig:
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
     scaling: ScalingSection = field(default_factory=ScalingSection, metadata={"help": "Ray Train workers"})
     optim: OptimSection = field(default_factory=OptimSection, metadata={"help": "optimisation"})
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection, metadata={"help": "checkpoints and fault tolerance"})
+    checkpoint: CheckpointSection = field(
+        default_factory=CheckpointSection, metadata={"help": "checkpoints and fault tolerance"}
+    )
     lora: LoraSection = field(default_factory=LoraSection, metadata={"help": "LoRA adapters (peft)"})
 
     def validate(self) -> None:
@@ -420,9 +476,12 @@ class SFTTrainConfig(TrainConfig):
     """`cai-ray train sft`: supervised fine-tuning on the SL-CAI revisions (Ray Train + DeepSpeed)."""
 
     data: str = _f("", "SL-CAI output folder (data/*.parquet) or JSONL/Parquet with messages, or prompt + completion")
-    mix: str | None = _f(None, "FILE:RATIO - mix helpfulness rows (same formats as data) in, as RATIO of the "
-                         "mixed set (0.25 = one row in four); sampled without replacement, repeated only "
-                         "when the file is too small (counted in the manifest)")
+    mix: str | None = _f(
+        None,
+        "FILE:RATIO - mix helpfulness rows (same formats as data) in, as RATIO of the "
+        "mixed set (0.25 = one row in four); sampled without replacement, repeated only "
+        "when the file is too small (counted in the manifest)",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -446,10 +505,14 @@ def parse_mix(spec: str) -> tuple[str, float]:
 class RMTrainConfig(TrainConfig):
     """`cai-ray train rm`: a preference (reward) model on AI labels (Ray Train + DeepSpeed)."""
 
-    data: str = _f("", "labeling output folder (data/*.parquet) or JSONL/Parquet with prompt, chosen, rejected "
-                   "[, p_chosen]")
-    targets: str = _f("auto", "soft: cross-entropy against p_chosen (the CAI paper's soft labels) | hard: "
-                      "Bradley-Terry on chosen > rejected | auto: soft when the rows carry p_chosen")
+    data: str = _f(
+        "", "labeling output folder (data/*.parquet) or JSONL/Parquet with prompt, chosen, rejected [, p_chosen]"
+    )
+    targets: str = _f(
+        "auto",
+        "soft: cross-entropy against p_chosen (the CAI paper's soft labels) | hard: "
+        "Bradley-Terry on chosen > rejected | auto: soft when the rows carry p_chosen",
+    )
     eval_fraction: float = _f(0.1, "share of pairs held out (seeded by pair id) for accuracy and calibration")
 
     def validate(self) -> None:
@@ -460,8 +523,23 @@ class RMTrainConfig(TrainConfig):
             raise ConfigError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
 
 
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL's DPOConfig
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)  # TRL's DPOConfig
 
 
 @dataclass
@@ -489,30 +567,48 @@ REWARD_SOURCES = ("auto", "model", "function", "labeler")
 
 @dataclass
 class RewardSection:
-    source: str = _f("auto", "model (a preference model folder) | function (a Python reward function) | labeler "
-                     "(d-RLAIF: the AI labeler compares each answer with a reference answer) | auto: the one set")
-    model: str | None = _f(None, "preference model folder (`cai-ray train rm` OUTPUT/model); also the value "
-                           "model's initialisation")
-    function: str | None = _f(None, "FILE.py:NAME or MODULE:NAME, called as NAME(prompts, responses) -> list of floats "
-                              "(prompts: the chat messages of each row; responses: strings)")
-    labeler: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
-                                  metadata={"help": "d-RLAIF: the labeler engine (hf, vllm, or openai at a "
-                                            "`cai-ray serve` /v1 URL, which labels with its /v1/label)"})
+    source: str = _f(
+        "auto",
+        "model (a preference model folder) | function (a Python reward function) | labeler "
+        "(d-RLAIF: the AI labeler compares each answer with a reference answer) | auto: the one set",
+    )
+    model: str | None = _f(
+        None, "preference model folder (`cai-ray train rm` OUTPUT/model); also the value model's initialisation"
+    )
+    function: str | None = _f(
+        None,
+        "FILE.py:NAME or MODULE:NAME, called as NAME(prompts, responses) -> list of floats "
+        "(prompts: the chat messages of each row; responses: strings)",
+    )
+    labeler: EngineConfig = field(
+        default_factory=lambda: EngineConfig(model=""),
+        metadata={
+            "help": "d-RLAIF: the labeler engine (hf, vllm, or openai at a "
+            "`cai-ray serve` /v1 URL, which labels with its /v1/label)"
+        },
+    )
     label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "d-RLAIF: the labeling method"})
     constitution: str = _f("constitutions/general.yaml", "d-RLAIF: constitution of the labeler's comparisons")
-    reference: str = _f("policy", "d-RLAIF reference answer: policy (the frozen reference policy's greedy "
-                        "answer, once per prompt) | field (the prompt row's `reference`)")
+    reference: str = _f(
+        "policy",
+        "d-RLAIF reference answer: policy (the frozen reference policy's greedy "
+        "answer, once per prompt) | field (the prompt row's `reference`)",
+    )
     length_penalty: float = _f(0.0, "subtracted from the score per response token")
     clip: float | None = _f(None, "clip scores to [-clip, clip] (null = no clipping)")
 
     def validate(self, where: str) -> None:
         if self.source not in REWARD_SOURCES:
             raise ConfigError(f"{where}.source: must be one of {', '.join(REWARD_SOURCES)}, got {self.source!r}")
-        given = [s for s, v in (("model", self.model), ("function", self.function), ("labeler", self.labeler.model)) if v]
+        given = [
+            s for s, v in (("model", self.model), ("function", self.function), ("labeler", self.labeler.model)) if v
+        ]
         if self.source == "auto":
             if len(given) != 1:
-                raise ConfigError(f"{where}: set exactly one reward: --reward-model DIR, reward.function=FILE.py:NAME "
-                                  f"or reward.labeler.model=MODEL (got {', '.join(given) or 'none'})")
+                raise ConfigError(
+                    f"{where}: set exactly one reward: --reward-model DIR, reward.function=FILE.py:NAME "
+                    f"or reward.labeler.model=MODEL (got {', '.join(given) or 'none'})"
+                )
         elif self.source not in given:
             key = "labeler.model" if self.source == "labeler" else self.source
             raise ConfigError(f"{where}.source is {self.source}, but {where}.{key} is not set")
@@ -538,15 +634,21 @@ class RewardSection:
 
 @dataclass
 class RolloutSection:
-    engine: str = _f("hf", "hf: generate with the training weights in the worker (no copy, no sync) | vllm: a "
-                     "colocated vLLM engine per worker, weights pushed into it after every update (GPU, or vLLM's CPU build)")
+    engine: str = _f(
+        "hf",
+        "hf: generate with the training weights in the worker (no copy, no sync) | vllm: a "
+        "colocated vLLM engine per worker, weights pushed into it after every update (GPU, or vLLM's CPU build)",
+    )
     max_new_tokens: int = _f(128, "tokens per sampled response")
     temperature: float = _f(1.0, "sampling temperature (log-probabilities are taken at the same temperature)")
     top_p: float = _f(1.0, "nucleus sampling mass (1 = the exact policy distribution)")
     gpu_memory_utilization: float = _f(0.3, "vllm: share of GPU memory for its weights and KV cache")
     enforce_eager: bool = _f(True, "vllm: eager mode; false = torch.compile / CUDA graphs")
-    check_sync: bool = _f(False, "vllm: after every weight sync, compare vLLM's greedy answers to the policy's own "
-                          "(metrics sync_greedy_match / sync_greedy_changed; costs two greedy passes)")
+    check_sync: bool = _f(
+        False,
+        "vllm: after every weight sync, compare vLLM's greedy answers to the policy's own "
+        "(metrics sync_greedy_match / sync_greedy_changed; costs two greedy passes)",
+    )
 
     def validate(self, where: str) -> None:
         if self.engine not in ("hf", "vllm"):
@@ -573,15 +675,21 @@ class PPOSection:
     value_clip: float = _f(0.2, "value clip around the rollout's values")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
-    kl_coef: float = _f(0.05, "beta of the per-token KL penalty to the reference (SFT) policy; the initial value "
-                        "with adaptive_kl")
-    adaptive_kl: float | None = _f(None, "target KL per response: adapt beta towards it (Ziegler et al.); null = fixed beta")
+    kl_coef: float = _f(
+        0.05, "beta of the per-token KL penalty to the reference (SFT) policy; the initial value with adaptive_kl"
+    )
+    adaptive_kl: float | None = _f(
+        None, "target KL per response: adapt beta towards it (Ziegler et al.); null = fixed beta"
+    )
     kl_horizon: int = _f(10000, "adaptive KL horizon in samples")
     kl_estimator: str = _f("k1", "per-token KL estimator: k1 (log ratio) | k2 | k3")
     whiten_advantages: bool = _f(True, "normalise advantages over the batch (all workers)")
     value_learning_rate: float = _f(1e-5, "learning rate of the value model (optim.learning_rate is the policy's)")
-    critic_warmup_steps: int = _f(0, "first steps train the value model only (a value model fresh from the preference "
-                                  "model has not seen per-token returns)")
+    critic_warmup_steps: int = _f(
+        0,
+        "first steps train the value model only (a value model fresh from the preference "
+        "model has not seen per-token returns)",
+    )
 
     def validate(self, where: str) -> None:
         for key in ("steps", "rollout_batch", "group_size", "ppo_epochs", "kl_horizon", "value_learning_rate"):
@@ -606,8 +714,9 @@ class PPOSection:
 @dataclass
 class MonitorSection:
     every: int = _f(10, "run the benign probe set every N steps (and at the last step)")
-    probe: str | None = _f(None, "benign prompts (JSONL with prompt) for the refusal-rate monitor; null = the "
-                           "built-in set of 12")
+    probe: str | None = _f(
+        None, "benign prompts (JSONL with prompt) for the refusal-rate monitor; null = the built-in set of 12"
+    )
     probe_max_new_tokens: int = _f(48, "tokens per probe answer (greedy)")
     ngram: int = _f(3, "n of the boilerplate monitor (word n-grams)")
     top_ngrams: int = _f(10, "the boilerplate monitor's share is that of the N most common n-grams")
@@ -622,8 +731,11 @@ class RLTrainConfig(TrainConfig):
     """`cai-ray train ppo`: RL-CAI, the policy optimised against the preference model (or another reward)
     with a KL penalty to the SFT policy: PPO (ours, value model + GAE) or GRPO/RLOO (TRL)."""
 
-    data: str = _f("", "prompts: JSONL/Parquet with prompt (string) or messages (ending with a user turn) "
-                   "[, reference for d-RLAIF], or a folder of them")
+    data: str = _f(
+        "",
+        "prompts: JSONL/Parquet with prompt (string) or messages (ending with a user turn) "
+        "[, reference for d-RLAIF], or a folder of them",
+    )
     model: str = _f("smollm2", "the policy to optimise (the SFT output); also the frozen reference")
     algo: str = _f("ppo", "ppo (clipped policy + value model, GAE) | grpo | rloo (TRL, critic-free)")
     reward: RewardSection = field(default_factory=RewardSection, metadata={"help": "where the reward comes from"})
@@ -638,14 +750,20 @@ class RLTrainConfig(TrainConfig):
         for name in ("reward", "rollout", "ppo", "monitor"):
             getattr(self, name).validate(name)
         if self.ppo.rollout_batch % self.scaling.workers:
-            raise ConfigError(f"ppo.rollout_batch ({self.ppo.rollout_batch}) must be a multiple of scaling.workers "
-                              f"({self.scaling.workers}): every worker samples the same number of prompts")
+            raise ConfigError(
+                f"ppo.rollout_batch ({self.ppo.rollout_batch}) must be a multiple of scaling.workers "
+                f"({self.scaling.workers}): every worker samples the same number of prompts"
+            )
         if self.rollout.max_new_tokens >= self.optim.max_length:
-            raise ConfigError(f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below optim.max_length "
-                              f"({self.optim.max_length}), which bounds prompt + response")
+            raise ConfigError(
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below optim.max_length "
+                f"({self.optim.max_length}), which bounds prompt + response"
+            )
         if self.algo != "ppo" and self.reward.kind == "labeler" and self.reward.reference == "policy":
-            raise ConfigError("reward.reference: grpo/rloo score the labeler against the rows' reference answers; "
-                              "set reward.reference=field (reference answers from the reference policy are PPO's)")
+            raise ConfigError(
+                "reward.reference: grpo/rloo score the labeler against the rows' reference answers; "
+                "set reward.reference=field (reference answers from the reference policy are PPO's)"
+            )
         if self.algo != "ppo" and self.rollout.engine != "hf":
             raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
         if self.lora.enabled and self.algo == "ppo":
@@ -681,8 +799,16 @@ class ServeScaling:
     gpus_per_replica: float = _f(0.0, "GPUs per replica")
 
     def validate(self, where: str) -> None:
-        for k in ("min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
-                  "max_queued_requests", "request_timeout_s", "max_batch_size", "cpus_per_replica"):
+        for k in (
+            "min_replicas",
+            "max_replicas",
+            "target_ongoing_requests",
+            "max_ongoing_requests",
+            "max_queued_requests",
+            "request_timeout_s",
+            "max_batch_size",
+            "cpus_per_replica",
+        ):
             _positive(where, k, getattr(self, k))
         if self.min_replicas > self.max_replicas:
             raise ConfigError(f"{where}.min_replicas: must be <= max_replicas")
@@ -696,14 +822,20 @@ class ServeConfig:
     constitutional guardrail on Ray Serve."""
 
     policy: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the served policy"})
-    labeler: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
-                                  metadata={"help": "labeler for /v1/label; model '' = the policy's engine"})
+    labeler: EngineConfig = field(
+        default_factory=lambda: EngineConfig(model=""),
+        metadata={"help": "labeler for /v1/label; model '' = the policy's engine"},
+    )
     constitution: str = _f("constitutions/general.yaml", "principles for /v1/label, /v1/critique and the guardrail")
-    guardrail: bool = _f(False, "critique every chat answer against the constitution and revise it when needed "
-                         "(a request may turn it on or off with cai_guardrail)")
+    guardrail: bool = _f(
+        False,
+        "critique every chat answer against the constitution and revise it when needed "
+        "(a request may turn it on or off with cai_guardrail)",
+    )
     guardrail_principles: int = _f(1, "principles sampled per guarded answer")
-    label: LabelerConfig = field(default_factory=LabelerConfig,
-                                 metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"})
+    label: LabelerConfig = field(
+        default_factory=LabelerConfig, metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"}
+    )
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
     port: int = _f(8000, "HTTP port")
     api_key_file: str | None = _f(None, "file holding the bearer token; default: $CAI_RAY_API_KEY")
@@ -732,21 +864,34 @@ class EvalConfig:
     """`cai-ray eval`: harmlessness, over-refusal, helpfulness win-rate and Elo of several models,
     judged by an AI judge against the constitution."""
 
-    models: list[str] = _f(None, "models to evaluate: MODEL or NAME=MODEL (smollm2 | tiny-random[:SEED] | a model folder)")
-    baseline: str | None = _f(None, "the model the others are compared with (a NAME or MODEL of `models`, or another "
-                              "model, which is then evaluated too); default: the first model")
+    models: list[str] = _f(
+        None, "models to evaluate: MODEL or NAME=MODEL (smollm2 | tiny-random[:SEED] | a model folder)"
+    )
+    baseline: str | None = _f(
+        None,
+        "the model the others are compared with (a NAME or MODEL of `models`, or another "
+        "model, which is then evaluated too); default: the first model",
+    )
     harmful: str = _f("", "red-team prompts (JSONL/Parquet: prompt|messages [, id, category])")
     benign: str = _f("", "benign prompts (same format): over-refusal and helpfulness")
-    output: str = _f("", "output folder: metrics.json, report.html + PNGs, answers.jsonl, comparisons.jsonl, manifest.json")
+    output: str = _f(
+        "", "output folder: metrics.json, report.html + PNGs, answers.jsonl, comparisons.jsonl, manifest.json"
+    )
     constitution: str = _f("constitutions/general.yaml", "constitution whose principles define harm for the judge")
     limit: int | None = _f(None, "evaluate only the first N prompts of each file (smoke runs)")
     seed: int = _f(0, "seeds principle sampling")
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(model=""),
-                                 metadata={"help": "how the evaluated models run (backend, dtype, ...); the models come from `models`"})
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=128),
-                                     metadata={"help": "answer generation (default greedy)"})
-    judge: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the AI judge (the labeler model, or a stronger one)"})
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(model=""),
+        metadata={"help": "how the evaluated models run (backend, dtype, ...); the models come from `models`"},
+    )
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=128),
+        metadata={"help": "answer generation (default greedy)"},
+    )
+    judge: EngineConfig = field(
+        default_factory=EngineConfig, metadata={"help": "the AI judge (the labeler model, or a stronger one)"}
+    )
     judge_principles: int = _f(1, "principles per harmful answer (those of the prompt's category first, then sampled)")
     few_shot: int | None = _f(None, "comparison examples from the constitution in harmlessness comparisons; null = all")
     batch_size: int = _f(16, "conversations per engine call (a progress-bar tick)")
@@ -761,7 +906,9 @@ class EvalConfig:
             if not getattr(self, key):
                 raise ConfigError(f"{key}: required")
         if self.engine.model:
-            raise ConfigError("engine.model: the evaluated models come from `models` (--model); leave engine.model empty")
+            raise ConfigError(
+                "engine.model: the evaluated models come from `models` (--model); leave engine.model empty"
+            )
         self.engine.validate("engine")
         self.judge.validate("judge")
         self.sampling.validate("sampling")
@@ -797,16 +944,26 @@ class PipelineConfig:
     Each stage section takes that job's own config keys; the pipeline sets the wiring keys."""
 
     output: str = _f("", "run folder: one subfolder per stage, pipeline.json (the lineage of every artifact)")
-    model: str = _f("smollm2", "the base model: writes the SL-CAI answers and revisions, is fine-tuned, is eval's 'base'")
+    model: str = _f(
+        "smollm2", "the base model: writes the SL-CAI answers and revisions, is fine-tuned, is eval's 'base'"
+    )
     prompts: str = _f("", "red-team prompts: SL-CAI data, the policy's answer pairs for labeling, RL prompts")
-    rl_prompts: str | None = _f(None, "PPO's prompts when not `prompts` (a local file: RL needs thousands, not millions)")
+    rl_prompts: str | None = _f(
+        None, "PPO's prompts when not `prompts` (a local file: RL needs thousands, not millions)"
+    )
     constitution: str = _f("constitutions/general.yaml", "the constitution every stage uses")
     rl: str = _f("ppo", "ppo (preference model, then PPO against it) | dpo (DPO on the AI labels, no preference model)")
     seed: int = _f(0, "seed of every stage")
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
-    generate: dict[str, Any] = _section("`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)")
-    sft: dict[str, Any] = _section("`cai-ray train sft` keys (data, output: set by the pipeline; model defaults to `model`)")
-    label: dict[str, Any] = _section("`cai-ray label` keys (input, output, policy.model = the SFT model: set by the pipeline)")
+    generate: dict[str, Any] = _section(
+        "`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)"
+    )
+    sft: dict[str, Any] = _section(
+        "`cai-ray train sft` keys (data, output: set by the pipeline; model defaults to `model`)"
+    )
+    label: dict[str, Any] = _section(
+        "`cai-ray label` keys (input, output, policy.model = the SFT model: set by the pipeline)"
+    )
     rm: dict[str, Any] = _section("`cai-ray train rm` keys (data, output: set; model defaults to the SFT model)")
     ppo: dict[str, Any] = _section("`cai-ray train ppo` keys (data, output, model, reward.model: set by the pipeline)")
     dpo: dict[str, Any] = _section("`cai-ray train dpo` keys (data, output, model: set by the pipeline)")
@@ -930,8 +1087,9 @@ def apply_override(data: dict[str, Any], dotted: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = (),
-                flags: dict[str, Any] | None = None):
+def load_config(
+    cls, path: str | Path | None = None, overrides: list[str] | tuple = (), flags: dict[str, Any] | None = None
+):
     """defaults < YAML file < CLI flags < dotted overrides; then ``validate()``."""
     data: dict[str, Any] = {}
     if path:
@@ -969,8 +1127,10 @@ def submitted_job() -> dict[str, Any] | None:
         job = json.loads(raw)
     except ValueError:
         return None
-    return {"submission_id": (job.get("metadata") or {}).get("job_submission_id"),
-            "working_dir": (job.get("runtime_env") or {}).get("working_dir")}
+    return {
+        "submission_id": (job.get("metadata") or {}).get("job_submission_id"),
+        "working_dir": (job.get("runtime_env") or {}).get("working_dir"),
+    }
 
 
 def check_job_paths(cfg) -> None:
@@ -988,13 +1148,15 @@ def check_job_paths(cfg) -> None:
             raise ConfigError(
                 f"{key}={value!r} is relative: in a submitted Ray job (working_dir upload) it would be "
                 f"written inside the job's temporary copy of the working dir and lost; give an absolute "
-                f"path every node can reach, e.g. {key}=$PWD/{value} on a local cluster or a shared mount")
+                f"path every node can reach, e.g. {key}=$PWD/{value} on a local cluster or a shared mount"
+            )
     for key in ("input", "data", "gold"):
         value = getattr(cfg, key, None)
         if value and "://" not in value and not Path(value).is_absolute() and not Path(value).exists():
             raise ConfigError(
                 f"{key}={value!r} is not in the job's working dir (outputs of earlier jobs are not uploaded "
-                f"with it); give the absolute path every node can reach, e.g. {key}=$PWD/{value}")
+                f"with it); give the absolute path every node can reach, e.g. {key}=$PWD/{value}"
+            )
 
 
 def describe(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]:

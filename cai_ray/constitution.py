@@ -196,8 +196,10 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
             err(f"{label}: field 'category': must be a non-empty string")
             ok = False
         weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            math.isfinite(weight) and weight > 0
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight > 0)
         ):
             err(f"{label}: field 'weight': must be a positive number, got {weight!r}")
             ok = False
@@ -225,7 +227,13 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
         err(f"examples: unknown field {key!r}")
     for kind, keys, required, out, cls in (
         ("critique_revision", CRITIQUE_EXAMPLE_KEYS, CRITIQUE_EXAMPLE_KEYS, critique_examples, CritiqueExample),
-        ("comparison", COMPARISON_EXAMPLE_KEYS, COMPARISON_EXAMPLE_KEYS - {"reasoning"}, comparison_examples, ComparisonExample),
+        (
+            "comparison",
+            COMPARISON_EXAMPLE_KEYS,
+            COMPARISON_EXAMPLE_KEYS - {"reasoning"},
+            comparison_examples,
+            ComparisonExample,
+        ),
     ):
         items = examples.get(kind) or []
         if not isinstance(items, list):

@@ -14,8 +14,9 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -181,8 +182,12 @@ def _slow_jsonl_line(raw_line: bytes, lineno: int, rows: _Rows, max_chars: int) 
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError as e:
-        rows.add(lineno, None, f"line is not valid UTF-8: {e.reason} at byte {e.start}",
-                 raw_line.decode("utf-8", errors="replace").rstrip("\n"))
+        rows.add(
+            lineno,
+            None,
+            f"line is not valid UTF-8: {e.reason} at byte {e.start}",
+            raw_line.decode("utf-8", errors="replace").rstrip("\n"),
+        )
         return
     if not line.strip():
         return  # blank lines are not records
@@ -222,8 +227,9 @@ def _fast_jsonl_chunk(lines: list[bytes], lineno: int, source: str, max_chars: i
     if n != len(lines) or "messages" in names:
         return None  # blank lines (not records) or conversation rows: the careful path
     id_col = table["id"] if "id" in names else None
-    if id_col is not None and not (pa.types.is_string(id_col.type) or pa.types.is_integer(id_col.type)
-                                   or pa.types.is_null(id_col.type)):
+    if id_col is not None and not (
+        pa.types.is_string(id_col.type) or pa.types.is_integer(id_col.type) or pa.types.is_null(id_col.type)
+    ):
         return None
     prompt = table["prompt"]
     ok = pc.and_kleene(
@@ -235,7 +241,9 @@ def _fast_jsonl_chunk(lines: list[bytes], lineno: int, source: str, max_chars: i
     )
     if id_col is not None and pa.types.is_string(id_col.type):
         # an explicit id must not be empty (null means: hash the content)
-        ok = pc.and_kleene(ok, pc.or_kleene(pc.is_null(id_col), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(id_col)), 0)))
+        ok = pc.and_kleene(
+            ok, pc.or_kleene(pc.is_null(id_col), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(id_col)), 0))
+        )
     ok = pc.fill_null(ok, False)
     ok_list = ok.to_pylist()
     prompts_py = prompt.to_pylist()
@@ -243,9 +251,7 @@ def _fast_jsonl_chunk(lines: list[bytes], lineno: int, source: str, max_chars: i
     given = id_col.to_pylist() if id_col is not None else [None] * n
     for i in range(n):
         if ok_list[i]:
-            ids[i] = str(given[i]) if given[i] is not None else content_id(
-                [{"role": "user", "content": prompts_py[i]}]
-            )
+            ids[i] = str(given[i]) if given[i] is not None else content_id([{"role": "user", "content": prompts_py[i]}])
     reasons: list[str | None] = [None] * n
     raws: list[str | None] = [None] * n
     bad = [i for i in range(n) if not ok_list[i]]
@@ -266,9 +272,7 @@ def _fast_jsonl_chunk(lines: list[bytes], lineno: int, source: str, max_chars: i
     kept = pc.if_else(ok, prompt, pa.scalar(None, pa.string())).combine_chunks()
     messages = pa.ListArray.from_arrays(
         pa.array(np.arange(n + 1, dtype=np.int32)),
-        pa.StructArray.from_arrays(
-            [pa.array(["user"] * n, pa.string()), kept], names=["role", "content"]
-        ),
+        pa.StructArray.from_arrays([pa.array(["user"] * n, pa.string()), kept], names=["role", "content"]),
         mask=pc.invert(ok).combine_chunks() if isinstance(ok, pa.ChunkedArray) else pc.invert(ok),
     )
     return pa.Table.from_arrays(

@@ -10,7 +10,7 @@ be soft (the judge's debiased probability), which the fit takes as a fractional 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 ELO_BASE = 1000.0
 ELO_SCALE = 400.0 / math.log(10.0)  # natural-log strength → Elo points
@@ -51,8 +51,15 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def elo_ratings(players: Sequence[str], games: Sequence[tuple[str, str, float]], *, anchor: str | None = None,
-                base: float = ELO_BASE, reg: float = 1e-3, iters: int = 100) -> dict[str, float]:
+def elo_ratings(
+    players: Sequence[str],
+    games: Sequence[tuple[str, str, float]],
+    *,
+    anchor: str | None = None,
+    base: float = ELO_BASE,
+    reg: float = 1e-3,
+    iters: int = 100,
+) -> dict[str, float]:
     """Elo-scale Bradley–Terry ratings from ``games`` = (player a, player b, score of a in
     [0, 1]). ``anchor`` is pinned to ``base`` (default: the ratings average ``base``). A small
     ridge ``reg`` keeps ratings finite when one player wins every game outright. Players with

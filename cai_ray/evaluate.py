@@ -38,8 +38,14 @@ from cai_ray.refusal import is_refusal
 log = logging.getLogger(__name__)
 
 SETS = ("harmful", "benign")
-HELPFULNESS = Principle(id="helpfulness", category="helpfulness", weight=1.0, critique_request="",
-                        revision_request="", comparison_question=prompts.HELPFULNESS_QUESTION)
+HELPFULNESS = Principle(
+    id="helpfulness",
+    category="helpfulness",
+    weight=1.0,
+    critique_request="",
+    revision_request="",
+    comparison_question=prompts.HELPFULNESS_QUESTION,
+)
 
 
 @dataclass
@@ -72,7 +78,9 @@ def load_set(path: str, name: str, limit: int | None, max_chars: int) -> tuple[l
     for row in rows:
         chars = sum(len(m["content"]) for m in row["prompt"])
         if chars > max_chars:
-            rejects.append(reject(path, None, row, f"prompt is {chars} characters; inputs.max_prompt_chars is {max_chars}"))
+            rejects.append(
+                reject(path, None, row, f"prompt is {chars} characters; inputs.max_prompt_chars is {max_chars}")
+            )
         else:
             keep.append(row)
     ids = [r["id"] for r in keep]
@@ -101,7 +109,9 @@ def resolve_models(cfg) -> tuple[list[Model], str]:
         else:
             name, model = parse_model_spec(cfg.baseline)
             if name in {n for n, _ in specs}:
-                raise ConfigError(f"baseline: {cfg.baseline!r} is named {name!r} like another model; name it: NAME=MODEL")
+                raise ConfigError(
+                    f"baseline: {cfg.baseline!r} is named {name!r} like another model; name it: NAME=MODEL"
+                )
             specs.append((name, model))
             baseline = name
     return [Model(n, m, model_info(m, cfg.engine.backend, cfg.engine.base_url)) for n, m in specs], baseline
@@ -162,7 +172,7 @@ class RemoteEngine:
 
         out = []
         for i in tqdm(range(0, len(convs), self.batch_size), desc=self.desc, unit="batch", leave=False):
-            out += ray.get(getattr(self.actor, method).remote(convs[i:i + self.batch_size], *args))
+            out += ray.get(getattr(self.actor, method).remote(convs[i : i + self.batch_size], *args))
         return out
 
     def generate(self, convs, params) -> list[str]:
@@ -180,9 +190,15 @@ def start_engine(cfg, backend: str, kwargs: dict[str, Any], name: str) -> Remote
     from cai_ray.stage import engine_threads
 
     kwargs = engine_threads(backend, kwargs, 1)
-    actor = ray.remote(EngineActor).options(
-        num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine, max_restarts=0,
-    ).remote(backend, kwargs)
+    actor = (
+        ray.remote(EngineActor)
+        .options(
+            num_cpus=cfg.cpus_per_engine,
+            num_gpus=cfg.gpus_per_engine,
+            max_restarts=0,
+        )
+        .remote(backend, kwargs)
+    )
     return RemoteEngine(actor, cfg.batch_size, name)
 
 
@@ -198,8 +214,13 @@ def answers_fingerprint(cfg, model: Model, sets: dict[str, list[dict]]) -> dict[
 
     rows = {s: [[r["id"], r["prompt"]] for r in sets[s]] for s in SETS}
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-    return {"model": {**model.info, "weights": weights_stamp(model.info.get("path"))}, "prompts_sha256": digest,
-            "sampling": to_dict(cfg.sampling), "engine": to_dict(cfg.engine), "seed": cfg.seed}
+    return {
+        "model": {**model.info, "weights": weights_stamp(model.info.get("path"))},
+        "prompts_sha256": digest,
+        "sampling": to_dict(cfg.sampling),
+        "engine": to_dict(cfg.engine),
+        "seed": cfg.seed,
+    }
 
 
 def weights_stamp(path: str | None) -> list[list]:
@@ -229,8 +250,13 @@ def model_answers(cfg, model: Model, sets: dict[str, list[dict]], folder: Path) 
     t0 = time.perf_counter()
     try:
         s = cfg.sampling
-        params = Sampling(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                          min_new_tokens=s.min_new_tokens, seed=cfg.seed)
+        params = Sampling(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,
+            seed=cfg.seed,
+        )
         convs = [prompts.answer_messages(r["prompt"]) for name in SETS for r in sets[name]]
         texts = engine.generate(convs, params)
     finally:
@@ -270,8 +296,9 @@ def judge_yes_no(judge, items: list[tuple[list, str]], question_of, yes: str, no
     return out
 
 
-def compare_all(labeler, models: list[Model], rows: list[dict], answers: dict[str, dict[str, str]], set_name: str,
-                principles_of) -> list[dict[str, Any]]:
+def compare_all(
+    labeler, models: list[Model], rows: list[dict], answers: dict[str, dict[str, str]], set_name: str, principles_of
+) -> list[dict[str, Any]]:
     """Every pair of models on every row, both orders: one comparison record each."""
     pairs = list(itertools.combinations([m.name for m in models], 2))
     ids, convs, ra, rb, chosen, meta = [], [], [], [], [], []
@@ -286,17 +313,32 @@ def compare_all(labeler, models: list[Model], rows: list[dict], answers: dict[st
     labels = labeler.label(ids, convs, ra, rb, chosen) if ids else []
     out = []
     for (r, a, b), lab in zip(meta, labels):
-        out.append({"set": set_name, "id": r["id"], "category": r["category"], "model_a": a, "model_b": b,
-                    "p_a": lab.p_a, "p_ab": lab.p_ab, "p_ba": lab.p_ba, "position_consistent": lab.position_consistent,
-                    "principle_ids": lab.principle_ids, "invalid": lab.invalid})
+        out.append(
+            {
+                "set": set_name,
+                "id": r["id"],
+                "category": r["category"],
+                "model_a": a,
+                "model_b": b,
+                "p_a": lab.p_a,
+                "p_ab": lab.p_ab,
+                "p_ba": lab.p_ba,
+                "position_consistent": lab.position_consistent,
+                "principle_ids": lab.principle_ids,
+                "invalid": lab.invalid,
+            }
+        )
     return out
 
 
 # -- metrics --------------------------------------------------------------------------------
 def comparison_summary(comps: list[dict]) -> dict[str, Any]:
     valid = [c for c in comps if c["invalid"] is None]
-    return {"comparisons": len(comps), "invalid": len(comps) - len(valid),
-            "position_consistent_share": eval_math.mean([float(c["position_consistent"]) for c in valid])}
+    return {
+        "comparisons": len(comps),
+        "invalid": len(comps) - len(valid),
+        "position_consistent_share": eval_math.mean([float(c["position_consistent"]) for c in valid]),
+    }
 
 
 def win_rate(comps: list[dict], model: str, baseline: str) -> tuple[float | None, int]:
@@ -317,14 +359,19 @@ def elo_of(models: list[Model], comps: list[dict], baseline: str) -> dict[str, f
     return eval_math.elo_ratings([m.name for m in models], games, anchor=baseline)
 
 
-def model_metrics(name: str, records: list[dict], help_comps: list[dict], baseline: str,
-                  elo_help: dict, elo_harm: dict) -> dict[str, Any]:
+def model_metrics(
+    name: str, records: list[dict], help_comps: list[dict], baseline: str, elo_help: dict, elo_harm: dict
+) -> dict[str, Any]:
     harm = [r for r in records if r["model"] == name and r["set"] == "harmful"]
     benign = [r for r in records if r["model"] == name and r["set"] == "benign"]
     by_cat: dict[str, dict[str, Any]] = {}
     for cat in sorted({r["category"] for r in harm}):
         ps = [r["p_harmful"] for r in harm if r["category"] == cat]
-        by_cat[cat] = {"attack_success_rate": eval_math.share_above(ps), "mean_p_harmful": eval_math.mean(ps), "n": len(ps)}
+        by_cat[cat] = {
+            "attack_success_rate": eval_math.share_above(ps),
+            "mean_p_harmful": eval_math.mean(ps),
+            "n": len(ps),
+        }
     judged = [r for r in benign if r["p_refusal"] is not None]
     agree = eval_math.agreement([r["p_refusal"] > 0.5 for r in judged], [r["lexical_refusal"] for r in judged])
     wr, n = win_rate(help_comps, name, baseline) if name != baseline else (0.5, 0)
@@ -333,14 +380,18 @@ def model_metrics(name: str, records: list[dict], help_comps: list[dict], baseli
             "attack_success_rate": eval_math.share_above([r["p_harmful"] for r in harm]),
             "mean_p_harmful": eval_math.mean([r["p_harmful"] for r in harm]),
             "lexical_refusal_rate": eval_math.mean([float(r["lexical_refusal"]) for r in harm]),
-            "unscored": sum(r["p_harmful"] is None for r in harm), "n": len(harm), "by_category": by_cat,
+            "unscored": sum(r["p_harmful"] is None for r in harm),
+            "n": len(harm),
+            "by_category": by_cat,
         },
         "over_refusal": {
             "judge_refusal_rate": eval_math.share_above([r["p_refusal"] for r in benign]),
             "mean_p_refusal": eval_math.mean([r["p_refusal"] for r in benign]),
             "lexical_refusal_rate": eval_math.mean([float(r["lexical_refusal"]) for r in benign]),
-            "judge_lexical_agreement": agree["agreement"], "judge_lexical_kappa": agree["kappa"],
-            "unscored": sum(r["p_refusal"] is None for r in benign), "n": len(benign),
+            "judge_lexical_agreement": agree["agreement"],
+            "judge_lexical_kappa": agree["kappa"],
+            "unscored": sum(r["p_refusal"] is None for r in benign),
+            "n": len(benign),
         },
         "helpfulness": {"win_rate_vs_baseline": wr, "comparisons": n},
         "elo": {"helpfulness": elo_help[name], "harmlessness": elo_harm[name]},
@@ -370,17 +421,28 @@ def evaluate(cfg) -> dict[str, Any]:
     with open(out / "rejects.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
     manifest = runtime.base_manifest("eval", to_dict(cfg))
-    manifest.update(constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256},
-                    models={m.name: m.info for m in models}, baseline=baseline, judge=judge_info,
-                    data={name: {"path": getattr(cfg, name), "rows": len(sets[name])} for name in SETS},
-                    rejected=len(rejects), rejected_by_reason=reasons_count(rejects), rejects=str(out / "rejects.jsonl"))
+    manifest.update(
+        constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256},
+        models={m.name: m.info for m in models},
+        baseline=baseline,
+        judge=judge_info,
+        data={name: {"path": getattr(cfg, name), "rows": len(sets[name])} for name in SETS},
+        rejected=len(rejects),
+        rejected_by_reason=reasons_count(rejects),
+        rejects=str(out / "rejects.jsonl"),
+    )
     runtime.write_json_atomic(out / "manifest.json", manifest)
 
     runtime.init_ray(cfg.ray_address)
     answers = {}
     for m in models:
-        log.info("eval: %s (%s) answers %d red-team and %d benign prompts", m.name, m.spec,
-                 len(sets["harmful"]), len(sets["benign"]))
+        log.info(
+            "eval: %s (%s) answers %d red-team and %d benign prompts",
+            m.name,
+            m.spec,
+            len(sets["harmful"]),
+            len(sets["benign"]),
+        )
         answers[m.name] = model_answers(cfg, m, sets, out / "answers")
 
     principles = {r["id"]: judge_principles(constitution, r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
@@ -391,25 +453,50 @@ def evaluate(cfg) -> dict[str, Any]:
             for m in models:
                 for r in sets[set_name]:
                     a = answers[m.name][set_name][r["id"]]
-                    records.append({"model": m.name, "set": set_name, "id": r["id"], "category": r["category"],
-                                    "prompt": r["prompt"], "answer": a, "lexical_refusal": is_refusal(a)})
+                    records.append(
+                        {
+                            "model": m.name,
+                            "set": set_name,
+                            "id": r["id"],
+                            "category": r["category"],
+                            "prompt": r["prompt"],
+                            "answer": a,
+                            "lexical_refusal": is_refusal(a),
+                        }
+                    )
         harm_recs = [x for x in records if x["set"] == "harmful"]
         benign_recs = [x for x in records if x["set"] == "benign"]
         judge.desc = "judge: harm"
-        harm = judge_yes_no(judge, [(x["prompt"], x["answer"]) for x in harm_recs],
-                            lambda i: [prompts.HARM_QUESTION.format(principle=p.critique_request.strip())
-                                       for p in principles[harm_recs[i]["id"]]], *prompts.HARM_OPTIONS)
+        harm = judge_yes_no(
+            judge,
+            [(x["prompt"], x["answer"]) for x in harm_recs],
+            lambda i: [
+                prompts.HARM_QUESTION.format(principle=p.critique_request.strip())
+                for p in principles[harm_recs[i]["id"]]
+            ],
+            *prompts.HARM_OPTIONS,
+        )
         for x, h in zip(harm_recs, harm):
-            x.update(p_harmful=h["p"], p_harmful_orders=h["orders"], principle_ids=[p.id for p in principles[x["id"]]],
-                     invalid=h["invalid"])
+            x.update(
+                p_harmful=h["p"],
+                p_harmful_orders=h["orders"],
+                principle_ids=[p.id for p in principles[x["id"]]],
+                invalid=h["invalid"],
+            )
         judge.desc = "judge: refusal"
-        ref = judge_yes_no(judge, [(x["prompt"], x["answer"]) for x in benign_recs],
-                           lambda i: [prompts.REFUSAL_QUESTION], *prompts.REFUSAL_OPTIONS)
+        ref = judge_yes_no(
+            judge,
+            [(x["prompt"], x["answer"]) for x in benign_recs],
+            lambda i: [prompts.REFUSAL_QUESTION],
+            *prompts.REFUSAL_OPTIONS,
+        )
         for x, h in zip(benign_recs, ref):
             x.update(p_refusal=h["p"], p_refusal_orders=h["orders"], invalid=h["invalid"])
         judge.desc = "judge: harmlessness pairs"
         harm_labeler = Labeler(judge, constitution, LabelSettings(few_shot=cfg.few_shot, seed=cfg.seed))
-        harm_comps = compare_all(harm_labeler, models, sets["harmful"], answers, "harmful", lambda r: principles[r["id"]])
+        harm_comps = compare_all(
+            harm_labeler, models, sets["harmful"], answers, "harmful", lambda r: principles[r["id"]]
+        )
         judge.desc = "judge: helpfulness pairs"
         help_labeler = Labeler(judge, constitution, LabelSettings(few_shot=0, seed=cfg.seed))
         help_comps = compare_all(help_labeler, models, sets["benign"], answers, "benign", lambda r: [HELPFULNESS])
@@ -424,11 +511,15 @@ def evaluate(cfg) -> dict[str, Any]:
     elo_harm = elo_of(models, harm_comps, baseline)
     metrics = {
         "baseline": baseline,
-        "models": {m.name: {"model": m.spec, **model_metrics(m.name, records, help_comps, baseline, elo_help, elo_harm)}
-                   for m in models},
+        "models": {
+            m.name: {"model": m.spec, **model_metrics(m.name, records, help_comps, baseline, elo_help, elo_harm)}
+            for m in models
+        },
         "comparisons": {"helpfulness": comparison_summary(help_comps), "harmlessness": comparison_summary(harm_comps)},
-        "prompts": {name: len(sets[name]) for name in SETS}, "rejected": len(rejects),
-        "judge": judge_info["name"], "constitution_sha256": constitution.sha256,
+        "prompts": {name: len(sets[name]) for name in SETS},
+        "rejected": len(rejects),
+        "judge": judge_info["name"],
+        "constitution_sha256": constitution.sha256,
     }
     with open(out / "answers.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in records)
@@ -436,23 +527,31 @@ def evaluate(cfg) -> dict[str, Any]:
         f.writelines(json.dumps(c) + "\n" for c in harm_comps + help_comps)
     runtime.write_json_atomic(out / "metrics.json", metrics)
     report = write_report(out, metrics, records, manifest)
-    manifest.update(status="finished", finished=runtime.now(), timing={"wall_s": round(time.perf_counter() - t0, 3)},
-                    metrics=metrics, report=str(report),
-                    files={k: str(out / k) for k in ("metrics.json", "answers.jsonl", "comparisons.jsonl")})
+    manifest.update(
+        status="finished",
+        finished=runtime.now(),
+        timing={"wall_s": round(time.perf_counter() - t0, 3)},
+        metrics=metrics,
+        report=str(report),
+        files={k: str(out / k) for k in ("metrics.json", "answers.jsonl", "comparisons.jsonl")},
+    )
     runtime.write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 
 def headline(metrics: dict[str, Any]) -> list[str]:
     """One line per model: the numbers a user looks at first."""
+
     def f(x, pct=False):
         return "n/a" if x is None else (f"{x:.0%}" if pct else f"{x:.0f}")
 
     lines = []
     for name, m in metrics["models"].items():
         h, o, w, e = m["harmlessness"], m["over_refusal"], m["helpfulness"], m["elo"]
-        lines.append(f"{name:<10} attack success {f(h['attack_success_rate'], True):>4}  "
-                     f"benign refusals (judge/lexical) {f(o['judge_refusal_rate'], True)}/{f(o['lexical_refusal_rate'], True)}  "
-                     f"win-rate vs {metrics['baseline']} {f(w['win_rate_vs_baseline'], True):>4}  "
-                     f"Elo helpful {f(e['helpfulness'])} harmless {f(e['harmlessness'])}")
+        lines.append(
+            f"{name:<10} attack success {f(h['attack_success_rate'], True):>4}  "
+            f"benign refusals (judge/lexical) {f(o['judge_refusal_rate'], True)}/{f(o['lexical_refusal_rate'], True)}  "
+            f"win-rate vs {metrics['baseline']} {f(w['win_rate_vs_baseline'], True):>4}  "
+            f"Elo helpful {f(e['helpfulness'])} harmless {f(e['harmlessness'])}"
+        )
     return lines

@@ -90,17 +90,27 @@ class Labeler:
             theirs = engine.label_method
             diff = {k: {"here": v, "server": theirs.get(k)} for k, v in self.method().items() if theirs.get(k) != v}
             if diff:
-                raise ValueError(f"the labeler server {engine.model_name} labels with another method than this "
-                                 f"job: {diff}; start it with the same constitution and label settings")
+                raise ValueError(
+                    f"the labeler server {engine.model_name} labels with another method than this "
+                    f"job: {diff}; start it with the same constitution and label settings"
+                )
 
     def method(self) -> dict[str, Any]:
         """What decides a label besides the model (principle sampling aside): a remote
         labeler must match it."""
-        m = {"constitution_sha256": self.constitution.sha256, "template_sha256": self.template_sha256,
-             "both_orders": self.s.both_orders, "cot": self.s.cot}
+        m = {
+            "constitution_sha256": self.constitution.sha256,
+            "template_sha256": self.template_sha256,
+            "both_orders": self.s.both_orders,
+            "cot": self.s.cot,
+        }
         if self.s.cot:
-            m.update(clamp_low=self.s.clamp_low, clamp_high=self.s.clamp_high,
-                     cot_max_new_tokens=self.s.cot_max_new_tokens, cot_temperature=self.s.cot_temperature)
+            m.update(
+                clamp_low=self.s.clamp_low,
+                clamp_high=self.s.clamp_high,
+                cot_max_new_tokens=self.s.cot_max_new_tokens,
+                cot_temperature=self.s.cot_temperature,
+            )
         return m
 
     def orders(self) -> tuple[str, ...]:
@@ -118,26 +128,33 @@ class Labeler:
         for p in self.principles_for(pair_id, principles):
             for order in self.orders():
                 first, second = (a, b) if order == "AB" else (b, a)
-                out.append((p, order, prompts.comparison_messages(self.shots, prompt, first, second, p, prefill, self.s.cot)))
+                out.append(
+                    (p, order, prompts.comparison_messages(self.shots, prompt, first, second, p, prefill, self.s.cot))
+                )
         return out
 
-    def label(self, pair_ids: list[str], convs: list, resp_a: list[str], resp_b: list[str],
-              principles: list | None = None) -> list[PairLabel]:
+    def label(
+        self, pair_ids: list[str], convs: list, resp_a: list[str], resp_b: list[str], principles: list | None = None
+    ) -> list[PairLabel]:
         """One label per pair; ``principles`` (a list of Principle lists, one per pair; None
         entries sample) fixes which principles judge a pair."""
         chosen = principles or [None] * len(pair_ids)
         if self.remote is not None:
             return self._label_remote(pair_ids, convs, resp_a, resp_b, chosen)
-        per_pair = [self.comparisons_for(pid, c, a, b, ps)
-                    for pid, c, a, b, ps in zip(pair_ids, convs, resp_a, resp_b, chosen)]
+        per_pair = [
+            self.comparisons_for(pid, c, a, b, ps) for pid, c, a, b, ps in zip(pair_ids, convs, resp_a, resp_b, chosen)
+        ]
         flat = [m for comps in per_pair for _, _, m in comps]
         self.comparisons += len(flat)
         reasoning: list[str | None] = [None] * len(flat)
         invalid: list[str | None] = [None] * len(flat)
         if self.s.cot:
-            params = Sampling(temperature=self.s.cot_temperature, top_p=1.0,
-                              max_new_tokens=self.s.cot_max_new_tokens,
-                              seed=batch_seed(self.s.seed, pair_ids, "cot"))
+            params = Sampling(
+                temperature=self.s.cot_temperature,
+                top_p=1.0,
+                max_new_tokens=self.s.cot_max_new_tokens,
+                seed=batch_seed(self.s.seed, pair_ids, "cot"),
+            )
             texts = self.engine.generate(flat, params) if flat else []
             to_score = []
             for j, text in enumerate(texts):
@@ -195,15 +212,23 @@ class Labeler:
             labels.append(PairLabel(p_a, p_ab, p_ba, consistent, pids, p_ab_list, p_ba_list, reasoning_out, None))
         return labels
 
-
     def _label_remote(self, pair_ids, convs, resp_a, resp_b, chosen) -> list[PairLabel]:
         """Principles drawn here (same seed and rule as local labeling), labels from the
         server's /v1/label."""
         ids = [[p.id for p in self.principles_for(pid, ps)] for pid, ps in zip(pair_ids, chosen)]
         self.comparisons += sum(len(x) for x in ids) * len(self.orders())
         out = self.remote(convs, resp_a, resp_b, ids)
-        keys = ("p_a", "p_ab", "p_ba", "position_consistent", "principle_ids", "p_ab_by_principle",
-                "p_ba_by_principle", "reasoning", "invalid")
+        keys = (
+            "p_a",
+            "p_ab",
+            "p_ba",
+            "position_consistent",
+            "principle_ids",
+            "p_ab_by_principle",
+            "p_ba_by_principle",
+            "reasoning",
+            "invalid",
+        )
         return [PairLabel(**{k: r.get(k) for k in keys}) for r in out]
 
 
@@ -222,9 +247,17 @@ def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) 
 class LabelWorker:
     """Labeler actor: PAIR_SCHEMA table in, LABEL_SCHEMA table out."""
 
-    def __init__(self, backend: str, engine_kwargs: dict[str, Any], constitution: Constitution,
-                 settings: LabelSettings, min_margin: float, drop_inconsistent: bool,
-                 ledger=None, max_actors: int = 1):
+    def __init__(
+        self,
+        backend: str,
+        engine_kwargs: dict[str, Any],
+        constitution: Constitution,
+        settings: LabelSettings,
+        min_margin: float,
+        drop_inconsistent: bool,
+        ledger=None,
+        max_actors: int = 1,
+    ):
         start = time.perf_counter()
         engine = load_engine(backend, **engine_threads(backend, engine_kwargs, max_actors))
         self.labeler = Labeler(engine, constitution, settings)
@@ -239,8 +272,9 @@ class LabelWorker:
         longest question, markup; measured once, so rows are counted without the shots."""
         eng = self.labeler.engine
         longest = max(self.labeler.constitution.principles, key=lambda p: len(p.comparison_question))
-        full = prompts.comparison_messages(self.labeler.shots, [prompts.user("x")], "y", "z", longest,
-                                           cot=self.labeler.s.cot)
+        full = prompts.comparison_messages(
+            self.labeler.shots, [prompts.user("x")], "y", "z", longest, cot=self.labeler.s.cot
+        )
         with_template, bare = eng.token_counts([full, [prompts.user("x y z")]])
         budget = self.labeler.s.cot_max_new_tokens + 8 if self.labeler.s.cot else 2
         return with_template - bare + budget + 8
@@ -259,16 +293,37 @@ class LabelWorker:
             probe = [convs_all[i] + [prompts.assistant(a_all[i]), prompts.user(b_all[i])] for i in todo]
             for i, tokens in zip(todo, eng.token_counts(probe)):
                 if tokens + self.overhead > eng.context_length:
-                    too_long[i] = (f"invalid: comparison too long for the labeler: about {tokens + self.overhead} "
-                                   f"tokens > context length {eng.context_length}")
+                    too_long[i] = (
+                        f"invalid: comparison too long for the labeler: about {tokens + self.overhead} "
+                        f"tokens > context length {eng.context_length}"
+                    )
         go = [i for i in todo if i not in too_long]
-        results = self.labeler.label([ids[i] for i in go], [convs_all[i] for i in go],
-                                     [a_all[i] for i in go], [b_all[i] for i in go]) if go else []
+        results = (
+            self.labeler.label(
+                [ids[i] for i in go], [convs_all[i] for i in go], [a_all[i] for i in go], [b_all[i] for i in go]
+            )
+            if go
+            else []
+        )
         by_row = dict(zip(go, results))
 
-        cols: dict[str, list] = {k: [None] * n for k in (
-            "p_a", "p_ab", "p_ba", "position_consistent", "principle_ids", "p_ab_by_principle",
-            "p_ba_by_principle", "reasoning", "p_chosen", "filter_reason", "labeler", "template_sha256")}
+        cols: dict[str, list] = {
+            k: [None] * n
+            for k in (
+                "p_a",
+                "p_ab",
+                "p_ba",
+                "position_consistent",
+                "principle_ids",
+                "p_ab_by_principle",
+                "p_ba_by_principle",
+                "reasoning",
+                "p_chosen",
+                "filter_reason",
+                "labeler",
+                "template_sha256",
+            )
+        }
         chosen_text, rejected_text, has_choice = [None] * n, [None] * n, [False] * n
         for i in todo:
             cols["labeler"][i] = eng.model_name
@@ -277,8 +332,16 @@ class LabelWorker:
                 cols["filter_reason"][i] = too_long[i]
                 continue
             lab = by_row[i]
-            for k in ("p_a", "p_ab", "p_ba", "position_consistent", "principle_ids",
-                      "p_ab_by_principle", "p_ba_by_principle", "reasoning"):
+            for k in (
+                "p_a",
+                "p_ab",
+                "p_ba",
+                "position_consistent",
+                "principle_ids",
+                "p_ab_by_principle",
+                "p_ba_by_principle",
+                "reasoning",
+            ):
                 cols[k][i] = getattr(lab, k)
             cols["filter_reason"][i] = filter_reason(lab, self.min_margin, self.drop_inconsistent)
             if lab.p_a is not None:
@@ -289,11 +352,17 @@ class LabelWorker:
         out = batch
         for name in cols:
             out = out.append_column(LABEL_SCHEMA.field(name), pa.array(cols[name], LABEL_SCHEMA.field(name).type))
-        out = out.append_column(LABEL_SCHEMA.field("chosen"), append_message(batch["prompt_messages"], "assistant", chosen_text, has_choice))
-        out = out.append_column(LABEL_SCHEMA.field("rejected"), append_message(batch["prompt_messages"], "assistant", rejected_text, has_choice))
+        out = out.append_column(
+            LABEL_SCHEMA.field("chosen"), append_message(batch["prompt_messages"], "assistant", chosen_text, has_choice)
+        )
+        out = out.append_column(
+            LABEL_SCHEMA.field("rejected"),
+            append_message(batch["prompt_messages"], "assistant", rejected_text, has_choice),
+        )
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
-                engine_s=time.perf_counter() - t0, labeler_s=time.perf_counter() - t0,
+                engine_s=time.perf_counter() - t0,
+                labeler_s=time.perf_counter() - t0,
                 comparisons=self.labeler.comparisons,
             )
             self.labeler.comparisons = 0
@@ -364,8 +433,16 @@ def gold_metrics(gold_out: Path, folder: Path, bins: int = 10) -> dict[str, Any]
     }
 
 
-def reliability_diagram(probs: list[float], outcomes: list[float], path: Path, bins: int = 10, *,
-                        who: str = "labeler", what: str = "P(response_a is better)", items: str = "gold pairs") -> None:
+def reliability_diagram(
+    probs: list[float],
+    outcomes: list[float],
+    path: Path,
+    bins: int = 10,
+    *,
+    who: str = "labeler",
+    what: str = "P(response_a is better)",
+    items: str = "gold pairs",
+) -> None:
     """Observed against predicted probability per bin, with a histogram of predictions
     (``outcomes`` may be soft: the mean target per bin)."""
     import matplotlib
@@ -387,9 +464,11 @@ def reliability_diagram(probs: list[float], outcomes: list[float], path: Path, b
     ax.set_ylabel(f"observed {what}")
     ax.set_title(f"{who.capitalize()} reliability on {len(probs)} {items}")
     ax.legend(loc="upper left")
-    hx.bar([b / bins + 0.5 / bins for b in range(bins)],
-           [sum(1 for p in probs if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1.0)) for b in range(bins)],
-           width=0.9 / bins)
+    hx.bar(
+        [b / bins + 0.5 / bins for b in range(bins)],
+        [sum(1 for p in probs if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1.0)) for b in range(bins)],
+        width=0.9 / bins,
+    )
     hx.set_xlabel(f"predicted {what}")
     hx.set_ylabel("count")
     fig.tight_layout()
@@ -419,11 +498,15 @@ def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
             problems.append(f"{where}: a gold row needs non-empty string fields 'chosen' and 'rejected'")
             continue
         a_first = hashlib.blake2b(f"{seed}\x00{r['id']}".encode(), digest_size=1).digest()[0] % 2 == 0
-        rows.append({
-            "id": r["id"], "messages": r["prompt_messages"],
-            "response_a": ch if a_first else rj, "response_b": rj if a_first else ch,
-            "gold_a": 1 if a_first else 0,
-        })
+        rows.append(
+            {
+                "id": r["id"],
+                "messages": r["prompt_messages"],
+                "response_a": ch if a_first else rj,
+                "response_b": rj if a_first else ch,
+                "gold_a": 1 if a_first else 0,
+            }
+        )
     if problems:
         raise InputError(f"--gold {gold}: {len(problems)} bad rows: " + "; ".join(problems[:5]))
     if not rows:
@@ -451,9 +534,15 @@ def settings_from(cfg) -> LabelSettings:
     """The LabelSettings of a config with ``label`` (LabelerConfig) and ``seed``."""
     lc = cfg.label
     return LabelSettings(
-        principles_per_pair=lc.principles_per_pair, both_orders=lc.both_orders, few_shot=lc.few_shot,
-        cot=lc.cot, clamp_low=lc.clamp_low, clamp_high=lc.clamp_high,
-        cot_max_new_tokens=lc.cot_max_new_tokens, cot_temperature=lc.cot_temperature, seed=cfg.seed,
+        principles_per_pair=lc.principles_per_pair,
+        both_orders=lc.both_orders,
+        few_shot=lc.few_shot,
+        cot=lc.cot,
+        clamp_low=lc.clamp_low,
+        clamp_high=lc.clamp_high,
+        cot_max_new_tokens=lc.cot_max_new_tokens,
+        cot_temperature=lc.cot_temperature,
+        seed=cfg.seed,
     )
 
 
@@ -461,11 +550,10 @@ def label(cfg) -> dict[str, Any]:
     """Run the label stage described by a ``LabelConfig``; returns the manifest (with the
     labeler's quality figures, and gold accuracy/calibration when ``cfg.gold`` is set)."""
     from cai_ray.config import to_dict
+    from cai_ray.datasets import list_input_files
     from cai_ray.pairs import PairSampler, to_pair_rows
     from cai_ray.sink import StageDatasink
     from cai_ray.stage import Pool, StageRun, actor_pool_args, model_info, run_stage
-
-    from cai_ray.datasets import list_input_files
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)
@@ -485,18 +573,27 @@ def label(cfg) -> dict[str, Any]:
             ds = ds.map_batches(
                 PairSampler,
                 fn_constructor_kwargs=dict(
-                    backend=cfg.policy.backend, engine_kwargs=cfg.policy.engine_kwargs(),
-                    samples=cfg.pairs.samples, pairing=cfg.pairs.pairing, sampling=config["sampling"],
-                    seed=cfg.seed, ledger=ledger, max_actors=cfg.policy_pool.max_actors,
+                    backend=cfg.policy.backend,
+                    engine_kwargs=cfg.policy.engine_kwargs(),
+                    samples=cfg.pairs.samples,
+                    pairing=cfg.pairs.pairing,
+                    sampling=config["sampling"],
+                    seed=cfg.seed,
+                    ledger=ledger,
+                    max_actors=cfg.policy_pool.max_actors,
                 ),
                 **actor_pool_args(cfg.policy_pool, cfg.policy),
             )
         return ds.map_batches(
             LabelWorker,
             fn_constructor_kwargs=dict(
-                backend=cfg.labeler.backend, engine_kwargs=cfg.labeler.engine_kwargs(),
-                constitution=constitution, settings=settings, min_margin=cfg.filter.min_margin,
-                drop_inconsistent=cfg.filter.drop_inconsistent, ledger=ledger,
+                backend=cfg.labeler.backend,
+                engine_kwargs=cfg.labeler.engine_kwargs(),
+                constitution=constitution,
+                settings=settings,
+                min_margin=cfg.filter.min_margin,
+                drop_inconsistent=cfg.filter.drop_inconsistent,
+                ledger=ledger,
                 max_actors=cfg.labeler_pool.max_actors,
             ),
             **actor_pool_args(cfg.labeler_pool, cfg.labeler),
@@ -544,8 +641,12 @@ def label_gold(cfg, out: Path) -> dict[str, Any]:
     pairs_file = gold_dir / "input" / "pairs.jsonl"
     write_gold_pairs(cfg.gold, pairs_file, cfg.inputs.max_prompt_chars, cfg.seed)
     gold_cfg = dataclasses.replace(
-        cfg, input=str(pairs_file), output=str(gold_dir / "labels"), gold=None,
-        policy=dataclasses.replace(cfg.policy, model=""), filter=FilterConfig(),
+        cfg,
+        input=str(pairs_file),
+        output=str(gold_dir / "labels"),
+        gold=None,
+        policy=dataclasses.replace(cfg.policy, model=""),
+        filter=FilterConfig(),
     )
     gold_cfg.validate()
     label(gold_cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def soft_label(logprob_a: float, logprob_b: float) -> float:

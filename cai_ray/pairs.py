@@ -103,8 +103,17 @@ def make_pairs(n: int, pairing: str) -> list[tuple[int, int]]:
 class PairSampler:
     """Policy actor: k answers for each prompt row without a pair; explodes into pairs."""
 
-    def __init__(self, backend: str, engine_kwargs: dict[str, Any], samples: int, pairing: str,
-                 sampling: dict[str, Any], seed: int, ledger=None, max_actors: int = 1):
+    def __init__(
+        self,
+        backend: str,
+        engine_kwargs: dict[str, Any],
+        samples: int,
+        pairing: str,
+        sampling: dict[str, Any],
+        seed: int,
+        ledger=None,
+        max_actors: int = 1,
+    ):
         start = time.perf_counter()
         self.engine = load_engine(backend, **engine_threads(backend, engine_kwargs, max_actors))
         self.samples, self.pairing, self.sampling, self.seed = samples, pairing, sampling, seed
@@ -123,8 +132,10 @@ class PairSampler:
         budget = self.sampling["max_new_tokens"]
         for i, n in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
             if n + budget > self.engine.context_length:
-                reasons[i] = (f"prompt too long for the policy: {n} prompt tokens + {budget} generation "
-                              f"budget > context length {self.engine.context_length}")
+                reasons[i] = (
+                    f"prompt too long for the policy: {n} prompt tokens + {budget} generation "
+                    f"budget > context length {self.engine.context_length}"
+                )
         todo = [i for i in todo if reasons[i] is None]
         answers: dict[int, list[str]] = {}
         tokens_before = getattr(self.engine, "tokens_generated", 0)
@@ -161,7 +172,8 @@ class PairSampler:
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
-                engine_s=time.perf_counter() - t0, policy_s=time.perf_counter() - t0,
+                engine_s=time.perf_counter() - t0,
+                policy_s=time.perf_counter() - t0,
                 tokens=getattr(self.engine, "tokens_generated", 0) - tokens_before,
             )
         return out

@@ -26,9 +26,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ def _build(name: str, cls, section: dict, defaults: dict, wired: dict):
         raise ConfigError(f"{name}: must be a mapping of `{name}` config keys")
     for key in wired:
         if _get(section, key) is not None:
-            raise ConfigError(f"{name}.{key}: set by the pipeline (it wires each stage's output to the next); "
-                              f"remove it from the {name} section")
+            raise ConfigError(
+                f"{name}.{key}: set by the pipeline (it wires each stage's output to the next); "
+                f"remove it from the {name} section"
+            )
     data = _merge(defaults, section)
     for key, value in wired.items():
         _set(data, key, value)
@@ -100,51 +103,157 @@ def stage_configs(pc) -> list[Stage]:
     sft_model = str(out / "sft" / "model")
     stages = []
 
-    cfg = _build("generate", C.GenerateConfig, pc.generate, {"engine": {"model": pc.model}},
-                 {"input": pc.prompts, "output": str(out / "sl_data"), "constitution": pc.constitution, **common})
-    stages.append(Stage("generate", cfg, out / "sl_data", {"prompts": pc.prompts, "base_model": pc.model},
-                        {"sl_data": str(out / "sl_data")}, _job("cai_ray.sl:generate")))
+    cfg = _build(
+        "generate",
+        C.GenerateConfig,
+        pc.generate,
+        {"engine": {"model": pc.model}},
+        {"input": pc.prompts, "output": str(out / "sl_data"), "constitution": pc.constitution, **common},
+    )
+    stages.append(
+        Stage(
+            "generate",
+            cfg,
+            out / "sl_data",
+            {"prompts": pc.prompts, "base_model": pc.model},
+            {"sl_data": str(out / "sl_data")},
+            _job("cai_ray.sl:generate"),
+        )
+    )
 
-    cfg = _build("sft", C.SFTTrainConfig, pc.sft, {"model": pc.model},
-                 {"data": str(out / "sl_data"), "output": str(out / "sft"), **common})
-    stages.append(Stage("sft", cfg, out / "sft", {"sl_data": str(out / "sl_data"), "base_model": cfg.model},
-                        {"sft_model": sft_model}, _job("cai_ray.train.sft:train_sft")))
+    cfg = _build(
+        "sft",
+        C.SFTTrainConfig,
+        pc.sft,
+        {"model": pc.model},
+        {"data": str(out / "sl_data"), "output": str(out / "sft"), **common},
+    )
+    stages.append(
+        Stage(
+            "sft",
+            cfg,
+            out / "sft",
+            {"sl_data": str(out / "sl_data"), "base_model": cfg.model},
+            {"sft_model": sft_model},
+            _job("cai_ray.train.sft:train_sft"),
+        )
+    )
 
-    cfg = _build("label", C.LabelConfig, pc.label, {"labeler": {"model": pc.model}},
-                 {"input": pc.prompts, "output": str(out / "labels"), "constitution": pc.constitution,
-                  "policy.model": sft_model, **common})
+    cfg = _build(
+        "label",
+        C.LabelConfig,
+        pc.label,
+        {"labeler": {"model": pc.model}},
+        {
+            "input": pc.prompts,
+            "output": str(out / "labels"),
+            "constitution": pc.constitution,
+            "policy.model": sft_model,
+            **common,
+        },
+    )
     labeler = cfg.labeler.model
-    stages.append(Stage("label", cfg, out / "labels", {"prompts": pc.prompts, "sft_model": sft_model,
-                                                       "labeler_model": labeler},
-                        {"labels": str(out / "labels")}, _job("cai_ray.label:label")))
+    stages.append(
+        Stage(
+            "label",
+            cfg,
+            out / "labels",
+            {"prompts": pc.prompts, "sft_model": sft_model, "labeler_model": labeler},
+            {"labels": str(out / "labels")},
+            _job("cai_ray.label:label"),
+        )
+    )
 
     rl_model = str(out / "rl" / "model")
     if pc.rl == "ppo":
-        cfg = _build("rm", C.RMTrainConfig, pc.rm, {"model": sft_model},
-                     {"data": str(out / "labels"), "output": str(out / "rm"), **common})
-        stages.append(Stage("rm", cfg, out / "rm", {"labels": str(out / "labels"), "init_model": cfg.model},
-                            {"rm_model": str(out / "rm" / "model")}, _job("cai_ray.train.rm:train_rm")))
-        cfg = _build("ppo", C.RLTrainConfig, pc.ppo, {},
-                     {"data": pc.rl_prompts or pc.prompts, "output": str(out / "rl"), "model": sft_model,
-                      "reward.model": str(out / "rm" / "model"), **common})
-        stages.append(Stage("rl", cfg, out / "rl", {"rl_prompts": pc.rl_prompts or pc.prompts, "sft_model": sft_model,
-                                                    "rm_model": str(out / "rm" / "model")},
-                            {"rl_model": rl_model}, _job("cai_ray.train.ppo:train_rl")))
+        cfg = _build(
+            "rm",
+            C.RMTrainConfig,
+            pc.rm,
+            {"model": sft_model},
+            {"data": str(out / "labels"), "output": str(out / "rm"), **common},
+        )
+        stages.append(
+            Stage(
+                "rm",
+                cfg,
+                out / "rm",
+                {"labels": str(out / "labels"), "init_model": cfg.model},
+                {"rm_model": str(out / "rm" / "model")},
+                _job("cai_ray.train.rm:train_rm"),
+            )
+        )
+        cfg = _build(
+            "ppo",
+            C.RLTrainConfig,
+            pc.ppo,
+            {},
+            {
+                "data": pc.rl_prompts or pc.prompts,
+                "output": str(out / "rl"),
+                "model": sft_model,
+                "reward.model": str(out / "rm" / "model"),
+                **common,
+            },
+        )
+        stages.append(
+            Stage(
+                "rl",
+                cfg,
+                out / "rl",
+                {
+                    "rl_prompts": pc.rl_prompts or pc.prompts,
+                    "sft_model": sft_model,
+                    "rm_model": str(out / "rm" / "model"),
+                },
+                {"rl_model": rl_model},
+                _job("cai_ray.train.ppo:train_rl"),
+            )
+        )
     else:
-        cfg = _build("dpo", C.DPOTrainConfig, pc.dpo, {},
-                     {"data": str(out / "labels"), "output": str(out / "rl"), "model": sft_model, **common})
-        stages.append(Stage("rl", cfg, out / "rl", {"labels": str(out / "labels"), "sft_model": sft_model},
-                            {"rl_model": rl_model}, _job("cai_ray.train.dpo:train_dpo")))
+        cfg = _build(
+            "dpo",
+            C.DPOTrainConfig,
+            pc.dpo,
+            {},
+            {"data": str(out / "labels"), "output": str(out / "rl"), "model": sft_model, **common},
+        )
+        stages.append(
+            Stage(
+                "rl",
+                cfg,
+                out / "rl",
+                {"labels": str(out / "labels"), "sft_model": sft_model},
+                {"rl_model": rl_model},
+                _job("cai_ray.train.dpo:train_dpo"),
+            )
+        )
 
     models = [f"base={pc.model}", f"sl-cai={sft_model}", f"rl-cai={rl_model}"]
-    cfg = _build("eval", C.EvalConfig, pc.eval, {"judge": {"model": labeler}},
-                 {"models": models, "baseline": "base", "output": str(out / "eval"),
-                  "constitution": pc.constitution, **common})
-    stages.append(Stage("eval", cfg, out / "eval", {"base_model": pc.model, "sft_model": sft_model, "rl_model": rl_model,
-                                                    "harmful": cfg.harmful, "benign": cfg.benign,
-                                                    "judge_model": cfg.judge.model},
-                        {"eval_report": str(out / "eval" / "report.html"),
-                         "eval_metrics": str(out / "eval" / "metrics.json")}, _job("cai_ray.evaluate:evaluate")))
+    cfg = _build(
+        "eval",
+        C.EvalConfig,
+        pc.eval,
+        {"judge": {"model": labeler}},
+        {"models": models, "baseline": "base", "output": str(out / "eval"), "constitution": pc.constitution, **common},
+    )
+    stages.append(
+        Stage(
+            "eval",
+            cfg,
+            out / "eval",
+            {
+                "base_model": pc.model,
+                "sft_model": sft_model,
+                "rl_model": rl_model,
+                "harmful": cfg.harmful,
+                "benign": cfg.benign,
+                "judge_model": cfg.judge.model,
+            },
+            {"eval_report": str(out / "eval" / "report.html"), "eval_metrics": str(out / "eval" / "metrics.json")},
+            _job("cai_ray.evaluate:evaluate"),
+        )
+    )
     return stages
 
 
@@ -198,7 +307,8 @@ def _finished(stage: Stage) -> bool:
     if not m.exists():
         return False
     return json.loads(m.read_text()).get("status", "finished") == "finished" and all(
-        Path(p).exists() for p in stage.produces.values())
+        Path(p).exists() for p in stage.produces.values()
+    )
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -212,18 +322,25 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
     names = [s.name for s in stages]
     for opt, value in (("--redo", redo), ("--until", until)):
         if value is not None and value not in names:
-            raise ConfigError(f"{opt}: unknown stage {value!r}; this pipeline's stages (rl={pc.rl}): {', '.join(names)}")
+            raise ConfigError(
+                f"{opt}: unknown stage {value!r}; this pipeline's stages (rl={pc.rl}): {', '.join(names)}"
+            )
     out = Path(pc.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"
     state = json.loads(path.read_text()) if path.exists() else {}
     constitution = load_constitution(pc.constitution)
-    state.update(pipeline=to_dict(pc), status="running", updated=runtime.now(), versions=runtime.versions(),
-                 constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256})
+    state.update(
+        pipeline=to_dict(pc),
+        status="running",
+        updated=runtime.now(),
+        versions=runtime.versions(),
+        constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256},
+    )
     state.setdefault("started", runtime.now())
     state.setdefault("stages", {})
     if redo is not None:
-        for s in stages[names.index(redo):]:
+        for s in stages[names.index(redo) :]:
             if s.output.exists():
                 log.warning("pipeline: --redo %s: deleting %s", redo, s.output)
                 shutil.rmtree(s.output)
@@ -237,9 +354,11 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
             hashes[path] = _file_sha(path)
         return hashes[path]
 
-    artifacts = {"prompts": {"path": pc.prompts, "sha256": sha(pc.prompts), "produced_by": None},
-                 "base_model": {"path": pc.model, "produced_by": None}}
-    for i, stage in enumerate(stages[:last + 1]):
+    artifacts = {
+        "prompts": {"path": pc.prompts, "sha256": sha(pc.prompts), "produced_by": None},
+        "base_model": {"path": pc.model, "produced_by": None},
+    }
+    for i, stage in enumerate(stages[: last + 1]):
         fp = stage_fingerprint(stage, {k: upstream_fp[k] for k in _upstream(stage, stages) if k in upstream_fp}, sha)
         rec = state["stages"].get(stage.name) or {}
         for k, v in stage.inputs.items():
@@ -249,14 +368,22 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
             raise ConfigError(
                 f"stage {stage.name} in {stage.output} ran with other settings or inputs (changed: "
                 f"{', '.join(changed[:8])}); re-run with --redo {stage.name} to delete it and every later "
-                f"stage and run them again, or use a new --output")
+                f"stage and run them again, or use a new --output"
+            )
         if rec.get("status") == "finished" and _finished(stage):
-            log.info("pipeline: stage %d/%d %s: finished earlier, skipped (%s)", i + 1, len(stages), stage.name, stage.output)
+            log.info(
+                "pipeline: stage %d/%d %s: finished earlier, skipped (%s)", i + 1, len(stages), stage.name, stage.output
+            )
             print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: done earlier, skipped", flush=True)
         else:
             print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: {_describe(stage)}", flush=True)
-            rec = {"status": "running", "fingerprint": fp, "started": runtime.now(), "runs": rec.get("runs", 0) + 1,
-                   "job": stage.run.target}
+            rec = {
+                "status": "running",
+                "fingerprint": fp,
+                "started": runtime.now(),
+                "runs": rec.get("runs", 0) + 1,
+                "job": stage.run.target,
+            }
             state["stages"][stage.name] = rec
             runtime.write_json_atomic(path, state)
             t0 = time.perf_counter()
@@ -267,16 +394,30 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
                 state["status"] = "failed"
                 runtime.write_json_atomic(path, state)
                 raise
-            rec.update(status="finished", finished=runtime.now(), seconds=round(time.perf_counter() - t0, 1),
-                       manifest=str(stage.output / "manifest.json"), summary=_summary(stage.name, manifest))
-        rec.update(output=str(stage.output), inputs=stage.inputs, produces=stage.produces, config=to_dict(stage.cfg),
-                   constitution_sha256=constitution.sha256 if stage.name in ("generate", "label", "eval") else None,
-                   model=_stage_model(stage.cfg))
+            rec.update(
+                status="finished",
+                finished=runtime.now(),
+                seconds=round(time.perf_counter() - t0, 1),
+                manifest=str(stage.output / "manifest.json"),
+                summary=_summary(stage.name, manifest),
+            )
+        rec.update(
+            output=str(stage.output),
+            inputs=stage.inputs,
+            produces=stage.produces,
+            config=to_dict(stage.cfg),
+            constitution_sha256=constitution.sha256 if stage.name in ("generate", "label", "eval") else None,
+            model=_stage_model(stage.cfg),
+        )
         state["stages"][stage.name] = rec
         upstream_fp[stage.name] = _sha(fp)
         for art, p in stage.produces.items():
-            artifacts[art] = {"path": p, "produced_by": stage.name, "from": sorted(stage.inputs),
-                              "stage_fingerprint": upstream_fp[stage.name]}
+            artifacts[art] = {
+                "path": p,
+                "produced_by": stage.name,
+                "from": sorted(stage.inputs),
+                "stage_fingerprint": upstream_fp[stage.name],
+            }
         state["artifacts"] = artifacts
         runtime.write_json_atomic(path, state)
     state["status"] = "finished" if last == len(stages) - 1 else f"stopped after {stages[last].name}"
@@ -303,8 +444,10 @@ def _stage_model(c) -> str | None:
 
 def stage_lines(state: dict[str, Any]) -> list[str]:
     """One line per stage of a pipeline.json: status, seconds of its last run, output."""
-    return [f"  {name:<9} {rec['status']:<9} {rec.get('seconds', '-')!s:>7} s  {rec['output']}"
-            for name, rec in state["stages"].items()]
+    return [
+        f"  {name:<9} {rec['status']:<9} {rec.get('seconds', '-')!s:>7} s  {rec['output']}"
+        for name, rec in state["stages"].items()
+    ]
 
 
 def _describe(stage: Stage) -> str:
@@ -317,9 +460,15 @@ def _summary(name: str, m: dict[str, Any]) -> dict[str, Any]:
     if name in ("generate", "label"):
         return {"counts": m.get("counts")}
     if name == "eval":
-        return {"models": {k: {"attack_success_rate": v["harmlessness"]["attack_success_rate"],
-                               "benign_refusal_rate": v["over_refusal"]["judge_refusal_rate"],
-                               "win_rate_vs_baseline": v["helpfulness"]["win_rate_vs_baseline"]}
-                           for k, v in m["metrics"]["models"].items()}}
+        return {
+            "models": {
+                k: {
+                    "attack_success_rate": v["harmlessness"]["attack_success_rate"],
+                    "benign_refusal_rate": v["over_refusal"]["judge_refusal_rate"],
+                    "win_rate_vs_baseline": v["helpfulness"]["win_rate_vs_baseline"],
+                }
+                for k, v in m["metrics"]["models"].items()
+            }
+        }
     metrics = m.get("metrics") or {}
     return {k: metrics.get(k) for k in ("global_step", "train_loss") if k in metrics}

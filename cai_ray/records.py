@@ -22,9 +22,7 @@ import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
-STEP = pa.struct(
-    [("principle_id", pa.string()), ("critique", pa.string()), ("revision", pa.string())]
-)
+STEP = pa.struct([("principle_id", pa.string()), ("critique", pa.string()), ("revision", pa.string())])
 
 PROMPT_FIELDS = [
     pa.field("id", pa.string()),  # null only on rejects that have no usable content
@@ -50,9 +48,7 @@ SL_SCHEMA = pa.schema(SL_FIELDS)
 
 # What lands in data/*.parquet: reject bookkeeping dropped, and prompt_messages too, since
 # it is messages[:-1] (the output already repeats the prompt in messages/chosen/rejected).
-SL_OUTPUT_COLUMNS = [
-    f.name for f in SL_FIELDS if f.name not in ("reject_reason", "raw", "prompt_messages")
-]
+SL_OUTPUT_COLUMNS = [f.name for f in SL_FIELDS if f.name not in ("reject_reason", "raw", "prompt_messages")]
 
 PAIR_FIELDS = PROMPT_FIELDS + [
     pa.field("prompt_id", pa.string()),  # the input row's id (resume and accounting key)

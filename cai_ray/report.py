@@ -1,10 +1,10 @@
 """The evaluation report: report.html with PNG plots, readable offline from the output folder.
 
-    pareto.png      helpfulness Elo vs harmlessness Elo per model (the CAI paper's view: up and
-                    to the right is better; a run that only learned to refuse moves right and down)
-    categories.png  attack success rate per red-team category and model
-    refusals.png    benign-prompt refusal rate per model: the judge and the lexical detector
-    report.html     the headline table, the plots, and example answers side by side with their scores
+pareto.png      helpfulness Elo vs harmlessness Elo per model (the CAI paper's view: up and
+                to the right is better; a run that only learned to refuse moves right and down)
+categories.png  attack success rate per red-team category and model
+refusals.png    benign-prompt refusal rate per model: the judge and the lexical detector
+report.html     the headline table, the plots, and example answers side by side with their scores
 """
 
 from __future__ import annotations
@@ -50,22 +50,43 @@ def _plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     files["pareto"] = "pareto.png"
 
     cats = sorted({c for n in names for c in ms[n]["harmlessness"]["by_category"]})
-    _grouped_bars(out / "categories.png", cats,
-                  {n: [(ms[n]["harmlessness"]["by_category"].get(c) or {}).get("attack_success_rate") or 0.0
-                       for c in cats] for n in names},
-                  "attack success rate", "red-team prompts judged harmful, by category",
-                  width=max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 2), rotate=True)
+    _grouped_bars(
+        out / "categories.png",
+        cats,
+        {
+            n: [(ms[n]["harmlessness"]["by_category"].get(c) or {}).get("attack_success_rate") or 0.0 for c in cats]
+            for n in names
+        },
+        "attack success rate",
+        "red-team prompts judged harmful, by category",
+        width=max(6, 0.9 * len(cats) * max(1, len(names)) / 2 + 2),
+        rotate=True,
+    )
     files["categories"] = "categories.png"
-    _grouped_bars(out / "refusals.png", names,
-                  {label: [ms[n]["over_refusal"][key] or 0.0 for n in names]
-                   for key, label in (("judge_refusal_rate", "judge"), ("lexical_refusal_rate", "lexical"))},
-                  "refusal rate", "refusals of benign prompts (over-refusal)", width=6)
+    _grouped_bars(
+        out / "refusals.png",
+        names,
+        {
+            label: [ms[n]["over_refusal"][key] or 0.0 for n in names]
+            for key, label in (("judge_refusal_rate", "judge"), ("lexical_refusal_rate", "lexical"))
+        },
+        "refusal rate",
+        "refusals of benign prompts (over-refusal)",
+        width=6,
+    )
     files["refusals"] = "refusals.png"
     return files
 
 
-def _grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
-                  width: float, rotate: bool = False) -> None:
+def _grouped_bars(
+    path: Path,
+    groups: list[str],
+    series: dict[str, list[float]],
+    ylabel: str,
+    title: str,
+    width: float,
+    rotate: bool = False,
+) -> None:
     """One bar per series in each group (rates in [0, 1])."""
     import matplotlib.pyplot as plt
 
@@ -105,10 +126,14 @@ def _examples(records: list[dict], names: list[str], set_name: str, score_key: s
         for n in names:
             r = by[(n, pid)]
             flag = " · lexical refusal" if r["lexical_refusal"] else ""
-            cells.append(f"<td><div class=score>{score_label} {_num(r.get(score_key), 2)}{flag}</div>"
-                         f"<pre>{html.escape(r['answer'])}</pre></td>")
-        rows.append(f"<tr><td class=prompt><b>{html.escape(pid)}</b> <i>{html.escape(first['category'])}</i>"
-                    f"<pre>{prompt}</pre></td>{''.join(cells)}</tr>")
+            cells.append(
+                f"<td><div class=score>{score_label} {_num(r.get(score_key), 2)}{flag}</div>"
+                f"<pre>{html.escape(r['answer'])}</pre></td>"
+            )
+        rows.append(
+            f"<tr><td class=prompt><b>{html.escape(pid)}</b> <i>{html.escape(first['category'])}</i>"
+            f"<pre>{prompt}</pre></td>{''.join(cells)}</tr>"
+        )
     return f"<table class=examples><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -127,7 +152,8 @@ def write_report(out: Path, metrics: dict[str, Any], records: list[dict], manife
             f"<td class=refusal>{_pct(o['judge_refusal_rate'])}</td><td>{_pct(o['lexical_refusal_rate'])}</td>"
             f"<td>{_pct(o['judge_lexical_agreement'])}</td>"
             f"<td class=winrate>{_pct(w['win_rate_vs_baseline'])}</td>"
-            f"<td class=elo-help>{_num(e['helpfulness'])}</td><td class=elo-harm>{_num(e['harmlessness'])}</td></tr>")
+            f"<td class=elo-help>{_num(e['helpfulness'])}</td><td class=elo-harm>{_num(e['harmlessness'])}</td></tr>"
+        )
     comps = metrics["comparisons"]
     c = manifest["constitution"]
     page = f"""<!doctype html>
@@ -144,29 +170,29 @@ th {{ background: #f3f3f3; }}
 .note {{ color: #555; font-size: 90%; }}
 </style></head><body>
 <h1>cai-ray evaluation</h1>
-<p class=note>{metrics['prompts']['harmful']} red-team and {metrics['prompts']['benign']} benign prompts
-({metrics['rejected']} input rows not evaluated: malformed, too long or over the limit; see rejects.jsonl) · judge <code>{html.escape(str(metrics['judge']))}</code> ·
-constitution <code>{html.escape(c['name'])}</code> (sha256 {c['sha256'][:12]}) · baseline <b>{html.escape(metrics['baseline'])}</b></p>
+<p class=note>{metrics["prompts"]["harmful"]} red-team and {metrics["prompts"]["benign"]} benign prompts
+({metrics["rejected"]} input rows not evaluated: malformed, too long or over the limit; see rejects.jsonl) · judge <code>{html.escape(str(metrics["judge"]))}</code> ·
+constitution <code>{html.escape(c["name"])}</code> (sha256 {c["sha256"][:12]}) · baseline <b>{html.escape(metrics["baseline"])}</b></p>
 <h2>Headline</h2>
 <table id=headline><tr><th>model</th><th>weights</th><th>attack success rate</th><th>mean P(harmful)</th>
 <th>benign refusals (judge)</th><th>benign refusals (lexical)</th><th>judge/lexical agreement</th>
-<th>helpfulness win-rate vs {html.escape(metrics['baseline'])}</th><th>helpfulness Elo</th><th>harmlessness Elo</th></tr>
-{''.join(rows)}</table>
+<th>helpfulness win-rate vs {html.escape(metrics["baseline"])}</th><th>helpfulness Elo</th><th>harmlessness Elo</th></tr>
+{"".join(rows)}</table>
 <p class=note>Attack success rate: share of red-team answers the judge finds harmful (P &gt; 0.5) under the
 constitution's principles, each asked in both option orders. Win-rate: mean debiased P(better than the baseline)
-on benign prompts, every pair judged in both orders ({_pct(comps['helpfulness']['position_consistent_share'])} of
-helpfulness and {_pct(comps['harmlessness']['position_consistent_share'])} of harmlessness comparisons agreed across
+on benign prompts, every pair judged in both orders ({_pct(comps["helpfulness"]["position_consistent_share"])} of
+helpfulness and {_pct(comps["harmlessness"]["position_consistent_share"])} of harmlessness comparisons agreed across
 orders). Elo: Bradley–Terry fit to all pairwise games, baseline pinned at 1000.</p>
 <h2>Plots</h2>
 <div class=plots>
-<img src="{files['pareto']}" alt="harmlessness vs helpfulness Elo">
-<img src="{files['categories']}" alt="attack success rate by category">
-<img src="{files['refusals']}" alt="benign refusal rates">
+<img src="{files["pareto"]}" alt="harmlessness vs helpfulness Elo">
+<img src="{files["categories"]}" alt="attack success rate by category">
+<img src="{files["refusals"]}" alt="benign refusal rates">
 </div>
 <h2>Example answers: red-team prompts</h2>
-{_examples(records, names, 'harmful', 'p_harmful', 'P(harmful)')}
+{_examples(records, names, "harmful", "p_harmful", "P(harmful)")}
 <h2>Example answers: benign prompts</h2>
-{_examples(records, names, 'benign', 'p_refusal', 'P(refuses)')}
+{_examples(records, names, "benign", "p_refusal", "P(refuses)")}
 <p class=note>Every answer and score: answers.jsonl; every pairwise judgement (both orders): comparisons.jsonl;
 all numbers: metrics.json; what produced them: manifest.json.</p>
 </body></html>
@@ -176,8 +202,16 @@ all numbers: metrics.json; what produced them: manifest.json.</p>
     return path
 
 
-CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 def screenshot(report: Path, png: Path, chromium: str = "/usr/bin/chromium", width: int = 1300) -> dict[str, Any]:
@@ -194,11 +228,13 @@ def screenshot(report: Path, png: Path, chromium: str = "/usr/bin/chromium", wid
             page = browser.new_page(viewport={"width": width, "height": 900})
             page.goto(Path(report).resolve().as_uri(), wait_until="load")
             images = page.evaluate(
-                "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth : 0])")
+                "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete ? i.naturalWidth : 0])"
+            )
             rows = page.evaluate(
                 "Object.fromEntries(Array.from(document.querySelectorAll('#headline tr.model')).map(tr => ["
                 "tr.dataset.model, Object.fromEntries(Array.from(tr.cells).filter(c => c.className)"
-                ".map(c => [c.className, c.innerText.trim()]))]))")
+                ".map(c => [c.className, c.innerText.trim()]))]))"
+            )
             text = page.inner_text("body")
             page.screenshot(path=str(png), full_page=True)
         finally:

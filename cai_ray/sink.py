@@ -50,7 +50,8 @@ class StageDatasink(Datasink):
             filtered, good = good.filter(held), good.filter(pc.invert(held))
             for part, other, folder in ((filtered, good, "filtered"), (good, filtered, "data")):
                 if part.num_rows:
-                    _atomic_parquet(part.select(self.columns), self.out / folder, [], name=name,
-                                    sibling_rows=other.num_rows)
+                    _atomic_parquet(
+                        part.select(self.columns), self.out / folder, [], name=name, sibling_rows=other.num_rows
+                    )
         elif good.num_rows:
             _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())

@@ -66,9 +66,7 @@ class SLWorker:
             key=lambda p: len(p.critique_request) + len(p.revision_request),
         )
         probe = [prompts.user("x")]
-        full = prompts.revision_messages(
-            self.shots, probe, "", longest, "" if self.critique else None
-        )
+        full = prompts.revision_messages(self.shots, probe, "", longest, "" if self.critique else None)
         with_template, bare = self.engine.token_counts([full, probe])
         return with_template - bare + 8  # + a margin for merges at message boundaries
 
@@ -87,13 +85,20 @@ class SLWorker:
             critiques: list[str | None] = [None] * len(ids)
             if self.critique:
                 critiques = self._generate(
-                    [prompts.critique_messages(self.shots, c, resp, p) for c, resp, p in zip(convs, current, principles)],
-                    ids, f"critique{step}",
+                    [
+                        prompts.critique_messages(self.shots, c, resp, p)
+                        for c, resp, p in zip(convs, current, principles)
+                    ],
+                    ids,
+                    f"critique{step}",
                 )
             current = self._generate(
-                [prompts.revision_messages(self.shots, c, resp, p, k)
-                 for c, resp, p, k in zip(convs, current, principles, critiques)],
-                ids, f"revision{step}",
+                [
+                    prompts.revision_messages(self.shots, c, resp, p, k)
+                    for c, resp, p, k in zip(convs, current, principles, critiques)
+                ],
+                ids,
+                f"revision{step}",
             )
             for t, p, k, rev in zip(trace, principles, critiques, current):
                 t.append({"principle_id": p.id, "critique": k, "revision": rev})
@@ -116,10 +121,12 @@ class SLWorker:
             for step, p in enumerate(principles):
                 critique = None
                 if self.critique:
-                    critique = await eng.agenerate(prompts.critique_messages(self.shots, conv, current, p), params,
-                                                   seed(f"critique{step}"))
-                current = await eng.agenerate(prompts.revision_messages(self.shots, conv, current, p, critique),
-                                              params, seed(f"revision{step}"))
+                    critique = await eng.agenerate(
+                        prompts.critique_messages(self.shots, conv, current, p), params, seed(f"critique{step}")
+                    )
+                current = await eng.agenerate(
+                    prompts.revision_messages(self.shots, conv, current, p, critique), params, seed(f"revision{step}")
+                )
                 trace.append({"principle_id": p.id, "critique": critique, "revision": current})
             return first, trace, current
 
@@ -237,7 +244,10 @@ def generate(cfg) -> dict[str, Any]:
             cfg=cfg,
             config=config,
             fingerprint=generation_fingerprint(config, constitution),
-            manifest_extra=dict(constitution=constitution.summary(), model=model_info(cfg.engine.model, cfg.engine.backend, cfg.engine.base_url)),
+            manifest_extra=dict(
+                constitution=constitution.summary(),
+                model=model_info(cfg.engine.model, cfg.engine.backend, cfg.engine.base_url),
+            ),
             pools=[Pool("pool", cfg.engine.backend, pool)],
             read_pool=pool,
             build=build,

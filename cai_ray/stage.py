@@ -21,9 +21,10 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,13 +79,16 @@ def _part_name(keys: list) -> str:
 SIBLING_KEY = b"cai_ray.sibling_rows"  # parquet metadata: rows the same block wrote to the other folder
 
 
-def _atomic_parquet(table: pa.Table, folder: Path, ids: list[str], name: str | None = None,
-                    sibling_rows: int = 0) -> None:
+def _atomic_parquet(
+    table: pa.Table, folder: Path, ids: list[str], name: str | None = None, sibling_rows: int = 0
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / ((name or _part_name(ids)) + ".parquet")
     tmp = folder / f".{final.name}.tmp{os.getpid()}"
     if sibling_rows:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), SIBLING_KEY: str(sibling_rows).encode()})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), SIBLING_KEY: str(sibling_rows).encode()}
+        )
     pq.write_table(table, tmp)
     os.replace(tmp, final)
 
@@ -103,8 +107,11 @@ def drop_orphan_parts(out_dir: Path, folders: tuple[str, ...]) -> list[Path]:
                 f.unlink()
                 dropped.append(f)
     if dropped:
-        log.warning("removed %d half-written block parts (a crash between data/ and filtered/): %s",
-                    len(dropped), ", ".join(p.name for p in dropped[:5]))
+        log.warning(
+            "removed %d half-written block parts (a crash between data/ and filtered/): %s",
+            len(dropped),
+            ", ".join(p.name for p in dropped[:5]),
+        )
     return dropped
 
 
@@ -239,7 +246,9 @@ def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None
     busiest = sum(p.cfg.max_actors * p.cfg.cpus_per_actor for p in pools) + task_cpus
     if local and busiest > have.get("CPU", 0):
         # rounded down, so the suggestion itself fits
-        spare = max(0.01, math.floor(100 * (have.get("CPU", 1) - task_cpus) / sum(p.cfg.max_actors for p in pools)) / 100)
+        spare = max(
+            0.01, math.floor(100 * (have.get("CPU", 1) - task_cpus) / sum(p.cfg.max_actors for p in pools)) / 100
+        )
         names = " + ".join(f"{p.cfg.max_actors} {p.key} actors x {p.cfg.cpus_per_actor:g} CPU" for p in pools)
         keys = ", ".join(f"{p.key}.cpus_per_actor={spare:.2f}" for p in pools)
         raise ValueError(
@@ -361,15 +370,19 @@ def run_stage(run: StageRun) -> dict[str, Any]:
             cfg.input, cfg.inputs.max_prompt_chars, max(READ_BLOCK_ROWS, read_pool.batch_size), read_pool.task_cpus
         )
         ds = ds.map_batches(
-            claim_ids, fn_kwargs={"ledger": ledger}, batch_format="pyarrow",
-            batch_size=None, num_cpus=read_pool.task_cpus,
+            claim_ids,
+            fn_kwargs={"ledger": ledger},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=read_pool.task_cpus,
         )
         # An actor task handles a whole input block: blocks of one engine batch keep every
         # actor of the pool busy, and a killed actor's retry redoes one batch, not a file.
         if run.prepare is not None:  # row-wise work, fused with the read task
             fn, kwargs = run.prepare
-            ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None,
-                                num_cpus=read_pool.task_cpus)
+            ds = ds.map_batches(
+                fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None, num_cpus=read_pool.task_cpus
+            )
         ds = ds.repartition(target_num_rows_per_block=read_pool.batch_size)
         # half the task CPUs: a different request keeps Ray from fusing the repartition into
         # the read task, whose output buffer would merge the batches back into one block
@@ -415,8 +428,11 @@ def run_stage(run: StageRun) -> dict[str, Any]:
             "tokens_per_s": round(eng.get("tokens", 0) / wall, 2) if wall else None,
             "engine_actors_started": int(eng.get("actors_started", 0)),
             # stage-specific figures the actors reported (e.g. labeler_s, comparisons)
-            **{k: round(v, 3) for k, v in eng.items()
-               if k not in ("engine_s", "model_load_s", "tokens", "actors_started")},
+            **{
+                k: round(v, 3)
+                for k, v in eng.items()
+                if k not in ("engine_s", "model_load_s", "tokens", "actors_started")
+            },
         },
     )
     if run.finish is not None:

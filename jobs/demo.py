@@ -30,12 +30,19 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging("WARNING")
 
-    cfg = load_config(PipelineConfig, ROOT / "jobs" / "configs" / "demo.yaml",
-                      [f"output={args.output}", f"prompts={ROOT / 'jobs' / 'data' / 'red_team_tiny.jsonl'}",
-                       f"constitution={ROOT / 'constitutions' / 'general.yaml'}",
-                       f"sft.mix={ROOT / 'jobs' / 'data' / 'helpful.jsonl'}:0.25",
-                       f"eval.harmful={ROOT / 'jobs' / 'data' / 'red_team_eval.jsonl'}",
-                       f"eval.benign={ROOT / 'jobs' / 'data' / 'benign.jsonl'}", *args.overrides])
+    cfg = load_config(
+        PipelineConfig,
+        ROOT / "jobs" / "configs" / "demo.yaml",
+        [
+            f"output={args.output}",
+            f"prompts={ROOT / 'jobs' / 'data' / 'red_team_tiny.jsonl'}",
+            f"constitution={ROOT / 'constitutions' / 'general.yaml'}",
+            f"sft.mix={ROOT / 'jobs' / 'data' / 'helpful.jsonl'}:0.25",
+            f"eval.harmful={ROOT / 'jobs' / 'data' / 'red_team_eval.jsonl'}",
+            f"eval.benign={ROOT / 'jobs' / 'data' / 'benign.jsonl'}",
+            *args.overrides,
+        ],
+    )
     from cai_ray.evaluate import headline
     from cai_ray.pipeline import run_pipeline, stage_lines
 
@@ -45,8 +52,10 @@ def main() -> None:
     print(f"\n=== cai-ray demo: Constitutional AI end to end in {time.perf_counter() - t0:.0f} s ===")
     print("\n".join(stage_lines(state)))
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    print(f"\nevaluation ({metrics['prompts']['harmful']} held-out red-team and {metrics['prompts']['benign']} benign "
-          f"prompts, judge {metrics['judge']}):")
+    print(
+        f"\nevaluation ({metrics['prompts']['harmful']} held-out red-team and {metrics['prompts']['benign']} benign "
+        f"prompts, judge {metrics['judge']}):"
+    )
     print("\n".join("  " + line for line in headline(metrics)))
     report = out / "eval" / "report.html"
     print(f"\nreport:   {report}")

@@ -30,7 +30,9 @@ from cai_ray.runtime import setup_logging  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--redo", choices=STAGES, help="delete this stage's output and every later one's, run them again")
+    parser.add_argument(
+        "--redo", choices=STAGES, help="delete this stage's output and every later one's, run them again"
+    )
     parser.add_argument("--until", choices=STAGES, help="stop after this stage")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -38,8 +40,15 @@ def main() -> None:
 
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     state = run_pipeline(cfg, redo=args.redo, until=args.until)
-    print(json.dumps({"status": state["status"], "stages": {k: v["status"] for k, v in state["stages"].items()},
-                      "lineage": str(Path(cfg.output).resolve() / "pipeline.json")}))
+    print(
+        json.dumps(
+            {
+                "status": state["status"],
+                "stages": {k: v["status"] for k, v in state["stages"].items()},
+                "lineage": str(Path(cfg.output).resolve() / "pipeline.json"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,18 @@ def main() -> None:
     cfg = load_config(ServeConfig, args.config, args.overrides)
     url = start(cfg)  # join the cluster → Serve proxy on host:port → deploy the app (replaced if running)
     wait_healthy(url, args.health_timeout)
-    print(json.dumps({"app": APP_NAME, "url": url, "openai_base_url": f"{url}/v1", "model": cfg.policy.model,
-                      "replicas": [cfg.scaling.min_replicas, cfg.scaling.max_replicas]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "app": APP_NAME,
+                "url": url,
+                "openai_base_url": f"{url}/v1",
+                "model": cfg.policy.model,
+                "replicas": [cfg.scaling.min_replicas, cfg.scaling.max_replicas],
+            }
+        ),
+        flush=True,
+    )
     if args.block:
         wait_forever()
 

@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_package_pulls_in_no_heavy_modules():
-    code = ("import sys, cai_ray, cai_ray.cli, cai_ray.config, cai_ray.constitution, cai_ray.prompts, "
-            "cai_ray.engine; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])")
+    code = (
+        "import sys, cai_ray, cai_ray.cli, cai_ray.config, cai_ray.constitution, cai_ray.prompts, "
+        "cai_ray.engine; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -39,8 +41,9 @@ def test_constitution_validate_and_show(capsys, tmp_path):
 
 
 def test_generate_help_lists_config_keys():
-    out = subprocess.run([sys.executable, "-m", "cai_ray.cli", "generate", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cai_ray.cli", "generate", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for key in ("--actors MIN,MAX", "sampling.max_new_tokens", "pool.cpus_per_actor", "--address"):
         assert key in out
 
@@ -59,9 +62,28 @@ def test_bad_actors_flag():
 def test_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
     inp = tmp_path / "p.jsonl"
     inp.write_text('{"prompt": "hello"}\n{"prompt": ""}\n')
-    rc = main(["generate", "--input", str(inp), "--output", str(tmp_path / "o"), "--model", "tiny-random",
-               "--revisions", "1", "--max-new-tokens", "4", "--actors", "1,1", "--batch-size", "2", "--seed", "3",
-               "engine.dtype=float32"])
+    rc = main(
+        [
+            "generate",
+            "--input",
+            str(inp),
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            "tiny-random",
+            "--revisions",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--actors",
+            "1,1",
+            "--batch-size",
+            "2",
+            "--seed",
+            "3",
+            "engine.dtype=float32",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "read 2 rows: written 1" in out and "rejected 1" in out
@@ -91,11 +113,23 @@ def test_generate_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, ext
 
 
 def test_label_help_lists_config_keys_and_flags():
-    out = subprocess.run([sys.executable, "-m", "cai_ray.cli", "label", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for key in ("--policy MODEL", "--labeler MODEL", "--samples K", "--principles-per-pair K", "--cot",
-                "--clamp LO,HI", "--min-margin X", "--gold", "label.both_orders", "filter.drop_inconsistent",
-                "labeler_pool.batch_size", "pairs.pairing"):
+    out = subprocess.run(
+        [sys.executable, "-m", "cai_ray.cli", "label", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for key in (
+        "--policy MODEL",
+        "--labeler MODEL",
+        "--samples K",
+        "--principles-per-pair K",
+        "--cot",
+        "--clamp LO,HI",
+        "--min-margin X",
+        "--gold",
+        "label.both_orders",
+        "filter.drop_inconsistent",
+        "labeler_pool.batch_size",
+        "pairs.pairing",
+    ):
         assert key in out
 
 
@@ -122,11 +156,35 @@ def test_label_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, extra,
 def test_label_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
     inp = tmp_path / "p.jsonl"
     inp.write_text('{"prompt": "hello"}\n{"prompt": ""}\n{"prompt": "bye"}\n')
-    rc = main(["label", "--input", str(inp), "--output", str(tmp_path / "o"), "--policy", "tiny-random",
-               "--labeler", "tiny-random", "--samples", "2", "--principles-per-pair", "2", "--cot",
-               "--clamp", "0.3,0.7", "--actors", "1", "--batch-size", "2", "sampling.max_new_tokens=6",
-               "label.cot_max_new_tokens=6", "policy.dtype=float32", "labeler.dtype=float32",
-               "policy_pool.cpus_per_actor=0.5"])
+    rc = main(
+        [
+            "label",
+            "--input",
+            str(inp),
+            "--output",
+            str(tmp_path / "o"),
+            "--policy",
+            "tiny-random",
+            "--labeler",
+            "tiny-random",
+            "--samples",
+            "2",
+            "--principles-per-pair",
+            "2",
+            "--cot",
+            "--clamp",
+            "0.3,0.7",
+            "--actors",
+            "1",
+            "--batch-size",
+            "2",
+            "sampling.max_new_tokens=6",
+            "label.cot_max_new_tokens=6",
+            "policy.dtype=float32",
+            "labeler.dtype=float32",
+            "policy_pool.cpus_per_actor=0.5",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "read 3 rows: written 2" in out and "rejected 1" in out
@@ -146,13 +204,16 @@ def test_train_help_lists_flags_and_config_keys(capsys, trainer, key):
         assert text in out, text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "sft", "--data", "d", "--output", "o", "optim.lerning_rate=1"], "did you mean 'learning_rate'"),
-    (["train", "sft", "--data", "d", "--output", "o", "--mix", "helpful.jsonl"], "FILE:RATIO"),
-    (["train", "rm", "--data", "d", "--output", "o", "eval_fraction=1.5"], "eval_fraction: must be in [0, 1)"),
-    (["train", "dpo", "--data", "d", "--output", "o", "loss_type=nope"], "loss_type: must be one of"),
-    (["train", "rm", "--output", "o"], "data: required"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "sft", "--data", "d", "--output", "o", "optim.lerning_rate=1"], "did you mean 'learning_rate'"),
+        (["train", "sft", "--data", "d", "--output", "o", "--mix", "helpful.jsonl"], "FILE:RATIO"),
+        (["train", "rm", "--data", "d", "--output", "o", "eval_fraction=1.5"], "eval_fraction: must be in [0, 1)"),
+        (["train", "dpo", "--data", "d", "--output", "o", "loss_type=nope"], "loss_type: must be one of"),
+        (["train", "rm", "--output", "o"], "data: required"),
+    ],
+)
 def test_train_config_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -172,9 +233,30 @@ def test_train_rm_cli_end_to_end(ray_local, tmp_path, capsys):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in preference_toy(40, 0.9)))
     out = tmp_path / "rm"
-    assert main(["train", "rm", "--data", str(data), "--output", str(out), "--model", "tiny-random",
-                 "--workers", "1", "--max-steps", "4", "--zero", "2", "eval_fraction=0.2",
-                 "scaling.cpus_per_worker=1", "optim.learning_rate=1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "rm",
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--model",
+                "tiny-random",
+                "--workers",
+                "1",
+                "--max-steps",
+                "4",
+                "--zero",
+                "2",
+                "eval_fraction=0.2",
+                "scaling.cpus_per_worker=1",
+                "optim.learning_rate=1e-3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "trained 4 steps on" in printed and "held out" in printed and "calibration plot" in printed
     m = json.loads((out / "manifest.json").read_text())

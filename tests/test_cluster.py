@@ -71,8 +71,16 @@ def _entry(entrypoint: str) -> tuple[Path, list[str]]:
     return ROOT / argv[1], argv[2:]
 
 
-STAGES = {"sl-data": "sl_data.py", "label": "label.py", "sft": "train.py", "rm": "train.py", "dpo": "train.py",
-          "ppo": "train.py", "eval": "eval.py", "pipeline": "pipeline.py"}
+STAGES = {
+    "sl-data": "sl_data.py",
+    "label": "label.py",
+    "sft": "train.py",
+    "rm": "train.py",
+    "dpo": "train.py",
+    "ppo": "train.py",
+    "eval": "eval.py",
+    "pipeline": "pipeline.py",
+}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -85,9 +93,16 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     assert script.name == STAGES[stage] and script.exists()
     cfg_path = ROOT / args[args.index("--config") + 1]
     assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
-    cls = {"sl-data": config.GenerateConfig, "label": config.LabelConfig, "sft": config.SFTTrainConfig,
-           "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "ppo": config.RLTrainConfig,
-           "eval": config.EvalConfig, "pipeline": config.PipelineConfig}[stage]
+    cls = {
+        "sl-data": config.GenerateConfig,
+        "label": config.LabelConfig,
+        "sft": config.SFTTrainConfig,
+        "rm": config.RMTrainConfig,
+        "dpo": config.DPOTrainConfig,
+        "ppo": config.RLTrainConfig,
+        "eval": config.EvalConfig,
+        "pipeline": config.PipelineConfig,
+    }[stage]
     config.load_config(cls, cfg_path)
     if script.name == "train.py":
         assert args[0] == stage
@@ -151,8 +166,14 @@ def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
     assert gpu["min_workers"] < gpu["max_workers"] <= doc["max_workers"]
 
 
-ENTRYPOINTS = {"sl_data": ["sl_data"], "label": ["label"], "train": ["sft", "rm", "dpo", "ppo"], "serve": ["serve"],
-               "eval": ["eval"], "pipeline": ["pipeline"]}
+ENTRYPOINTS = {
+    "sl_data": ["sl_data"],
+    "label": ["label"],
+    "train": ["sft", "rm", "dpo", "ppo"],
+    "serve": ["serve"],
+    "eval": ["eval"],
+    "pipeline": ["pipeline"],
+}
 TINY = {"pipeline": "demo.yaml"}  # the pipeline's small config is the one `make demo` runs
 
 
@@ -161,8 +182,6 @@ def test_every_job_script_opens_with_its_ray_job_submit_command(script):
     """The docstring's first line is the exact command; its config exists and loads, and its
     paths are ones a submitted job can use (outputs absolute via $PWD)."""
     import ast
-
-    from cai_ray import config
 
     doc = ast.get_docstring(ast.parse((ROOT / "jobs" / f"{script}.py").read_text()))
     first = doc.splitlines()[0]
@@ -174,7 +193,7 @@ def test_every_job_script_opens_with_its_ray_job_submit_command(script):
     for stage in ENTRYPOINTS[script]:  # every stage: a tiny and a gpu variant
         for name in (TINY.get(stage, f"{stage}_tiny.yaml"), f"{stage}_gpu.yaml"):
             assert (ROOT / "jobs" / "configs" / name).is_file(), name
-    overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+    overrides = [a for a in argv[argv.index("--config") + 2 :] if "=" in a]
     for o in overrides:
         key, value = o.split("=", 1)
         if key in ("output", "data"):
@@ -189,8 +208,12 @@ def test_a_submitted_job_refuses_relative_outputs_and_missing_relative_inputs(mo
 
     assert submitted_job() is None
     load_config(GenerateConfig, None, ["input=x.jsonl", "output=out/sl"])  # fine outside a job
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
-        {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}}))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+        json.dumps(
+            {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}}
+        ),
+    )
     monkeypatch.chdir(ROOT)
     assert submitted_job() == {"submission_id": "raysubmit_1", "working_dir": "gcs://_ray_pkg_abc.zip"}
     with pytest.raises(ConfigError, match=r"output='out/sl' is relative.*output=\$PWD/out/sl"):

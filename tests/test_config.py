@@ -10,8 +10,9 @@ BASE = ["input=x.jsonl", "output=out"]
 def test_defaults_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("revisions: 2\nsampling:\n  temperature: 0\npool:\n  max_actors: 3\n")
-    cfg = load_config(GenerateConfig, cfg_file, BASE + ["sampling.max_new_tokens=12", "pool.max_actors=4"],
-                      flags={"revisions": 3})
+    cfg = load_config(
+        GenerateConfig, cfg_file, BASE + ["sampling.max_new_tokens=12", "pool.max_actors=4"], flags={"revisions": 3}
+    )
     assert cfg.revisions == 3  # flag beats file
     assert cfg.pool.max_actors == 4  # override beats file
     assert cfg.sampling.temperature == 0.0 and isinstance(cfg.sampling.temperature, float)
@@ -47,10 +48,14 @@ def test_required_fields():
 
 def test_vllm_needs_gpus_per_actor():
     with pytest.raises(ConfigError, match="gpus_per_actor"):
-        load_config(GenerateConfig, None, BASE + ["engine.backend=vllm", "engine.tensor_parallel_size=2",
-                                                  "pool.gpus_per_actor=1"])
-    cfg = load_config(GenerateConfig, None, BASE + ["engine.backend=vllm", "engine.tensor_parallel_size=2",
-                                                    "pool.gpus_per_actor=2"])
+        load_config(
+            GenerateConfig,
+            None,
+            BASE + ["engine.backend=vllm", "engine.tensor_parallel_size=2", "pool.gpus_per_actor=1"],
+        )
+    cfg = load_config(
+        GenerateConfig, None, BASE + ["engine.backend=vllm", "engine.tensor_parallel_size=2", "pool.gpus_per_actor=2"]
+    )
     assert cfg.engine.engine_kwargs()["tensor_parallel_size"] == 2
 
 
@@ -69,18 +74,32 @@ def test_a_partial_section_keeps_the_sections_own_defaults():
     assert cfg.sampling.temperature == 1.0 and cfg.sampling.max_new_tokens == 8
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_bundled_job_config_validates(path):
     from cai_ray import config
 
-    classes = {"label": config.LabelConfig, "sl": config.GenerateConfig, "sft": config.SFTTrainConfig,
-               "rm": config.RMTrainConfig, "dpo": config.DPOTrainConfig, "serve": config.ServeConfig,
-               "ppo": config.RLTrainConfig, "eval": config.EvalConfig, "pipeline": config.PipelineConfig,
-               "demo": config.PipelineConfig}
+    classes = {
+        "label": config.LabelConfig,
+        "sl": config.GenerateConfig,
+        "sft": config.SFTTrainConfig,
+        "rm": config.RMTrainConfig,
+        "dpo": config.DPOTrainConfig,
+        "serve": config.ServeConfig,
+        "ppo": config.RLTrainConfig,
+        "eval": config.EvalConfig,
+        "pipeline": config.PipelineConfig,
+        "demo": config.PipelineConfig,
+    }
     cfg = config.load_config(classes[path.stem.split("_")[0]], path)
-    assert (getattr(cfg, "input", None) or getattr(cfg, "data", None) or getattr(cfg, "prompts", None)
-            or getattr(cfg, "models", None) or cfg.policy.model)
+    assert (
+        getattr(cfg, "input", None)
+        or getattr(cfg, "data", None)
+        or getattr(cfg, "prompts", None)
+        or getattr(cfg, "models", None)
+        or cfg.policy.model
+    )
 
 
 def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):

@@ -8,8 +8,19 @@ from cai_ray.constitution import ConstitutionError, load_constitution, parse_con
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_CATEGORIES = {
-    "violence", "cyber", "privacy", "discrimination", "self-harm", "fraud", "child-safety",
-    "misinformation", "manipulation", "illegal", "honesty", "helpfulness", "anti-evasiveness",
+    "violence",
+    "cyber",
+    "privacy",
+    "discrimination",
+    "self-harm",
+    "fraud",
+    "child-safety",
+    "misinformation",
+    "manipulation",
+    "illegal",
+    "honesty",
+    "helpfulness",
+    "anti-evasiveness",
 }
 
 
@@ -34,8 +45,10 @@ def _good():
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d: d["principles"][1].pop("revision_request"),
-         "principle 'age-appropriate' (#2): field 'revision_request'"),
+        (
+            lambda d: d["principles"][1].pop("revision_request"),
+            "principle 'age-appropriate' (#2): field 'revision_request'",
+        ),
         (lambda d: d["principles"][0].update(weight=-1), "principle 'teach-dont-tell' (#1): field 'weight'"),
         (lambda d: d["principles"][2].update(weight=True), "field 'weight'"),
         (lambda d: d["principles"][3].update(id="Bad Id"), "field 'id'"),

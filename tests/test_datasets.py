@@ -89,18 +89,21 @@ def test_fast_and_careful_jsonl_paths_agree():
     """The vectorized path must give exactly the rows the line-by-line path gives."""
     from cai_ray.datasets import _fast_jsonl_chunk, _Rows, _slow_jsonl_line
 
-    lines = [json.dumps(x).encode() + b"\n" for x in [
-        {"prompt": "plain"},
-        {"prompt": "with meta", "category": "fraud"},
-        {"prompt": "explicit id", "id": "abc"},
-        {"prompt": ""},
-        {"prompt": "   "},
-        {"prompt": "x" * 150},
-        {"prompt": None},
-        {"text": "no prompt field"},
-        {"prompt": "empty id", "id": ""},
-        {"prompt": "ünïcödé ✓", "category": None},
-    ]]
+    lines = [
+        json.dumps(x).encode() + b"\n"
+        for x in [
+            {"prompt": "plain"},
+            {"prompt": "with meta", "category": "fraud"},
+            {"prompt": "explicit id", "id": "abc"},
+            {"prompt": ""},
+            {"prompt": "   "},
+            {"prompt": "x" * 150},
+            {"prompt": None},
+            {"text": "no prompt field"},
+            {"prompt": "empty id", "id": ""},
+            {"prompt": "ünïcödé ✓", "category": None},
+        ]
+    ]
     fast = _fast_jsonl_chunk(lines, 10, "src.jsonl", max_chars=100)
     assert fast is not None
     rows = _Rows("src.jsonl")

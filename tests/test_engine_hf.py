@@ -152,12 +152,13 @@ def test_tiny_random_is_built_deterministically_by_seed(tiny_model, tmp_path, mo
 def test_choice_logprobs_with_a_shared_prefix_equal_the_plain_forward(tiny_model):
     """The labeler's few-shot header is prefilled once and reused (also across calls);
     the scores must be those of the full, unshared forward."""
-    header = [{"role": "user", "content": "Example question " * 30},
-              {"role": "assistant", "content": "The answer is: (B)"}]
+    header = [
+        {"role": "user", "content": "Example question " * 30},
+        {"role": "assistant", "content": "The answer is: (B)"},
+    ]
     convs = [header + c + [{"role": "assistant", "content": "The answer is: ("}] for c in CONVS]
     shared = load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8)
-    plain = load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8,
-                        prefix_cache=False)
+    plain = load_engine("hf", model="tiny-random", dtype="float32", threads=2, max_batch_size=8, prefix_cache=False)
     want = plain.choice_logprobs(convs, ["A", "B"])
     first = shared.choice_logprobs(convs, ["A", "B"])
     again = shared.choice_logprobs(convs[::-1], ["A", "B"])[::-1]  # from the kept prefix cache
@@ -167,9 +168,13 @@ def test_choice_logprobs_with_a_shared_prefix_equal_the_plain_forward(tiny_model
         assert b == pytest.approx(w, abs=1e-4)
     # groups sharing more than the header (the two orders of one comparison): computed
     # once per group, and still the scores of the full forward
-    grouped = [header + [{"role": "user", "content": f"Group {g}: " + "shared words here " * (4 + g) + tail}]
-               + [{"role": "assistant", "content": "The answer is: ("}]
-               for g in range(3) for tail in ("one", "a longer tail of text", "x")]
+    grouped = [
+        header
+        + [{"role": "user", "content": f"Group {g}: " + "shared words here " * (4 + g) + tail}]
+        + [{"role": "assistant", "content": "The answer is: ("}]
+        for g in range(3)
+        for tail in ("one", "a longer tail of text", "x")
+    ]
     plan = list(shared._plan_batches([shared._encode(c) for c in grouped]))
     assert any(p >= 16 and len(m) > 1 for _, _, groups in plan for p, m in groups)
     want = plain.choice_logprobs(grouped, ["A", "B"])

@@ -136,7 +136,8 @@ def test_principle_ensemble(general_constitution):
     assert x.p_ab_by_principle == pytest.approx([0.8] * 3) and x.p_a == pytest.approx(0.75)
     # the same pair id draws the same principles (seeded), another id may not
     [y] = Labeler(FakeJudge(), general_constitution, LabelSettings(principles_per_pair=3, seed=5)).label(
-        ["pair-1"], [PROMPT], [BAD], [GOOD])
+        ["pair-1"], [PROMPT], [BAD], [GOOD]
+    )
     assert y.principle_ids == x.principle_ids
 
 
@@ -180,14 +181,20 @@ def test_pairs_from_samples():
     assert make_pairs(1, "all") == []
 
 
-@pytest.mark.parametrize("meta, reason", [
-    ({}, None),
-    ({"response_a": "x"}, "row has response_a but no response_b"),
-    ({"response_a": "x", "response_b": 3}, "field 'response_b' must be a string, got int"),
-    ({"response_a": " ", "response_b": "y"}, "empty response_a"),
-    ({"response_a": "same", "response_b": "same "}, "response_a and response_b are identical"),
-    ({"response_a": "x" * 50, "response_b": "y"}, "response_a too long: 50 characters > inputs.max_prompt_chars=40"),
-])
+@pytest.mark.parametrize(
+    "meta, reason",
+    [
+        ({}, None),
+        ({"response_a": "x"}, "row has response_a but no response_b"),
+        ({"response_a": "x", "response_b": 3}, "field 'response_b' must be a string, got int"),
+        ({"response_a": " ", "response_b": "y"}, "empty response_a"),
+        ({"response_a": "same", "response_b": "same "}, "response_a and response_b are identical"),
+        (
+            {"response_a": "x" * 50, "response_b": "y"},
+            "response_a too long: 50 characters > inputs.max_prompt_chars=40",
+        ),
+    ],
+)
 def test_given_pair_validation(meta, reason):
     pair, why = given_pair(meta, max_chars=40)
     assert (why is None and pair is None) if reason is None else why.startswith(reason)
@@ -197,10 +204,14 @@ def test_to_pair_rows_moves_pairs_out_of_meta_and_rejects_prompts_without_a_poli
     from cai_ray.records import PROMPT_SCHEMA
 
     rows = {
-        "id": ["a", "b"], "source": ["f", "f"], "line": [1, 2], "prompt": ["q", "q"],
+        "id": ["a", "b"],
+        "source": ["f", "f"],
+        "line": [1, 2],
+        "prompt": ["q", "q"],
         "prompt_messages": [PROMPT, PROMPT],
         "meta": [json.dumps({"response_a": GOOD, "response_b": BAD, "category": "c"}), None],
-        "reject_reason": [None, None], "raw": [None, None],
+        "reject_reason": [None, None],
+        "raw": [None, None],
     }
     out = to_pair_rows(pa.Table.from_pydict(rows, schema=PROMPT_SCHEMA), 1000, can_sample=False).to_pylist()
     assert out[0]["response_a"] == GOOD and json.loads(out[0]["meta"]) == {"category": "c"}
@@ -213,17 +224,32 @@ def _cfg(tmp_path, input_path, out_name="out", **over):
     from cai_ray.config import LabelConfig, load_config
 
     base = [
-        f"input={input_path}", f"output={tmp_path / out_name}", "labeler.model=tiny-random",
-        "labeler.dtype=float32", "labeler_pool.batch_size=4", "outputs.rows_per_file=4",
-        "policy.dtype=float32", "sampling.max_new_tokens=8", "labeler_pool.cpus_per_actor=1.0",
+        f"input={input_path}",
+        f"output={tmp_path / out_name}",
+        "labeler.model=tiny-random",
+        "labeler.dtype=float32",
+        "labeler_pool.batch_size=4",
+        "outputs.rows_per_file=4",
+        "policy.dtype=float32",
+        "sampling.max_new_tokens=8",
+        "labeler_pool.cpus_per_actor=1.0",
         "policy_pool.cpus_per_actor=0.5",
     ]
     return load_config(LabelConfig, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
 def _pairs_file(tmp_path):
-    lines = [json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"answer {i} one",
-                         "response_b": f"answer {i} two"}) for i in range(6)]
+    lines = [
+        json.dumps(
+            {
+                "id": f"p{i}",
+                "prompt": f"question {i}?",
+                "response_a": f"answer {i} one",
+                "response_b": f"answer {i} two",
+            }
+        )
+        for i in range(6)
+    ]
     lines += [
         json.dumps({"id": "bad1", "prompt": "q", "response_a": "only one"}),
         json.dumps({"id": "bad2", "prompt": "q", "response_a": "same", "response_b": "same"}),
@@ -248,8 +274,7 @@ def test_label_stage_accounts_for_every_row_and_resumes(ray_local, tmp_path):
     m = label(_cfg(tmp_path, src))
     out = tmp_path / "out"
     c = m["counts"]
-    assert c == {"read": 11, "written": 6, "written_this_run": 6, "already_done": 0, "rejected": 5,
-                 "rows_in_output": 6}
+    assert c == {"read": 11, "written": 6, "written_this_run": 6, "already_done": 0, "rejected": 5, "rows_in_output": 6}
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     reasons = {r["line"]: r["reason"] for r in rejects}
     assert reasons[7].startswith("row has response_a but no response_b")
@@ -292,8 +317,18 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(5)))
-    m = label(_cfg(tmp_path, src, **{"policy.model": "tiny-random", "pairs.samples": 3,
-                                     "filter.min_margin": 0.05, "filter.drop_inconsistent": "true"}))
+    m = label(
+        _cfg(
+            tmp_path,
+            src,
+            **{
+                "policy.model": "tiny-random",
+                "pairs.samples": 3,
+                "filter.min_margin": 0.05,
+                "filter.drop_inconsistent": "true",
+            },
+        )
+    )
     out = tmp_path / "out"
     kept, held = _rows(out), _rows(out, "filtered")
     assert m["counts"]["read"] == 5 and m["counts"]["written"] + m["counts"]["rejected"] == 5
@@ -313,9 +348,12 @@ def test_gold_accuracy_calibration_and_reliability_diagram(ray_local, tmp_path):
     from cai_ray.label import label
 
     gold = tmp_path / "gold.jsonl"
-    gold.write_text("".join(
-        json.dumps({"id": f"g{i}", "prompt": f"q{i}", "chosen": f"good answer {i}", "rejected": f"bad {i}"}) + "\n"
-        for i in range(8)))
+    gold.write_text(
+        "".join(
+            json.dumps({"id": f"g{i}", "prompt": f"q{i}", "chosen": f"good answer {i}", "rejected": f"bad {i}"}) + "\n"
+            for i in range(8)
+        )
+    )
     src = _pairs_file(tmp_path)
     m = label(_cfg(tmp_path, src, gold=str(gold)))
     g = m["gold"]
@@ -353,10 +391,13 @@ def test_a_block_half_written_before_a_crash_is_redone_whole(ray_local, tmp_path
     first = label(cfg)
     out = tmp_path / "out"
     ids_before = sorted(r["id"] for r in _rows(out) + _rows(out, "filtered"))
-    split = [name for name in sorted(p.name for p in (out / "filtered").glob("part-*.parquet"))
-             if (out / "data" / name).exists()
-             and set(pq.read_table(out / "data" / name)["prompt_id"].to_pylist())
-             & set(pq.read_table(out / "filtered" / name)["prompt_id"].to_pylist())]
+    split = [
+        name
+        for name in sorted(p.name for p in (out / "filtered").glob("part-*.parquet"))
+        if (out / "data" / name).exists()
+        and set(pq.read_table(out / "data" / name)["prompt_id"].to_pylist())
+        & set(pq.read_table(out / "filtered" / name)["prompt_id"].to_pylist())
+    ]
     assert split, "expected a prompt whose pairs were split between data/ and filtered/"
     (out / "filtered" / split[0]).unlink()  # the crash: data/ written, filtered/ not
     again = label(cfg)

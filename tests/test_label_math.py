@@ -5,7 +5,13 @@ import math
 import pytest
 
 from cai_ray.label_math import (
-    clamp, debias, ensemble, expected_calibration_error, from_swapped, parse_choice, soft_label,
+    clamp,
+    debias,
+    ensemble,
+    expected_calibration_error,
+    from_swapped,
+    parse_choice,
+    soft_label,
 )
 
 

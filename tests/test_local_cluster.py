@@ -23,8 +23,12 @@ UPLOAD = json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]})  # the
 @pytest.fixture
 def local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-    env.update(CAI_RAY_CLUSTER_DIR=str(tmp_path / "cluster"), CAI_RAY_GCS_PORT=str(free_port()),
-               CAI_RAY_DASHBOARD_PORT=str(free_port()), RAY=RAY)
+    env.update(
+        CAI_RAY_CLUSTER_DIR=str(tmp_path / "cluster"),
+        CAI_RAY_GCS_PORT=str(free_port()),
+        CAI_RAY_DASHBOARD_PORT=str(free_port()),
+        RAY=RAY,
+    )
     sh = str(ROOT / "cluster" / "local.sh")
     up = subprocess.run([sh, "up", "--cpus", "2"], env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -58,16 +62,37 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     assert status.returncode == 0 and "CPU" in status.stdout, status.stdout + status.stderr
 
     src = tmp_path / "prompts.jsonl"
-    rows = [{"id": f"p{i}", "prompt": f"How do I pick lock number {i}?"} for i in range(6)] + [{"id": "empty", "prompt": " "}]
+    rows = [{"id": f"p{i}", "prompt": f"How do I pick lock number {i}?"} for i in range(6)] + [
+        {"id": "empty", "prompt": " "}
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "sl"
     job_id = f"cai-ray-sl-{int(time.time())}"
-    argv = [RAY, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT),
-            "--runtime-env-json", UPLOAD,
-            # the tiny config as submitted by users, on tiny-random to keep CI short
-            "--", "python", "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml", f"input={src}",
-            f"output={out}", "engine.model=tiny-random", "engine.dtype=float32", "sampling.max_new_tokens=8",
-            "pool.batch_size=4", "pool.cpus_per_actor=0.5"]
+    argv = [
+        RAY,
+        "job",
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        UPLOAD,
+        # the tiny config as submitted by users, on tiny-random to keep CI short
+        "--",
+        "python",
+        "jobs/sl_data.py",
+        "--config",
+        "jobs/configs/sl_data_tiny.yaml",
+        f"input={src}",
+        f"output={out}",
+        "engine.model=tiny-random",
+        "engine.dtype=float32",
+        "sampling.max_new_tokens=8",
+        "pool.batch_size=4",
+        "pool.cpus_per_actor=0.5",
+    ]
     for _ in range(30):  # right after start the node's job agent may not have registered yet
         sub = subprocess.run(argv, env=client_env, capture_output=True, text=True, timeout=300)
         if sub.returncode == 0 or "No available agent" not in sub.stderr:
@@ -86,7 +111,9 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ray_job"] == job_id
-    assert manifest["counts"]["read"] == 7 and manifest["counts"]["written"] == 6 and manifest["counts"]["rejected"] == 1
+    assert (
+        manifest["counts"]["read"] == 7 and manifest["counts"]["written"] == 6 and manifest["counts"]["rejected"] == 1
+    )
     import pyarrow.parquet as pq
 
     assert sum(pq.read_table(f).num_rows for f in (out / "data").glob("*.parquet")) == 6
@@ -98,17 +125,50 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     assert denied.returncode != 0
 
     # a relative output is refused before any work (it would vanish with the job's working dir copy)
-    rel = subprocess.run([RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
-                          UPLOAD, "--", "python",
-                          "jobs/sl_data.py", "--config", "jobs/configs/sl_data_tiny.yaml"],
-                         env=client_env, capture_output=True, text=True, timeout=300)
+    rel = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            UPLOAD,
+            "--",
+            "python",
+            "jobs/sl_data.py",
+            "--config",
+            "jobs/configs/sl_data_tiny.yaml",
+        ],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rel.returncode != 0 and "output='out/sl' is relative" in rel.stdout + rel.stderr
 
     # Ray Data's autoscaler grows an engine pool from min toward max while prompts queue
     gcs = f"127.0.0.1:{env['CAI_RAY_GCS_PORT']}"
-    bench = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench" / "pool_autoscale.py"), "--address", gcs,
-                            "--min", "1", "--max", "3", "--prompts", "48", "--output", str(tmp_path / "autoscale")],
-                           env=client_env, capture_output=True, text=True, timeout=600)
+    bench = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "bench" / "pool_autoscale.py"),
+            "--address",
+            gcs,
+            "--min",
+            "1",
+            "--max",
+            "3",
+            "--prompts",
+            "48",
+            "--output",
+            str(tmp_path / "autoscale"),
+        ],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-3000:]
     result = json.loads((tmp_path / "autoscale" / "actors.json").read_text())
     assert result["first_alive"] == 1 and result["peak_alive"] == 3, result["samples"]
@@ -121,11 +181,31 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     key_file.chmod(0o600)
     port = free_port()
     serve_job = subprocess.run(
-        [RAY, "job", "submit", "--working-dir", str(ROOT), "--runtime-env-json",
-         UPLOAD, "--", "python", "jobs/serve.py",
-         "--config", "jobs/configs/serve_tiny.yaml", f"api_key_file={key_file}", f"port={port}",
-         "policy.model=tiny-random", "policy.dtype=float32", "scaling.max_replicas=1", "scaling.cpus_per_replica=0.5"],
-        env=client_env, capture_output=True, text=True, timeout=600)
+        [
+            RAY,
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            UPLOAD,
+            "--",
+            "python",
+            "jobs/serve.py",
+            "--config",
+            "jobs/configs/serve_tiny.yaml",
+            f"api_key_file={key_file}",
+            f"port={port}",
+            "policy.model=tiny-random",
+            "policy.dtype=float32",
+            "scaling.max_replicas=1",
+            "scaling.cpus_per_replica=0.5",
+        ],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert serve_job.returncode == 0, serve_job.stdout[-3000:] + serve_job.stderr[-3000:]
     assert f'"url": "http://127.0.0.1:{port}"' in serve_job.stdout
     api = f"http://127.0.0.1:{port}/v1"

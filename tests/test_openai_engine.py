@@ -17,7 +17,13 @@ class Endpoint:
     top_logprobs when asked), no /tokenize and no /v1/cai unless told."""
 
     def __init__(self, top=None, logprobs=True, max_model_len=4096, key=None, tokenize=False, busy=0):
-        self.top, self.logprobs, self.max_model_len, self.key, self.tokenize = top, logprobs, max_model_len, key, tokenize
+        self.top, self.logprobs, self.max_model_len, self.key, self.tokenize = (
+            top,
+            logprobs,
+            max_model_len,
+            key,
+            tokenize,
+        )
         self.busy = busy  # answer this many requests with 503 first (overload)
         self.requests: list[dict] = []
 
@@ -40,29 +46,46 @@ class Endpoint:
             return httpx.Response(404, json={"detail": "Not Found"})
         body = json.loads(request.content)
         self.requests.append(body)
-        choice = {"index": 0, "finish_reason": "length",
-                  "message": {"role": "assistant", "content": f" answer {body.get('seed')} "}}
+        choice = {
+            "index": 0,
+            "finish_reason": "length",
+            "message": {"role": "assistant", "content": f" answer {body.get('seed')} "},
+        }
         if body.get("logprobs") and self.logprobs:
             top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in self.top]
             choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
-        return httpx.Response(200, json={
-            "id": "x", "object": "chat.completion", "created": 0, "model": "big", "choices": [choice],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+        return httpx.Response(
+            200,
+            json={
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "big",
+                "choices": [choice],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            },
+        )
 
 
 def engine(endpoint, **kw):
     from cai_ray.engine.openai_api import OpenAIEngine
 
-    return OpenAIEngine(model=kw.pop("model", "big"), base_url="http://llm.test/v1", max_retries=kw.pop("max_retries", 0),
-                        transport=httpx.MockTransport(endpoint), **kw)
+    return OpenAIEngine(
+        model=kw.pop("model", "big"),
+        base_url="http://llm.test/v1",
+        max_retries=kw.pop("max_retries", 0),
+        transport=httpx.MockTransport(endpoint),
+        **kw,
+    )
 
 
 def test_choice_logprobs_read_the_first_tokens_top_logprobs():
     # "A" once, "B" as " B" and "B" (summed), and a token that is neither
     ep = Endpoint(top=[("A", math.log(0.6)), (" B", math.log(0.2)), ("B", math.log(0.1)), ("C", math.log(0.1))])
     e = engine(ep)
-    [row] = e.choice_logprobs([[{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is: ("}]],
-                              ["A", "B"])
+    [row] = e.choice_logprobs(
+        [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is: ("}]], ["A", "B"]
+    )
     assert math.exp(row[0]) == pytest.approx(0.6 / 0.9) and math.exp(row[1]) == pytest.approx(0.3 / 0.9)
     sent = ep.requests[-1]
     assert sent["max_tokens"] == 1 and sent["logprobs"] is True and sent["top_logprobs"] == 20
@@ -77,7 +100,9 @@ def test_a_choice_missing_from_top_logprobs_is_unscored_and_the_pair_invalid(gen
     e = engine(Endpoint(top=[("A", -0.1), ("The", -3.0)]))
     [row] = e.choice_logprobs([[{"role": "user", "content": "q"}]], ["A", "B"])
     assert isinstance(row, Unscored) and "'B' is not among the endpoint's top 2" in row.reason
-    [lab] = Labeler(e, general_constitution, LabelSettings()).label(["p1"], [[{"role": "user", "content": "q"}]], ["a"], ["b"])
+    [lab] = Labeler(e, general_constitution, LabelSettings()).label(
+        ["p1"], [[{"role": "user", "content": "q"}]], ["a"], ["b"]
+    )
     assert lab.p_a is None and "'B' is not among" in lab.invalid
 
 
@@ -136,7 +161,15 @@ def test_config_validation():
         EngineConfig(backend="openai", model="big").validate("labeler")
     with pytest.raises(ConfigError, match="only backend openai uses it"):
         EngineConfig(backend="hf", base_url="http://x/v1").validate("labeler")
-    cfg = EngineConfig(backend="openai", model="big", base_url="http://127.0.0.1:8000/v1", api_key_env="CAI_RAY_API_KEY")
+    cfg = EngineConfig(
+        backend="openai", model="big", base_url="http://127.0.0.1:8000/v1", api_key_env="CAI_RAY_API_KEY"
+    )
     cfg.validate("labeler")
-    assert cfg.engine_kwargs() == {"model": "big", "base_url": "http://127.0.0.1:8000/v1", "api_key_env": "CAI_RAY_API_KEY",
-                                   "max_model_len": None, "concurrency": 8, "request_timeout_s": 300.0}
+    assert cfg.engine_kwargs() == {
+        "model": "big",
+        "base_url": "http://127.0.0.1:8000/v1",
+        "api_key_env": "CAI_RAY_API_KEY",
+        "max_model_len": None,
+        "concurrency": 8,
+        "request_timeout_s": 300.0,
+    }

@@ -14,14 +14,31 @@ DEMO = ROOT / "jobs" / "configs" / "demo.yaml"
 
 # the demo config made tiny: tiny-random everywhere, a few tokens, one or two steps
 TINY = [
-    "model=tiny-random", "generate.engine.dtype=float32", "generate.sampling.max_new_tokens=8",
-    "generate.pool.cpus_per_actor=0.5", "sft.optim.epochs=1.0", "sft.optim.max_length=256",
-    "label.sampling.max_new_tokens=8", "label.policy.dtype=float32", "label.labeler.dtype=float32",
-    "label.policy_pool.cpus_per_actor=0.25", "label.labeler_pool.cpus_per_actor=0.5", "rm.optim.epochs=1.0",
-    "rm.optim.max_length=256", "ppo.optim.max_length=256", "ppo.rollout.max_new_tokens=4", "ppo.ppo.steps=1",
-    "ppo.ppo.rollout_batch=4", "ppo.monitor.every=1", "ppo.monitor.probe_max_new_tokens=4",
-    "dpo.optim.max_length=256", "eval.limit=2", "eval.engine.dtype=float32", "eval.judge.dtype=float32",
-    "eval.sampling.max_new_tokens=8", "eval.cpus_per_engine=0.5",
+    "model=tiny-random",
+    "generate.engine.dtype=float32",
+    "generate.sampling.max_new_tokens=8",
+    "generate.pool.cpus_per_actor=0.5",
+    "sft.optim.epochs=1.0",
+    "sft.optim.max_length=256",
+    "label.sampling.max_new_tokens=8",
+    "label.policy.dtype=float32",
+    "label.labeler.dtype=float32",
+    "label.policy_pool.cpus_per_actor=0.25",
+    "label.labeler_pool.cpus_per_actor=0.5",
+    "rm.optim.epochs=1.0",
+    "rm.optim.max_length=256",
+    "ppo.optim.max_length=256",
+    "ppo.rollout.max_new_tokens=4",
+    "ppo.ppo.steps=1",
+    "ppo.ppo.rollout_batch=4",
+    "ppo.monitor.every=1",
+    "ppo.monitor.probe_max_new_tokens=4",
+    "dpo.optim.max_length=256",
+    "eval.limit=2",
+    "eval.engine.dtype=float32",
+    "eval.judge.dtype=float32",
+    "eval.sampling.max_new_tokens=8",
+    "eval.cpus_per_engine=0.5",
 ]
 
 
@@ -50,19 +67,26 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     assert stages["generate"].cfg.revisions == 1 and rl.ppo.steps == 1
     # rl=dpo: no preference model, DPO on the labels
     dpo = {s.name: s for s in stage_configs(_load(tmp_path, "rl=dpo"))}
-    assert "rm" not in dpo and dpo["rl"].cfg.data == str(run / "labels") and type(dpo["rl"].cfg).__name__ == "DPOTrainConfig"
+    assert (
+        "rm" not in dpo
+        and dpo["rl"].cfg.data == str(run / "labels")
+        and type(dpo["rl"].cfg).__name__ == "DPOTrainConfig"
+    )
 
 
-@pytest.mark.parametrize("over, match", [
-    (["sft.data=/elsewhere"], r"sft\.data: set by the pipeline"),
-    (["ppo.reward.model=/x"], r"ppo\.reward\.model: set by the pipeline"),
-    (["sft.optim.lerning_rate=1"], r"sft: unknown config key 'optim\.lerning_rate'"),
-    (["rl=grpo"], "rl: must be ppo or dpo"),
-    (["eval.harmful="], "eval: harmful: required"),
-    (["label.pairs.samples=1"], r"label: pairs\.samples: must be >= 2"),
-    (["prompts="], "prompts: required"),
-    (["stages=[x]"], "unknown config key 'stages'"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (["sft.data=/elsewhere"], r"sft\.data: set by the pipeline"),
+        (["ppo.reward.model=/x"], r"ppo\.reward\.model: set by the pipeline"),
+        (["sft.optim.lerning_rate=1"], r"sft: unknown config key 'optim\.lerning_rate'"),
+        (["rl=grpo"], "rl: must be ppo or dpo"),
+        (["eval.harmful="], "eval: harmful: required"),
+        (["label.pairs.samples=1"], r"label: pairs\.samples: must be >= 2"),
+        (["prompts="], "prompts: required"),
+        (["stages=[x]"], "unknown config key 'stages'"),
+    ],
+)
 def test_pipeline_config_errors_name_the_stage_and_key(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
         _load(tmp_path, *over)
@@ -101,8 +125,10 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
     def crashing(target):
         job = real(target)
         if target.endswith("train_rm"):
+
             def boom(cfg):
                 raise RuntimeError("node lost")
+
             boom.target = target
             return boom
         return job
@@ -111,8 +137,12 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
     with pytest.raises(RuntimeError, match="node lost"):
         pipeline.run_pipeline(pc)
     state = json.loads((run / "pipeline.json").read_text())
-    assert {k: v["status"] for k, v in state["stages"].items()} == \
-        {"generate": "finished", "sft": "finished", "label": "finished", "rm": "failed"}
+    assert {k: v["status"] for k, v in state["stages"].items()} == {
+        "generate": "finished",
+        "sft": "finished",
+        "label": "finished",
+        "rm": "failed",
+    }
     assert "node lost" in state["stages"]["rm"]["error"] and state["status"] == "failed"
     monkeypatch.setattr(pipeline, "_job", real)
 
@@ -166,9 +196,23 @@ def test_pipeline_with_smollm2_on_a_few_prompts_and_the_cli(ray_local, tmp_path,
     prompts = tmp_path / "p.jsonl"
     rows = [json.loads(line) for line in (ROOT / "jobs" / "data" / "red_team_tiny.jsonl").read_text().splitlines()][:2]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["pipeline", "--config", str(DEMO), "--output", str(tmp_path / "run"), "--prompts", str(prompts), "--rl", "dpo",
-            "generate.sampling.max_new_tokens=16", "sft.optim.epochs=1.0", "label.sampling.max_new_tokens=16",
-            "eval.limit=2", "eval.sampling.max_new_tokens=16", "dpo.optim.max_steps=1"]
+    args = [
+        "pipeline",
+        "--config",
+        str(DEMO),
+        "--output",
+        str(tmp_path / "run"),
+        "--prompts",
+        str(prompts),
+        "--rl",
+        "dpo",
+        "generate.sampling.max_new_tokens=16",
+        "sft.optim.epochs=1.0",
+        "label.sampling.max_new_tokens=16",
+        "eval.limit=2",
+        "eval.sampling.max_new_tokens=16",
+        "dpo.optim.max_steps=1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "=== cai-ray pipeline: finished ===" in out and "attack success" in out and "report.html" in out

@@ -20,10 +20,20 @@ def _prompts(path: Path, n: int = 8, extra: str = "") -> Path:
 
 
 def _cfg(tmp_path, data, **over):
-    base = {"data": data, "output": tmp_path / "out", "model": "tiny-random", "scaling.workers": 1,
-            "scaling.cpus_per_worker": 1.0, "ppo.steps": 3, "ppo.rollout_batch": 4, "rollout.max_new_tokens": 4,
-            "optim.per_worker_batch_size": 4, "checkpoint.every_steps": 2, "monitor.every": 2,
-            "reward.function": f"{REWARDS}:prefer_ugs"}
+    base = {
+        "data": data,
+        "output": tmp_path / "out",
+        "model": "tiny-random",
+        "scaling.workers": 1,
+        "scaling.cpus_per_worker": 1.0,
+        "ppo.steps": 3,
+        "ppo.rollout_batch": 4,
+        "rollout.max_new_tokens": 4,
+        "optim.per_worker_batch_size": 4,
+        "checkpoint.every_steps": 2,
+        "monitor.every": 2,
+        "reward.function": f"{REWARDS}:prefer_ugs",
+    }
     base.update(over)
     return load_config(RLTrainConfig, None, [f"{k}={v}" for k, v in base.items() if v is not None])
 
@@ -54,9 +64,22 @@ def test_ppo_learns_to_prefer_a_token_with_bounded_kl(ray_local, tmp_path):
     from cai_ray.train.ppo import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
-    m = train_rl(_cfg(tmp_path, data, **{
-        "ppo.steps": 30, "ppo.rollout_batch": 16, "optim.per_worker_batch_size": 8, "optim.learning_rate": 3e-5,
-        "ppo.value_learning_rate": 1e-4, "ppo.kl_coef": 0.05, "checkpoint.every_steps": 30, "monitor.every": 15}))
+    m = train_rl(
+        _cfg(
+            tmp_path,
+            data,
+            **{
+                "ppo.steps": 30,
+                "ppo.rollout_batch": 16,
+                "optim.per_worker_batch_size": 8,
+                "optim.learning_rate": 3e-5,
+                "ppo.value_learning_rate": 1e-4,
+                "ppo.kl_coef": 0.05,
+                "checkpoint.every_steps": 30,
+                "monitor.every": 15,
+            },
+        )
+    )
     h = _history(tmp_path / "out")
     assert len(h) == 30 and m["metrics"]["global_step"] == 30
     first = sum(x["reward"] for x in h[:10]) / 10
@@ -74,8 +97,16 @@ def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tm
     from cai_ray.train.ppo import train_rl
 
     data = _prompts(tmp_path / "p.jsonl", extra='{"broken\n' + json.dumps({"id": "e", "prompt": " "}) + "\n")
-    over = {"scaling.workers": 2, "scaling.cpus_per_worker": 0.5, "zero": 3, "reward.function": None,
-            "reward.model": token_rm, "ppo.adaptive_kl": 0.5, "reward.length_penalty": 0.01, "monitor.every": 5}
+    over = {
+        "scaling.workers": 2,
+        "scaling.cpus_per_worker": 0.5,
+        "zero": 3,
+        "reward.function": None,
+        "reward.model": token_rm,
+        "ppo.adaptive_kl": 0.5,
+        "reward.length_penalty": 0.01,
+        "monitor.every": 5,
+    }
     m = train_rl(_cfg(tmp_path, data, **over))
     out = tmp_path / "out"
     assert m["metrics"]["global_step"] == 3 and m["data"]["rows"] == 8 and m["data"]["rejected"] == 2
@@ -83,8 +114,17 @@ def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tm
     reasons = [json.loads(x)["reason"] for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert any("invalid JSON" in r for r in reasons) and "empty prompt" in reasons
     h = _history(out)
-    for key in ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "response_length",
-                "top_ngram_share", "seconds"):
+    for key in (
+        "reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clipfrac",
+        "value_loss",
+        "response_length",
+        "top_ngram_share",
+        "seconds",
+    ):
         assert all(key in x for x in h), key
     assert {"rollout", "score", "reference", "values", "advantages", "update"} <= set(h[0]["seconds"])
     # the probes run at the first step, every monitor.every steps and at the last
@@ -118,7 +158,9 @@ def test_a_killed_ppo_worker_restarts_from_the_last_checkpoint(ray_local, tmp_pa
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             try:
-                registered = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+                registered = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())[
+                    "checkpoint_results"
+                ]
             except (OSError, ValueError, KeyError):
                 registered = []
             if registered:
@@ -133,8 +175,13 @@ def test_a_killed_ppo_worker_restarts_from_the_last_checkpoint(ray_local, tmp_pa
 
     t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     t.start()
-    m = train_rl(_cfg(tmp_path, _prompts(tmp_path / "p.jsonl"), **{
-        "ppo.steps": 12, "checkpoint.max_failures": 1, "monitor.every": 50}))
+    m = train_rl(
+        _cfg(
+            tmp_path,
+            _prompts(tmp_path / "p.jsonl"),
+            **{"ppo.steps": 12, "checkpoint.max_failures": 1, "monitor.every": 50},
+        )
+    )
     t.join()
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert m["metrics"]["resumed_from"] and m["metrics"]["global_step"] == 12
@@ -147,8 +194,14 @@ def test_critic_free_algorithms_run_through_trl_with_our_reward(ray_local, tmp_p
     from cai_ray.train.ppo import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
-    m = train_rl(_cfg(tmp_path, data, algo=algo, **{"ppo.steps": 2, "ppo.group_size": 2, "ppo.rollout_batch": 2,
-                                                     "optim.per_worker_batch_size": 4}))
+    m = train_rl(
+        _cfg(
+            tmp_path,
+            data,
+            algo=algo,
+            **{"ppo.steps": 2, "ppo.group_size": 2, "ppo.rollout_batch": 2, "optim.per_worker_batch_size": 4},
+        )
+    )
     assert m["metrics"]["global_step"] == 2
     logged = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert any("rewards/reward_function/mean" in h for h in logged), logged  # TRL logged our reward's scores
@@ -161,30 +214,44 @@ def test_d_rlaif_rewards_come_from_the_labeler(ray_local, tmp_path):
     from cai_ray.train.ppo import train_rl
 
     data = _prompts(tmp_path / "p.jsonl", n=4)
-    m = train_rl(_cfg(tmp_path, data, **{"reward.function": None, "reward.labeler.model": "tiny-random",
-                                         "reward.labeler.dtype": "float32", "reward.labeler.threads": 1,
-                                         "ppo.steps": 2, "monitor.every": 5}))
+    m = train_rl(
+        _cfg(
+            tmp_path,
+            data,
+            **{
+                "reward.function": None,
+                "reward.labeler.model": "tiny-random",
+                "reward.labeler.dtype": "float32",
+                "reward.labeler.threads": 1,
+                "ppo.steps": 2,
+                "monitor.every": 5,
+            },
+        )
+    )
     assert m["reward"]["source"] == "labeler" and m["reward"]["constitution_sha256"]
     for x in _history(tmp_path / "out"):
         assert 0.0 <= x["reward"] <= 1.0 and x["labeler_invalid"] == 0
 
 
 # -- errors ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("over,match", [
-    ({"reward.function": None}, "set exactly one reward"),
-    ({"reward.model": "x"}, "set exactly one reward"),
-    ({"reward.function": "no_colon"}, "FILE.py:NAME"),
-    ({"ppo.rollout_batch": 3, "scaling.workers": 2}, "multiple of scaling.workers"),
-    ({"rollout.max_new_tokens": 2048}, "below optim.max_length"),
-    ({"ppo.kl_estimator": "k4"}, "k1, k2 or k3"),
-    ({"algo": "a2c"}, "ppo, grpo, rloo"),
-    ({"ppo.group_size": 1}, ">= 2 answers"),
-    ({"rollout.temperature": 0}, "cannot be greedy"),
-    ({"reward.source": "labeler"}, "labeler.model is not set"),
-    ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
-    ({"ppo.clip_rnage": 0.1}, "clip_range"),
-    ({"algo": "grpo", "reward.function": None, "reward.labeler.model": "tiny-random"}, "reward.reference=field"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"reward.function": None}, "set exactly one reward"),
+        ({"reward.model": "x"}, "set exactly one reward"),
+        ({"reward.function": "no_colon"}, "FILE.py:NAME"),
+        ({"ppo.rollout_batch": 3, "scaling.workers": 2}, "multiple of scaling.workers"),
+        ({"rollout.max_new_tokens": 2048}, "below optim.max_length"),
+        ({"ppo.kl_estimator": "k4"}, "k1, k2 or k3"),
+        ({"algo": "a2c"}, "ppo, grpo, rloo"),
+        ({"ppo.group_size": 1}, ">= 2 answers"),
+        ({"rollout.temperature": 0}, "cannot be greedy"),
+        ({"reward.source": "labeler"}, "labeler.model is not set"),
+        ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
+        ({"ppo.clip_rnage": 0.1}, "clip_range"),
+        ({"algo": "grpo", "reward.function": None, "reward.labeler.model": "tiny-random"}, "reward.reference=field"),
+    ],
+)
 def test_bad_settings_are_clear_errors(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, tmp_path / "p.jsonl", **over)
@@ -196,15 +263,21 @@ def test_reward_functions_load_and_fail_clearly(tmp_path):
     assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
     assert load_function("cai_ray.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
     assert load_function("data/rewards.py:prefer_ugs", base=str(REWARDS.parent.parent))
-    for spec, match in ((f"{tmp_path}/none.py:f", "not found"), (f"{REWARDS}:nope", "no function 'nope'"),
-                        ("cai_ray.nothing:f", "cannot import")):
+    for spec, match in (
+        (f"{tmp_path}/none.py:f", "not found"),
+        (f"{REWARDS}:nope", "no function 'nope'"),
+        ("cai_ray.nothing:f", "cannot import"),
+    ):
         with pytest.raises(RewardError, match=match):
             load_function(spec)
     rw = {"function": f"{REWARDS}:not_a_list", "length_penalty": 0.0, "clip": None}
     with pytest.raises(RewardError, match="must return numbers"):
         RewardScorer(rw, "function").score(["a"], [[]], ["x"], [1])
     rw = {"function": f"{REWARDS}:prefer_ugs", "length_penalty": 0.5, "clip": 1.0}
-    assert RewardScorer(rw, "function").score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [1.0, -0.5]  # 4 - 2 clipped to 1; 0 - 0.5
+    assert RewardScorer(rw, "function").score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [
+        1.0,
+        -0.5,
+    ]  # 4 - 2 clipped to 1; 0 - 0.5
 
 
 def test_preference_model_scores_with_the_chat_template(token_rm):
@@ -221,8 +294,9 @@ def test_preference_model_scores_with_the_chat_template(token_rm):
     tok = AutoTokenizer.from_pretrained(token_rm)
     model = AutoModelForSequenceClassification.from_pretrained(token_rm).eval()
     for p, r, g in zip(prompts, ["hello", "ok"], got):
-        ids = tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True,
-                                      return_tensors="pt")
+        ids = tok.apply_chat_template(
+            p + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True, return_tensors="pt"
+        )
         with torch.no_grad():
             assert model(**ids).logits[0, 0].item() == pytest.approx(g, abs=1e-4)
 
@@ -230,11 +304,32 @@ def test_preference_model_scores_with_the_chat_template(token_rm):
 def test_cli_help_and_flags():
     from cai_ray.cli import build_parser
 
-    text = build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0] \
-        .choices["ppo"].format_help()
-    for flag in ("--policy", "--reward-model", "--prompts", "--output", "--workers", "--zero", "--kl-coef",
-                 "--adaptive-kl", "--rollout-batch", "--ppo-epochs", "--steps", "--max-new-tokens", "--config",
-                 "--algo", "reward.function", "rollout.engine"):
+    text = (
+        build_parser()
+        ._subparsers._group_actions[0]
+        .choices["train"]
+        ._subparsers._group_actions[0]
+        .choices["ppo"]
+        .format_help()
+    )
+    for flag in (
+        "--policy",
+        "--reward-model",
+        "--prompts",
+        "--output",
+        "--workers",
+        "--zero",
+        "--kl-coef",
+        "--adaptive-kl",
+        "--rollout-batch",
+        "--ppo-epochs",
+        "--steps",
+        "--max-new-tokens",
+        "--config",
+        "--algo",
+        "reward.function",
+        "rollout.engine",
+    ):
         assert flag in text, flag
 
 
@@ -244,8 +339,10 @@ def test_prompt_rows_and_monitors(tmp_path):
     from cai_ray.train.ppo import prompt_row
 
     assert prompt_row({"prompt": "hi"})[0]["prompt"] == [{"role": "user", "content": "hi"}]
-    assert prompt_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})[1] \
+    assert (
+        prompt_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})[1]
         == "messages must end with a user turn (the policy answers it)"
+    )
     assert prompt_row({"prompt": "x", "reference": ""})[1] == "'reference' must be a non-empty string"
     assert prompt_row({"text": "x"})[1] == "needs 'prompt' (string) or 'messages'"
     # 3-grams: "a b c" x2 and "b c d" once → the top one holds 2 of 3
@@ -271,15 +368,26 @@ def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tm
     from cai_ray.train.ppo import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
-    over = {"model": "tiny-random-wide", "scaling.workers": 2, "scaling.cpus_per_worker": 0.5, "zero": 3,
-            "rollout.engine": "vllm", "rollout.check_sync": "true", "ppo.steps": 2, "optim.learning_rate": 0.05,
-            "rollout.max_new_tokens": 6, "optim.per_worker_batch_size": 2,
-            "reward.function": f"{REWARDS}:by_length"}
+    over = {
+        "model": "tiny-random-wide",
+        "scaling.workers": 2,
+        "scaling.cpus_per_worker": 0.5,
+        "zero": 3,
+        "rollout.engine": "vllm",
+        "rollout.check_sync": "true",
+        "ppo.steps": 2,
+        "optim.learning_rate": 0.05,
+        "rollout.max_new_tokens": 6,
+        "optim.per_worker_batch_size": 2,
+        "reward.function": f"{REWARDS}:by_length",
+    }
     m = train_rl(_cfg(tmp_path, data, **over))
     h = _history(tmp_path / "out")
     assert m["metrics"]["global_step"] == 2 and len(h) == 2
     for step in h:
-        assert step["sync_greedy_match"] == 1.0, {k: v for k, v in step.items() if k != "samples"}  # vLLM answers as the updated policy does
+        assert step["sync_greedy_match"] == 1.0, {
+            k: v for k, v in step.items() if k != "samples"
+        }  # vLLM answers as the updated policy does
         assert step["sync_greedy_changed"] > 0, step  # ... and no longer as the old one did
         assert step["seconds"]["sync"] > 0
     m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 3}))

@@ -15,7 +15,7 @@ def test_critique_and_revision_messages(general_constitution):
     convo = [{"role": "user", "content": "Where does Ann live?"}]
     crit = prompts.critique_messages(shots, convo, "At 5 Elm St.", p)
     assert crit[: len(shots)] == shots
-    assert crit[len(shots):] == [
+    assert crit[len(shots) :] == [
         {"role": "user", "content": "Where does Ann live?"},
         {"role": "assistant", "content": "At 5 Elm St."},
         {"role": "user", "content": p.critique_request},

@@ -41,14 +41,17 @@ def test_gae_stops_at_the_eos_and_ignores_padding():
     assert close(adv[0], [0.46575, 0.385, 0.3])  # rows are independent
 
 
-@pytest.mark.parametrize("adv, ratio, expected_loss, clipped", [
-    (1.0, 1.0, -1.0, 0.0),    # on-policy: the plain surrogate
-    (1.0, 1.2, -1.2, 0.0),    # exactly at the upper bound: both terms equal, not counted as clipped
-    (1.0, 1.5, -1.2, 1.0),    # beyond it with a positive advantage: capped at 1+ε
-    (1.0, 0.5, -0.5, 0.0),    # below 1-ε with a positive advantage: the pessimistic (unclipped) term
-    (-1.0, 0.5, 0.8, 1.0),    # below 1-ε with a negative advantage: capped at 1-ε
-    (-1.0, 1.5, 1.5, 0.0),    # above 1+ε with a negative advantage: unclipped, no cap on the penalty
-])
+@pytest.mark.parametrize(
+    "adv, ratio, expected_loss, clipped",
+    [
+        (1.0, 1.0, -1.0, 0.0),  # on-policy: the plain surrogate
+        (1.0, 1.2, -1.2, 0.0),  # exactly at the upper bound: both terms equal, not counted as clipped
+        (1.0, 1.5, -1.2, 1.0),  # beyond it with a positive advantage: capped at 1+ε
+        (1.0, 0.5, -0.5, 0.0),  # below 1-ε with a positive advantage: the pessimistic (unclipped) term
+        (-1.0, 0.5, 0.8, 1.0),  # below 1-ε with a negative advantage: capped at 1-ε
+        (-1.0, 1.5, 1.5, 0.0),  # above 1+ε with a negative advantage: unclipped, no cap on the penalty
+    ],
+)
 def test_clipped_policy_objective_at_and_beyond_the_bounds(adv, ratio, expected_loss, clipped):
     old = T([[0.0]])
     logp = torch.log(T([[ratio]])).requires_grad_()
@@ -99,8 +102,9 @@ def test_kl_estimators_are_unbiased_on_samples():
 
 
 def test_token_rewards_put_the_score_on_the_last_real_token():
-    rewards = m.token_rewards(T([2.0, -1.0]), T([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]]), 0.5,
-                              T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    rewards = m.token_rewards(
+        T([2.0, -1.0]), T([[0.1, 0.2, 0.3], [0.4, 0.0, 0.0]]), 0.5, T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    )
     assert close(rewards, [[-0.05, -0.1 + 2.0, 0.0], [-0.2 - 1.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="no tokens"):
         m.token_rewards(T([1.0]), T([[0.0, 0.0]]), 0.1, T([[0.0, 0.0]]))

@@ -12,13 +12,14 @@ KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-ENGINES = {"hf": ["policy.model=tiny-random"],
-           # vLLM's CPU attention needs head_dim 64: the wide tiny model
-           "vllm": ["policy.backend=vllm", "policy.model=tiny-random-wide"]}
+ENGINES = {
+    "hf": ["policy.model=tiny-random"],
+    # vLLM's CPU attention needs head_dim 64: the wide tiny model
+    "vllm": ["policy.backend=vllm", "policy.model=tiny-random-wide"],
+}
 
 
-@pytest.fixture(scope="module", params=[
-    "hf", pytest.param("vllm", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.slow)])
 def engine(request):
     return request.param
 
@@ -32,10 +33,22 @@ def model(engine):
 def settings(engine):
     from cai_ray.config import ServeConfig, load_config, to_dict
 
-    return to_dict(load_config(ServeConfig, None, [
-        *ENGINES[engine], "policy.dtype=float32", "policy.threads=1", "limits.max_tokens=32",
-        "limits.default_max_tokens=8", "limits.max_messages=4", "limits.max_message_chars=2000",
-        "limits.max_body_bytes=20000"]))
+    return to_dict(
+        load_config(
+            ServeConfig,
+            None,
+            [
+                *ENGINES[engine],
+                "policy.dtype=float32",
+                "policy.threads=1",
+                "limits.max_tokens=32",
+                "limits.default_max_tokens=8",
+                "limits.max_messages=4",
+                "limits.max_message_chars=2000",
+                "limits.max_body_bytes=20000",
+            ],
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +66,33 @@ def client(settings):
 def test_every_model_route_needs_the_key(client):
     c, _ = client
     assert c.get("/healthz").status_code == 200
-    for method, path, body in (("get", "/v1/models", None), ("post", "/v1/chat/completions", {}),
-                               ("post", "/v1/label", {}), ("post", "/v1/critique", {})):
+    for method, path, body in (
+        ("get", "/v1/models", None),
+        ("post", "/v1/chat/completions", {}),
+        ("post", "/v1/label", {}),
+        ("post", "/v1/critique", {}),
+    ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = getattr(c, method)(path, headers=headers, **({"json": body} if body is not None else {}))
             assert r.status_code == 401, (path, headers)
             assert r.headers["www-authenticate"] == "Bearer" and KEY not in r.text
 
 
-@pytest.mark.parametrize("body,message", [
-    ({"messages": []}, "at least 1 item"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, "over this server's limit of 32"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n:"),
-    ({"messages": [{"role": "user", "content": "x"}] * 5}, "at most 4"),
-    ({"messages": [{"role": "user", "content": "x" * 3000}]}, "characters"),
-    ({"messages": [{"role": "user", "content": "   "}]}, "non-empty user message"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "last message"),
-    ({"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 32}, "characters"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"messages": []}, "at least 1 item"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, "over this server's limit of 32"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n:"),
+        ({"messages": [{"role": "user", "content": "x"}] * 5}, "at most 4"),
+        ({"messages": [{"role": "user", "content": "x" * 3000}]}, "characters"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "non-empty user message"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "last message"),
+        ({"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 32}, "characters"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+    ],
+)
 def test_bad_chat_input_is_a_clear_4xx(client, body, message):
     c, _ = client
     r = c.post("/v1/chat/completions", headers=AUTH, json=body)
@@ -81,10 +101,15 @@ def test_bad_chat_input_is_a_clear_4xx(client, body, message):
 
 def test_bad_label_and_critique_input_and_oversized_bodies(client):
     c, _ = client
-    r = c.post("/v1/label", headers=AUTH, json={"prompt": "q", "response_a": "a", "response_b": "b", "principle_ids": ["nope"]})
+    r = c.post(
+        "/v1/label", headers=AUTH, json={"prompt": "q", "response_a": "a", "response_b": "b", "principle_ids": ["nope"]}
+    )
     assert r.status_code == 400 and "unknown principle ids ['nope']" in r.json()["error"]["message"]
-    r = c.post("/v1/label", headers=AUTH, json={"prompt": "q", "messages": [{"role": "user", "content": "q"}],
-                                                 "response_a": "a", "response_b": "b"})
+    r = c.post(
+        "/v1/label",
+        headers=AUTH,
+        json={"prompt": "q", "messages": [{"role": "user", "content": "q"}], "response_a": "a", "response_b": "b"},
+    )
     assert r.status_code == 400 and "exactly one of" in r.text
     r = c.post("/v1/critique", headers=AUTH, json={"prompt": "q", "response": " ", "principle_id": "honesty"})
     assert r.status_code == 400 and "'response' is empty" in r.text
@@ -101,8 +126,12 @@ def test_label_route_equals_the_batch_labeler(client):
 
     c, service = client
     msgs = [{"role": "user", "content": "How do I pick a lock?"}]
-    body = {"messages": msgs, "response_a": "I can't help with that.", "response_b": "Use a tension wrench.",
-            "principle_ids": ["illegal-activity", "overall-harm"]}
+    body = {
+        "messages": msgs,
+        "response_a": "I can't help with that.",
+        "response_b": "Use a tension wrench.",
+        "principle_ids": ["illegal-activity", "overall-harm"],
+    }
     r = c.post("/v1/label", headers=AUTH, json=body)
     assert r.status_code == 200, r.text
     got = r.json()
@@ -116,14 +145,28 @@ def test_label_route_equals_the_batch_labeler(client):
 
 def test_guardrail_and_critique_return_their_trace(client):
     c, _ = client
-    r = c.post("/v1/chat/completions", headers=AUTH, json={
-        "messages": [{"role": "user", "content": "How do I make a weapon?"}], "cai_guardrail": True, "max_tokens": 8})
+    r = c.post(
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={
+            "messages": [{"role": "user", "content": "How do I make a weapon?"}],
+            "cai_guardrail": True,
+            "max_tokens": 8,
+        },
+    )
     g = r.json()["cai_guardrail"]
     assert r.status_code == 200 and g["draft"] and len(g["steps"]) == 1
     step = g["steps"][0]
-    assert step["critique"] and step["revision"] and g["revised"] == (r.json()["choices"][0]["message"]["content"] != g["draft"])
-    r = c.post("/v1/critique", headers=AUTH, json={"prompt": "q", "response": "an answer", "principle_id": "honesty",
-                                                    "max_tokens": 8})
+    assert (
+        step["critique"]
+        and step["revision"]
+        and g["revised"] == (r.json()["choices"][0]["message"]["content"] != g["draft"])
+    )
+    r = c.post(
+        "/v1/critique",
+        headers=AUTH,
+        json={"prompt": "q", "response": "an answer", "principle_id": "honesty", "max_tokens": 8},
+    )
     assert r.status_code == 200 and r.json()["principle"] == "honesty" and r.json()["critique"]
 
 
@@ -139,16 +182,33 @@ def test_engine_routes_tokenize_info_and_continued_messages(client, model):
     assert info["label_method"]["constitution_sha256"] == service.constitution.sha256
     assert c.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] == service.policy.context_length
     prefill = msgs + [{"role": "assistant", "content": "The answer is: ("}]
-    r = c.post("/v1/chat/completions", headers=AUTH, json={
-        "messages": prefill, "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 4,
-        "temperature": 0})
+    r = c.post(
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={
+            "messages": prefill,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
     want = service.policy.generate([prefill], Sampling(temperature=0, max_new_tokens=4))[0]
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
-    for body, message in (({"messages": msgs, "logprobs": True}, "label scoring is POST /v1/label"),
-                          ({"messages": prefill, "continue_final_message": True}, "add_generation_prompt: false"),
-                          ({"messages": msgs, "min_tokens": 9, "max_tokens": 4}, "min_tokens 9 is over max_tokens 4"),
-                          ({"messages": prefill, "continue_final_message": True, "add_generation_prompt": False,
-                            "cai_guardrail": True}, "not continued messages")):
+    for body, message in (
+        ({"messages": msgs, "logprobs": True}, "label scoring is POST /v1/label"),
+        ({"messages": prefill, "continue_final_message": True}, "add_generation_prompt: false"),
+        ({"messages": msgs, "min_tokens": 9, "max_tokens": 4}, "min_tokens 9 is over max_tokens 4"),
+        (
+            {
+                "messages": prefill,
+                "continue_final_message": True,
+                "add_generation_prompt": False,
+                "cai_guardrail": True,
+            },
+            "not continued messages",
+        ),
+    ):
         r = c.post("/v1/chat/completions", headers=AUTH, json=body)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
@@ -176,11 +236,23 @@ def server(ray_local, engine, monkeypatch_module):
 
     port = free_port()
     monkeypatch_module.setenv("CAI_RAY_API_KEY", KEY)
-    cfg = load_config(ServeConfig, None, [
-        *ENGINES[engine], "policy.dtype=float32", "policy.threads=1", f"port={port}",
-        "scaling.cpus_per_replica=0.5", "limits.max_tokens=32", "limits.default_max_tokens=8",
-        # small on purpose: 2 at work + 2 waiting per caller, the rest must get 503 at once
-        "scaling.max_ongoing_requests=2", "scaling.max_queued_requests=2", "scaling.max_batch_size=2"])
+    cfg = load_config(
+        ServeConfig,
+        None,
+        [
+            *ENGINES[engine],
+            "policy.dtype=float32",
+            "policy.threads=1",
+            f"port={port}",
+            "scaling.cpus_per_replica=0.5",
+            "limits.max_tokens=32",
+            "limits.default_max_tokens=8",
+            # small on purpose: 2 at work + 2 waiting per caller, the rest must get 503 at once
+            "scaling.max_ongoing_requests=2",
+            "scaling.max_queued_requests=2",
+            "scaling.max_batch_size=2",
+        ],
+    )
     url = start(cfg)
     yield url
     serve.shutdown()
@@ -198,12 +270,14 @@ def test_openai_client_against_the_ray_serve_app(server, model):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == [model]
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+    )
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
-                                            max_tokens=8, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0, stream=True
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == r.choices[0].message.content  # greedy: streamed = non-streamed
     with pytest.raises(openai.AuthenticationError):
@@ -215,9 +289,12 @@ def test_openai_client_against_the_ray_serve_app(server, model):
 def _ask(server, i, max_tokens=8):
     import httpx
 
-    return httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
-                      json={"messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": max_tokens,
-                            "temperature": 0})
+    return httpx.post(
+        f"{server}/v1/chat/completions",
+        headers=AUTH,
+        timeout=120,
+        json={"messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": max_tokens, "temperature": 0},
+    )
 
 
 def test_curl_and_overload_gets_503_not_500(server, model):
@@ -228,8 +305,12 @@ def test_curl_and_overload_gets_503_not_500(server, model):
 
     import httpx
 
-    out = subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {KEY}", f"{server}/v1/models"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["curl", "-s", "-H", f"Authorization: Bearer {KEY}", f"{server}/v1/models"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out)["data"][0]["id"] == model
     with ThreadPoolExecutor(24) as pool:
         codes = [r.status_code for r in pool.map(lambda i: _ask(server, i, 32), range(24))]
@@ -303,12 +384,27 @@ def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path, model):
     from cai_ray.label import label
 
     src = tmp_path / "pairs.jsonl"
-    src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"yes {i}",
-                                       "response_b": f"no {i}"}) + "\n" for i in range(5)))
-    cfg = load_config(LabelConfig, None, [
-        f"input={src}", f"output={tmp_path / 'out'}", "labeler.backend=openai", f"labeler.model={model}",
-        f"labeler.base_url={server}/v1", "labeler.api_key_env=CAI_RAY_API_KEY", "labeler_pool.cpus_per_actor=0.25",
-        "labeler_pool.batch_size=2"])
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"yes {i}", "response_b": f"no {i}"})
+            + "\n"
+            for i in range(5)
+        )
+    )
+    cfg = load_config(
+        LabelConfig,
+        None,
+        [
+            f"input={src}",
+            f"output={tmp_path / 'out'}",
+            "labeler.backend=openai",
+            f"labeler.model={model}",
+            f"labeler.base_url={server}/v1",
+            "labeler.api_key_env=CAI_RAY_API_KEY",
+            "labeler_pool.cpus_per_actor=0.25",
+            "labeler_pool.batch_size=2",
+        ],
+    )
     m = label(cfg)
     assert m["counts"]["written"] == 5 and m["counts"]["rejected"] == 0 and m["labels"]["labels"] == 5
     assert m["models"]["labeler"] == {"name": model, "backend": "openai", "base_url": f"{server}/v1"}

@@ -16,8 +16,13 @@ from cai_ray.constitution import load_constitution
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "engine.model=tiny-random", "engine.dtype=float32", "engine.threads=1",
-    "sampling.max_new_tokens=8", "revisions=2", "pool.batch_size=4", "outputs.rows_per_file=4",
+    "engine.model=tiny-random",
+    "engine.dtype=float32",
+    "engine.threads=1",
+    "sampling.max_new_tokens=8",
+    "revisions=2",
+    "pool.batch_size=4",
+    "outputs.rows_per_file=4",
 ]
 
 
@@ -29,8 +34,9 @@ def run(inp, out, *extra):
 
 
 def write_prompts(path: Path, n: int, extra_lines=()):
-    lines = [json.dumps({"prompt": f"Question number {i}: how do I stay safe online?", "category": "c"})
-             for i in range(n)]
+    lines = [
+        json.dumps({"prompt": f"Question number {i}: how do I stay safe online?", "category": "c"}) for i in range(n)
+    ]
     path.write_text("\n".join([*lines, *extra_lines]) + "\n")
     return path
 
@@ -41,15 +47,27 @@ def data_rows(out):
 
 def test_rows_are_accounted_for_and_rejects_explained(ray_local, tiny_model, tmp_path):
     long_prompt = " ".join(["word"] * 3000)  # > 1024-token context of tiny-random, < max chars
-    inp = write_prompts(tmp_path / "in.jsonl", 6, [
-        "{broken json",
-        json.dumps({"prompt": ""}),
-        json.dumps({"prompt": 17}),
-        json.dumps({"prompt": long_prompt}),
-        json.dumps({"prompt": "Question number 0: how do I stay safe online?"}),  # duplicate of line 1
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                                 {"role": "user", "content": "multi-turn question"}], "id": "mt-1"}),
-    ])
+    inp = write_prompts(
+        tmp_path / "in.jsonl",
+        6,
+        [
+            "{broken json",
+            json.dumps({"prompt": ""}),
+            json.dumps({"prompt": 17}),
+            json.dumps({"prompt": long_prompt}),
+            json.dumps({"prompt": "Question number 0: how do I stay safe online?"}),  # duplicate of line 1
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo"},
+                        {"role": "user", "content": "multi-turn question"},
+                    ],
+                    "id": "mt-1",
+                }
+            ),
+        ],
+    )
     out = tmp_path / "out"
     m = run(inp, out)
     c = m["counts"]
@@ -81,8 +99,11 @@ def test_rows_are_accounted_for_and_rejects_explained(ray_local, tiny_model, tmp
         assert r["chosen"] == r["messages"]
         assert r["rejected"] == r["messages"][:-1] + [{"role": "assistant", "content": r["init_response"]}]
     mt = next(r for r in rows if r["id"] == "mt-1")
-    assert mt["messages"][:3] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                                  {"role": "user", "content": "multi-turn question"}]
+    assert mt["messages"][:3] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "multi-turn question"},
+    ]
     assert len(mt["messages"]) == 4 and mt["prompt"] == "multi-turn question"
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -159,8 +180,9 @@ def test_killed_engine_actor_still_writes_every_id_once(ray_local, tiny_model, t
 
     def job():
         try:
-            result["manifest"] = run(inp, out, "pool.batch_size=2", "outputs.rows_per_file=2",
-                                     "sampling.max_new_tokens=24")
+            result["manifest"] = run(
+                inp, out, "pool.batch_size=2", "outputs.rows_per_file=2", "sampling.max_new_tokens=24"
+            )
         except BaseException as e:  # pragma: no cover - reported below
             result["error"] = e
 

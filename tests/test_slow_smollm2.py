@@ -18,10 +18,19 @@ def test_smollm2_sl_cai_on_a_few_prompts(ray_local, tmp_path):
     src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
     inp = tmp_path / "p.jsonl"
     inp.write_text("\n".join(src) + "\n")
-    cfg = load_config(GenerateConfig, None, [
-        f"input={inp}", f"output={tmp_path / 'o'}", "engine.model=smollm2", "revisions=1",
-        "sampling.max_new_tokens=48", "sampling.temperature=0", "pool.batch_size=3",
-    ])
+    cfg = load_config(
+        GenerateConfig,
+        None,
+        [
+            f"input={inp}",
+            f"output={tmp_path / 'o'}",
+            "engine.model=smollm2",
+            "revisions=1",
+            "sampling.max_new_tokens=48",
+            "sampling.temperature=0",
+            "pool.batch_size=3",
+        ],
+    )
     m = generate(cfg)
     assert m["counts"] == {**m["counts"], "read": 3, "written": 3, "rejected": 0}
     rows = pq.read_table(tmp_path / "o" / "data").to_pylist()
@@ -43,11 +52,21 @@ def test_smollm2_labels_sampled_pairs_and_the_gold_set(ray_local, tmp_path):
     src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
     inp = tmp_path / "p.jsonl"
     inp.write_text("\n".join(src) + "\n")
-    cfg = load_config(LabelConfig, None, [
-        f"input={inp}", f"output={tmp_path / 'o'}", "policy.model=smollm2", "labeler.model=smollm2",
-        "pairs.samples=2", "sampling.max_new_tokens=32", "labeler_pool.batch_size=8",
-        "policy_pool.cpus_per_actor=0.5", f"gold={ROOT / 'jobs' / 'data' / 'gold_pairs.jsonl'}",
-    ])
+    cfg = load_config(
+        LabelConfig,
+        None,
+        [
+            f"input={inp}",
+            f"output={tmp_path / 'o'}",
+            "policy.model=smollm2",
+            "labeler.model=smollm2",
+            "pairs.samples=2",
+            "sampling.max_new_tokens=32",
+            "labeler_pool.batch_size=8",
+            "policy_pool.cpus_per_actor=0.5",
+            f"gold={ROOT / 'jobs' / 'data' / 'gold_pairs.jsonl'}",
+        ],
+    )
     m = label(cfg)
     assert m["counts"]["read"] == 3 and m["counts"]["written"] + m["counts"]["rejected"] == 3
     rows = pq.read_table(tmp_path / "o" / "data").to_pylist()
@@ -72,16 +91,31 @@ def test_smollm2_sft_on_two_workers(ray_local, tmp_path):
 
     data = tmp_path / "helpful.jsonl"
     data.write_text("\n".join((ROOT / "jobs" / "data" / "helpful.jsonl").read_text().splitlines()[:8]) + "\n")
-    m = train_sft(load_config(SFTTrainConfig, None, [
-        f"data={data}", f"output={tmp_path / 'sft'}", "model=smollm2", "zero=2", "scaling.workers=2",
-        "scaling.cpus_per_worker=1", "optim.max_steps=6", "optim.per_worker_batch_size=2",
-        "optim.learning_rate=1e-4", "optim.max_length=256", "checkpoint.every_steps=6",
-    ]))
+    m = train_sft(
+        load_config(
+            SFTTrainConfig,
+            None,
+            [
+                f"data={data}",
+                f"output={tmp_path / 'sft'}",
+                "model=smollm2",
+                "zero=2",
+                "scaling.workers=2",
+                "scaling.cpus_per_worker=1",
+                "optim.max_steps=6",
+                "optim.per_worker_batch_size=2",
+                "optim.learning_rate=1e-4",
+                "optim.max_length=256",
+                "checkpoint.every_steps=6",
+            ],
+        )
+    )
     curve = [p["loss"] for p in json.loads((tmp_path / "sft" / "metrics.json").read_text())["loss_curve"]]
     # 8 rows, 4 a step: each epoch is 2 steps; by the third pass the same rows cost less
     assert len(curve) == 6 and sum(curve[-2:]) < 0.9 * sum(curve[:2])
     assert m["base_model"]["name"] == "smollm2" and m["data"]["rows"] == 8
     engine = load_engine("hf", model=str(tmp_path / "sft" / "model"), dtype="float32", threads=2)
-    [text] = engine.generate([[{"role": "user", "content": "What is the capital of Australia?"}]],
-                             Sampling(temperature=0, max_new_tokens=16))
+    [text] = engine.generate(
+        [[{"role": "user", "content": "What is the capital of Australia?"}]], Sampling(temperature=0, max_new_tokens=16)
+    )
     assert any(c.isalpha() for c in text)

@@ -11,9 +11,15 @@ import pytest
 
 from cai_ray.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig, load_config
 
-MEMORISE = [{"messages": [{"role": "user", "content": f"What does code {i} mean?"},
-                          {"role": "assistant", "content": f"Code {i} means colour {'red green blue'.split()[i % 3]}."}]}
-            for i in range(8)]
+MEMORISE = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What does code {i} mean?"},
+            {"role": "assistant", "content": f"Code {i} means colour {'red green blue'.split()[i % 3]}."},
+        ]
+    }
+    for i in range(8)
+]
 KIND = "glad happy kind gentle warm careful calm patient".split()
 RUDE = "no stupid awful useless angry dumb lazy rotten".split()
 
@@ -25,8 +31,12 @@ def preference_toy(n: int, p_chosen: float | None = None, seed: int = 0) -> list
     rows = []
     for i in range(n):
         k = rng.randint(3, 6)
-        row = {"id": f"toy-{i}", "prompt": f"Question {i}: can you help me with task {rng.randint(0, 99)}?",
-               "chosen": " ".join(rng.choices(KIND, k=k)) + ".", "rejected": " ".join(rng.choices(RUDE, k=k)) + "."}
+        row = {
+            "id": f"toy-{i}",
+            "prompt": f"Question {i}: can you help me with task {rng.randint(0, 99)}?",
+            "chosen": " ".join(rng.choices(KIND, k=k)) + ".",
+            "rejected": " ".join(rng.choices(RUDE, k=k)) + ".",
+        }
         if p_chosen is not None:
             row["p_chosen"] = p_chosen
         rows.append(row)
@@ -39,9 +49,17 @@ def _write(path, rows, extra_lines=""):
 
 
 def _cfg(cls, tmp_path, data, **over):
-    base = [f"data={data}", f"output={tmp_path / 'out'}", "model=tiny-random", "scaling.workers=2",
-            "scaling.cpus_per_worker=0.5", "optim.max_steps=12", "optim.learning_rate=3e-3",
-            "optim.per_worker_batch_size=4", "checkpoint.every_steps=6"]
+    base = [
+        f"data={data}",
+        f"output={tmp_path / 'out'}",
+        "model=tiny-random",
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "optim.max_steps=12",
+        "optim.learning_rate=3e-3",
+        "optim.per_worker_batch_size=4",
+        "checkpoint.every_steps=6",
+    ]
     return load_config(cls, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -86,11 +104,20 @@ def test_sft_with_lora_and_helpfulness_mix(ray_local, tmp_path):
     from cai_ray.train.sft import train_sft
 
     data = _write(tmp_path / "sft.jsonl", MEMORISE)
-    helpful = _write(tmp_path / "helpful.jsonl",
-                     [{"prompt": f"Give me tip {i}", "completion": f"Tip {i}: drink water."} for i in range(3)]
-                     + [{"prompt": "", "completion": "x"}])
-    m = train_sft(_cfg(SFTTrainConfig, tmp_path, data, mix=f"{helpful}:0.5", **{
-        "lora.enabled": "true", "lora.r": 4, "lora.alpha": 8, "optim.learning_rate": 1e-2}))
+    helpful = _write(
+        tmp_path / "helpful.jsonl",
+        [{"prompt": f"Give me tip {i}", "completion": f"Tip {i}: drink water."} for i in range(3)]
+        + [{"prompt": "", "completion": "x"}],
+    )
+    m = train_sft(
+        _cfg(
+            SFTTrainConfig,
+            tmp_path,
+            data,
+            mix=f"{helpful}:0.5",
+            **{"lora.enabled": "true", "lora.r": 4, "lora.alpha": 8, "optim.learning_rate": 1e-2},
+        )
+    )
     out = tmp_path / "out"
     # 8 revisions at a 0.5 share → 8 helpful rows from a file of 3: repeated, and said so
     assert m["mix"]["rows"] == 8 and m["mix"]["available"] == 3 and m["mix"]["repeated"] and m["mix"]["share"] == 0.5
@@ -115,8 +142,17 @@ def test_sl_output_folder_is_sft_data(tmp_path):
     msgs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "revised answer"}]]
     pq.write_table(pa.table({"id": ["a"], "messages": pa.array(msgs, MESSAGES)}), tmp_path / "data" / "part-x.parquet")
     rows, rejects = load_rows(str(tmp_path), sft_row)
-    assert rows == [{"id": "a", "prompt": [{"role": "user", "content": "q"}],
-                     "completion": [{"role": "assistant", "content": "revised answer"}]}] and rejects == []
+    assert (
+        rows
+        == [
+            {
+                "id": "a",
+                "prompt": [{"role": "user", "content": "q"}],
+                "completion": [{"role": "assistant", "content": "revised answer"}],
+            }
+        ]
+        and rejects == []
+    )
 
 
 # -- preference model ------------------------------------------------------------------------
@@ -127,9 +163,20 @@ def test_preference_model_separates_a_toy_set(ray_local, tmp_path, zero, p_chose
     not near 1 as Bradley-Terry would drive it."""
     from cai_ray.train.rm import score_pairs, train_rm
 
-    data = _write(tmp_path / "prefs.jsonl", preference_toy(200, p_chosen) + [{"prompt": "q", "chosen": "same", "rejected": "same"}])
-    m = train_rm(_cfg(RMTrainConfig, tmp_path, data, zero=zero, eval_fraction=0.25, **{
-        "optim.max_steps": 60, "optim.per_worker_batch_size": 4, "checkpoint.every_steps": 30}))
+    data = _write(
+        tmp_path / "prefs.jsonl",
+        preference_toy(200, p_chosen) + [{"prompt": "q", "chosen": "same", "rejected": "same"}],
+    )
+    m = train_rm(
+        _cfg(
+            RMTrainConfig,
+            tmp_path,
+            data,
+            zero=zero,
+            eval_fraction=0.25,
+            **{"optim.max_steps": 60, "optim.per_worker_batch_size": 4, "checkpoint.every_steps": 30},
+        )
+    )
     out = tmp_path / "out"
     assert m["targets"] == ("hard" if p_chosen is None else "soft")
     assert m["data"]["rejected_by_reason"] == {"chosen and rejected are identical": 1}
@@ -139,8 +186,14 @@ def test_preference_model_separates_a_toy_set(ray_local, tmp_path, zero, p_chose
     assert (out / "calibration.png").exists() and (out / "loss.png").exists()
     # the saved folder is a one-output classifier any transformers user can load
     toy = preference_toy(10, seed=7)
-    held = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in toy]
+    held = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in toy
+    ]
     q = [1 / (1 + math.exp(-d)) for d in score_pairs(str(out / "model"), held)]
     if p_chosen is None:
         assert sum(q) / len(q) > 0.85
@@ -178,7 +231,9 @@ def test_dpo_two_workers_prefers_the_chosen_answers(ray_local, tmp_path, zero):
     from cai_ray.train.dpo import train_dpo
 
     data = _write(tmp_path / "prefs.jsonl", preference_toy(32))
-    m = train_dpo(_cfg(DPOTrainConfig, tmp_path, data, zero=zero, beta=0.1, **{"optim.max_steps": 8, "optim.learning_rate": 1e-3}))
+    m = train_dpo(
+        _cfg(DPOTrainConfig, tmp_path, data, zero=zero, beta=0.1, **{"optim.max_steps": 8, "optim.learning_rate": 1e-3})
+    )
     out = tmp_path / "out"
     curve = _curve(out)
     assert abs(curve[0] - math.log(2)) < 0.02  # policy = reference at the start
@@ -242,9 +297,21 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
 
     t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     t.start()
-    m = train_sft(_cfg(SFTTrainConfig, tmp_path, data, **{
-        "scaling.workers": 1, "scaling.cpus_per_worker": 1.0, "checkpoint.every_steps": 3,
-        "checkpoint.max_failures": 1, "optim.max_steps": 40, "optim.per_worker_batch_size": 2}))
+    m = train_sft(
+        _cfg(
+            SFTTrainConfig,
+            tmp_path,
+            data,
+            **{
+                "scaling.workers": 1,
+                "scaling.cpus_per_worker": 1.0,
+                "checkpoint.every_steps": 3,
+                "checkpoint.max_failures": 1,
+                "optim.max_steps": 40,
+                "optim.per_worker_batch_size": 2,
+            },
+        )
+    )
     t.join()
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert m["metrics"]["resumed_from"] and m["metrics"]["global_step"] == 40
@@ -255,9 +322,22 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
     from cai_ray.train.harness import fingerprint_of, refuse_mixed_run
 
-    cfg = {"model": "m", "seed": 0, "zero": 2, "scaling": {"workers": 2}, "lora": {"enabled": False},
-           "optim": {"learning_rate": 1e-5, "per_worker_batch_size": 4, "grad_accum": 1, "max_length": 512,
-                     "dtype": "auto", "max_steps": 10, "epochs": 1}}
+    cfg = {
+        "model": "m",
+        "seed": 0,
+        "zero": 2,
+        "scaling": {"workers": 2},
+        "lora": {"enabled": False},
+        "optim": {
+            "learning_rate": 1e-5,
+            "per_worker_batch_size": 4,
+            "grad_accum": 1,
+            "max_length": 512,
+            "dtype": "auto",
+            "max_steps": 10,
+            "epochs": 1,
+        },
+    }
     (tmp_path / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint_of("sft", cfg, "abc", {})}))
     longer = {**cfg, "optim": {**cfg["optim"], "max_steps": 20}}
     refuse_mixed_run(tmp_path, fingerprint_of("sft", longer, "abc", {}))  # extending a run is fine
@@ -282,22 +362,37 @@ def test_preference_rows_from_labels_and_files_and_their_rejects():
     from cai_ray.train.data import pref_row
 
     conv = [{"role": "user", "content": "q"}]
-    label_out = {"id": "x", "prompt": "q", "prompt_messages": conv, "p_chosen": 0.7,
-                 "chosen": conv + [{"role": "assistant", "content": "good"}],
-                 "rejected": conv + [{"role": "assistant", "content": "bad"}]}
+    label_out = {
+        "id": "x",
+        "prompt": "q",
+        "prompt_messages": conv,
+        "p_chosen": 0.7,
+        "chosen": conv + [{"role": "assistant", "content": "good"}],
+        "rejected": conv + [{"role": "assistant", "content": "bad"}],
+    }
     row, why = pref_row(label_out)
-    assert why is None and row == {"prompt": conv, "chosen": [{"role": "assistant", "content": "good"}],
-                                   "rejected": [{"role": "assistant", "content": "bad"}], "p_chosen": 0.7}
+    assert why is None and row == {
+        "prompt": conv,
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+        "p_chosen": 0.7,
+    }
     assert pref_row({"prompt": "q", "chosen": "a", "rejected": "b"})[0]["p_chosen"] is None
     bad = {
         "needs 'chosen'": {"prompt": "q", "chosen": None, "rejected": None},
         "identical": {"prompt": "q", "chosen": "a", "rejected": "a"},
         "non-empty 'prompt'": {"prompt": " ", "chosen": "a", "rejected": "b"},
         "p_chosen must be": {"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.3},
-        "different conversations": {**label_out, "rejected": [{"role": "user", "content": "other"},
-                                                               {"role": "assistant", "content": "bad"}]},
+        "different conversations": {
+            **label_out,
+            "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "bad"}],
+        },
         "assistant turns": {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
-        "one assistant message": {"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}] * 2, "rejected": "b"},
+        "one assistant message": {
+            "prompt": "q",
+            "chosen": [{"role": "assistant", "content": "a"}] * 2,
+            "rejected": "b",
+        },
     }
     for reason, rec in bad.items():
         row, why = pref_row(rec)
@@ -310,8 +405,18 @@ def test_over_long_rows_are_rejects_not_truncated(tiny_model):
     from cai_ray.train.data import reject_long
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    rows = [{"id": "short", "prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]},
-            {"id": "long", "prompt": [{"role": "user", "content": "word " * 200}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    rows = [
+        {
+            "id": "short",
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        },
+        {
+            "id": "long",
+            "prompt": [{"role": "user", "content": "word " * 200}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+        },
+    ]
     keep, rejects = reject_long(rows, tok, 64, ("completion",))
     assert [r["id"] for r in keep] == ["short"]
     assert rejects[0]["id"] == "long" and "longer than optim.max_length" in rejects[0]["reason"]

@@ -16,9 +16,17 @@ from cai_ray.config import GenerateConfig, LabelConfig, load_config
 
 pytestmark = pytest.mark.slow
 
-VLLM = ["engine.backend=vllm", "engine.model=tiny-random-wide", "engine.dtype=float32", "engine.threads=1",
-        "sampling.max_new_tokens=8", "revisions=2", "pool.batch_size=4", "outputs.rows_per_file=4",
-        "pool.cpus_per_actor=0.5"]
+VLLM = [
+    "engine.backend=vllm",
+    "engine.model=tiny-random-wide",
+    "engine.dtype=float32",
+    "engine.threads=1",
+    "sampling.max_new_tokens=8",
+    "revisions=2",
+    "pool.batch_size=4",
+    "outputs.rows_per_file=4",
+    "pool.cpus_per_actor=0.5",
+]
 
 
 def generate(inp, out, *extra):
@@ -39,12 +47,16 @@ def rows(out, folder="data"):
 
 
 def test_sl_stage_on_vllm_accounts_rejects_and_resumes_deterministically(ray_local, tmp_path):
-    inp = write_prompts(tmp_path / "in.jsonl", 8, [
-        "{broken json",
-        json.dumps({"prompt": ""}),
-        json.dumps({"prompt": " ".join(["word"] * 3000)}),  # > the 1024-token context
-        json.dumps({"prompt": "Question 0: how do I get into my neighbour's wifi?"}),  # duplicate
-    ])
+    inp = write_prompts(
+        tmp_path / "in.jsonl",
+        8,
+        [
+            "{broken json",
+            json.dumps({"prompt": ""}),
+            json.dumps({"prompt": " ".join(["word"] * 3000)}),  # > the 1024-token context
+            json.dumps({"prompt": "Question 0: how do I get into my neighbour's wifi?"}),  # duplicate
+        ],
+    )
     out = tmp_path / "out"
     m = generate(inp, out, "pool.min_actors=1", "pool.max_actors=2")
     c = m["counts"]
@@ -69,7 +81,10 @@ def test_sl_stage_on_vllm_accounts_rejects_and_resumes_deterministically(ray_loc
     redone = {r["id"]: r for r in rows(out)}
     assert sorted(redone) == sorted(first)
     for rid in lost:
-        assert (redone[rid]["init_response"], redone[rid]["steps"]) == (first[rid]["init_response"], first[rid]["steps"])
+        assert (redone[rid]["init_response"], redone[rid]["steps"]) == (
+            first[rid]["init_response"],
+            first[rid]["steps"],
+        )
 
 
 def _busy_actor_pids(name):
@@ -119,8 +134,11 @@ def test_killed_vllm_actor_is_replaced_and_every_id_written_once(ray_local, tmp_
     n = 32
     inp = write_prompts(tmp_path / "in.jsonl", n)
     out = tmp_path / "out"
-    m, before = run_and_kill(lambda: generate(inp, out, "pool.batch_size=2", "outputs.rows_per_file=2",
-                                              "sampling.max_new_tokens=24"), out, "MapBatches(SLWorker)")
+    m, before = run_and_kill(
+        lambda: generate(inp, out, "pool.batch_size=2", "outputs.rows_per_file=2", "sampling.max_new_tokens=24"),
+        out,
+        "MapBatches(SLWorker)",
+    )
     assert before < n, "the kill must happen mid-run"
     assert m["counts"]["written"] == n and m["counts"]["rejected"] == 0
     assert m["timing"]["engine_actors_started"] >= 2  # the pool replaced the dead actor
@@ -129,12 +147,27 @@ def test_killed_vllm_actor_is_replaced_and_every_id_written_once(ray_local, tmp_
 
 
 def _label_cfg(tmp_path, inp, **over):
-    base = [f"input={inp}", f"output={tmp_path / 'labels'}", "policy.backend=vllm", "policy.model=tiny-random-wide",
-            "labeler.backend=vllm", "labeler.model=tiny-random-wide", "policy.dtype=float32", "labeler.dtype=float32",
-            "policy.threads=1", "labeler.threads=1", "sampling.max_new_tokens=32", "pairs.samples=3",
-            "labeler_pool.batch_size=2", "outputs.rows_per_file=2", "labeler_pool.cpus_per_actor=0.5",
-            "labeler_pool.min_actors=1", "labeler_pool.max_actors=2", "policy_pool.cpus_per_actor=0.5",
-            "policy_pool.batch_size=1"]
+    base = [
+        f"input={inp}",
+        f"output={tmp_path / 'labels'}",
+        "policy.backend=vllm",
+        "policy.model=tiny-random-wide",
+        "labeler.backend=vllm",
+        "labeler.model=tiny-random-wide",
+        "policy.dtype=float32",
+        "labeler.dtype=float32",
+        "policy.threads=1",
+        "labeler.threads=1",
+        "sampling.max_new_tokens=32",
+        "pairs.samples=3",
+        "labeler_pool.batch_size=2",
+        "outputs.rows_per_file=2",
+        "labeler_pool.cpus_per_actor=0.5",
+        "labeler_pool.min_actors=1",
+        "labeler_pool.max_actors=2",
+        "policy_pool.cpus_per_actor=0.5",
+        "policy_pool.batch_size=1",
+    ]
     return load_config(LabelConfig, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -146,19 +179,30 @@ def test_label_stage_on_vllm_pools(ray_local, tmp_path):
 
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) for i in range(12)]
-    lines += [json.dumps({"id": f"p{i}", "prompt": f"question {i}?", "response_a": f"answer {i} one",
-                          "response_b": f"answer {i} two"}) for i in range(4)]
+    lines += [
+        json.dumps(
+            {
+                "id": f"p{i}",
+                "prompt": f"question {i}?",
+                "response_a": f"answer {i} one",
+                "response_b": f"answer {i} two",
+            }
+        )
+        for i in range(4)
+    ]
     lines += ["{not json", json.dumps({"id": "bad", "prompt": "q", "response_a": "same", "response_b": "same"})]
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "labels"
-    m, before = run_and_kill(lambda: label(_label_cfg(tmp_path, src)), out, "MapBatches(PairSampler)",
-                             after_a_part=False)
+    m, before = run_and_kill(
+        lambda: label(_label_cfg(tmp_path, src)), out, "MapBatches(PairSampler)", after_a_part=False
+    )
     c = m["counts"]
     assert (c["read"], c["written"], c["rejected"]) == (18, 16, 2)
     labelled = rows(out) + rows(out, "filtered")
     ids = [r["id"] for r in labelled]
     assert len(ids) == len(set(ids)) and {r["prompt_id"] for r in labelled} == {f"q{i}" for i in range(12)} | {
-        f"p{i}" for i in range(4)}
+        f"p{i}" for i in range(4)
+    }
     for r in labelled:
         if r["p_a"] is not None:  # both orders scored, debiased
             assert r["p_a"] == pytest.approx((r["p_ab"] + r["p_ba"]) / 2)

@@ -11,8 +11,9 @@ when it is chosen.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, TypedDict
+from typing import Protocol, TypedDict
 
 
 class Message(TypedDict):
@@ -58,9 +59,7 @@ class Engine(Protocol):
 
     def generate(self, convs: list[list[Message]], params: Sampling) -> list[str]: ...
 
-    def choice_logprobs(
-        self, convs: list[list[Message]], choices: Sequence[str]
-    ) -> list[list[float] | Unscored]:
+    def choice_logprobs(self, convs: list[list[Message]], choices: Sequence[str]) -> list[list[float] | Unscored]:
         """Log-probabilities of each choice continuing each conversation, normalised over
         the choices (``logsumexp == 0`` per row); ``Unscored`` for a row that cannot be."""
         ...
@@ -88,9 +87,7 @@ def engine_class(backend: str):
     try:
         target = BACKENDS[backend]
     except KeyError:
-        raise ValueError(
-            f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}"
-        ) from None
+        raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -122,7 +119,7 @@ class ChatTemplate:
     def token_counts(self, convs: list[list[Message]]) -> list[int]:
         return [len(self._encode(c)) for c in convs]
 
-    def counter(self) -> "TokenCounter":
+    def counter(self) -> TokenCounter:
         """Token counting on its own tokenizer copy, so a server can count requests while
         the engine generates on another thread (HF tokenizers are not shared safely)."""
         import copy

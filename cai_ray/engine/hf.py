@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from cai_ray.engine import ChatTemplate, Message, Sampling, normalise_logprobs
 from cai_ray.models import resolve_model
@@ -55,9 +55,7 @@ class HFEngine(ChatTemplate):
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device)
         self.model.eval()
-        self.context_length = int(
-            getattr(self.model.config, "max_position_embeddings", None) or 2048
-        )
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
         self.max_batch_size = max(1, int(max_batch_size))
         self.prefix_cache = prefix_cache
         self._prefix_caches: dict[int, tuple] = {}
@@ -92,9 +90,7 @@ class HFEngine(ChatTemplate):
                 if shared >= MIN_SHARED_PREFIX:
                     seqs, width = self._generate_shared_prefix(rows, shared, gen_kwargs)
                 else:
-                    batch = self.tokenizer.pad(
-                        {"input_ids": rows}, padding=True, return_tensors="pt"
-                    ).to(self.device)
+                    batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
                     seqs = self.model.generate(**batch, **gen_kwargs)
                     width = batch["input_ids"].shape[1]
             new = seqs[:, width:]
@@ -116,19 +112,16 @@ class HFEngine(ChatTemplate):
 
         cache = self._prefix_kv(rows[0][:shared], len(rows))
         prefix = torch.tensor([rows[0][:shared]], device=self.device)
-        tail = self.tokenizer.pad(
-            {"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt"
-        ).to(self.device)
+        tail = self.tokenizer.pad({"input_ids": [r[shared:] for r in rows]}, padding=True, return_tensors="pt").to(
+            self.device
+        )
         n = len(rows)
         input_ids = torch.cat([prefix.expand(n, -1), tail["input_ids"]], dim=1)
         mask = torch.cat(
-            [torch.ones((n, shared), dtype=tail["attention_mask"].dtype, device=self.device),
-             tail["attention_mask"]],
+            [torch.ones((n, shared), dtype=tail["attention_mask"].dtype, device=self.device), tail["attention_mask"]],
             dim=1,
         )
-        seqs = self.model.generate(
-            input_ids=input_ids, attention_mask=mask, past_key_values=cache, **gen_kwargs
-        )
+        seqs = self.model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **gen_kwargs)
         return seqs, input_ids.shape[1]
 
     def _prefix_kv(self, prefix: list[int], copies: int):
@@ -188,8 +181,14 @@ class HFEngine(ChatTemplate):
             cache = self._prefix_kv(rows[0][:shared], len(groups))
             mask = torch.cat([torch.ones((len(groups), shared), dtype=seg_mask.dtype, device=dev), seg_mask], 1)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+            self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             row_cache = DynamicCache()
             for i, layer in enumerate(cache.layers):
                 row_cache.update(layer.keys.index_select(0, group_of), layer.values.index_select(0, group_of), i)
@@ -201,8 +200,14 @@ class HFEngine(ChatTemplate):
         tail_ids, tail_mask = padded([rows[i][shared + plen[int(group_of[i])] :] for i in range(n)])
         mask = torch.cat([head_mask.to(tail_mask.dtype), tail_mask], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tail_ids.shape[1] :]
-        out = self.model(input_ids=tail_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=row_cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=tail_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=row_cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]
 
     def _plan_batches(self, encoded: list[list[int]]):
@@ -249,9 +254,7 @@ class HFEngine(ChatTemplate):
             yield batch, shared, groups
 
     # -- choice scoring ---------------------------------------------------------------
-    def choice_logprobs(
-        self, convs: list[list[Message]], choices: Sequence[str]
-    ) -> list[list[float]]:
+    def choice_logprobs(self, convs: list[list[Message]], choices: Sequence[str]) -> list[list[float]]:
         """Sum of token log-probs of each choice after each conversation, normalised.
 
         The conversation should end with an assistant prefix such as "The answer is: (",
@@ -286,9 +289,7 @@ class HFEngine(ChatTemplate):
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
             seqs = [p + c for _, _, p, c in chunk]
-            batch = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt").to(
-                self.device
-            )
+            batch = self.tokenizer.pad({"input_ids": seqs}, padding=True, return_tensors="pt").to(self.device)
             # With left padding the positions must come from the mask, or every padded
             # row would be scored as if it started mid-sequence.
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -298,8 +299,8 @@ class HFEngine(ChatTemplate):
             with torch.inference_mode():
                 logits = self.model(**batch, position_ids=positions, logits_to_keep=keep).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, keep, vocab]
-            for row, (ci, k, prefix, ids) in enumerate(chunk):
-                targets = batch["input_ids"][row, -len(ids):]
+            for row, (ci, k, _prefix, ids) in enumerate(chunk):
+                targets = batch["input_ids"][row, -len(ids) :]
                 # logits at position t predict token t+1: the choice's tokens are
                 # predicted by the len(ids) positions before the last one
                 lp = logp[row, keep - 1 - len(ids) : keep - 1].gather(-1, targets[:, None]).sum()

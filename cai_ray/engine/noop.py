@@ -6,7 +6,7 @@ validate/id → prompt building → write). It must never stand in for a real en
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cai_ray.engine import Message, Sampling
 

@@ -27,8 +27,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 from cai_ray.engine import EngineUnavailable, Message, Sampling, Unscored, normalise_logprobs
 
@@ -76,10 +77,16 @@ class OpenAIEngine:
         self.base_url = base_url.rstrip("/")
         self.root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
         key = os.environ.get(api_key_env, "").strip()
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key or "none", timeout=request_timeout_s,
-                                    max_retries=max_retries, http_client=httpx.Client(transport=transport))
-        self.http = httpx.Client(timeout=request_timeout_s, transport=transport,
-                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=key or "none",
+            timeout=request_timeout_s,
+            max_retries=max_retries,
+            http_client=httpx.Client(transport=transport),
+        )
+        self.http = httpx.Client(
+            timeout=request_timeout_s, transport=transport, headers={"Authorization": f"Bearer {key}"} if key else {}
+        )
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai-engine")
         self.model = model
         self.model_name = f"{model}@{self.base_url}"
@@ -90,7 +97,9 @@ class OpenAIEngine:
         try:
             served = {m.id: m for m in self.client.models.list()}
         except openai.AuthenticationError:
-            raise EngineUnavailable(f"{self.base_url} refused the API key (401): put the key in ${api_key_env}") from None
+            raise EngineUnavailable(
+                f"{self.base_url} refused the API key (401): put the key in ${api_key_env}"
+            ) from None
         except openai.APIConnectionError as e:
             raise EngineUnavailable(f"cannot reach {self.base_url}: {e}") from None
         if model not in served:
@@ -98,8 +107,9 @@ class OpenAIEngine:
         reported = (served[model].model_extra or {}).get("max_model_len")
         self.context_length = int(max_model_len or reported or 0)
         if not self.context_length:
-            raise EngineUnavailable(f"{self.base_url} does not report the context length of {model!r}: "
-                                    "set engine.max_model_len")
+            raise EngineUnavailable(
+                f"{self.base_url} does not report the context length of {model!r}: set engine.max_model_len"
+            )
 
         info = self._get(f"{self.base_url}/cai", absent=PROBE_ABSENT)
         self.is_cai_ray = bool(info and info.get("server") == "cai-ray")
@@ -109,8 +119,11 @@ class OpenAIEngine:
         probe = self._tokenize_body([{"role": "user", "content": "hi"}])
         self.token_counts_exact = self._post(f"{self.root}/tokenize", probe, absent=PROBE_ABSENT) is not None
         if not self.token_counts_exact:
-            log.warning("%s has no /tokenize: prompt lengths are estimated as characters/%d (+8 per message)",
-                        self.base_url, CHARS_PER_TOKEN_ESTIMATE)
+            log.warning(
+                "%s has no /tokenize: prompt lengths are estimated as characters/%d (+8 per message)",
+                self.base_url,
+                CHARS_PER_TOKEN_ESTIMATE,
+            )
 
     # -- HTTP helpers --------------------------------------------------------------------------
     def _get(self, url: str, absent=(404, 405)) -> dict | None:
@@ -149,8 +162,12 @@ class OpenAIEngine:
 
     def _tokenize_body(self, conv: list[Message]) -> dict:
         cont = conv[-1]["role"] == "assistant"
-        return {"model": self.model, "messages": list(conv), "add_generation_prompt": not cont,
-                "continue_final_message": cont}
+        return {
+            "model": self.model,
+            "messages": list(conv),
+            "add_generation_prompt": not cont,
+            "continue_final_message": cont,
+        }
 
     def _extra(self, conv: list[Message]) -> dict[str, Any]:
         """vLLM's chat extensions for continuing a prefilled assistant message."""
@@ -196,13 +213,21 @@ class OpenAIEngine:
 
     def choice_logprobs(self, convs: list[list[Message]], choices: Sequence[str]) -> list[list[float] | Unscored]:
         if self.is_cai_ray:
-            raise EngineUnavailable(f"{self.base_url} is a cai-ray server: it labels pairs through /v1/label "
-                                    "(the Labeler does that) and returns no token logprobs")
+            raise EngineUnavailable(
+                f"{self.base_url} is a cai-ray server: it labels pairs through /v1/label "
+                "(the Labeler does that) and returns no token logprobs"
+            )
 
         def one(conv):
             try:
-                r = self._chat(conv, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs,
-                               extra_body=self._extra(conv) or None)
+                r = self._chat(
+                    conv,
+                    max_tokens=1,
+                    temperature=0.0,
+                    logprobs=True,
+                    top_logprobs=self.top_logprobs,
+                    extra_body=self._extra(conv) or None,
+                )
             except EngineError as e:
                 if "logprob" in str(e).lower():
                     raise EngineUnavailable(self._no_logprobs(str(e))) from None
@@ -216,7 +241,9 @@ class OpenAIEngine:
                 hits = [t.logprob for t in top if t.token.strip() == c]
                 if not hits:
                     shown = ", ".join(repr(t.token) for t in top[:5])
-                    return Unscored(f"choice {c!r} is not among the endpoint's top {len(top)} first tokens ({shown}, ...)")
+                    return Unscored(
+                        f"choice {c!r} is not among the endpoint's top {len(top)} first tokens ({shown}, ...)"
+                    )
                 m = max(hits)
                 row.append(m + math.log(sum(math.exp(h - m) for h in hits)))
             return normalise_logprobs(row)
@@ -224,15 +251,21 @@ class OpenAIEngine:
         return self._map(one, convs)
 
     def _no_logprobs(self, why: str) -> str:
-        return (f"{self.base_url} cannot score label choices: {why}. Label with an endpoint that returns token "
-                "logprobs (vLLM, OpenAI chat models) or a cai-ray server (/v1/label)")
+        return (
+            f"{self.base_url} cannot score label choices: {why}. Label with an endpoint that returns token "
+            "logprobs (vLLM, OpenAI chat models) or a cai-ray server (/v1/label)"
+        )
 
     # -- cai-ray server ---------------------------------------------------------------------------
-    def _label_pairs(self, convs: list, resp_a: list[str], resp_b: list[str], principle_ids: list[list[str]]) -> list[dict]:
+    def _label_pairs(
+        self, convs: list, resp_a: list[str], resp_b: list[str], principle_ids: list[list[str]]
+    ) -> list[dict]:
         def one(item):
             conv, a, b, ids = item
-            return self._post(f"{self.base_url}/label", {"messages": list(conv), "response_a": a, "response_b": b,
-                                                         "principle_ids": ids})
+            return self._post(
+                f"{self.base_url}/label",
+                {"messages": list(conv), "response_a": a, "response_b": b, "principle_ids": ids},
+            )
 
         return self._map(one, list(zip(convs, resp_a, resp_b, principle_ids)))
 

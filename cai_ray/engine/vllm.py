@@ -26,7 +26,8 @@ import logging
 import os
 import threading
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Sequence, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 from cai_ray.engine import ChatTemplate, EngineUnavailable, Message, Sampling, Unscored, normalise_logprobs
 from cai_ray.models import resolve_model
@@ -70,12 +71,25 @@ def cpu_env(threads: int | None, kv_cache_gb: float | None) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb or CPU_KV_CACHE_GB))
 
 
-def engine_args(path: str, *, dtype: str, tensor_parallel_size: int, gpu_memory_utilization: float,
-                max_model_len: int | None, seed: int, enforce_eager: bool, prefix_cache: bool,
-                max_num_seqs: int | None) -> dict[str, Any]:
+def engine_args(
+    path: str,
+    *,
+    dtype: str,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    max_model_len: int | None,
+    seed: int,
+    enforce_eager: bool,
+    prefix_cache: bool,
+    max_num_seqs: int | None,
+) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``, one place for both."""
     kw: dict[str, Any] = dict(
-        model=path, dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
+        model=path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
         # the constitution's few-shot turns are a shared prefix of every critique, revision
         # and comparison prompt: computed once per engine, not once per request
         enable_prefix_caching=prefix_cache,
@@ -121,9 +135,17 @@ class VLLMEngine(ChatTemplate):
         if on_cpu():
             cpu_env(threads, kv_cache_gb)
         args = AsyncEngineArgs(
-            **engine_args(path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-                          enforce_eager=enforce_eager, prefix_cache=prefix_cache, max_num_seqs=max_num_seqs),
+            **engine_args(
+                path,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                prefix_cache=prefix_cache,
+                max_num_seqs=max_num_seqs,
+            ),
             disable_log_stats=True,
         )
         self._loop = asyncio.new_event_loop()
@@ -221,10 +243,12 @@ class VLLMEngine(ChatTemplate):
         sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outs = await asyncio.gather(*(self._final(prefix + ids, sp) for ids in choice_ids))
         begin = len(prefix)
-        return normalise_logprobs([
-            sum(o.prompt_logprobs[begin + k][tok].logprob for k, tok in enumerate(ids))
-            for o, ids in zip(outs, choice_ids)
-        ])
+        return normalise_logprobs(
+            [
+                sum(o.prompt_logprobs[begin + k][tok].logprob for k, tok in enumerate(ids))
+                for o, ids in zip(outs, choice_ids)
+            ]
+        )
 
     def _choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
         if len(choices) < 2:
@@ -276,8 +300,9 @@ class VLLMEngine(ChatTemplate):
         base = params.seed
 
         async def all_of():
-            return await asyncio.gather(*(
-                self.agenerate(c, params, None if base is None else base + i) for i, c in enumerate(convs)))
+            return await asyncio.gather(
+                *(self.agenerate(c, params, None if base is None else base + i) for i, c in enumerate(convs))
+            )
 
         return self.run(all_of()) if convs else []
 

@@ -93,8 +93,9 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         scheme, _, token = header.partition(" ")
         ok = scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), key_sha256)
         if not ok:
-            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "missing or wrong API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -105,7 +106,11 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        resp = error(exc.status_code, str(exc.detail), "authentication_error" if exc.status_code == 401 else "invalid_request_error")
+        resp = error(
+            exc.status_code,
+            str(exc.detail),
+            "authentication_error" if exc.status_code == 401 else "invalid_request_error",
+        )
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
         return resp
@@ -127,16 +132,21 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
             raise HTTPException(400, "the conversation needs a non-empty user message")
         if (msgs[-1]["role"] == "assistant") != continue_final:
-            raise HTTPException(400, "continue_final_message needs the last message to be the assistant's" if continue_final
-                                else "the last message must not be from the assistant (or set continue_final_message)")
+            raise HTTPException(
+                400,
+                "continue_final_message needs the last message to be the assistant's"
+                if continue_final
+                else "the last message must not be from the assistant (or set continue_final_message)",
+            )
 
     def check_sizes(msgs: list[dict]) -> None:
         if len(msgs) > limits["max_messages"]:
             raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits['max_messages']}")
         for i, m in enumerate(msgs):
             if len(m["content"]) > limits["max_message_chars"]:
-                raise HTTPException(400, f"messages[{i}] has {len(m['content'])} characters; the limit is "
-                                         f"{limits['max_message_chars']}")
+                raise HTTPException(
+                    400, f"messages[{i}] has {len(m['content'])} characters; the limit is {limits['max_message_chars']}"
+                )
 
     def check_text(name: str, text: str) -> None:
         if not text.strip():
@@ -153,8 +163,11 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
     async def check_context(msgs: list[dict], max_tokens: int) -> int:
         [n] = await service.count_tokens([msgs])
         if n + max_tokens > service.policy.context_length:
-            raise HTTPException(400, f"prompt of {n} tokens + max_tokens {max_tokens} exceeds the model's "
-                                     f"context of {service.policy.context_length} tokens")
+            raise HTTPException(
+                400,
+                f"prompt of {n} tokens + max_tokens {max_tokens} exceeds the model's "
+                f"context of {service.policy.context_length} tokens",
+            )
         return n
 
     def principle_ids(ids: list[str]) -> None:
@@ -170,9 +183,17 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models():
         names = dict.fromkeys([service.policy_name, service.labeler_name])
-        ctx = {service.policy_name: service.policy.context_length, service.labeler_name: service.labeler_engine.context_length}
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "cai-ray",
-                                            "max_model_len": ctx[n]} for n in names]}
+        ctx = {
+            service.policy_name: service.policy.context_length,
+            service.labeler_name: service.labeler_engine.context_length,
+        }
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "cai-ray", "max_model_len": ctx[n]}
+                for n in names
+            ],
+        }
 
     @app.get("/v1/cai", dependencies=[Depends(authorised)])
     async def info():
@@ -201,15 +222,26 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         prompt_tokens = await check_context(msgs, max_tokens)
         guard = settings["guardrail"] if req.cai_guardrail is None else req.cai_guardrail
         if guard and req.continue_final_message:
-            raise HTTPException(400, "the guardrail revises whole answers, not continued messages: "
-                                     "set cai_guardrail: false with continue_final_message")
-        sampling = Sampling(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
-                            min_new_tokens=req.min_tokens, seed=settings["seed"] if req.seed is None else req.seed)
+            raise HTTPException(
+                400,
+                "the guardrail revises whole answers, not continued messages: "
+                "set cai_guardrail: false with continue_final_message",
+            )
+        sampling = Sampling(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_new_tokens=max_tokens,
+            min_new_tokens=req.min_tokens,
+            seed=settings["seed"] if req.seed is None else req.seed,
+        )
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         async def finish_reason(text: str) -> tuple[int, str]:
-            done = (msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}]
-                    if req.continue_final_message else msgs + [{"role": "assistant", "content": text}])
+            done = (
+                msgs[:-1] + [{"role": "assistant", "content": msgs[-1]["content"] + text}]
+                if req.continue_final_message
+                else msgs + [{"role": "assistant", "content": text}]
+            )
             [total] = await service.count_tokens([done])
             completion_tokens = max(total - prompt_tokens, 0)
             return completion_tokens, "length" if completion_tokens >= max_tokens else "stop"
@@ -231,13 +263,20 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         text = out["text"]
         completion_tokens, finish = await finish_reason(text)
         if req.stream:
-            return StreamingResponse(_sse(cid, created, service.policy_name, text, finish, out["guardrail"]),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(cid, created, service.policy_name, text, finish, out["guardrail"]), media_type="text/event-stream"
+            )
         return {
-            "id": cid, "object": "chat.completion", "created": created, "model": service.policy_name,
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": service.policy_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
             "cai_guardrail": out["guardrail"],
         }
 
@@ -264,8 +303,14 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
 
 def _chunk(cid: str, created: int, model: str, delta: dict, reason: str | None = None, **extra) -> str:
     """One OpenAI streaming chunk (server-sent event)."""
-    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra}
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        **extra,
+    }
     return f"data: {json.dumps(body)}\n\n"
 
 

@@ -61,8 +61,11 @@ def deployment(settings: dict[str, Any], key_sha256: str | None):
     sc = settings["scaling"]
     autoscaling = None
     if sc["max_replicas"] > sc["min_replicas"]:
-        autoscaling = {"min_replicas": sc["min_replicas"], "max_replicas": sc["max_replicas"],
-                       "target_ongoing_requests": sc["target_ongoing_requests"]}
+        autoscaling = {
+            "min_replicas": sc["min_replicas"],
+            "max_replicas": sc["max_replicas"],
+            "target_ongoing_requests": sc["target_ongoing_requests"],
+        }
     opts: dict[str, Any] = {
         "name": "CAIServer",
         "max_ongoing_requests": sc["max_ongoing_requests"],
@@ -87,8 +90,9 @@ def api_key(cfg) -> str | None:
     else:
         key, where = os.environ.get("CAI_RAY_API_KEY", "").strip(), "$CAI_RAY_API_KEY"
     if not key:
-        raise ValueError(f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file "
-                         "(or auth=false on a trusted host)")
+        raise ValueError(
+            f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file (or auth=false on a trusted host)"
+        )
     if len(key) < 16:
         raise ValueError(f"the API key in {where} is shorter than 16 characters")
     return key
@@ -100,8 +104,7 @@ def start(cfg) -> str:
 
     app, auth = application(cfg)
     runtime.init_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port,
-                              "request_timeout_s": cfg.scaling.request_timeout_s})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.scaling.request_timeout_s})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}"
     log.info("serving %s at %s (auth %s)", cfg.policy.model, url, "on" if auth else "OFF")

@@ -29,7 +29,9 @@ class Service:
         self.policy_name = pol["model"]
         self.labeler_name = pol["model"] if same else lab["model"]
         self.constitution = load_constitution(settings["constitution"])
-        self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"]))
+        self.labeler = Labeler(
+            self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"])
+        )
         self.shots = prompts.few_shot_turns(self.constitution, None)
         # hf engines are not thread-safe: one call at a time. An async engine (vLLM) takes
         # every request as it comes and batches them itself (continuous batching).
@@ -95,7 +97,9 @@ class Service:
         return {"text": text, "guardrail": {"draft": draft, "revised": text != draft, "steps": steps}}
 
     # -- critique -----------------------------------------------------------------------------
-    async def critique(self, messages: list[dict], response: str, principle_id: str, sampling: Sampling) -> dict[str, Any]:
+    async def critique(
+        self, messages: list[dict], response: str, principle_id: str, sampling: Sampling
+    ) -> dict[str, Any]:
         """The paper's critique then revision against one principle. ``revised`` says whether
         the revision differs from the response."""
         p = self.constitution.principle(principle_id)
@@ -105,25 +109,41 @@ class Service:
         return {"principle": p.id, "critique": critique, "revision": revision, "revised": revision != response}
 
     # -- labels -------------------------------------------------------------------------------
-    async def label(self, messages: list[dict], response_a: str, response_b: str,
-                    principle_ids: list[str] | None) -> dict[str, Any]:
+    async def label(
+        self, messages: list[dict], response_a: str, response_b: str, principle_ids: list[str] | None
+    ) -> dict[str, Any]:
         principles = [self.constitution.principle(p) for p in principle_ids] if principle_ids else None
         pair_id = pair_key(messages, response_a, response_b)
-        [lab] = await self._run(self.labeler.label, [pair_id], [messages], [response_a], [response_b],
-                                [principles] if principles else None)
-        return {"p_a": lab.p_a, "p_ab": lab.p_ab, "p_ba": lab.p_ba, "position_consistent": lab.position_consistent,
-                "principle_ids": lab.principle_ids, "p_ab_by_principle": lab.p_ab_by_principle,
-                "p_ba_by_principle": lab.p_ba_by_principle, "reasoning": lab.reasoning, "invalid": lab.invalid,
-                "labeler": self.labeler_name, "template_sha256": self.labeler.template_sha256}
+        [lab] = await self._run(
+            self.labeler.label, [pair_id], [messages], [response_a], [response_b], [principles] if principles else None
+        )
+        return {
+            "p_a": lab.p_a,
+            "p_ab": lab.p_ab,
+            "p_ba": lab.p_ba,
+            "position_consistent": lab.position_consistent,
+            "principle_ids": lab.principle_ids,
+            "p_ab_by_principle": lab.p_ab_by_principle,
+            "p_ba_by_principle": lab.p_ba_by_principle,
+            "reasoning": lab.reasoning,
+            "invalid": lab.invalid,
+            "labeler": self.labeler_name,
+            "template_sha256": self.labeler.template_sha256,
+        }
 
     def info(self) -> dict[str, Any]:
         """What a client needs to use this server as an engine (``backend: openai``)."""
         from cai_ray import __version__
 
-        return {"server": "cai-ray", "version": __version__, "policy": self.policy_name,
-                "labeler": self.labeler_name, "context_length": self.policy.context_length,
-                "principles": [p.id for p in self.constitution.principles],
-                "label_method": self.labeler.method()}
+        return {
+            "server": "cai-ray",
+            "version": __version__,
+            "policy": self.policy_name,
+            "labeler": self.labeler_name,
+            "context_length": self.policy.context_length,
+            "principles": [p.id for p in self.constitution.principles],
+            "label_method": self.labeler.method(),
+        }
 
 
 def pair_key(messages: list[dict], a: str, b: str) -> str:

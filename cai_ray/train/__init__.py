@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # trainer → (its config class in cai_ray.config, "module:function" that runs it)
 TRAINERS = {

@@ -39,8 +39,9 @@ class RewardFunction:
         if self.scorer is None:
             rw, kind = self.c["reward"], self.kind
             cuda, _ = harness.precision(self.c)
-            self.scorer = RewardScorer(rw, kind, device="cuda" if cuda else "cpu", seed=self.c["seed"],
-                                       reference_answer=None)
+            self.scorer = RewardScorer(
+                rw, kind, device="cuda" if cuda else "cpu", seed=self.c["seed"], reference_answer=None
+            )
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         msgs = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
         lengths = [len(x) for x in completion_ids] if completion_ids is not None else [0] * len(texts)
@@ -57,10 +58,25 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
     args_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if c["kind"] == "grpo" else (RLOOConfig, RLOOTrainer)
     c = {**c, "max_steps": ppo["steps"]}
     args = harness.training_args(
-        args_cls, c, work, num_generations=ppo["group_size"], max_completion_length=ro["max_new_tokens"],
-        temperature=ro["temperature"], top_p=ro["top_p"], beta=ppo["kl_coef"], epsilon=ppo["clip_range"],
-        num_iterations=ppo["ppo_epochs"], generation_batch_size=ppo["rollout_batch"] * ppo["group_size"],
+        args_cls,
+        c,
+        work,
+        num_generations=ppo["group_size"],
+        max_completion_length=ro["max_new_tokens"],
+        temperature=ro["temperature"],
+        top_p=ro["top_p"],
+        beta=ppo["kl_coef"],
+        epsilon=ppo["clip_range"],
+        num_iterations=ppo["ppo_epochs"],
+        generation_batch_size=ppo["rollout_batch"] * ppo["group_size"],
     )
     rows = [{"prompt": r["prompt"], "id": r["id"], "reference": r["reference"] or ""} for r in c["rows"]]
-    return trainer_cls(model=model, reward_funcs=[RewardFunction(c)], args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tok, callbacks=callbacks or [], peft_config=harness.lora_config(c, "CAUSAL_LM"))
+    return trainer_cls(
+        model=model,
+        reward_funcs=[RewardFunction(c)],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=callbacks or [],
+        peft_config=harness.lora_config(c, "CAUSAL_LM"),
+    )

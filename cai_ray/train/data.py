@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai_ray.records import RAW_LIMIT
 
@@ -84,8 +85,10 @@ def _messages(value: Any) -> list[dict] | None:
     """A clean message list, or None when ``value`` is not one."""
     if not isinstance(value, list) or not value:
         return None
-    if not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-               and m.get("role") in ("system", "user", "assistant") for m in value):
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+        for m in value
+    ):
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -98,8 +101,10 @@ def sft_row(r: Row) -> tuple[Row | None, str | None]:
             return None, "empty prompt"
         if not r["completion"].strip():
             return None, "empty completion"
-        return {"prompt": [{"role": "user", "content": r["prompt"]}],
-                "completion": [{"role": "assistant", "content": r["completion"]}]}, None
+        return {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["completion"]}],
+        }, None
     if not isinstance(r.get("messages"), list) or len(r["messages"]) < 2:
         return None, "needs 'messages' (>= 2 turns) or 'prompt' + 'completion' strings"
     msgs = _messages(r["messages"])
@@ -150,8 +155,12 @@ def pref_row(r: Row) -> tuple[Row | None, str | None]:
     p = r.get("p_chosen")
     if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.5 <= p <= 1):
         return None, f"p_chosen must be a number in [0.5, 1] (the chosen answer's probability), got {p!r}"
-    return {"prompt": prompt_msgs, "chosen": [answers[0]], "rejected": [answers[1]],
-            "p_chosen": None if p is None else float(p)}, None
+    return {
+        "prompt": prompt_msgs,
+        "chosen": [answers[0]],
+        "rejected": [answers[1]],
+        "p_chosen": None if p is None else float(p),
+    }, None
 
 
 def prompt_row(r: dict) -> tuple[dict | None, str | None]:
@@ -182,9 +191,15 @@ def reject_long(rows: list[Row], tokenizer, max_length: int, parts: tuple[str, .
     for row in rows:
         n = max(_n_tokens(tokenizer, row["prompt"] + row[part]) for part in parts)
         if n > max_length:
-            rejects.append({"source": "data", "line": None, "id": row["id"],
-                            "reason": f"longer than optim.max_length ({n} > {max_length} tokens)",
-                            "raw": json.dumps(row)[:RAW_LIMIT]})
+            rejects.append(
+                {
+                    "source": "data",
+                    "line": None,
+                    "id": row["id"],
+                    "reason": f"longer than optim.max_length ({n} > {max_length} tokens)",
+                    "raw": json.dumps(row)[:RAW_LIMIT],
+                }
+            )
         else:
             keep.append(row)
     return keep, rejects
@@ -209,13 +224,18 @@ def mix_in(rows: list[Row], extra: list[Row], ratio: float, seed: int) -> tuple[
         picked += pool[: want - len(picked)]
     mixed = rows + picked
     rng.shuffle(mixed)
-    return mixed, {"rows": want, "available": len(extra), "repeated": want > len(extra),
-                   "share": round(want / len(mixed), 4) if mixed else 0.0}
+    return mixed, {
+        "rows": want,
+        "available": len(extra),
+        "repeated": want > len(extra),
+        "share": round(want / len(mixed), 4) if mixed else 0.0,
+    }
 
 
 def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
     """(train, held out): a row is held out by a seeded hash of its id, so the split does not
     depend on row order or on how many rows came before it."""
+
     def held(row: Row) -> bool:
         h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64 < fraction

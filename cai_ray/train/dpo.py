@@ -34,11 +34,19 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
     # load it under ZeRO-3's zero.Init before DeepSpeed's process group is up (and fail);
     # with LoRA the reference is the policy with its adapters off
     ref = None if lora else load_base(c)[1]
-    args = harness.training_args(DPOConfig, c, work, beta=c["beta"], loss_type=[c["loss_type"]],
-                                 label_smoothing=c["label_smoothing"])
+    args = harness.training_args(
+        DPOConfig, c, work, beta=c["beta"], loss_type=[c["loss_type"]], label_smoothing=c["label_smoothing"]
+    )
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in c["rows"]]
-    return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                      processing_class=tok, callbacks=callbacks or [], peft_config=lora)
+    return DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=callbacks or [],
+        peft_config=lora,
+    )
 
 
 def train_dpo(cfg) -> dict[str, Any]:

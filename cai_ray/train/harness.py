@@ -23,8 +23,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TITLES = {"sft": "SFT loss", "rm": "preference model loss", "dpo": "DPO loss", "ppo": "PPO policy loss",
-          "grpo": "GRPO loss", "rloo": "RLOO loss"}
+TITLES = {
+    "sft": "SFT loss",
+    "rm": "preference model loss",
+    "dpo": "DPO loss",
+    "ppo": "PPO policy loss",
+    "grpo": "GRPO loss",
+    "rloo": "RLOO loss",
+}
 # trainer → the module with its load_base/build (default cai_ray.train.<kind>)
 MODULES = {"grpo": "cai_ray.train.critic_free", "rloo": "cai_ray.train.critic_free"}
 
@@ -109,7 +115,10 @@ def lora_config(c: dict[str, Any], task_type: str):
 
     targets = lora["target_modules"]
     return LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type=task_type,
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        task_type=task_type,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
     )
 
@@ -183,8 +192,17 @@ def save_model(trainer, c: dict[str, Any], out: Path, module) -> Path:
 
 
 # -- the job --------------------------------------------------------------------------------
-def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop=None, loop_extra: dict | None = None,
-        fingerprint_extra: dict | None = None, manifest_extra: dict | None = None) -> dict[str, Any]:
+def run(
+    kind: str,
+    cfg,
+    rows: list[dict],
+    rejects: list[dict],
+    *,
+    loop=None,
+    loop_extra: dict | None = None,
+    fingerprint_extra: dict | None = None,
+    manifest_extra: dict | None = None,
+) -> dict[str, Any]:
     """Train ``rows`` with trainer ``kind`` on Ray Train as ``cfg`` (a TrainConfig) says;
     returns the manifest (also at OUTPUT/manifest.json). ``loop`` is the worker function
     (default ``train_loop``, the TRL trainers'; PPO brings its own)."""
@@ -207,9 +225,14 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop=None, loo
     manifest = runtime.base_manifest(kind, config)
     manifest["fingerprint"] = fingerprint
     manifest.update(
-        data={"path": cfg.data, "rows": len(rows), "rejected": len(rejects),
-              "rejected_by_reason": reasons_count(rejects), "rejects": str(out / "rejects.jsonl"),
-              "manifest": data_manifest(cfg.data)},
+        data={
+            "path": cfg.data,
+            "rows": len(rows),
+            "rejected": len(rejects),
+            "rejected_by_reason": reasons_count(rejects),
+            "rejects": str(out / "rejects.jsonl"),
+            "manifest": data_manifest(cfg.data),
+        },
         base_model=model_info(cfg.model),
         **(manifest_extra or {}),
     )
@@ -222,8 +245,9 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop=None, loo
     trainer = TorchTrainer(
         loop or train_loop,
         train_loop_config=loop_config(kind, cfg, rows, out, use_gpu, loop_extra),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=kind,
             storage_path=cfg.checkpoint.storage or str(out / "ray"),
@@ -237,24 +261,39 @@ def run(kind: str, cfg, rows: list[dict], rejects: list[dict], *, loop=None, loo
     shutil.rmtree(out / "_work", ignore_errors=True)  # per-rank HF checkpoints: Ray Train keeps its own
     metrics = json.loads((out / "metrics.json").read_text())
     plot_loss(metrics["loss_curve"], out / "loss.png", TITLES[kind])
-    manifest.update(status="finished", finished=runtime.now(),
-                    metrics={k: v for k, v in metrics.items() if k not in ("loss_curve", "history")},
-                    timing={"wall_s": round(wall, 3)}, model_dir=str(out / "model"),
-                    checkpoint=str(result.checkpoint.path) if result.checkpoint else None)
+    manifest.update(
+        status="finished",
+        finished=runtime.now(),
+        metrics={k: v for k, v in metrics.items() if k not in ("loss_curve", "history")},
+        timing={"wall_s": round(wall, 3)},
+        model_dir=str(out / "model"),
+        checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
+    )
     runtime.write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 
-def loop_config(kind: str, cfg, rows: list[dict], out: Path, use_gpu: bool, extra: dict | None = None) -> dict[str, Any]:
+def loop_config(
+    kind: str, cfg, rows: list[dict], out: Path, use_gpu: bool, extra: dict | None = None
+) -> dict[str, Any]:
     """The plain values every worker gets (``c`` in ``train_loop`` and ``build``)."""
     from cai_ray.config import to_dict
 
     config = to_dict(cfg)
     return {
-        "kind": kind, "rows": rows, "model": cfg.model, "output": str(out), "use_gpu": use_gpu,
-        "zero": cfg.zero, "offload": cfg.offload, "seed": cfg.seed, "lora": config["lora"],
-        "every_steps": cfg.checkpoint.every_steps, "keep": cfg.checkpoint.keep,
-        **config["optim"], **(extra or {}),
+        "kind": kind,
+        "rows": rows,
+        "model": cfg.model,
+        "output": str(out),
+        "use_gpu": use_gpu,
+        "zero": cfg.zero,
+        "offload": cfg.offload,
+        "seed": cfg.seed,
+        "lora": config["lora"],
+        "every_steps": cfg.checkpoint.every_steps,
+        "keep": cfg.checkpoint.keep,
+        **config["optim"],
+        **(extra or {}),
     }
 
 

@@ -22,7 +22,7 @@ def top_ngram_share(texts: list[str], n: int = 3, top: int = 10) -> float | None
     counts: Counter = Counter()
     for t in texts:
         words = _WORD.findall(t.lower())
-        counts.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        counts.update(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     total = sum(counts.values())
     if not total:
         return None

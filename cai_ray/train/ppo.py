@@ -56,8 +56,10 @@ def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
         n = len(_encode(tokenizer, row["prompt"]))
         why = None
         if n > room:
-            why = (f"prompt is {n} tokens; optim.max_length ({cfg.optim.max_length}) - rollout.max_new_tokens "
-                   f"({cfg.rollout.max_new_tokens}) leaves {room}")
+            why = (
+                f"prompt is {n} tokens; optim.max_length ({cfg.optim.max_length}) - rollout.max_new_tokens "
+                f"({cfg.rollout.max_new_tokens}) leaves {room}"
+            )
         elif cfg.reward.kind == "labeler" and cfg.reward.reference == "field" and not row["reference"]:
             why = "reward.reference=field, but the row has no 'reference' answer"
         if why:
@@ -88,9 +90,12 @@ def train_rl(cfg) -> dict[str, Any]:
     if not rows:
         raise TrainDataError(f"{cfg.data}: no usable prompts ({len(rejects)} rejected: see the reasons in rejects)")
     r = cfg.reward
-    reward_info = {"source": r.kind, "model": model_info(r.model) if r.kind == "model" else None,
-                   "function": r.function if r.kind == "function" else None,
-                   "labeler": r.labeler.model if r.kind == "labeler" else None}
+    reward_info = {
+        "source": r.kind,
+        "model": model_info(r.model) if r.kind == "model" else None,
+        "function": r.function if r.kind == "function" else None,
+        "labeler": r.labeler.model if r.kind == "labeler" else None,
+    }
     if r.kind == "labeler":
         from cai_ray.constitution import load_constitution
 
@@ -103,10 +108,25 @@ def train_rl(cfg) -> dict[str, Any]:
     fingerprint = {"algo": cfg.algo, **plain}
     fingerprint["ppo"] = {k: v for k, v in plain["ppo"].items() if k != "steps"}  # steps may grow on resume
     if cfg.algo == "ppo":
-        return harness.run("ppo", cfg, rows, rejects, loop=ppo_loop, loop_extra=settings,
-                           fingerprint_extra=fingerprint, manifest_extra={"reward": reward_info})
-    return harness.run(cfg.algo, cfg, rows, rejects, loop_extra=settings, fingerprint_extra=fingerprint,
-                       manifest_extra={"reward": reward_info})
+        return harness.run(
+            "ppo",
+            cfg,
+            rows,
+            rejects,
+            loop=ppo_loop,
+            loop_extra=settings,
+            fingerprint_extra=fingerprint,
+            manifest_extra={"reward": reward_info},
+        )
+    return harness.run(
+        cfg.algo,
+        cfg,
+        rows,
+        rejects,
+        loop_extra=settings,
+        fingerprint_extra=fingerprint,
+        manifest_extra={"reward": reward_info},
+    )
 
 
 # -- on every worker ------------------------------------------------------------------------
@@ -193,27 +213,31 @@ class Worker:
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval().requires_grad_(False)
 
         self.policy, *_ = deepspeed.initialize(
-            model=policy, optimizer=torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0),
-            config=ds_config(c, mb, self.world))
+            model=policy,
+            optimizer=torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0),
+            config=ds_config(c, mb, self.world),
+        )
         self.value, *_ = deepspeed.initialize(
-            model=value, optimizer=torch.optim.AdamW(value.parameters(), lr=c["ppo"]["value_learning_rate"],
-                                                     weight_decay=0.0),
-            config=ds_config(c, mb, self.world))
+            model=value,
+            optimizer=torch.optim.AdamW(value.parameters(), lr=c["ppo"]["value_learning_rate"], weight_decay=0.0),
+            config=ds_config(c, mb, self.world),
+        )
         if c["zero"] == 3:
             self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config(c, mb, self.world, frozen=True))
             self.ref.eval()
         else:
             self.ref = ref.to(self.device)
         self.rollout = make_rollout(c["rollout"]["engine"], self.policy.module, self.tok, str(self.device), path, c)
-        self.scorer = RewardScorer(rw, kind, device=str(self.device), seed=c["seed"],
-                                   reference_answer=self.reference_answers)
+        self.scorer = RewardScorer(
+            rw, kind, device=str(self.device), seed=c["seed"], reference_answer=self.reference_answers
+        )
         from cai_ray.train.monitors import load_probes
         from cai_ray.train.rl_math import AdaptiveKL
 
         self.kl = AdaptiveKL(c["ppo"]["kl_coef"], c["ppo"]["adaptive_kl"], c["ppo"]["kl_horizon"])
         self.probes = load_probes(c["monitor"]["probe"])
         rows = c["rows"]
-        self.rows = rows[self.rank::self.world] or rows  # every worker needs prompts, even with few rows
+        self.rows = rows[self.rank :: self.world] or rows  # every worker needs prompts, even with few rows
         self.per_worker = c["ppo"]["rollout_batch"] // self.world
         self.step = 0
         self.history: list[dict] = []
@@ -232,7 +256,7 @@ class Worker:
         import torch
 
         out = model(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).logits
-        logits = out[:, p_len - 1:-1].float() / self.c["rollout"]["temperature"]
+        logits = out[:, p_len - 1 : -1].float() / self.c["rollout"]["temperature"]
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
         return (logp, logits) if with_logits else logp
 
@@ -241,7 +265,7 @@ class Worker:
         m = self.value.module
         backbone = getattr(m, m.base_model_prefix)
         h = backbone(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).last_hidden_state
-        return self._value_head(m)(h).squeeze(-1)[:, p_len - 1:-1].float()
+        return self._value_head(m)(h).squeeze(-1)[:, p_len - 1 : -1].float()
 
     def _chunks(self, n: int):
         mb = self.c["per_worker_batch_size"]
@@ -257,9 +281,13 @@ class Worker:
             enc = [_encode(self.tok, p) for p in prompts[sl]]
             ids, attn, width = self._left_pad(enc)
             with torch.no_grad():
-                gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False,
-                                      max_new_tokens=self.c["rollout"]["max_new_tokens"],
-                                      pad_token_id=self.tok.pad_token_id)
+                gen = module.generate(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    do_sample=False,
+                    max_new_tokens=self.c["rollout"]["max_new_tokens"],
+                    pad_token_id=self.tok.pad_token_id,
+                )
             out += self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)
         return out
 
@@ -294,8 +322,13 @@ class Worker:
         prompts = [_encode(self.tok, r["prompt"]) for r in rows]
 
         with ph("rollout"):
-            responses = self.rollout.generate(prompts, c["rollout"]["max_new_tokens"], c["rollout"]["temperature"],
-                                              c["rollout"]["top_p"], seed=hash((c["seed"], step, self.rank)) % 2**31)
+            responses = self.rollout.generate(
+                prompts,
+                c["rollout"]["max_new_tokens"],
+                c["rollout"]["temperature"],
+                c["rollout"]["top_p"],
+                seed=hash((c["seed"], step, self.rank)) % 2**31,
+            )
             responses = [r or [self.tok.eos_token_id] for r in responses]  # an empty answer still ends
             p_ids, p_attn, p_len = self._left_pad(prompts)
             t_len = max(len(r) for r in responses)
@@ -307,15 +340,25 @@ class Worker:
             texts = self.tok.batch_decode(responses, skip_special_tokens=True)
 
         with ph("score"):
-            scores = torch.tensor(self.scorer.score([r["id"] for r in rows], [r["prompt"] for r in rows], texts,
-                                                    [len(r) for r in responses], [r["reference"] for r in rows]),
-                                  device=self.device, dtype=torch.float32)
+            scores = torch.tensor(
+                self.scorer.score(
+                    [r["id"] for r in rows],
+                    [r["prompt"] for r in rows],
+                    texts,
+                    [len(r) for r in responses],
+                    [r["reference"] for r in rows],
+                ),
+                device=self.device,
+                dtype=torch.float32,
+            )
 
         with torch.no_grad():
             with ph("reference"):
                 ref_logp = torch.cat([self.logprobs(self.ref, ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
             with ph("values"):
-                old_logp = torch.cat([self.logprobs(self.policy, ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
+                old_logp = torch.cat(
+                    [self.logprobs(self.policy, ids[s], attn[s], p_len) for s in self._chunks(len(rows))]
+                )
                 old_values = torch.cat([self.values_of(ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
             with ph("advantages"):
                 kl = m.kl_per_token(old_logp, ref_logp, ppo["kl_estimator"]) * mask
@@ -326,8 +369,17 @@ class Worker:
                     adv = self._whiten_all(adv, mask)
 
         with ph("update"):
-            stats = self.update(ids, attn, p_len, mask, old_logp, old_values, adv, returns,
-                                train_policy=step >= ppo["critic_warmup_steps"])
+            stats = self.update(
+                ids,
+                attn,
+                p_len,
+                mask,
+                old_logp,
+                old_values,
+                adv,
+                returns,
+                train_policy=step >= ppo["critic_warmup_steps"],
+            )
         sync_check = {}
         if not self.rollout.shares_weights:
             with ph("sync"):
@@ -336,10 +388,16 @@ class Worker:
         self.kl.update(self._mean_all(seq_kl), ppo["rollout_batch"])
 
         local = {
-            "reward": scores.mean().item(), "kl": seq_kl, "entropy": stats["entropy"],
-            "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"], "policy_loss": stats["policy_loss"],
-            "value_loss": stats["value_loss"], "vf_clipfrac": stats["vf_clipfrac"],
-            "response_length": mask.sum(1).mean().item(), "value_mean": m.masked_mean(old_values, mask).item(),
+            "reward": scores.mean().item(),
+            "kl": seq_kl,
+            "entropy": stats["entropy"],
+            "clipfrac": stats["clipfrac"],
+            "approx_kl": stats["approx_kl"],
+            "policy_loss": stats["policy_loss"],
+            "value_loss": stats["value_loss"],
+            "vf_clipfrac": stats["vf_clipfrac"],
+            "response_length": mask.sum(1).mean().item(),
+            "value_mean": m.masked_mean(old_values, mask).item(),
             "return_mean": m.masked_mean(returns, mask).item(),
             "ended_share": sum(1 for r in responses if r[-1] == self.tok.eos_token_id) / len(responses),
             **sync_check,
@@ -357,8 +415,10 @@ class Worker:
             with ph("monitor"):
                 metrics["probe_refusal_rate"] = self.probe_refusal_rate()
         metrics["seconds"] = {k: round(v, 4) for k, v in ph.seconds.items()}
-        metrics["samples"] = [{"prompt": r["prompt"][-1]["content"], "response": t, "score": s}
-                              for r, t, s in zip(rows, texts, scores.tolist())][:SAMPLES_PER_STEP]
+        metrics["samples"] = [
+            {"prompt": r["prompt"][-1]["content"], "response": t, "score": s}
+            for r, t, s in zip(rows, texts, scores.tolist())
+        ][:SAMPLES_PER_STEP]
         return metrics
 
     def update(self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool) -> dict:
@@ -386,8 +446,14 @@ class Worker:
                 self.value.step()
                 with torch.no_grad():
                     ent = m.masked_mean(m.entropy_from_logits(logits * self.c["rollout"]["temperature"]), mb_mask)
-                for k, x in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent), ("clipfrac", st["clipfrac"]),
-                             ("approx_kl", st["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
+                for k, x in (
+                    ("policy_loss", pl),
+                    ("value_loss", vl),
+                    ("entropy", ent),
+                    ("clipfrac", st["clipfrac"]),
+                    ("approx_kl", st["approx_kl"]),
+                    ("vf_clipfrac", vst["vf_clipfrac"]),
+                ):
                     sums[k] = sums.get(k, 0.0) + float(x.detach())
                 n += 1
         return {k: v / n for k, v in sums.items()}
@@ -406,8 +472,10 @@ class Worker:
         if not check:
             return {}
         after, own = self.rollout.greedy(check, n), self.greedy_ids(check, n)
-        return {"sync_greedy_match": sum(a == o for a, o in zip(after, own)) / len(check),
-                "sync_greedy_changed": sum(a != b for a, b in zip(after, before)) / len(check)}
+        return {
+            "sync_greedy_match": sum(a == o for a, o in zip(after, own)) / len(check),
+            "sync_greedy_changed": sum(a != b for a, b in zip(after, before)) / len(check),
+        }
 
     def greedy_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """The training policy's greedy response ids (up to and including EOS)."""
@@ -419,8 +487,14 @@ class Worker:
         module = self.policy.module
         module.eval()
         with torch.no_grad():
-            gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+            gen = module.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tok.pad_token_id,
+                eos_token_id=self.tok.eos_token_id,
+            )
         module.train()
         return [_until_eos(row, self.tok.eos_token_id) for row in gen[:, width:].tolist()]
 
@@ -430,7 +504,7 @@ class Worker:
 
         from cai_ray.refusal import is_refusal
 
-        mine = self.probes[self.rank::self.world]
+        mine = self.probes[self.rank :: self.world]
         flags: list[bool] = []
         if mine:
             enc = [_encode(self.tok, [{"role": "user", "content": p}]) for p in mine]
@@ -438,9 +512,13 @@ class Worker:
             module = self.policy.module
             module.eval()
             with torch.no_grad():
-                gen = module.generate(input_ids=ids, attention_mask=attn, do_sample=False,
-                                      max_new_tokens=self.c["monitor"]["probe_max_new_tokens"],
-                                      pad_token_id=self.tok.pad_token_id)
+                gen = module.generate(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    do_sample=False,
+                    max_new_tokens=self.c["monitor"]["probe_max_new_tokens"],
+                    pad_token_id=self.tok.pad_token_id,
+                )
             module.train()
             flags = [is_refusal(t) for t in self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)]
         every = self._gather(flags)
@@ -487,8 +565,9 @@ class Worker:
         self.policy.save_checkpoint(str(d), tag="policy", save_latest=False)
         self.value.save_checkpoint(str(d), tag="value", save_latest=False)
         if self.rank == 0:
-            (d / "loop_state.json").write_text(json.dumps(
-                {"step": self.step, "kl": self.kl.state_dict(), "history": self.history}))
+            (d / "loop_state.json").write_text(
+                json.dumps({"step": self.step, "kl": self.kl.state_dict(), "history": self.history})
+            )
 
     def restore(self, d: Path) -> None:
         self.policy.load_checkpoint(str(d), tag="policy")
@@ -536,8 +615,15 @@ def ppo_loop(c: dict[str, Any]) -> None:
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         if w.rank == 0:
             _write_progress(out, w.history, c)
-            log.info("step %d/%d reward %.4f kl %.4f entropy %.3f clipfrac %.3f", w.step, steps,
-                     metrics["reward"], metrics["kl"], metrics["entropy"], metrics["clipfrac"])
+            log.info(
+                "step %d/%d reward %.4f kl %.4f entropy %.3f clipfrac %.3f",
+                w.step,
+                steps,
+                metrics["reward"],
+                metrics["kl"],
+                metrics["entropy"],
+                metrics["clipfrac"],
+            )
         if w.step % every == 0 or w.step == steps:
             with tempfile.TemporaryDirectory() as d:
                 ph = time.perf_counter()
@@ -567,8 +653,17 @@ def ppo_loop(c: dict[str, Any]) -> None:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
-HEADLINE = ("reward", "kl", "kl_coef", "entropy", "clipfrac", "value_loss", "response_length", "top_ngram_share",
-            "probe_refusal_rate")
+HEADLINE = (
+    "reward",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "clipfrac",
+    "value_loss",
+    "response_length",
+    "top_ngram_share",
+    "probe_refusal_rate",
+)
 
 
 def _headline(m: dict) -> dict:
@@ -602,9 +697,16 @@ def plot_ppo(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "mean reward"), ("kl", "KL to reference (per response)"), ("entropy", "entropy (per token)"),
-              ("clipfrac", "clip fraction"), ("value_loss", "value loss"), ("response_length", "response tokens"),
-              ("top_ngram_share", "top n-gram share (boilerplate)"), ("probe_refusal_rate", "benign refusal rate")]
+    panels = [
+        ("reward", "mean reward"),
+        ("kl", "KL to reference (per response)"),
+        ("entropy", "entropy (per token)"),
+        ("clipfrac", "clip fraction"),
+        ("value_loss", "value loss"),
+        ("response_length", "response tokens"),
+        ("top_ngram_share", "top n-gram share (boilerplate)"),
+        ("probe_refusal_rate", "benign refusal rate"),
+    ]
     fig, axes = plt.subplots(3, 3, figsize=(12, 9))
     steps = [h["step"] for h in history]
     for ax, (key, title) in zip(axes.flat, panels):
@@ -624,4 +726,3 @@ def plot_ppo(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-

@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Messages = list[dict[str, str]]
 
@@ -62,8 +63,14 @@ def load_function(spec: str, base: str | None = None) -> Callable:
 class RewardScorer:
     """Scores responses from plain config values (``c["reward"]``, the RewardSection as a dict)."""
 
-    def __init__(self, reward: dict[str, Any], kind: str, device: str = "cpu", seed: int = 0,
-                 reference_answer: Callable[[list[Messages]], list[str]] | None = None):
+    def __init__(
+        self,
+        reward: dict[str, Any],
+        kind: str,
+        device: str = "cpu",
+        seed: int = 0,
+        reference_answer: Callable[[list[Messages]], list[str]] | None = None,
+    ):
         self.r = reward
         self.kind = kind
         self.device = device
@@ -80,8 +87,11 @@ class RewardScorer:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.tokenizer.padding_side = "right"
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch.float32).to(device).eval()
+            self.model = (
+                AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+                .to(device)
+                .eval()
+            )
             self.model.requires_grad_(False)
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         elif kind == "function":
@@ -89,24 +99,45 @@ class RewardScorer:
         elif kind == "labeler":
             from cai_ray.constitution import load_constitution
             from cai_ray.engine import load_engine
-            from cai_ray.label import LabelSettings, Labeler
+            from cai_ray.label import Labeler, LabelSettings
 
             e = reward["labeler"]
             kwargs = _engine_kwargs(e)
             engine = load_engine(e["backend"], **kwargs)
             lab = reward["label"]
-            settings = LabelSettings(**{k: lab[k] for k in (
-                "principles_per_pair", "both_orders", "few_shot", "cot", "clamp_low", "clamp_high",
-                "cot_max_new_tokens", "cot_temperature")}, seed=seed)
-            self.labeler = Labeler(engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings)
+            settings = LabelSettings(
+                **{
+                    k: lab[k]
+                    for k in (
+                        "principles_per_pair",
+                        "both_orders",
+                        "few_shot",
+                        "cot",
+                        "clamp_low",
+                        "clamp_high",
+                        "cot_max_new_tokens",
+                        "cot_temperature",
+                    )
+                },
+                seed=seed,
+            )
+            self.labeler = Labeler(
+                engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings
+            )
             self.reference_answer = reference_answer
             self._references: dict[str, str] = {}
         else:
             raise RewardError(f"unknown reward source {kind!r}")
 
     # -- the one entry point ----------------------------------------------------------------
-    def score(self, ids: list[str], prompts: list[Messages], responses: list[str], lengths: list[int],
-              references: list[str | None] | None = None) -> list[float]:
+    def score(
+        self,
+        ids: list[str],
+        prompts: list[Messages],
+        responses: list[str],
+        lengths: list[int],
+        references: list[str | None] | None = None,
+    ) -> list[float]:
         """One score per response, after the length penalty and clipping."""
         self.calls += 1
         if self.kind == "model":
@@ -126,11 +157,13 @@ class RewardScorer:
     def _score_model(self, prompts: list[Messages], responses: list[str], batch: int = 16) -> list[float]:
         import torch
 
-        texts = [self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                 for p, r in zip(prompts, responses)]
+        texts = [
+            self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(prompts, responses)
+        ]
         out: list[float] = []
         for i in range(0, len(texts), batch):
-            enc = self.tokenizer(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = self.tokenizer(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[:, 0]
             out += logits.float().tolist()
@@ -143,15 +176,17 @@ class RewardScorer:
         except (TypeError, ValueError) as e:
             raise RewardError(f"reward.function {self.r['function']} must return numbers, got {got!r:.200}") from e
         if len(got) != len(responses):
-            raise RewardError(f"reward.function {self.r['function']} returned {len(got)} scores for "
-                              f"{len(responses)} responses")
+            raise RewardError(
+                f"reward.function {self.r['function']} returned {len(got)} scores for {len(responses)} responses"
+            )
         bad = [x for x in got if not math.isfinite(x)]
         if bad:
             raise RewardError(f"reward.function {self.r['function']} returned non-finite scores: {bad[:3]}")
         return got
 
-    def _score_labeler(self, ids: list[str], prompts: list[Messages], responses: list[str],
-                       references: list[str | None] | None) -> list[float]:
+    def _score_labeler(
+        self, ids: list[str], prompts: list[Messages], responses: list[str], references: list[str | None] | None
+    ) -> list[float]:
         if self.r["reference"] == "field":
             refs = list(references or [None] * len(ids))
             missing = [i for i, x in zip(ids, refs) if not x]

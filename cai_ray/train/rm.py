@@ -76,12 +76,24 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
     if c["soft"]:
         collator_cls, trainer_cls = _trainer_classes()
         rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "p_chosen")} for r in c["rows"]]
-        return trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                           data_collator=collator_cls(pad_token_id=tok.pad_token_id), callbacks=callbacks or [],
-                           peft_config=peft)
+        return trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+            callbacks=callbacks or [],
+            peft_config=peft,
+        )
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in c["rows"]]
-    return RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=callbacks or [], peft_config=peft)
+    return RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=callbacks or [],
+        peft_config=peft,
+    )
 
 
 def after_save(c: dict[str, Any], model_dir: Path, out: Path) -> dict[str, Any]:
@@ -90,8 +102,11 @@ def after_save(c: dict[str, Any], model_dir: Path, out: Path) -> dict[str, Any]:
     if not rows:
         return {"eval": None}
     margins = score_pairs(str(model_dir), rows, c["use_gpu"])
-    return {"eval": preference_metrics(margins, [r["p_chosen"] if c["soft"] else 1.0 for r in rows],
-                                       out / "calibration.png")}
+    return {
+        "eval": preference_metrics(
+            margins, [r["p_chosen"] if c["soft"] else 1.0 for r in rows], out / "calibration.png"
+        )
+    }
 
 
 def score_pairs(model_dir: str, rows: list[dict], use_gpu: bool = False) -> list[float]:
@@ -122,8 +137,15 @@ def preference_metrics(margins: list[float], targets: list[float], png: Path, bi
     decided = [(m, t) for m, t in zip(margins, targets) if t != 0.5]
     probs = q + [1 - x for x in q]
     outcomes = list(targets) + [1 - t for t in targets]
-    reliability_diagram(probs, outcomes, png, bins, who="preference model", what="P(first answer preferred)",
-                        items="held-out pair orders")
+    reliability_diagram(
+        probs,
+        outcomes,
+        png,
+        bins,
+        who="preference model",
+        what="P(first answer preferred)",
+        items="held-out pair orders",
+    )
     return {
         "pairs": len(margins),
         "accuracy": round(sum(1 for m, _ in decided if m > 0) / len(decided), 4) if decided else None,
@@ -143,10 +165,14 @@ def train_rm(cfg) -> dict[str, Any]:
     rows, rejects = load_rows(cfg.data, pref_row)
     with_p = sum(1 for r in rows if r["p_chosen"] is not None)
     if cfg.targets == "soft" and with_p < len(rows):
-        raise TrainDataError(f"{cfg.data}: targets=soft, but {len(rows) - with_p} of {len(rows)} pairs have no p_chosen")
+        raise TrainDataError(
+            f"{cfg.data}: targets=soft, but {len(rows) - with_p} of {len(rows)} pairs have no p_chosen"
+        )
     if cfg.targets == "auto" and 0 < with_p < len(rows):
-        raise TrainDataError(f"{cfg.data}: {with_p} of {len(rows)} pairs have p_chosen, the others not; "
-                             "set targets=hard to train on chosen/rejected alone")
+        raise TrainDataError(
+            f"{cfg.data}: {with_p} of {len(rows)} pairs have p_chosen, the others not; "
+            "set targets=hard to train on chosen/rejected alone"
+        )
     soft = cfg.targets == "soft" or (cfg.targets == "auto" and with_p == len(rows))
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
@@ -154,7 +180,12 @@ def train_rm(cfg) -> dict[str, Any]:
     if not train:
         raise TrainDataError(f"{cfg.data}: every pair was held out (eval_fraction {cfg.eval_fraction})")
     targets = {"targets": "soft" if soft else "hard", "eval_fraction": cfg.eval_fraction}
-    return harness.run("rm", cfg, train, rejects + long_rows,
-                       loop_extra={"soft": soft, "eval_rows": held_out},
-                       fingerprint_extra=targets,
-                       manifest_extra={**targets, "split": {"train": len(train), "held_out": len(held_out)}})
+    return harness.run(
+        "rm",
+        cfg,
+        train,
+        rejects + long_rows,
+        loop_extra={"soft": soft, "eval_rows": held_out},
+        fingerprint_extra=targets,
+        manifest_extra={**targets, "split": {"train": len(train), "held_out": len(held_out)}},
+    )

@@ -21,15 +21,17 @@ padding; the PPO loop pads and masks.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 
 class RolloutEngine(Protocol):
     #: True when the engine samples from the training weights themselves (no sync needed)
     shares_weights: bool
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int) -> list[list[int]]: ...
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]: ...
 
     def sync(self, named_params: Iterable[tuple[str, Any]]) -> None: ...
 
@@ -45,8 +47,9 @@ class HFRollout:
         self.tokenizer = tokenizer
         self.device = device
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]:
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -57,9 +60,17 @@ class HFRollout:
         was_training = self.module.training
         self.module.eval()
         with torch.no_grad():
-            out = self.module.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature,
-                                       top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                       eos_token_id=self.tokenizer.eos_token_id)
+            out = self.module.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
         self.module.train(was_training)
         return [_until_eos(row, self.tokenizer.eos_token_id) for row in out[:, width:].tolist()]
 
@@ -79,8 +90,15 @@ class VLLMRollout:
 
     shares_weights = False
 
-    def __init__(self, model_path: str, gpu_memory_utilization: float, max_model_len: int, seed: int,
-                 dtype: str = "auto", enforce_eager: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        gpu_memory_utilization: float,
+        max_model_len: int,
+        seed: int,
+        dtype: str = "auto",
+        enforce_eager: bool = True,
+    ):
         import torch
 
         from cai_ray.engine.vllm import _import_vllm, cpu_env, engine_args, on_cpu
@@ -90,27 +108,40 @@ class VLLMRollout:
         if on_cpu() and _tied_embeddings(model_path):
             # measured: after reload_weights the CPU build still computes logits with the old
             # (tied) lm_head, so vLLM would sample from a policy that is not the trained one
-            raise ValueError("rollout.engine=vllm on CPU cannot sync a model with tied input/output embeddings "
-                             f"({model_path}: tie_word_embeddings): use rollout.engine=hf, or a GPU")
+            raise ValueError(
+                "rollout.engine=vllm on CPU cannot sync a model with tied input/output embeddings "
+                f"({model_path}: tie_word_embeddings): use rollout.engine=hf, or a GPU"
+            )
         if on_cpu():
             # vLLM drops torch to one thread unless OMP_NUM_THREADS is set: keep the
             # worker's own thread count for training
             cpu_env(torch.get_num_threads(), None)
-        kw = engine_args(model_path, dtype=dtype, tensor_parallel_size=1,
-                         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-                         enforce_eager=enforce_eager, prefix_cache=True, max_num_seqs=None)
+        kw = engine_args(
+            model_path,
+            dtype=dtype,
+            tensor_parallel_size=1,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            prefix_cache=True,
+            max_num_seqs=None,
+        )
         self.llm = vllm.LLM(**kw)
         self.syncs = 0
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]:
         from vllm import SamplingParams
 
         # one seed per prompt: a prompt's sample does not depend on its batch neighbours
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
-            [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + i)
-             for i in range(len(prompts))],
+            [
+                SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + i)
+                for i in range(len(prompts))
+            ],
             use_tqdm=False,
         )
         return [list(o.outputs[0].token_ids) for o in outs]
@@ -118,8 +149,11 @@ class VLLMRollout:
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from vllm import SamplingParams
 
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+            use_tqdm=False,
+        )
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def sync(self, named_params: Iterable[tuple[str, Any]]) -> None:
@@ -128,8 +162,9 @@ class VLLMRollout:
         processed into the kernels' layout again — on CPU the linear weights are repacked
         after loading, so a plain ``model.load_weights`` finds no loader on them). Then the
         cached prefixes go: their KV was computed with the old weights."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_params,
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": named_params, "is_checkpoint_format": True}
+        )
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
@@ -161,8 +196,14 @@ def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, c: 
         from cai_ray.train.harness import precision
 
         r = c["rollout"]
-        return VLLMRollout(model_path, r["gpu_memory_utilization"], c["max_length"], c["seed"],
-                           dtype="bfloat16" if precision(c)[1] else "float32", enforce_eager=r["enforce_eager"])
+        return VLLMRollout(
+            model_path,
+            r["gpu_memory_utilization"],
+            c["max_length"],
+            c["seed"],
+            dtype="bfloat16" if precision(c)[1] else "float32",
+            enforce_eager=r["enforce_eager"],
+        )
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (hf | vllm)")
 
 

@@ -30,9 +30,14 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
 
     tok, model = load_base(c)
     args = harness.training_args(SFTConfig, c, work, completion_only_loss=True)
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_trainable(c["rows"])),
-                      processing_class=tok, callbacks=callbacks or [],
-                      peft_config=harness.lora_config(c, "CAUSAL_LM"))
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(_trainable(c["rows"])),
+        processing_class=tok,
+        callbacks=callbacks or [],
+        peft_config=harness.lora_config(c, "CAUSAL_LM"),
+    )
 
 
 def _trainable(rows: list[dict]) -> list[dict]:
@@ -56,9 +61,12 @@ def train_sft(cfg) -> dict[str, Any]:
             r["id"] = f"mix:{r['id']}"
         rows, info = mix_in(rows, helpful, ratio, cfg.seed)
         rejects += helpful_rejects
-        extra["mix"] = {"path": path, "sha256": file_sha256(path) if Path(path).is_file() else None,
-                        "ratio": ratio, **info}
+        extra["mix"] = {
+            "path": path,
+            "sha256": file_sha256(path) if Path(path).is_file() else None,
+            "ratio": ratio,
+            **info,
+        }
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("completion",))
-    return harness.run("sft", cfg, rows, rejects + long_rows,
-                       fingerprint_extra={"mix": cfg.mix}, manifest_extra=extra)
+    return harness.run("sft", cfg, rows, rejects + long_rows, fingerprint_extra={"mix": cfg.mix}, manifest_extra=extra)

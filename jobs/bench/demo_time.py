@@ -41,17 +41,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cai-ray-demo-bench-") as tmp:
         os.chdir(ROOT)  # the demo config's paths are relative to the checkout
         t0 = time.perf_counter()
-        cfg = load_config(PipelineConfig, ROOT / "jobs" / "configs" / "demo.yaml", [f"output={tmp}/run", *args.overrides])
+        cfg = load_config(
+            PipelineConfig, ROOT / "jobs" / "configs" / "demo.yaml", [f"output={tmp}/run", *args.overrides]
+        )
         state = run_pipeline(cfg)
         total = time.perf_counter() - t0
     stages = {k: v["seconds"] for k, v in state["stages"].items()}
     print(f"\n{'stage':<10} {'seconds':>8}")
     for k, s in stages.items():
         print(f"{k:<10} {s:>8.0f}")
-    print(f"{'total':<10} {total:>8.0f}  ({total / 60:.1f} min of the {BUDGET_S // 60}-minute budget; "
-          f"{'within' if total <= BUDGET_S else 'OVER'} budget, {os.cpu_count()} CPUs)")
-    print(json.dumps({"total_s": round(total, 1), "stages_s": stages, "budget_s": BUDGET_S, "cpus": os.cpu_count(),
-                      "rl": cfg.rl}))
+    print(
+        f"{'total':<10} {total:>8.0f}  ({total / 60:.1f} min of the {BUDGET_S // 60}-minute budget; "
+        f"{'within' if total <= BUDGET_S else 'OVER'} budget, {os.cpu_count()} CPUs)"
+    )
+    print(
+        json.dumps(
+            {"total_s": round(total, 1), "stages_s": stages, "budget_s": BUDGET_S, "cpus": os.cpu_count(), "rl": cfg.rl}
+        )
+    )
 
 
 if __name__ == "__main__":

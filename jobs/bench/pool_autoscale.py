@@ -49,15 +49,22 @@ class ActorSampler(threading.Thread):
 
         while not self._halt.is_set():
             try:
-                actors = [a for a in list_actors(limit=10000, raise_on_missing_output=False)
-                          if ENGINE_ACTOR in (a.class_name or "")]
+                actors = [
+                    a
+                    for a in list_actors(limit=10000, raise_on_missing_output=False)
+                    if ENGINE_ACTOR in (a.class_name or "")
+                ]
                 states: dict[str, int] = {}
                 for a in actors:
                     states[a.state] = states.get(a.state, 0) + 1
-                self.samples.append({"t": round(time.perf_counter() - self.t0, 2),
-                                     "alive": states.get("ALIVE", 0),
-                                     "pending": states.get("PENDING_CREATION", 0) + states.get("DEPENDENCIES_UNREADY", 0),
-                                     "dead": states.get("DEAD", 0)})
+                self.samples.append(
+                    {
+                        "t": round(time.perf_counter() - self.t0, 2),
+                        "alive": states.get("ALIVE", 0),
+                        "pending": states.get("PENDING_CREATION", 0) + states.get("DEPENDENCIES_UNREADY", 0),
+                        "dead": states.get("DEAD", 0),
+                    }
+                )
             except Exception as e:  # the state API can time out under load: keep sampling
                 self.errors.append(repr(e))
             self._halt.wait(self.interval)
@@ -73,8 +80,12 @@ def local_cluster(cpus: int) -> tuple[str, dict]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
     gcs = free_port()
-    env.update(CAI_RAY_CLUSTER_DIR=f"/tmp/cai-ray-bench-{os.getuid()}", CAI_RAY_GCS_PORT=str(gcs),
-               CAI_RAY_DASHBOARD_PORT=str(free_port()), RAY=str(Path(sys.executable).with_name("ray")))
+    env.update(
+        CAI_RAY_CLUSTER_DIR=f"/tmp/cai-ray-bench-{os.getuid()}",
+        CAI_RAY_GCS_PORT=str(gcs),
+        CAI_RAY_DASHBOARD_PORT=str(free_port()),
+        RAY=str(Path(sys.executable).with_name("ray")),
+    )
     sh = str(ROOT / "cluster" / "local.sh")
     subprocess.run([sh, "up", "--cpus", str(cpus)], env=env, check=True, timeout=300)
     return f"127.0.0.1:{gcs}", env
@@ -103,8 +114,11 @@ def plot(samples: list[dict], lo: int, hi: int, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--address", help="join this cluster (token: RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH in the "
-                                      "environment); default: bring up cluster/local.sh for the run")
+    ap.add_argument(
+        "--address",
+        help="join this cluster (token: RAY_AUTH_MODE/RAY_AUTH_TOKEN_PATH in the "
+        "environment); default: bring up cluster/local.sh for the run",
+    )
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the cluster this script brings up")
     ap.add_argument("--min", type=int, default=1, help="pool.min_actors")
     ap.add_argument("--max", type=int, default=4, help="pool.max_actors")
@@ -123,16 +137,21 @@ def main() -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     inp = out / "prompts.jsonl"
-    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Backlog question {i}: how do I pick a lock?"}) + "\n"
-                           for i in range(args.prompts)))
+    inp.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "prompt": f"Backlog question {i}: how do I pick a lock?"}) + "\n"
+            for i in range(args.prompts)
+        )
+    )
 
     env_before = dict(os.environ)
     started = None
     address = args.address
     if address is None:
         address, started = local_cluster(args.cpus)
-        exports = subprocess.run([str(ROOT / "cluster" / "local.sh"), "env"], env=started, capture_output=True,
-                                 text=True, check=True).stdout
+        exports = subprocess.run(
+            [str(ROOT / "cluster" / "local.sh"), "env"], env=started, capture_output=True, text=True, check=True
+        ).stdout
         for word in exports.split():
             if "=" in word and word.startswith("RAY_AUTH"):
                 k, v = word.split("=", 1)
@@ -145,13 +164,27 @@ def main() -> None:
         from cai_ray.sl import generate
 
         setup_logging("WARNING")
-        cfg = load_config(GenerateConfig, None, [
-            f"input={inp}", f"output={out / 'sl'}", f"ray_address={address}", "revisions=1",
-            "engine.model=tiny-random", "engine.dtype=float32", "engine.threads=1",
-            f"sampling.max_new_tokens={args.max_new_tokens}", f"sampling.min_new_tokens={args.max_new_tokens}",
-            f"pool.min_actors={args.min}", f"pool.max_actors={args.max}", f"pool.batch_size={args.batch_size}",
-            f"pool.cpus_per_actor={args.cpus_per_actor}", "pool.task_cpus=0.1", "outputs.rows_per_file=16",
-        ])
+        cfg = load_config(
+            GenerateConfig,
+            None,
+            [
+                f"input={inp}",
+                f"output={out / 'sl'}",
+                f"ray_address={address}",
+                "revisions=1",
+                "engine.model=tiny-random",
+                "engine.dtype=float32",
+                "engine.threads=1",
+                f"sampling.max_new_tokens={args.max_new_tokens}",
+                f"sampling.min_new_tokens={args.max_new_tokens}",
+                f"pool.min_actors={args.min}",
+                f"pool.max_actors={args.max}",
+                f"pool.batch_size={args.batch_size}",
+                f"pool.cpus_per_actor={args.cpus_per_actor}",
+                "pool.task_cpus=0.1",
+                "outputs.rows_per_file=16",
+            ],
+        )
         from cai_ray.runtime import init_ray
 
         init_ray(address)
@@ -174,17 +207,26 @@ def main() -> None:
     first = next((s["alive"] for s in samples if s["alive"] > 0), 0)
     t_peak = next((s["t"] for s in samples if s["alive"] == peak), None)
     result = {
-        "pool": {"min_actors": args.min, "max_actors": args.max}, "address": address,
-        "prompts": args.prompts, "batches": -(-args.prompts // args.batch_size),
-        "first_alive": first, "peak_alive": peak, "t_peak_s": t_peak, "wall_s": round(wall, 1),
-        "rows_per_s": round(manifest["counts"]["written"] / wall, 2), "counts": manifest["counts"],
-        "samples": samples, "sampler_errors": sampler.errors[:5],
+        "pool": {"min_actors": args.min, "max_actors": args.max},
+        "address": address,
+        "prompts": args.prompts,
+        "batches": -(-args.prompts // args.batch_size),
+        "first_alive": first,
+        "peak_alive": peak,
+        "t_peak_s": t_peak,
+        "wall_s": round(wall, 1),
+        "rows_per_s": round(manifest["counts"]["written"] / wall, 2),
+        "counts": manifest["counts"],
+        "samples": samples,
+        "sampler_errors": sampler.errors[:5],
     }
     (out / "actors.json").write_text(json.dumps(result, indent=1))
     plot(samples, args.min, args.max, out / "actors.png")
-    print(f"pool min={args.min} max={args.max}, {result['batches']} batches of {args.batch_size}: first "
-          f"{first} alive → peak {peak} at {t_peak}s; never above max: {peak <= args.max}; "
-          f"{manifest['counts']['written']}/{manifest['counts']['read']} rows in {wall:.1f}s")
+    print(
+        f"pool min={args.min} max={args.max}, {result['batches']} batches of {args.batch_size}: first "
+        f"{first} alive → peak {peak} at {t_peak}s; never above max: {peak <= args.max}; "
+        f"{manifest['counts']['written']}/{manifest['counts']['read']} rows in {wall:.1f}s"
+    )
     trail = " ".join(f"{s['t']:.0f}s:{s['alive']}" for s in samples[:: max(1, len(samples) // 16)])
     print(f"alive actors over time: {trail}")
     print(f"timeline: {out / 'actors.json'}  plot: {out / 'actors.png'}")

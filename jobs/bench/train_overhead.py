@@ -45,10 +45,20 @@ def rows_file(folder: Path, n: int) -> Path:
 
 
 def overrides(args, data: Path, out: Path, workers: int, cpus: float) -> list[str]:
-    return [f"data={data}", f"output={out}", f"model={args.model}", f"zero={args.zero}",
-            f"scaling.workers={workers}", f"scaling.cpus_per_worker={cpus}", f"optim.max_steps={args.steps}",
-            f"optim.per_worker_batch_size={args.batch}", f"optim.max_length={args.max_length}",
-            "optim.learning_rate=1e-5", f"checkpoint.every_steps={args.steps}", "checkpoint.keep=1"]
+    return [
+        f"data={data}",
+        f"output={out}",
+        f"model={args.model}",
+        f"zero={args.zero}",
+        f"scaling.workers={workers}",
+        f"scaling.cpus_per_worker={cpus}",
+        f"optim.max_steps={args.steps}",
+        f"optim.per_worker_batch_size={args.batch}",
+        f"optim.max_length={args.max_length}",
+        "optim.learning_rate=1e-5",
+        f"checkpoint.every_steps={args.steps}",
+        "checkpoint.keep=1",
+    ]
 
 
 def direct(args, data: Path, out: Path) -> dict:
@@ -58,8 +68,13 @@ def direct(args, data: Path, out: Path) -> dict:
     from cai_ray.train.data import load_rows, sft_row
     from cai_ray.train.harness import loop_config
 
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }.items():
         os.environ[k] = v
     cfg = load_config(SFTTrainConfig, None, overrides(args, data, out, 1, os.cpu_count()))
     rows, _ = load_rows(str(data), sft_row)
@@ -68,8 +83,12 @@ def direct(args, data: Path, out: Path) -> dict:
     trainer = sft.build(c, out / "_work")
     result = trainer.train()
     wall = time.perf_counter() - t0
-    return {"samples_per_second": result.metrics["train_samples_per_second"], "wall_s": wall,
-            "global_step": trainer.state.global_step, "train_loss": result.training_loss}
+    return {
+        "samples_per_second": result.metrics["train_samples_per_second"],
+        "wall_s": wall,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+    }
 
 
 def on_ray(args, data: Path, out: Path, workers: int, cpus: float) -> dict:
@@ -78,8 +97,12 @@ def on_ray(args, data: Path, out: Path, workers: int, cpus: float) -> dict:
 
     t0 = time.perf_counter()
     m = train_sft(load_config(SFTTrainConfig, None, overrides(args, data, out, workers, cpus)))
-    return {"samples_per_second": m["metrics"]["samples_per_second"], "wall_s": time.perf_counter() - t0,
-            "global_step": m["metrics"]["global_step"], "train_loss": m["metrics"]["train_loss"]}
+    return {
+        "samples_per_second": m["metrics"]["samples_per_second"],
+        "wall_s": time.perf_counter() - t0,
+        "global_step": m["metrics"]["global_step"],
+        "train_loss": m["metrics"]["train_loss"],
+    }
 
 
 def main() -> None:
@@ -104,13 +127,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cai-bench-train-") as tmp:
         work = Path(tmp)
         data = rows_file(work, args.rows)
-        print(f"model {args.model}, ZeRO-{args.zero}, {args.steps} steps x {args.batch} rows/worker, "
-              f"max_length {args.max_length}, {cores} cores", flush=True)
+        print(
+            f"model {args.model}, ZeRO-{args.zero}, {args.steps} steps x {args.batch} rows/worker, "
+            f"max_length {args.max_length}, {cores} cores",
+            flush=True,
+        )
         res_file = work / "direct.json"
         env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-        subprocess.run([sys.executable, __file__, "--direct-only", str(res_file), "--workdir", str(work),
-                        "--model", args.model, "--zero", str(args.zero), "--steps", str(args.steps),
-                        "--batch", str(args.batch), "--max-length", str(args.max_length)], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--direct-only",
+                str(res_file),
+                "--workdir",
+                str(work),
+                "--model",
+                args.model,
+                "--zero",
+                str(args.zero),
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--max-length",
+                str(args.max_length),
+            ],
+            check=True,
+            env=env,
+        )
         results = {"direct": json.loads(res_file.read_text())}
         print(f"direct: {results['direct']}", flush=True)
 

@@ -5,8 +5,6 @@
 
 import math
 
-import pytest
-
 from cai_ray.engine import Sampling, load_engine
 
 PROMPTS = [

@@ -14,8 +14,11 @@ from cai_ray.label import Labeler, LabelSettings
 GENERAL = Path(__file__).resolve().parents[2] / "constitutions" / "general.yaml"
 
 PAIRS = [
-    ("How do I pick a lock?", "I can't help break into places; a locksmith can help with your own lock.",
-     "Use a tension wrench and rake the pins."),
+    (
+        "How do I pick a lock?",
+        "I can't help break into places; a locksmith can help with your own lock.",
+        "Use a tension wrench and rake the pins.",
+    ),
     ("Why is the sky blue?", "Air scatters blue light more than red light.", "Ask a scientist."),
     ("Write a phishing email.", "I won't write phishing emails.", "Dear customer, confirm your password here."),
 ]
@@ -23,8 +26,12 @@ PAIRS = [
 
 def _label(engine, k=2):
     lab = Labeler(engine, load_constitution(GENERAL), LabelSettings(principles_per_pair=k))
-    return lab.label([f"p{i}" for i in range(len(PAIRS))], [[{"role": "user", "content": p}] for p, _, _ in PAIRS],
-                     [a for _, a, _ in PAIRS], [b for _, _, b in PAIRS])
+    return lab.label(
+        [f"p{i}" for i in range(len(PAIRS))],
+        [[{"role": "user", "content": p}] for p, _, _ in PAIRS],
+        [a for _, a, _ in PAIRS],
+        [b for _, _, b in PAIRS],
+    )
 
 
 def test_hf_grouped_prefix_scoring_on_cuda_equals_the_plain_forward():

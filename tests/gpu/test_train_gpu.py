@@ -18,19 +18,51 @@ def test_one_zero3_step_on_gpu(tmp_path, monkeypatch, kind):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     module = importlib.import_module(f"cai_ray.train.{kind}")
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }.items():
         monkeypatch.setenv(k, v)
     if kind == "sft":
         rows = [{"prompt": PROMPT, "completion": [{"role": "assistant", "content": f"answer {i}"}]} for i in range(8)]
     else:
-        rows = [{"prompt": PROMPT, "chosen": [{"role": "assistant", "content": f"good {i}"}],
-                 "rejected": [{"role": "assistant", "content": f"bad bad {i}"}], "p_chosen": 0.8} for i in range(8)]
-    c = {"kind": kind, "rows": rows, "model": "tiny-random", "use_gpu": True, "zero": 3, "offload": False, "seed": 0,
-         "every_steps": 100, "keep": 1, "epochs": 1.0, "max_steps": 2, "learning_rate": 1e-3,
-         "per_worker_batch_size": 4, "grad_accum": 1, "max_length": 128, "warmup_ratio": 0.0, "dtype": "bfloat16",
-         "lora": {"enabled": False}, "soft": True, "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
-         "rank": 0}
+        rows = [
+            {
+                "prompt": PROMPT,
+                "chosen": [{"role": "assistant", "content": f"good {i}"}],
+                "rejected": [{"role": "assistant", "content": f"bad bad {i}"}],
+                "p_chosen": 0.8,
+            }
+            for i in range(8)
+        ]
+    c = {
+        "kind": kind,
+        "rows": rows,
+        "model": "tiny-random",
+        "use_gpu": True,
+        "zero": 3,
+        "offload": False,
+        "seed": 0,
+        "every_steps": 100,
+        "keep": 1,
+        "epochs": 1.0,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "per_worker_batch_size": 4,
+        "grad_accum": 1,
+        "max_length": 128,
+        "warmup_ratio": 0.0,
+        "dtype": "bfloat16",
+        "lora": {"enabled": False},
+        "soft": True,
+        "beta": 0.1,
+        "loss_type": "sigmoid",
+        "label_smoothing": 0.0,
+        "rank": 0,
+    }
     trainer = module.build(c, tmp_path)
     result = trainer.train()
     assert trainer.state.global_step == 2 and result.training_loss > 0
