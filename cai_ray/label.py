@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,13 @@ class LabelSettings:
     cot_max_new_tokens: int = 192
     cot_temperature: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def of(cls, section, seed: int) -> LabelSettings:
+        """From a ``label`` config section (a LabelerConfig, or its plain values as workers
+        and replicas receive them) and the run's seed: the one way these are built."""
+        values = section if isinstance(section, dict) else asdict(section)
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name != "seed"}, seed=seed)
 
 
 @dataclass
@@ -532,18 +539,7 @@ def label_fingerprint(config: dict[str, Any], constitution: Constitution) -> dic
 
 def settings_from(cfg) -> LabelSettings:
     """The LabelSettings of a config with ``label`` (LabelerConfig) and ``seed``."""
-    lc = cfg.label
-    return LabelSettings(
-        principles_per_pair=lc.principles_per_pair,
-        both_orders=lc.both_orders,
-        few_shot=lc.few_shot,
-        cot=lc.cot,
-        clamp_low=lc.clamp_low,
-        clamp_high=lc.clamp_high,
-        cot_max_new_tokens=lc.cot_max_new_tokens,
-        cot_temperature=lc.cot_temperature,
-        seed=cfg.seed,
-    )
+    return LabelSettings.of(cfg.label, cfg.seed)
 
 
 def label(cfg) -> dict[str, Any]:

@@ -96,6 +96,14 @@ def load_engine(backend: str, **kwargs) -> Engine:
     return engine_class(backend)(**kwargs)
 
 
+def engine_from_section(section: dict, **overrides) -> Engine:
+    """The engine an ``engine``-style config section describes (its plain values, as
+    workers and replicas receive them)."""
+    from cai_ray.config import EngineConfig
+
+    return load_engine(section["backend"], **{**EngineConfig(**section).engine_kwargs(), **overrides})
+
+
 class ChatTemplate:
     """Chat template → token ids, shared by the backends that hold a HF tokenizer.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from cai_ray import prompts
 from cai_ray.constitution import load_constitution
-from cai_ray.engine import Sampling, load_engine
+from cai_ray.engine import Sampling, engine_from_section
 from cai_ray.label import Labeler, LabelSettings
 
 
@@ -22,15 +22,15 @@ class Service:
         """``settings``: the ServeConfig as a dict (plain values travel to replicas)."""
         self.settings = settings
         pol = settings["policy"]
-        self.policy = load_engine(pol["backend"], **_engine_kwargs(pol))
+        self.policy = engine_from_section(pol)
         lab = settings["labeler"]
         same = not lab["model"] or (lab["model"], lab["backend"]) == (pol["model"], pol["backend"])
-        self.labeler_engine = self.policy if same else load_engine(lab["backend"], **_engine_kwargs(lab))
+        self.labeler_engine = self.policy if same else engine_from_section(lab)
         self.policy_name = pol["model"]
         self.labeler_name = pol["model"] if same else lab["model"]
         self.constitution = load_constitution(settings["constitution"])
         self.labeler = Labeler(
-            self.labeler_engine, self.constitution, LabelSettings(**settings["label"], seed=settings["seed"])
+            self.labeler_engine, self.constitution, LabelSettings.of(settings["label"], settings["seed"])
         )
         self.shots = prompts.few_shot_turns(self.constitution, None)
         # hf engines are not thread-safe: one call at a time. An async engine (vLLM) takes
@@ -149,9 +149,3 @@ class Service:
 def pair_key(messages: list[dict], a: str, b: str) -> str:
     """A stable id for a pair, so principle sampling is the same on every call."""
     return hashlib.sha256(json.dumps([messages, a, b], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _engine_kwargs(e: dict[str, Any]) -> dict[str, Any]:
-    from cai_ray.config import EngineConfig
-
-    return EngineConfig(**e).engine_kwargs()

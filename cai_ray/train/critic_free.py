@@ -16,11 +16,7 @@ from typing import Any
 
 from cai_ray.train import harness
 
-
-def load_base(c: dict[str, Any]):
-    from transformers import AutoModelForCausalLM
-
-    return harness.load_model(c, AutoModelForCausalLM)
+load_base = harness.load_causal_lm
 
 
 class RewardFunction:

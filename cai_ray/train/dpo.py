@@ -17,11 +17,7 @@ from typing import Any
 from cai_ray.train import harness
 from cai_ray.train.data import load_rows, pref_row, reject_long
 
-
-def load_base(c: dict[str, Any]):
-    from transformers import AutoModelForCausalLM
-
-    return harness.load_model(c, AutoModelForCausalLM)
+load_base = harness.load_causal_lm
 
 
 def build(c: dict[str, Any], work: Path, callbacks: list | None = None):

@@ -75,6 +75,13 @@ def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
     )
 
 
+def load_causal_lm(c: dict[str, Any]):
+    """``load_base`` of the trainers whose model is a causal LM (sft, dpo, grpo/rloo)."""
+    from transformers import AutoModelForCausalLM
+
+    return load_model(c, AutoModelForCausalLM)
+
+
 def load_model(c: dict[str, Any], auto_cls, **kwargs):
     """(tokenizer, model) for the base model in the worker's precision; a pad token is set."""
     import torch

@@ -98,29 +98,11 @@ class RewardScorer:
             self.fn = load_function(reward["function"], reward.get("base_dir"))
         elif kind == "labeler":
             from cai_ray.constitution import load_constitution
-            from cai_ray.engine import load_engine
+            from cai_ray.engine import engine_from_section
             from cai_ray.label import Labeler, LabelSettings
 
-            e = reward["labeler"]
-            kwargs = _engine_kwargs(e)
-            engine = load_engine(e["backend"], **kwargs)
-            lab = reward["label"]
-            settings = LabelSettings(
-                **{
-                    k: lab[k]
-                    for k in (
-                        "principles_per_pair",
-                        "both_orders",
-                        "few_shot",
-                        "cot",
-                        "clamp_low",
-                        "clamp_high",
-                        "cot_max_new_tokens",
-                        "cot_temperature",
-                    )
-                },
-                seed=seed,
-            )
+            engine = engine_from_section(reward["labeler"])
+            settings = LabelSettings.of(reward["label"], seed)
             self.labeler = Labeler(
                 engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings
             )
@@ -207,10 +189,3 @@ class RewardScorer:
             else:
                 out.append(lab.p_a)
         return out
-
-
-def _engine_kwargs(e: dict[str, Any]) -> dict[str, Any]:
-    """EngineConfig.engine_kwargs() from the section's plain values."""
-    from cai_ray.config import EngineConfig
-
-    return EngineConfig(**e).engine_kwargs()

@@ -39,16 +39,6 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum((x - mean) ** 2, mask) / (n - 1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked positions; padding stays 0. ``shift_mean=False``
-    keeps the mean (used for rewards, whose sign carries meaning)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(π‖π_ref) from the sampled tokens' log-probabilities under
     the policy and the reference. With r = logπ - logπ_ref: k1 = r (unbiased, can be
@@ -134,22 +124,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the softmax over the last dimension."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
-    """RLOO: each of a prompt's k samples (scores shape (prompts, k), k ≥ 2) is compared
-    with the mean score of the other k-1."""
-    k = scores.shape[1]
-    if k < 2:
-        raise ValueError("RLOO needs at least 2 samples per prompt")
-    return scores - (scores.sum(1, keepdim=True) - scores) / (k - 1)
-
-
-def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """GRPO: each sample's score relative to its group's (the prompt's k samples) mean,
-    divided by the group's standard deviation when ``scale``."""
-    adv = scores - scores.mean(1, keepdim=True)
-    return adv / (scores.std(1, keepdim=True) + eps) if scale else adv
 
 
 class AdaptiveKL:
