@@ -816,6 +816,9 @@ class ServeScaling:
             raise ConfigError(f"{where}: batch_wait_timeout_s and gpus_per_replica must be >= 0")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 @dataclass
 class ServeConfig:
     """`cai-ray serve`: the policy (OpenAI-compatible chat), the AI labeler and the
@@ -827,10 +830,10 @@ class ServeConfig:
         metadata={"help": "labeler for /v1/label; model '' = the policy's engine"},
     )
     constitution: str = _f("constitutions/general.yaml", "principles for /v1/label, /v1/critique and the guardrail")
-    guardrail: bool = _f(
+    guardrail: bool | str = _f(
         False,
-        "critique every chat answer against the constitution and revise it when needed "
-        "(a request may turn it on or off with cai_guardrail)",
+        "critique every chat answer against the constitution and revise it when needed: true (a request "
+        "may turn it off with cai_guardrail: false) | enforce (always on; cai_guardrail: false is a 400)",
     )
     guardrail_principles: int = _f(1, "principles sampled per guarded answer")
     label: LabelerConfig = field(
@@ -839,7 +842,8 @@ class ServeConfig:
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
     port: int = _f(8000, "HTTP port")
     api_key_file: str | None = _f(None, "file holding the bearer token; default: $CAI_RAY_API_KEY")
-    auth: bool = _f(True, "require the bearer token on every model route (false only on a trusted host)")
+    auth: bool = _f(True, "require the bearer token on every route but /healthz (false only on a loopback host)")
+    insecure_public: bool = _f(False, "allow auth: false on a non-loopback host (anyone who reaches it may use it)")
     seed: int = _f(0, "seeds principle sampling")
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
     limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "input limits"})
@@ -853,6 +857,13 @@ class ServeConfig:
             raise ConfigError(f"port: must be 1-65535, got {self.port}")
         if self.guardrail_principles < 1:
             raise ConfigError(f"guardrail_principles: must be >= 1, got {self.guardrail_principles}")
+        if isinstance(self.guardrail, str) and self.guardrail != "enforce":
+            raise ConfigError(f"guardrail: true, false or enforce, got {self.guardrail!r}")
+        if not self.auth and self.host not in LOOPBACK and not self.insecure_public:
+            raise ConfigError(
+                f"auth: false with host {self.host!r} would let anyone who reaches it use the models: keep auth "
+                "on, bind 127.0.0.1, or set insecure_public: true"
+            )
         self.label.validate("label")
         self.limits.validate("limits")
         self.scaling.validate("scaling")

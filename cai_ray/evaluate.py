@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ class Model:
 
 
 # -- inputs ---------------------------------------------------------------------------------
+UNCATEGORISED = "uncategorised"  # a row with no (or an empty) category: evaluated, reported as such
+
+
 def eval_row(r: dict) -> tuple[dict | None, str | None]:
     """A prompt row (``prompt`` or ``messages`` ending with a user turn) with its category."""
     from cai_ray.train.data import prompt_row
@@ -63,9 +67,11 @@ def eval_row(r: dict) -> tuple[dict | None, str | None]:
     row, why = prompt_row(r)
     if row is None:
         return None, why
-    cat = r.get("category", "uncategorised")
-    if not isinstance(cat, str) or not cat.strip():
-        return None, f"'category' must be a non-empty string, got {cat!r}"
+    cat = r.get("category")
+    if cat is None or (isinstance(cat, str) and not cat.strip()):
+        cat = UNCATEGORISED  # public red-team sets are often exported with empty categories
+    elif not isinstance(cat, str):
+        return None, f"'category' must be a string, got {cat!r}"
     return {"prompt": row["prompt"], "category": cat.strip()}, None
 
 
@@ -292,7 +298,11 @@ def judge_yes_no(judge, items: list[tuple[list, str]], question_of, yes: str, no
         firsts = [soft_label(*lp) for lp in lps[0::2]]
         seconds = [soft_label(*lp) for lp in lps[1::2]]
         ps = [eval_math.judged_yes(a, b) for a, b in zip(firsts, seconds)]
-        out.append({"p": sum(ps) / len(ps), "orders": [[a, b] for a, b in zip(firsts, seconds)], "invalid": None})
+        p = sum(ps) / len(ps)
+        if not math.isfinite(p):  # NaN would count as "harmless" and break the Elo fit
+            out.append({"p": None, "orders": None, "invalid": f"non-finite judge probability {p}"})
+            continue
+        out.append({"p": p, "orders": [[a, b] for a, b in zip(firsts, seconds)], "invalid": None})
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, fields
@@ -243,6 +244,8 @@ def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) 
     """Why a labelled pair goes to filtered/ instead of data/ (None = kept)."""
     if label.invalid is not None:
         return label.invalid
+    if label.p_a is None or not math.isfinite(label.p_a):
+        return f"non-finite label p_a={label.p_a}"  # NaN passes every comparison below
     margin = abs(label.p_a - 0.5)
     if margin < min_margin:
         return f"low margin: |p_a - 0.5| = {margin:.3f} < filter.min_margin {min_margin}"

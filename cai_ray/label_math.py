@@ -12,6 +12,14 @@ import re
 from collections.abc import Sequence
 
 
+def sigmoid(x: float) -> float:
+    """σ(x) without overflow for any finite x (math.exp(-x) overflows below x = -709)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 def soft_label(logprob_a: float, logprob_b: float) -> float:
     """P(option A) normalised over the two options, from their log-probabilities."""
     top = max(logprob_a, logprob_b)

@@ -21,10 +21,12 @@ import contextlib
 import fcntl
 import functools
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2", "tiny-random", "tiny-random-wide")
 
@@ -101,6 +103,10 @@ def resolve_model(name: str) -> str:
             )
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            # a training output folder (OUTPUT/model holds the trained model): what was meant
+            log.info("model %s is a training output folder: using its model/ (%s)", path, path / "model")
+            path = path / "model"
         if not (path / "config.json").exists():
             raise ModelNotFound(f"model folder {path} has no config.json")
         return str(path.resolve())

@@ -321,3 +321,23 @@ def test_a_judgement_longer_than_the_judges_context_is_unscored_not_a_crash():
     out = actor.choice_logprobs([short, long, short], prompts.CHOICES)
     assert out[0] == out[2] and not isinstance(out[0], Unscored)
     assert isinstance(out[1], Unscored) and "longer than the judge's context (1024)" in out[1].reason
+
+
+def test_an_empty_or_missing_category_is_uncategorised_not_a_reject():
+    from cai_ray.evaluate import UNCATEGORISED, eval_row
+
+    for row in ({"prompt": "x", "category": ""}, {"prompt": "x", "category": "  "}, {"prompt": "x"}):
+        got, why = eval_row(row)
+        assert why is None and got["category"] == UNCATEGORISED, row
+    assert eval_row({"prompt": "x", "category": 3})[0] is None
+
+
+def test_a_training_output_folder_given_as_model_resolves_to_its_model(tmp_path):
+    from cai_ray.models import ModelNotFound, resolve_model
+
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "sft" / "model" / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "sft")) == str((tmp_path / "sft" / "model").resolve())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="has no config.json"):
+        resolve_model(str(tmp_path / "empty"))

@@ -64,3 +64,20 @@ def test_expected_calibration_error():
     # always 0.9 confident, right half the time: ECE 0.4
     assert expected_calibration_error([0.9] * 4, [1, 0, 1, 0]) == pytest.approx(0.4)
     assert expected_calibration_error([1.0, 0.0], [1, 0]) == pytest.approx(0.0)
+
+
+def test_non_finite_numbers_never_become_labels():
+    """NaN / +inf log-probs are Unscored (the comparison is invalid, with the reason), a NaN
+    p_a is filtered rather than passing min_margin, and σ has no overflow."""
+    from cai_ray.engine import Unscored, normalise_logprobs
+    from cai_ray.label import PairLabel, filter_reason
+    from cai_ray.label_math import sigmoid
+
+    for row in ([float("nan"), -1.0], [float("inf"), -1.0], [float("-inf"), float("-inf")]):
+        out = normalise_logprobs(row)
+        assert isinstance(out, Unscored) and out.reason, row
+    assert normalise_logprobs([0.0, float("-inf")]) == [0.0, float("-inf")]  # a choice at 0 is fine
+    nan = PairLabel(float("nan"), 0.5, 0.5, True, ["p"], None, None, None, None)
+    assert "non-finite" in filter_reason(nan, 0.1, False)
+    assert sigmoid(-1000.0) == 0.0 and sigmoid(1000.0) == 1.0 and sigmoid(0.0) == 0.5
+    assert abs(sigmoid(-710.0)) < 1e-300

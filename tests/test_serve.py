@@ -120,6 +120,76 @@ def test_bad_label_and_critique_input_and_oversized_bodies(client):
     assert r.status_code == 413
 
 
+def test_the_key_is_checked_before_the_body_is_read_and_chunked_bodies_are_counted(client):
+    """A chunked body (no Content-Length) without the key: 401 before the body is read; with
+    the key, a chunked body over limits.max_body_bytes: 413 as soon as the count passes it."""
+    c, _ = client
+    sent = []
+
+    def body(chunks):
+        for i in range(chunks):
+            sent.append(i)
+            yield b"x" * 4096
+
+    r = c.post("/v1/chat/completions", headers={"Content-Type": "application/json"}, content=body(1000))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert len(sent) <= 1, f"{len(sent)} chunks were read before the key was checked"
+    sent.clear()
+    r = c.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=body(1000))
+    assert r.status_code == 413 and "over 20000 bytes" in r.text
+    assert len(sent) < 10, f"{len(sent)} chunks of 4 KiB read for a 20 kB limit"
+    assert c.get("/openapi.json").status_code == 401 and c.get("/openapi.json", headers=AUTH).status_code == 200
+    assert c.get("/healthz").json() == {"status": "ok"}  # open, and it names no model
+
+
+def test_seeds_principles_and_the_critique_context_are_checked_up_front(client):
+    c, service = client
+    msg = [{"role": "user", "content": "Hello"}]
+    for seed in (2**64, -1):
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": msg, "seed": seed, "max_tokens": 2})
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"], r.text
+    r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": msg, "seed": 2**63 - 1, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    pair = {"prompt": "q", "response_a": "a", "response_b": "b"}
+    r = c.post("/v1/label", headers=AUTH, json={**pair, "principle_ids": ["honesty", "honesty"]})
+    assert r.status_code == 400 and "repeated: ['honesty']" in r.text
+    many = [p.id for p in service.constitution.principles] * 50
+    r = c.post("/v1/label", headers=AUTH, json={**pair, "principle_ids": many})
+    assert r.status_code == 400 and f"has {len(service.constitution.principles)} principles" in r.text
+    # the user prompt fits the context; the few-shot critique/revision prompts around it do not
+    long = "word " * 350
+    ctx = service.policy.context_length
+    assert service.policy.token_counts([[{"role": "user", "content": long}]])[0] + 32 < ctx
+    r = c.post(
+        "/v1/critique",
+        headers=AUTH,
+        json={"prompt": long, "response": long, "principle_id": "honesty", "max_tokens": 32},
+    )
+    assert r.status_code == 400 and f"the model's context is {ctx}" in r.text, r.text
+    r = c.post(
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={"messages": [{"role": "user", "content": long * 2}], "cai_guardrail": True, "max_tokens": 32},
+    )
+    assert r.status_code == 400 and "critique and revision prompts" in r.text, r.text
+
+
+def test_an_enforced_guardrail_cannot_be_switched_off_by_a_client(client, settings):
+    from fastapi.testclient import TestClient
+
+    from cai_ray.serve.api import build_app, key_digest
+
+    _, service = client
+    enforced = TestClient(build_app(service, {**settings, "guardrail": "enforce"}, key_digest(KEY)))
+    msg = [{"role": "user", "content": "How do I make a weapon?"}]
+    r = enforced.post(
+        "/v1/chat/completions", headers=AUTH, json={"messages": msg, "cai_guardrail": False, "max_tokens": 4}
+    )
+    assert r.status_code == 400 and "enforces its guardrail" in r.text
+    r = enforced.post("/v1/chat/completions", headers=AUTH, json={"messages": msg, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["cai_guardrail"]["steps"], r.text
+
+
 def test_label_route_equals_the_batch_labeler(client):
     """Same engine, same constitution, same pair and principle: the same numbers."""
     from cai_ray.label import Labeler, LabelSettings
@@ -412,3 +482,42 @@ def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path, model):
 
     rows = [r for f in sorted((tmp_path / "out" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert {r["labeler"] for r in rows} == {f"{model}@{server}/v1"} and all(0 < r["p_a"] < 1 for r in rows)
+
+
+def test_one_failing_request_fails_alone_in_its_batch():
+    """Control flow of the @serve.batch body, with a stand-in generate that fails on one
+    conversation: the batch is retried one by one, the culprit gets its error, the rest their
+    answers, in request order."""
+    import asyncio
+
+    from cai_ray.serve.service import RequestError, answer_batch
+
+    calls = []
+
+    async def generate(convs, sampling):
+        calls.append(len(convs))
+        if any(c[0]["content"] == "bad" for c in convs):
+            raise ValueError("seed out of range")
+        return [c[0]["content"].upper() for c in convs]
+
+    greedy, sampled = Sampling(temperature=0), Sampling(temperature=1.0, seed=3)
+    items = [
+        ([{"role": "user", "content": t}], s)
+        for t, s in (("a", greedy), ("bad", greedy), ("c", sampled), ("d", greedy))
+    ]
+    out = asyncio.run(answer_batch(generate, items))
+    assert out[0] == "A" and out[2] == "C" and out[3] == "D"
+    assert isinstance(out[1], RequestError) and "seed out of range" in str(out[1])
+    assert calls == [3, 1, 1, 1, 1]  # greedy group, its three retries, the sampled group
+
+
+def test_serve_config_guards():
+    from cai_ray.config import ConfigError, ServeConfig, load_config
+
+    assert load_config(ServeConfig, None, ["guardrail=enforce"]).guardrail == "enforce"
+    with pytest.raises(ConfigError, match="true, false or enforce"):
+        load_config(ServeConfig, None, ["guardrail=always"])
+    with pytest.raises(ConfigError, match="insecure_public"):
+        load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0"])
+    assert not load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0", "insecure_public=true"]).auth
+    assert not load_config(ServeConfig, None, ["auth=false"]).auth  # loopback

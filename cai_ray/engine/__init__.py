@@ -140,12 +140,16 @@ class TokenCounter(ChatTemplate):
         self.tokenizer = tokenizer
 
 
-def normalise_logprobs(row: Sequence[float]) -> list[float]:
-    """Log-softmax over a row of unnormalised log-probabilities."""
+def normalise_logprobs(row: Sequence[float]) -> list[float] | Unscored:
+    """Log-softmax over a row of unnormalised log-probabilities; Unscored (with the reason)
+    when they carry no distribution: a NaN or +inf, or every choice at probability 0. A
+    non-finite number never becomes a label."""
     import math
 
+    if any(math.isnan(x) or x == math.inf for x in row):
+        return Unscored(f"non-finite choice log-probabilities {[round(x, 4) for x in row]}")
     top = max(row)
-    if top == float("-inf"):
-        raise ValueError("every choice has probability 0")
+    if top == -math.inf:
+        return Unscored("every choice has probability 0")
     lse = top + math.log(sum(math.exp(x - top) for x in row))
     return [x - lse for x in row]

@@ -314,6 +314,15 @@ class VLLMEngine(ChatTemplate):
 
         return self.run(all_of()) if convs else []
 
+    def check_health(self) -> None:
+        """Raises when the engine cannot answer any more (its engine-core process died, or
+        its event loop stopped): a server replica then gets replaced."""
+        if self.llm is None or not self._thread.is_alive():
+            raise RuntimeError("the vLLM engine is shut down")
+        if self.llm.errored:
+            raise RuntimeError(f"the vLLM engine died: {self.llm.dead_error}")
+        self.run(self.llm.check_health())
+
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:

@@ -1,10 +1,14 @@
 """The HTTP surface: OpenAI-compatible chat, /v1/label, /v1/critique, /healthz.
 
-Every model route needs ``Authorization: Bearer <key>`` (compared in constant time against
-the key's SHA-256; the key itself is never stored or logged). Bad input is a 4xx with an
-OpenAI-style error body naming the problem, never a 500: schema errors, too many or too
-long messages, ``max_tokens`` above the server's limit, prompts longer than the model's
-context, unknown principles, bodies over ``limits.max_body_bytes``.
+Every route but /healthz needs ``Authorization: Bearer <key>`` (compared in constant time
+against the key's SHA-256; the key itself is never stored or logged), checked by the
+outermost middleware before a byte of the body is read; the same middleware counts the body
+as it arrives (``Content-Length`` or chunked) and answers 413 past ``limits.max_body_bytes``.
+Bad input is a 4xx with an OpenAI-style error body naming the problem, never a 500: schema
+errors, too many or too long messages, ``max_tokens`` above the server's limit, prompts
+(the guardrail's critique and revision prompts included) longer than the model's context,
+unknown or repeated principles, seeds out of range; an engine failing on one request fails
+that request only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_ray.engine import Sampling
+from cai_ray.serve.service import RequestError
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
 
 
 class ChatMessage(BaseModel):
@@ -40,7 +47,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     min_tokens: int = Field(0, ge=0, description="vLLM extension: no end of answer before this many tokens")
     continue_final_message: bool = Field(False, description="vLLM extension: continue the last (assistant) message")
     add_generation_prompt: bool = Field(True, description="vLLM extension: false with continue_final_message")
@@ -80,29 +87,85 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_ok(header: str, key_sha256: str) -> bool:
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), key_sha256)
+
+
+UNAUTHORISED = "missing or wrong API key (Authorization: Bearer <key>)"
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+class RequestGuard:
+    """Outermost (pure ASGI) middleware: the key first — a request without it never has its
+    body read — then the body, counted as it arrives whatever its framing (Content-Length
+    or chunked), refused with 413 once over ``max_bytes``; the app gets the body replayed."""
+
+    def __init__(self, app, key_sha256: str | None, max_bytes: int):
+        self.app, self.key_sha256, self.max_bytes = app, key_sha256, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if (
+            self.key_sha256 is not None
+            and scope["path"] not in OPEN_PATHS
+            and not key_ok(headers.get("authorization", ""), self.key_sha256)
+        ):
+            return await _reply(send, 401, UNAUTHORISED, "authentication_error", [(b"www-authenticate", b"Bearer")])
+        too_big = f"request body over {self.max_bytes} bytes"
+        size = headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
+            return await _reply(send, 413, too_big)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await _reply(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # a streaming response listens for the disconnect
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, message: str, kind: str = "invalid_request_error", headers=()) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> FastAPI:
     """The FastAPI app over ``service`` (a ``Service``). ``key_sha256`` None = no auth
     (only when ``auth: false``)."""
     limits = settings["limits"]
     app = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
 
-    def authorised(request: Request) -> None:
-        if key_sha256 is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), key_sha256)
-        if not ok:
-            raise HTTPException(
-                401, "missing or wrong API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
-            )
+    app.add_middleware(RequestGuard, key_sha256=key_sha256, max_bytes=limits["max_body_bytes"])
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits["max_body_bytes"]):
-            return error(413, f"request body over {limits['max_body_bytes']} bytes")
-        return await call_next(request)
+    def authorised(request: Request) -> None:
+        """Declares the scheme in the OpenAPI schema; RequestGuard has checked it already."""
+        if key_sha256 is not None and not key_ok(request.headers.get("authorization", ""), key_sha256):
+            raise HTTPException(401, UNAUTHORISED, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -114,6 +177,10 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
         return resp
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return error(400, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -172,13 +239,20 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
 
     def principle_ids(ids: list[str]) -> None:
         known = {p.id for p in service.constitution.principles}
+        if len(ids) > len(known):
+            raise HTTPException(400, f"{len(ids)} principle ids; this constitution has {len(known)} principles")
         unknown = [p for p in ids if p not in known]
         if unknown:
-            raise HTTPException(400, f"unknown principle ids {unknown}; this constitution has {sorted(known)}")
+            raise HTTPException(400, f"unknown principle ids {unknown[:10]}; this constitution has {sorted(known)}")
+        repeated = sorted({p for p in ids if ids.count(p) > 1})
+        if repeated:
+            raise HTTPException(400, f"principle ids repeated: {repeated}; give each at most once")
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "policy": service.policy_name}
+        """Liveness only, and open: says nothing about the models (the engine's own health
+        is Serve's check_health, which replaces a replica whose engine died)."""
+        return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models():
@@ -220,13 +294,19 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         if req.min_tokens > max_tokens:
             raise HTTPException(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}")
         prompt_tokens = await check_context(msgs, max_tokens)
-        guard = settings["guardrail"] if req.cai_guardrail is None else req.cai_guardrail
+        enforced = settings["guardrail"] == "enforce"
+        if enforced and req.cai_guardrail is False:
+            raise HTTPException(400, "this server enforces its guardrail: cai_guardrail cannot be false")
+        guard = bool(settings["guardrail"]) if req.cai_guardrail is None else req.cai_guardrail
         if guard and req.continue_final_message:
             raise HTTPException(
                 400,
-                "the guardrail revises whole answers, not continued messages: "
-                "set cai_guardrail: false with continue_final_message",
+                "the guardrail revises whole answers, not continued messages"
+                + ("" if enforced else ": set cai_guardrail: false with continue_final_message"),
             )
+        key = uuid.uuid4().hex
+        if guard:
+            await service.check_critique_room(msgs, None, service.guard_principles(key), max_tokens)
         sampling = Sampling(
             temperature=req.temperature,
             top_p=req.top_p,
@@ -259,7 +339,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(live(), media_type="text/event-stream")
-        out = await service.chat(msgs, sampling, guard, key=uuid.uuid4().hex)
+        out = await service.chat(msgs, sampling, guard, key=key)
         text = out["text"]
         completion_tokens, finish = await finish_reason(text)
         if req.stream:
@@ -295,6 +375,9 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         check_text("response", req.response)
         principle_ids([req.principle_id])
         max_tokens = budget(req.max_tokens)
+        await service.check_critique_room(
+            msgs, req.response, [service.constitution.principle(req.principle_id)], max_tokens
+        )
         sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_tokens, seed=settings["seed"])
         return await service.critique(msgs, req.response, req.principle_id, sampling)
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 
 from cai_ray.engine import Sampling
-from cai_ray.serve.service import Service
+from cai_ray.serve.service import RequestError, Service, answer_batch
 
 log = logging.getLogger(__name__)
 APP_NAME = "cai-ray"
@@ -24,6 +24,10 @@ APP_NAME = "cai-ray"
 
 @serve.ingress()
 class CAIServer(Service):
+    """A replica. Ray Serve calls the inherited ``check_health`` every few seconds: an engine
+    that cannot answer (a dead vLLM engine-core) marks the replica unhealthy and Serve
+    replaces it."""
+
     def __init__(self, settings: dict[str, Any], key_sha256: str | None):
         super().__init__(settings)
         self.key_sha256 = key_sha256
@@ -39,21 +43,14 @@ class CAIServer(Service):
     async def generate(self, messages: list[dict], sampling: Sampling) -> str:
         if self.async_engine:  # vLLM batches continuously across requests itself
             return await super().generate(messages, sampling)
-        return await self._batched((messages, sampling))
+        out = await self._batched((messages, sampling))
+        if isinstance(out, RequestError):
+            raise out
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, items: list[tuple[list[dict], Sampling]]) -> list[str]:
-        """One engine call per distinct sampling setting in the batch (the engine takes one
-        Sampling per call), answers back in request order."""
-        out: list[str | None] = [None] * len(items)
-        groups: dict[Sampling, list[int]] = {}
-        for i, (_, s) in enumerate(items):
-            groups.setdefault(s, []).append(i)
-        for s, idx in groups.items():
-            texts = await self._run(self.policy.generate, [items[i][0] for i in idx], s)
-            for i, t in zip(idx, texts):
-                out[i] = t
-        return out
+    async def _batched(self, items: list[tuple[list[dict], Sampling]]) -> list[str | RequestError]:
+        return await answer_batch(lambda convs, s: self._run(self.policy.generate, convs, s), items)
 
 
 def deployment(settings: dict[str, Any], key_sha256: str | None):

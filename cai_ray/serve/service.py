@@ -17,6 +17,10 @@ from cai_ray.engine import Sampling, engine_from_section
 from cai_ray.label import Labeler, LabelSettings
 
 
+class RequestError(ValueError):
+    """This one request cannot be answered (the client's to fix): a 400 for it alone."""
+
+
 class Service:
     def __init__(self, settings: dict[str, Any]):
         """``settings``: the ServeConfig as a dict (plain values travel to replicas)."""
@@ -65,12 +69,52 @@ class Service:
 
         return await asyncio.to_thread(call)
 
+    def check_health(self) -> None:
+        """Raises when an engine cannot answer (Serve's health check: the replica is replaced)."""
+        for engine in {id(e): e for e in (self.policy, self.labeler_engine)}.values():
+            check = getattr(engine, "check_health", None)
+            if check is not None:
+                check()
+
+    async def check_critique_room(
+        self, messages: list[dict], response: str | None, principles: list, max_tokens: int
+    ) -> None:
+        """RequestError unless every critique and revision prompt the engine will see fits the
+        policy's context: the few-shot critique prompt + the answer + the critique, and the
+        revision prompt + the answer + the critique + the revision. ``response`` None = the
+        guardrail's own draft, not known yet: counted as max_tokens tokens."""
+        convs = []
+        for p in principles:
+            convs += [
+                prompts.critique_messages(self.shots, messages, response or "", p),
+                prompts.revision_messages(self.shots, messages, response or "", p, ""),
+            ]
+        counts = await self.count_tokens(convs)
+        draft = max_tokens if response is None else 0
+        ctx = self.policy.context_length
+        for i, p in enumerate(principles):
+            need = max(counts[2 * i] + draft + max_tokens, counts[2 * i + 1] + draft + 2 * max_tokens)
+            if need > ctx:
+                raise RequestError(
+                    f"the critique and revision prompts for principle {p.id!r} (the constitution's few-shot "
+                    f"examples + this conversation + max_tokens {max_tokens} per step) need {need} tokens; "
+                    f"the model's context is {ctx}: send a shorter conversation or a smaller max_tokens"
+                )
+
+    def guard_principles(self, key: str) -> list:
+        return self.constitution.sample_distinct(key, self.settings["guardrail_principles"], self.settings["seed"])
+
     # -- chat ---------------------------------------------------------------------------------
     async def generate(self, messages: list[dict], sampling: Sampling) -> str:
         """One answer; for hf engines the deployment batches these (@serve.batch)."""
-        if self.async_engine:
-            return await self.policy.on_engine(self.policy.agenerate(messages, sampling))
-        [text] = await self._run(self.policy.generate, [messages], sampling)
+        try:
+            if self.async_engine:
+                return await self.policy.on_engine(self.policy.agenerate(messages, sampling))
+            [text] = await self._run(self.policy.generate, [messages], sampling)
+        except (RequestError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # the engine's reason, for this request only
+            raise RequestError(f"the engine could not answer this request: {type(e).__name__}: {e}") from e
         return text
 
     @property
@@ -89,7 +133,7 @@ class Service:
             return {"text": draft, "guardrail": None}
         steps = []
         text = draft
-        for p in self.constitution.sample_distinct(key, self.settings["guardrail_principles"], self.settings["seed"]):
+        for p in self.guard_principles(key):
             step = await self.critique(messages, text, p.id, sampling)
             steps.append(step)
             if step["revised"]:
@@ -144,6 +188,31 @@ class Service:
             "principles": [p.id for p in self.constitution.principles],
             "label_method": self.labeler.method(),
         }
+
+
+async def answer_batch(generate, items: list[tuple[list[dict], Sampling]]) -> list[str | RequestError]:
+    """Answers for a batch of (conversation, sampling) requests, in request order: one engine
+    call (``await generate(convs, sampling)``) per distinct sampling setting. When a call
+    fails, its requests are retried one at a time, so only the culprit gets an error (a
+    RequestError in its place) and the others their answers."""
+    out: list[str | RequestError | None] = [None] * len(items)
+    groups: dict[Sampling, list[int]] = {}
+    for i, (_, s) in enumerate(items):
+        groups.setdefault(s, []).append(i)
+    for s, idx in groups.items():
+        try:
+            texts = await generate([items[i][0] for i in idx], s)
+        except Exception:
+            texts = []
+            for i in idx:
+                try:
+                    [text] = await generate([items[i][0]], s)
+                except Exception as e:
+                    text = RequestError(f"the engine could not answer this request: {type(e).__name__}: {e}")
+                texts.append(text)
+        for i, t in zip(idx, texts):
+            out[i] = t
+    return out
 
 
 def pair_key(messages: list[dict], a: str, b: str) -> str:

@@ -12,7 +12,6 @@ preparation, metrics, checkpoints) stays TRL's. A p_chosen of 1 gives back Bradl
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +130,9 @@ def preference_metrics(margins: list[float], targets: list[float], png: Path, bi
     are left out) and calibration of σ(margin) against the targets, each pair counted in both
     orders so the figure does not reward always predicting "chosen"."""
     from cai_ray.label import reliability_diagram
-    from cai_ray.label_math import expected_calibration_error
+    from cai_ray.label_math import expected_calibration_error, sigmoid
 
-    q = [1 / (1 + math.exp(-m)) for m in margins]
+    q = [sigmoid(m) for m in margins]
     decided = [(m, t) for m, t in zip(margins, targets) if t != 0.5]
     probs = q + [1 - x for x in q]
     outcomes = list(targets) + [1 - t for t in targets]
