@@ -42,6 +42,23 @@ def content_id(messages: list[dict[str, str]]) -> str:
     return h.hexdigest()
 
 
+def bad_text(text: str) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (a lone surrogate: valid JSON as "\\ud800", or an
+    undecodable byte read with surrogateescape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = "an undecodable byte" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        return f"not valid Unicode text: {what} at character {e.start}"
+    return None
+
+
+def safe_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot hold escaped (for a reject's raw copy)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def validate_row(row: Any, max_chars: int) -> tuple[dict[str, Any] | None, str | None]:
     """Return (fields, None) for a good row or (None, reason). Never coerces a value."""
     if not isinstance(row, dict):
@@ -74,6 +91,10 @@ def validate_row(row: Any, max_chars: int) -> tuple[dict[str, Any] | None, str |
         if not messages[-1]["content"].strip():
             return None, "empty prompt (last user message)"
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for i, m in enumerate(messages):
+        why = bad_text(m["content"])
+        if why:
+            return None, f"{'prompt' if has_prompt else f'messages[{i}].content'}: {why}"
     total = sum(len(m["content"]) for m in messages)
     if total > max_chars:
         return None, f"prompt too long: {total} characters > inputs.max_prompt_chars={max_chars}"
@@ -86,6 +107,8 @@ def validate_row(row: Any, max_chars: int) -> tuple[dict[str, Any] | None, str |
         rid = str(rid)
         if not rid.strip():
             return None, "field 'id' is empty"
+        if bad_text(rid):
+            return None, f"field 'id': {bad_text(rid)}"
     # Other fields ride along as JSON (null fields are left out, as a columnar reader
     # cannot tell a null from a missing field).
     meta = {k: v for k, v in row.items() if k not in ("id", "prompt", "messages") and v is not None}
@@ -93,6 +116,8 @@ def validate_row(row: Any, max_chars: int) -> tuple[dict[str, Any] | None, str |
         meta_json = json.dumps(meta, ensure_ascii=False, default=str) if meta else None
     except ValueError:
         meta_json = None
+    if meta_json is not None and bad_text(meta_json):
+        meta_json = json.dumps(meta, default=str)  # \\u escapes keep every character
     return {
         "id": rid,
         "prompt": messages[-1]["content"],
@@ -119,7 +144,7 @@ class _Rows:
         if fields is None:
             for k in ("id", "prompt", "prompt_messages", "meta"):
                 c[k].append(None)
-            c["raw"].append(None if raw is None else raw[:RAW_LIMIT])
+            c["raw"].append(None if raw is None else safe_text(raw[:RAW_LIMIT]))
         else:
             for k in ("id", "prompt", "prompt_messages", "meta"):
                 c[k].append(fields[k])
@@ -291,10 +316,24 @@ def _fast_jsonl_chunk(lines: list[bytes], lineno: int, source: str, max_chars: i
 
 
 def _iter_csv(stream, rows: _Rows, max_chars: int, block: int) -> Iterator[pa.Table]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    """Rows of a CSV file with a header. An undecodable byte, a field over the csv module's
+    size limit or a malformed line is a reject for that row (the reader goes on after it),
+    never the end of the file."""
+    # read invalid UTF-8 as surrogate escapes: validate_row rejects them with a reason
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+    csv.field_size_limit(max(csv.field_size_limit(), 4 * max_chars + 1024))
     reader = csv.DictReader(text)
-    for record in reader:
-        line = reader.line_num
+    last = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            last += 1
+            rows.add(last, None, f"unreadable CSV row: {e}", None)
+            continue
+        line = last = reader.line_num
         if None in record:
             rows.add(line, None, "row has more fields than the header", json.dumps(record[None]))
         else:

@@ -34,7 +34,7 @@ from cai_ray import label_math, prompts
 from cai_ray.constitution import Constitution, load_constitution
 from cai_ray.engine import Sampling, Unscored, load_engine
 from cai_ray.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
-from cai_ray.stage import batch_seed, engine_threads
+from cai_ray.stage import batch_seed, engine_threads, failure_reason, isolate_failures
 
 log = logging.getLogger(__name__)
 
@@ -298,23 +298,32 @@ class LabelWorker:
         convs_all = batch["prompt_messages"].to_pylist()
         a_all, b_all = batch["response_a"].to_pylist(), batch["response_b"].to_pylist()
         eng = self.labeler.engine
-        too_long: dict[int, str] = {}
+        unlabelled: dict[int, str] = {}
         if todo:
             probe = [convs_all[i] + [prompts.assistant(a_all[i]), prompts.user(b_all[i])] for i in todo]
             for i, tokens in zip(todo, eng.token_counts(probe)):
                 if tokens + self.overhead > eng.context_length:
-                    too_long[i] = (
+                    unlabelled[i] = (
                         f"invalid: comparison too long for the labeler: about {tokens + self.overhead} "
                         f"tokens > context length {eng.context_length}"
                     )
-        go = [i for i in todo if i not in too_long]
+        go = [i for i in todo if i not in unlabelled]
         results = (
-            self.labeler.label(
-                [ids[i] for i in go], [convs_all[i] for i in go], [a_all[i] for i in go], [b_all[i] for i in go]
+            isolate_failures(
+                lambda rows: self.labeler.label(
+                    [ids[i] for i in rows],
+                    [convs_all[i] for i in rows],
+                    [a_all[i] for i in rows],
+                    [b_all[i] for i in rows],
+                ),
+                go,
             )
             if go
             else []
         )
+        for i, r in zip(go, results):
+            if isinstance(r, BaseException):
+                unlabelled[i] = f"invalid: {failure_reason('pair', r)}"
         by_row = dict(zip(go, results))
 
         cols: dict[str, list] = {
@@ -338,8 +347,8 @@ class LabelWorker:
         for i in todo:
             cols["labeler"][i] = eng.model_name
             cols["template_sha256"][i] = self.labeler.template_sha256
-            if i in too_long:
-                cols["filter_reason"][i] = too_long[i]
+            if i in unlabelled:
+                cols["filter_reason"][i] = unlabelled[i]
                 continue
             lab = by_row[i]
             for k in (

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from cai_ray.datasets import bad_text
 from cai_ray.engine import Sampling, load_engine
 from cai_ray.records import PAIR_SCHEMA
 from cai_ray.stage import batch_seed, engine_threads
@@ -41,6 +42,8 @@ def given_pair(meta: dict[str, Any], max_chars: int) -> tuple[tuple[str, str] | 
             return None, f"empty {key}"
         if len(value) > max_chars:
             return None, f"{key} too long: {len(value)} characters > inputs.max_prompt_chars={max_chars}"
+        if bad_text(value):
+            return None, f"{key}: {bad_text(value)}"
     if a.strip() == b.strip():
         return None, "response_a and response_b are identical: nothing to compare"
     return (a, b), None

@@ -21,7 +21,14 @@ from cai_ray import prompts
 from cai_ray.constitution import Constitution, load_constitution
 from cai_ray.engine import Sampling, load_engine
 from cai_ray.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
-from cai_ray.stage import batch_seed, engine_threads, with_reasons
+from cai_ray.stage import (
+    batch_seed,
+    engine_threads,
+    failure_reason,
+    isolate_failures,
+    raise_if_all_failed,
+    with_reasons,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +138,21 @@ class SLWorker:
             return first, trace, current
 
         async def all_rows():
-            return await asyncio.gather(*(chain(r, c, d) for r, c, d in zip(ids, convs, drawn)))
+            # a row whose request fails is that row's error, not the batch's
+            return await asyncio.gather(*(chain(r, c, d) for r, c, d in zip(ids, convs, drawn)), return_exceptions=True)
 
         return eng.run(all_rows())
+
+    def _chains(self, ids, convs, drawn) -> list:
+        """Every row's (answer, trace, revision), or the exception its requests raised
+        (stage.isolate_failures: one bad prompt does not fail its batch)."""
+        if not self.async_chains:
+            return isolate_failures(
+                lambda rows: self._chains_batched(*map(list, zip(*rows))), list(zip(ids, convs, drawn))
+            )
+        out = self._chains_async(ids, convs, drawn)
+        raise_if_all_failed(out)
+        return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """PROMPT_SCHEMA table in, SL_SCHEMA table out. Column-wise: the prompt columns pass
@@ -164,9 +183,11 @@ class SLWorker:
             good_ids = [ids[i] for i in todo]
             convs = [convs_all[i] for i in todo]
             drawn = [self.constitution.sample(rid, self.revisions, self.seed) for rid in good_ids]
-            chains = self._chains_async if self.async_chains else self._chains_batched
-            for i, (first, trace, last) in zip(todo, chains(good_ids, convs, drawn)):
-                init[i], steps[i], final[i] = first, trace, last
+            for i, result in zip(todo, self._chains(good_ids, convs, drawn)):
+                if isinstance(result, BaseException):
+                    reasons[i] = failure_reason("prompt", result)
+                else:
+                    init[i], steps[i], final[i] = result
 
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(

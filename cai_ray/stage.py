@@ -35,6 +35,44 @@ log = logging.getLogger(__name__)
 READ_BLOCK_ROWS = 4096  # lines parsed (and ids claimed) per read block
 
 
+def isolate_failures(call: Callable[[list], list], items: list) -> list:
+    """``call(items)``, or when it raises, ``call([item])`` for each item: a result per item,
+    or the exception that item raised alone. One bad prompt (an endpoint's 400, a prompt the
+    engine refuses) must not fail its whole batch. When every item of a batch of several
+    fails alone too, the engine itself is broken: that is raised (Ray retries the task), not
+    turned into rejects; a batch of one cannot tell, and its item gets its error. An engine
+    that cannot run at all (EngineUnavailable) is always raised."""
+    from cai_ray.engine import EngineUnavailable
+
+    try:
+        return call(items)
+    except EngineUnavailable:
+        raise
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+    out: list = []
+    for item in items:
+        try:
+            out += call([item])
+        except EngineUnavailable:
+            raise
+        except Exception as e:
+            out.append(e)
+    raise_if_all_failed(out)
+    return out
+
+
+def raise_if_all_failed(results: list) -> None:
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if len(results) > 1 and len(errors) == len(results):
+        raise errors[0]
+
+
+def failure_reason(what: str, e: BaseException) -> str:
+    return f"the engine failed on this {what}: {type(e).__name__}: {e}"[:500]
+
+
 def with_reasons(table: pa.Table, reasons: list[str | None], column: str = "reject_reason") -> pa.Table:
     """``table`` with its reject_reason (or another reason) column replaced."""
     i = table.schema.get_field_index(column)

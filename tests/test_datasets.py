@@ -130,3 +130,29 @@ def test_odd_chunks_fall_back_to_the_careful_path(tmp_path):
     rows = read_local(str(f), 100).to_pylist()
     assert [r["reject_reason"] is None for r in rows] == [True, False, True]
     assert "not valid UTF-8" in rows[1]["reject_reason"]
+
+
+def test_one_bad_row_is_a_reject_not_the_end_of_the_file(tmp_path):
+    """A lone surrogate (valid JSON) in a prompt, an id or a passing field; a non-UTF-8 byte
+    and a field over the csv module's limit in a CSV: each is that row's reject with the
+    reason, every other row is read."""
+    import csv
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        '{"prompt": "ok 1"}\n{"prompt": "bad \\ud800 text"}\n{"prompt": "ok 2", "id": "x\\udfff"}\n'
+        '{"prompt": "ok 3", "note": "\\ud800"}\n'
+    )
+    t = read_local(str(f), 100).to_pylist()
+    assert [r["line"] for r in t] == [1, 2, 3, 4]
+    assert "lone surrogate U+D800 at character 4" in t[1]["reject_reason"] and "\\ud800" in t[1]["raw"]
+    assert "field 'id'" in t[2]["reject_reason"]
+    assert t[0]["reject_reason"] is None and t[3]["reject_reason"] is None and "\\ud800" in t[3]["meta"]
+    limit = csv.field_size_limit()
+    c = tmp_path / "p.csv"
+    c.write_bytes(b"prompt,id\nfine,1\nbad \xff byte,2\n\"" + b"y" * (limit + 10) + b'",3\nlast,4\n')
+    rows = read_local(str(c), 100).to_pylist()
+    assert [r["id"] for r in rows if r["reject_reason"] is None] == ["1", "4"]
+    reasons = [r["reject_reason"] for r in rows if r["reject_reason"]]
+    assert len(rows) == 4 and any("undecodable byte" in r for r in reasons), reasons
+    assert any("prompt too long" in r or "unreadable CSV row" in r for r in reasons), reasons
