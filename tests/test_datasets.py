@@ -150,7 +150,7 @@ def test_one_bad_row_is_a_reject_not_the_end_of_the_file(tmp_path):
     assert t[0]["reject_reason"] is None and t[3]["reject_reason"] is None and "\\ud800" in t[3]["meta"]
     limit = csv.field_size_limit()
     c = tmp_path / "p.csv"
-    c.write_bytes(b"prompt,id\nfine,1\nbad \xff byte,2\n\"" + b"y" * (limit + 10) + b'",3\nlast,4\n')
+    c.write_bytes(b'prompt,id\nfine,1\nbad \xff byte,2\n"' + b"y" * (limit + 10) + b'",3\nlast,4\n')
     rows = read_local(str(c), 100).to_pylist()
     assert [r["id"] for r in rows if r["reject_reason"] is None] == ["1", "4"]
     reasons = [r["reject_reason"] for r in rows if r["reject_reason"]]

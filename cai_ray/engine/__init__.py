@@ -11,6 +11,7 @@ when it is chosen.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
@@ -104,6 +105,20 @@ def engine_from_section(section: dict, **overrides) -> Engine:
     return load_engine(section["backend"], **{**EngineConfig(**section).engine_kwargs(), **overrides})
 
 
+WORD_JOINER = "\u2060"  # invisible, and no tokenizer's special token contains it
+
+
+def special_token_pattern(tokenizer) -> re.Pattern:
+    """A regex matching any of the tokenizer's special tokens (longest first); its pattern
+    is empty when there is none to guard against."""
+    names = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            names.add(str(getattr(tok, "content", tok)))
+    names = sorted((n for n in names if len(n) > 1), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names)))
+
+
 class ChatTemplate:
     """Chat template → token ids, shared by the backends that hold a HF tokenizer.
 
@@ -112,9 +127,22 @@ class ChatTemplate:
 
     tokenizer: object
 
+    def neutralise(self, text: str) -> str:
+        """``text`` with every special token of *this* tokenizer (``<|im_end|>``,
+        ``<end_of_turn>``, ``<file_sep>``...) broken by a word joiner after its first
+        character, so data can never become turn markup: the templated text is tokenised
+        with special-token parsing, and a prompt or answer holding ``<|im_end|><|im_start|>``
+        would otherwise forge turns (in critique and revision prompts, the labeler's
+        comparisons, the guardrail)."""
+        pattern = getattr(self, "_special_pattern", None)
+        if pattern is None:
+            pattern = self._special_pattern = special_token_pattern(self.tokenizer)
+        return pattern.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text) if pattern.pattern else text
+
     def _encode(self, conv: list[Message]) -> list[int]:
         if not conv:
             raise ValueError("empty conversation")
+        conv = [{**m, "content": self.neutralise(m["content"])} for m in conv]
         continue_final = conv[-1]["role"] == "assistant"
         text = self.tokenizer.apply_chat_template(
             list(conv),
