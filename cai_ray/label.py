@@ -561,7 +561,7 @@ def label(cfg) -> dict[str, Any]:
     from cai_ray.datasets import list_input_files
     from cai_ray.pairs import PairSampler, to_pair_rows
     from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_pool_args, model_info, run_stage
+    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, model_info, run_stage
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)
@@ -582,7 +582,7 @@ def label(cfg) -> dict[str, Any]:
                 PairSampler,
                 fn_constructor_kwargs=dict(
                     backend=cfg.policy.backend,
-                    engine_kwargs=cfg.policy.engine_kwargs(),
+                    engine_kwargs=actor_engine_kwargs(cfg.policy),
                     samples=cfg.pairs.samples,
                     pairing=cfg.pairs.pairing,
                     sampling=config["sampling"],
@@ -590,13 +590,13 @@ def label(cfg) -> dict[str, Any]:
                     ledger=ledger,
                     max_actors=cfg.policy_pool.max_actors,
                 ),
-                **actor_pool_args(cfg.policy_pool, cfg.policy),
+                **actor_pool_args(cfg.policy_pool),
             )
         return ds.map_batches(
             LabelWorker,
             fn_constructor_kwargs=dict(
                 backend=cfg.labeler.backend,
-                engine_kwargs=cfg.labeler.engine_kwargs(),
+                engine_kwargs=actor_engine_kwargs(cfg.labeler),
                 constitution=constitution,
                 settings=settings,
                 min_margin=cfg.filter.min_margin,
@@ -604,7 +604,7 @@ def label(cfg) -> dict[str, Any]:
                 ledger=ledger,
                 max_actors=cfg.labeler_pool.max_actors,
             ),
-            **actor_pool_args(cfg.labeler_pool, cfg.labeler),
+            **actor_pool_args(cfg.labeler_pool),
         )
 
     def finish(out: Path, manifest: dict[str, Any]) -> None:

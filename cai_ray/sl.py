@@ -234,7 +234,7 @@ def generate(cfg) -> dict[str, Any]:
     """
     from cai_ray.config import to_dict
     from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_pool_args, model_info, run_stage
+    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, model_info, run_stage
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)
@@ -245,7 +245,7 @@ def generate(cfg) -> dict[str, Any]:
             SLWorker,
             fn_constructor_kwargs=dict(
                 backend=cfg.engine.backend,
-                engine_kwargs=cfg.engine.engine_kwargs(),
+                engine_kwargs=actor_engine_kwargs(cfg.engine),
                 constitution=constitution,
                 revisions=cfg.revisions,
                 critique=cfg.critique,
@@ -256,7 +256,7 @@ def generate(cfg) -> dict[str, Any]:
                 max_actors=pool.max_actors,
                 async_chains=cfg.async_chains,
             ),
-            **actor_pool_args(pool, cfg.engine),
+            **actor_pool_args(pool),
         )
 
     return run_stage(

@@ -307,22 +307,31 @@ def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None
                 log.warning("%s; waiting for the autoscaler to add nodes", msg)
 
 
-def actor_pool_args(pool_cfg, engine_cfg=None) -> dict[str, Any]:
-    """map_batches arguments for an engine actor pool. An ``openai`` engine's API key, when
-    the driver has it, goes to the actors in their runtime_env (not in the config, so not in
-    any manifest); workers started before it was set would not see it otherwise."""
+def actor_pool_args(pool_cfg) -> dict[str, Any]:
+    """map_batches arguments for an engine actor pool."""
     from ray.data import ActorPoolStrategy
 
-    args: dict[str, Any] = dict(
+    return dict(
         batch_size=pool_cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=pool_cfg.min_actors, max_size=pool_cfg.max_actors),
         num_cpus=pool_cfg.cpus_per_actor,
         num_gpus=pool_cfg.gpus_per_actor or None,
     )
-    if engine_cfg is not None and engine_cfg.backend == "openai" and os.environ.get(engine_cfg.api_key_env):
-        args["runtime_env"] = {"env_vars": {engine_cfg.api_key_env: os.environ[engine_cfg.api_key_env]}}
-    return args
+
+
+def actor_engine_kwargs(engine_cfg) -> dict[str, Any]:
+    """The engine's constructor arguments for its actors. An ``openai`` engine's API key,
+    when the driver has it, travels as a Ray object (``api_key_ref``): not in the config (so
+    not in any manifest), not in a runtime_env (the dashboard shows those), not on a command
+    line; workers started before the key was set get it too."""
+    kwargs = engine_cfg.engine_kwargs()
+    key = os.environ.get(engine_cfg.api_key_env, "") if engine_cfg.backend == "openai" else ""
+    if key.strip():
+        import ray
+
+        kwargs["api_key_ref"] = ray.put(key)
+    return kwargs
 
 
 # -- the run ----------------------------------------------------------------------------------

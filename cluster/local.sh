@@ -47,8 +47,10 @@ running() { pgrep -u "$(id -u)" -f -- "gcs_server.*$TMP" >/dev/null 2>&1; }
 
 dashboard_up() {
   local code
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(cat "$TOKEN")" \
-    "http://127.0.0.1:$DASH_PORT/api/version" || true)
+  # the header goes to curl on stdin (printf is a shell builtin): never on a command line,
+  # where `ps` would show it to every user of the machine
+  code=$(printf 'Authorization: Bearer %s\n' "$(<"$TOKEN")" |
+    curl -s -o /dev/null -w '%{http_code}' -H @- "http://127.0.0.1:$DASH_PORT/api/version" || true)
   [[ "$code" == 200 ]]
 }
 

@@ -5,6 +5,7 @@ and the head goes down again. Its own ports and temp dir: the session's Ray is l
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,12 @@ def local_cluster(tmp_path):
         CAI_RAY_DASHBOARD_PORT=str(free_port()),
         RAY=RAY,
     )
+    # curl through a shim that records its command line: the token must never be on it
+    shim = tmp_path / "bin" / "curl"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path / "curl_argv"}\nexec {shutil.which("curl")} "$@"\n')
+    shim.chmod(0o755)
+    env["PATH"] = f"{shim.parent}:{env['PATH']}"
     sh = str(ROOT / "cluster" / "local.sh")
     up = subprocess.run([sh, "up", "--cpus", "2"], env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -50,6 +57,8 @@ def test_local_cluster_runs_a_submitted_job_and_refuses_strangers(local_cluster,
     dash = client_env["RAY_ADDRESS"]
     token = Path(client_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     assert oct(Path(client_env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777) == "0o600"
+    argv = (tmp_path / "curl_argv").read_text()
+    assert "api/version" in argv and token not in argv  # local.sh polled the dashboard, key off the command line
 
     # the jobs API: 401 without the token (and with a wrong one), 200 with it
     assert httpx.get(f"{dash}/api/jobs/").status_code == 401

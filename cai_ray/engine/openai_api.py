@@ -67,6 +67,7 @@ class OpenAIEngine:
         max_retries: int = 3,
         top_logprobs: int = 20,
         transport=None,  # an httpx transport (tests: an endpoint in-process)
+        api_key_ref=None,  # a Ray object holding the key (engine actors: stage.actor_engine_kwargs)
     ):
         try:
             import httpx
@@ -76,7 +77,12 @@ class OpenAIEngine:
         self._openai = openai
         self.base_url = base_url.rstrip("/")
         self.root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
-        key = os.environ.get(api_key_env, "").strip()
+        if api_key_ref is not None:
+            import ray
+
+            key = ray.get(api_key_ref).strip()
+        else:
+            key = os.environ.get(api_key_env, "").strip()
         self.client = openai.OpenAI(
             base_url=self.base_url,
             api_key=key or "none",
