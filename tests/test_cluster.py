@@ -37,6 +37,26 @@ def assert_pinned(image: str) -> None:
     assert name and tag and tag != "latest" and any(c.isdigit() for c in tag), image
 
 
+PART_OF = {"app.kubernetes.io/part-of": "cai-ray"}
+
+
+def assert_locked_down(template: dict, where: str) -> None:
+    """A pod template: labelled for the NetworkPolicy, non-root, no privilege escalation."""
+    assert template["metadata"]["labels"] == PART_OF, where
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True, where
+    assert template["spec"]["securityContext"]["runAsUser"] != 0, where
+    for c in containers(template):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], f"{where}/{c['name']}"
+
+
+def assert_shm(template: dict, where: str) -> None:
+    """A GPU pod: /dev/shm is a memory-backed emptyDir (NCCL and vLLM need more than 64 MiB)."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    [mount] = [m for c in containers(template) for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory", where
+
+
 def cluster_spec_checks(spec: dict, where: str) -> None:
     assert spec["enableInTreeAutoscaling"] is True, where
     head = spec["headGroupSpec"]
@@ -44,14 +64,23 @@ def cluster_spec_checks(spec: dict, where: str) -> None:
     assert head["rayStartParams"]["num-cpus"] == "0"
     pods = [("head", head["template"])] + [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
     for name, tpl in pods:
+        assert_locked_down(tpl, f"{where}/{name}")
         for c in containers(tpl):
             assert_token_auth(c, f"{where}/{name}")
             assert_pinned(c["image"])
+    # the dashboard binds the pod IP (Kubernetes expands $(VAR) from the container's env), not 0.0.0.0
+    host = head["rayStartParams"]["dashboard-host"]
+    assert host.startswith("$(") and host.endswith(")"), f"{where}: dashboard-host {host!r}"
+    [head_container] = containers(head["template"])
+    assert env_of(head_container)[host[2:-1]]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert_token_auth({"env": spec["autoscalerOptions"]["env"]}, f"{where}/autoscaler")
     for g in spec["workerGroupSpecs"]:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
     gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
     assert gpu and gpu[0]["maxReplicas"] > gpu[0]["minReplicas"]
+    for g in spec["workerGroupSpecs"]:
+        if "nvidia.com/gpu" in containers(g["template"])[0]["resources"]["limits"]:
+            assert_shm(g["template"], f"{where}/{g['groupName']}")
     limits = containers(gpu[0]["template"])[0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) >= 1
 
@@ -107,6 +136,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     if script.name == "train.py":
         assert args[0] == stage
     [submitter] = containers(doc["spec"]["submitterPodTemplate"])
+    assert_locked_down(doc["spec"]["submitterPodTemplate"], f"rayjob-{stage}/submitter")
     assert_token_auth(submitter, f"rayjob-{stage}/submitter")
     assert_pinned(submitter["image"])
 
@@ -141,6 +171,18 @@ def test_the_app_builder_builds_the_serve_app(monkeypatch):
     monkeypatch.delenv("CAI_RAY_API_KEY")
     with pytest.raises(ValueError, match="no API key"):
         build({"config": str(ROOT / "jobs" / "configs" / "serve_tiny.yaml")})
+
+
+def test_the_network_policy_admits_only_the_clusters_own_pods_and_the_operator():
+    doc = load(KUBE / "networkpolicy.yaml")
+    spec = doc["spec"]
+    assert doc["kind"] == "NetworkPolicy" and spec["podSelector"]["matchLabels"] == PART_OF
+    assert spec["policyTypes"] == ["Ingress"]
+    own, operator = spec["ingress"]
+    assert own["from"] == [{"podSelector": {"matchLabels": PART_OF}}] and "ports" not in own
+    [source] = operator["from"]
+    assert set(source) == {"namespaceSelector"}  # no ipBlock: nothing from outside the cluster
+    assert {p["port"] for p in operator["ports"]} == {8265, 8000}
 
 
 def test_nothing_is_exposed_publicly():
