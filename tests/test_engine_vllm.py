@@ -111,6 +111,19 @@ def test_engine_settings_reach_vllm(vllm_engine):
     assert cfg.cache_config.enable_prefix_caching is True
     assert cfg.model_config.enforce_eager is True
     assert cfg.model_config.logprobs_mode == "processed_logprobs"
+    assert cfg.scheduler_config.enable_chunked_prefill is False  # CPU: see the next test
+
+
+def test_seeded_sampling_with_prompts_over_a_step_budget(vllm_engine):
+    """Eight ~600-token prompts, sampled with per-request seeds: more prompt tokens than
+    vLLM's default step budget (2048), so with chunked prefill a seeded request's prefill is
+    split over steps — and vLLM's CPU build then kills its engine core ("CPU Generator does
+    not use offset"). Whole prefills on CPU: the answers come, the same for the same seeds."""
+    long = [[prompts.user(f"Item {i}: " + "tell me more about safety. " * 100)] for i in range(8)]
+    assert min(vllm_engine.token_counts(long)) > 500
+    params = Sampling(temperature=1.0, max_new_tokens=4, seed=5)
+    first = vllm_engine.generate(long, params)
+    assert len(first) == 8 and vllm_engine.generate(long, params) == first
 
 
 def test_engine_coroutines_run_from_another_event_loop(vllm_engine):

@@ -103,7 +103,28 @@ def engine_args(
         kw["gpu_memory_utilization"] = gpu_memory_utilization
     if max_num_seqs:
         kw["max_num_seqs"] = max_num_seqs
+    if on_cpu():
+        # vLLM's CPU build crashes the engine core when a *seeded* request's prefill is split
+        # over steps: it rewinds the request's generator with Generator.set_offset, which CPU
+        # generators do not have ("CPU Generator does not use offset"; measured with 0.32 on
+        # SL-CAI critique prompts, sampled). Whole prefills only, then: a step's token budget
+        # holds the longest prompt.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(max_model_len or _context_of(path), 4096)
     return kw
+
+
+def _context_of(path: str) -> int:
+    """The model's own context length from its config.json (what vLLM uses when
+    max_model_len is not set)."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 8192
+    return int(cfg.get("max_position_embeddings") or 8192)
 
 
 class VLLMEngine(ChatTemplate):
