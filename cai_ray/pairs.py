@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from cai_ray.records import PAIR_SCHEMA
 from cai_ray.stage import batch_seed, engine_threads
 
 PAIR_KEYS = ("response_a", "response_b")
+SAMPLED_ID = re.compile(r".+/\d+-\d+$")  # "<prompt id>/<i>-<j>": the id of a sampled pair
 
 
 def given_pair(meta: dict[str, Any], max_chars: int) -> tuple[tuple[str, str] | None, str | None]:
@@ -54,6 +56,7 @@ def to_pair_rows(batch: pa.Table, max_chars: int, can_sample: bool) -> pa.Table:
     ``meta`` to their columns; prompts keep null responses for the policy to fill."""
     reasons = batch["reject_reason"].to_pylist()
     metas = batch["meta"].to_pylist()
+    ids = batch["id"].to_pylist()
     resp_a: list[str | None] = [None] * batch.num_rows
     resp_b: list[str | None] = [None] * batch.num_rows
     for i, raw in enumerate(metas):
@@ -65,6 +68,12 @@ def to_pair_rows(batch: pa.Table, max_chars: int, can_sample: bool) -> pa.Table:
             reason = "row has no response_a/response_b and no policy model is set to sample answers (--policy)"
         if reason is not None:
             reasons[i] = reason
+            continue
+        if pair is not None and SAMPLED_ID.match(ids[i]):
+            reasons[i] = (
+                f"id {ids[i]!r} has the form '<prompt id>/<i>-<j>' of a sampled pair's id and could collide "
+                "with the pairs sampled for another prompt: rename it"
+            )
             continue
         if pair is not None:
             resp_a[i], resp_b[i] = pair

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -89,6 +91,36 @@ def model_fingerprint(resolved: str) -> dict[str, Any]:
         weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
         info["weights_bytes"] = sum(w.stat().st_size for w in weights)
     return info
+
+
+class OutputBusy(ValueError):
+    """Another run is writing into the same output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path):
+    """Hold ``folder/.lock`` (an flock: released by the kernel when the holder dies) for a
+    run: a second run into the same folder stops at once with who holds it, instead of
+    deleting the first one's temp files and interleaving parts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise OutputBusy(
+            f"{folder} is being written by another run ({holder}); wait for it or pick another --output"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
 def now() -> str:

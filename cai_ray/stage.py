@@ -374,7 +374,15 @@ def _task_cpus(ds, cpus: float) -> None:
 
 def run_stage(run: StageRun) -> dict[str, Any]:
     """Run a stage; returns the manifest. Resumable: input ids already in the output are
-    skipped; rejects and counts are recomputed over the whole input."""
+    skipped; rejects and counts are recomputed over the whole input. One run per output
+    folder at a time (runtime.output_lock)."""
+    from cai_ray import runtime
+
+    with runtime.output_lock(Path(run.cfg.output)):
+        return _run_stage(run)
+
+
+def _run_stage(run: StageRun) -> dict[str, Any]:
     import ray
     from ray.data import DataContext
 

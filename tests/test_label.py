@@ -404,3 +404,28 @@ def test_a_block_half_written_before_a_crash_is_redone_whole(ray_local, tmp_path
     assert again["counts"]["written_this_run"] >= 1
     assert sorted(r["id"] for r in _rows(out) + _rows(out, "filtered")) == ids_before
     assert again["labels"] == first["labels"]
+
+
+def test_a_given_pair_id_shaped_like_a_sampled_one_is_rejected():
+    import pyarrow as pa
+
+    from cai_ray.pairs import to_pair_rows
+    from cai_ray.records import PROMPT_SCHEMA
+
+    rows = []
+    for rid in ("q/0-1", "q-0-1", "q"):
+        rows.append(
+            {
+                "id": rid,
+                "source": "f",
+                "line": 1,
+                "prompt": "p",
+                "prompt_messages": [{"role": "user", "content": "p"}],
+                "meta": '{"response_a": "a", "response_b": "b"}',
+                "reject_reason": None,
+                "raw": None,
+            }
+        )
+    out = to_pair_rows(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), 1000, can_sample=True).to_pylist()
+    assert "form '<prompt id>/<i>-<j>'" in out[0]["reject_reason"]
+    assert out[1]["reject_reason"] is None and out[2]["reject_reason"] is None

@@ -245,3 +245,20 @@ def test_an_engine_error_on_one_prompt_rejects_that_row_only(tmp_path):
     w.engine = _FailsOn(w.engine.inner, broken=True)  # every row fails alone too: the engine is broken
     with pytest.raises(ValueError, match="400"):
         w(batch)
+
+
+def test_two_runs_into_one_output_folder_are_locked_out(tmp_path):
+    """The second run stops at once, saying who holds the folder; the lock goes with its
+    holder (an flock), so a crashed run leaves nothing to clean up."""
+    from cai_ray.runtime import OutputBusy, output_lock
+
+    inp = tmp_path / "p.jsonl"
+    write_prompts(inp, 2)
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(OutputBusy, match=f"pid {os.getpid()}"):
+            run(inp, tmp_path / "out")
+        with pytest.raises(OutputBusy):
+            with output_lock(tmp_path / "out"):
+                pass
+    with output_lock(tmp_path / "out"):  # released: free again
+        pass
