@@ -274,10 +274,33 @@ def _sha(obj: Any) -> str:
 
 
 def _file_sha(path: str) -> str | None:
-    from cai_ray.runtime import file_sha256
+    """A file's SHA-256; a folder's (a model, an output, a folder of prompt files)
+    runtime.folder_fingerprint; an object-store input's listing (names, sizes, times)."""
+    from cai_ray.runtime import file_sha256, folder_fingerprint
 
     p = Path(path)
-    return file_sha256(p) if p.is_file() else None
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        return "files:" + folder_fingerprint(p)
+    if "://" in path:
+        return _remote_listing_sha(path)
+    return None
+
+
+def _remote_listing_sha(uri: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        if not infos:
+            infos = [fs.get_file_info(root)]
+    except Exception as e:  # an unreachable store: the stage reruns rather than trusting a stale hash
+        log.warning("cannot list %s for its fingerprint (%s); treating it as changed", uri, e)
+        return f"unlisted:{time.time()}"
+    entries = sorted(f"{i.path}\0{i.size}\0{i.mtime_ns}" for i in infos if i.type == pafs.FileType.File)
+    return "listing:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def stage_fingerprint(stage: Stage, upstream: dict[str, str], sha=_file_sha) -> dict[str, Any]:

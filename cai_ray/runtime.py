@@ -83,14 +83,45 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_fingerprint(resolved: str) -> dict[str, Any]:
-    """Name + a hash of config.json, so a manifest says which weights produced a dataset."""
+    """Name, a hash of config.json and of the weight files' names, sizes and modification
+    times, so a manifest (and the pipeline's skip check) tells a retrained model from the
+    one that made a dataset, without reading gigabytes of weights."""
     p = Path(resolved)
     info: dict[str, Any] = {"path": resolved}
     if (p / "config.json").exists():
         info["config_sha256"] = file_sha256(p / "config.json")
-        weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+        weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.gguf"))
         info["weights_bytes"] = sum(w.stat().st_size for w in weights)
+        info["weights_stat_sha256"] = stat_sha256(weights, p)
     return info
+
+
+# what a stage rewrites on every run, skipped or not: not part of what its output *holds*
+_VOLATILE = ("manifest.json", "pipeline.json")
+
+
+def stat_sha256(files: list[Path], root: Path) -> str:
+    """SHA-256 over each file's path (relative to ``root``), size and modification time."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """stat_sha256 of every file a folder holds (a model, a stage's output), leaving out dot
+    files (locks, temp parts), logs and the manifests a run rewrites."""
+    files = sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file()
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+        and f.name not in _VOLATILE
+        and f.suffix != ".log"
+        and "logs" not in f.relative_to(folder).parts[:-1]
+    )
+    return stat_sha256(files, folder)
 
 
 class OutputBusy(ValueError):

@@ -230,3 +230,27 @@ def test_redo_and_until_name_a_stage_of_this_pipeline(tmp_path):
     with pytest.raises(ConfigError, match="--until: unknown stage 'train'"):
         run_pipeline(_load(tmp_path), until="train")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_folder_inputs_and_model_weights_are_fingerprinted(tmp_path):
+    """A retrained model (same config, new weights) or a changed file in a folder input is a
+    new fingerprint; what every run rewrites (manifests, locks, logs) is not."""
+    import os
+
+    from cai_ray.pipeline import _file_sha
+    from cai_ray.runtime import model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 10)
+    before, mf = _file_sha(str(model)), model_fingerprint(str(model))
+    for volatile in ("manifest.json", ".lock", "logs/run.log"):
+        (model / volatile).parent.mkdir(exist_ok=True)
+        (model / volatile).write_text("changes every run")
+    assert _file_sha(str(model)) == before
+    (model / "model.safetensors").write_bytes(b"v" * 10)  # retrained: same size, new time
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    assert _file_sha(str(model)) != before
+    assert model_fingerprint(str(model))["weights_stat_sha256"] != mf["weights_stat_sha256"]
+    assert _file_sha(str(tmp_path / "missing")) is None
