@@ -890,7 +890,9 @@ class EvalConfig:
     )
     constitution: str = _f("constitutions/general.yaml", "constitution whose principles define harm for the judge")
     limit: int | None = _f(None, "evaluate only the first N prompts of each file (smoke runs)")
-    seed: int = _f(0, "seeds principle sampling")
+    seed: int = _f(0, "seeds principle sampling and the bootstrap")
+    bootstrap: int = _f(2000, "bootstrap resamples of the prompts behind every rate's 95% interval")
+    bootstrap_elo: int = _f(200, "bootstrap resamples (Elo refitted each time) behind the Elo intervals")
     ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
     engine: EngineConfig = field(
         default_factory=lambda: EngineConfig(model=""),
@@ -920,6 +922,9 @@ class EvalConfig:
             raise ConfigError(
                 "engine.model: the evaluated models come from `models` (--model); leave engine.model empty"
             )
+        for key in ("bootstrap", "bootstrap_elo"):
+            if getattr(self, key) < 10:
+                raise ConfigError(f"{key}: at least 10 resamples, got {getattr(self, key)}")
         self.engine.validate("engine")
         self.judge.validate("judge")
         self.sampling.validate("sampling")

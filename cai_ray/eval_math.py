@@ -47,10 +47,6 @@ def agreement(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float | None]:
     return {"agreement": observed, "kappa": kappa, "n": n}
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
 def elo_ratings(
     players: Sequence[str],
     games: Sequence[tuple[str, str, float]],
@@ -78,19 +74,20 @@ def elo_ratings(
             raise ValueError(f"elo_ratings: score {s!r} outside [0, 1]")
     n = len(players)
     theta = np.zeros(n)
+    ia = np.array([idx[a] for a, _, _ in games], dtype=int)
+    ib = np.array([idx[b] for _, b, _ in games], dtype=int)
+    sc = np.array([s for _, _, s in games], dtype=float)
     for _ in range(iters):
+        p = 0.5 * (1.0 + np.tanh((theta[ia] - theta[ib]) / 2.0))  # σ, vectorised over the games
+        g, h = sc - p, p * (1.0 - p)
         grad = -reg * theta
+        np.add.at(grad, ia, g)
+        np.add.at(grad, ib, -g)
         hess = -reg * np.eye(n)
-        for a, b, s in games:
-            i, j = idx[a], idx[b]
-            p = _sigmoid(theta[i] - theta[j])
-            g, h = s - p, p * (1.0 - p)
-            grad[i] += g
-            grad[j] -= g
-            hess[i, i] -= h
-            hess[j, j] -= h
-            hess[i, j] += h
-            hess[j, i] += h
+        np.add.at(hess, (ia, ia), -h)
+        np.add.at(hess, (ib, ib), -h)
+        np.add.at(hess, (ia, ib), h)
+        np.add.at(hess, (ib, ia), h)
         hess -= 1e-12 * np.eye(n)  # players with no games (and reg=0) keep a solvable system
         step = np.linalg.solve(hess, grad)
         theta -= step
@@ -104,3 +101,75 @@ def elo_ratings(
 def expected_score(rating_a: float, rating_b: float) -> float:
     """The Elo expectation of a against b."""
     return 1.0 / (1.0 + 10.0 ** ((rating_b - rating_a) / 400.0))
+
+
+# -- uncertainty -----------------------------------------------------------------------------
+# Every rate is a mean over prompts, so the bootstrap resamples prompts (seeded: the same
+# interval on every run). Paired comparisons resample the prompts both models answered.
+BOOTSTRAP = 2000
+LEVEL = 0.95
+
+
+def bootstrap_ci(
+    values: Sequence[float | None], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of ``values`` (Nones left out); None when
+    there is nothing to resample."""
+    import numpy as np
+
+    x = np.array([v for v in values if v is not None], dtype=float)
+    if x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
+) -> dict[str, float | bool | None]:
+    """mean(a) - mean(b) over the same prompts (a[i], b[i] belong to prompt i): the
+    difference, its bootstrap interval, and a two-sided p-value from a paired sign-flip
+    permutation test (under "no difference" each prompt's difference is as likely negated).
+    ``significant``: the interval excludes 0."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference of {len(a)} and {len(b)} values")
+    d = np.array(a, dtype=float) - np.array(b, dtype=float)
+    if d.size == 0:
+        return {"diff": None, "ci": None, "p_value": None, "significant": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = (float(q) for q in np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2]))
+    observed = abs(d.mean())
+    flips = rng.choice([-1.0, 1.0], size=(n_boot, d.size))
+    null = np.abs((flips * d).mean(axis=1))
+    p = float((1 + np.sum(null >= observed - 1e-12)) / (n_boot + 1))
+    return {"diff": float(d.mean()), "ci": [lo, hi], "p_value": p, "significant": not lo <= 0.0 <= hi, "n": int(d.size)}
+
+
+def elo_ci(
+    players: Sequence[str],
+    games_by_prompt: dict[str, list[tuple[str, str, float]]],
+    anchor: str | None,
+    n_boot: int = 200,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, list[float] | None]:
+    """Bootstrap interval of every player's Elo: the prompts are resampled and the ratings
+    refitted (a prompt's games stay together)."""
+    import numpy as np
+
+    prompts = sorted(games_by_prompt)
+    if not prompts:
+        return {p: None for p in players}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {p: [] for p in players}
+    for _ in range(n_boot):
+        games = [g for i in rng.integers(0, len(prompts), len(prompts)) for g in games_by_prompt[prompts[i]]]
+        for p, r in elo_ratings(players, games, anchor=anchor, iters=30).items():
+            draws[p].append(r)
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    return {p: [float(x) for x in np.quantile(v, q)] for p, v in draws.items()}

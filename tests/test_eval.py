@@ -64,6 +64,45 @@ def test_elo_stays_finite_when_one_player_always_wins_and_rejects_bad_games():
         eval_math.elo_ratings(["A", "B"], [("A", "A", 1.0)])
 
 
+def test_bootstrap_intervals_cover_a_known_rate():
+    """Synthetic prompts with a known attack-success rate: the 95% percentile-bootstrap
+    interval of the sample rate holds the true rate in about 95% of 400 seeded datasets
+    (n = 60; the percentile bootstrap runs a little narrow at small n)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    true = 0.3
+    hits = 0
+    for k in range(400):
+        sample = (rng.random(60) < true).astype(float).tolist()
+        lo, hi = eval_math.bootstrap_ci(sample, n_boot=1000, seed=k)
+        hits += lo <= true <= hi
+    assert 0.90 <= hits / 400 <= 0.98, hits / 400
+    assert eval_math.bootstrap_ci([]) is None and eval_math.bootstrap_ci([None, 1.0]) == (1.0, 1.0)
+
+
+def test_paired_differences_tell_a_real_difference_from_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = (rng.random(200) < 0.6).astype(float)
+    better = np.where(rng.random(200) < 0.5, 0.0, base)  # the same prompts, half the successes removed
+    d = eval_math.paired_difference(better.tolist(), base.tolist(), seed=0)
+    assert d["diff"] < 0 and d["ci"][1] < 0 and d["significant"] and d["p_value"] < 0.01
+    same = eval_math.paired_difference(base.tolist(), np.roll(base, 1).tolist(), seed=0)
+    assert not same["significant"] and same["p_value"] > 0.05
+    with pytest.raises(ValueError):
+        eval_math.paired_difference([1.0], [1.0, 0.0])
+
+
+def test_elo_intervals_bracket_the_fit():
+    games = {f"p{i}": [("a", "b", 1.0 if i % 4 else 0.0)] for i in range(40)}  # a wins 75%
+    ci = eval_math.elo_ci(["a", "b"], games, anchor="b", n_boot=200, seed=0)
+    fit = eval_math.elo_ratings(["a", "b"], [g for gs in games.values() for g in gs], anchor="b")
+    assert ci["b"] == [1000.0, 1000.0] and ci["a"][0] < fit["a"] < ci["a"][1]
+    assert ci["a"][0] > 1000.0  # 30 of 40 wins: clearly better than b
+
+
 def test_judge_probabilities_rates_and_agreement():
     # "yes" as (A) gave P(A)=0.8; "no" as (A) gave P(A)=0.4, so P(yes)=0.6 that order → mean 0.7
     assert eval_math.judged_yes(0.8, 0.4) == pytest.approx(0.7)
@@ -222,6 +261,32 @@ def test_eval_scores_every_answer_in_both_orders_and_writes_everything(evaluated
     assert set(man["models"]) == set(models) and man["rejected"] == 4
 
 
+def test_every_number_has_its_interval_and_every_model_its_paired_difference(evaluated, capsys):
+    from cai_ray.evaluate import headline
+
+    _, _, out = evaluated
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["uncertainty"]["level"] == 0.95 and m["uncertainty"]["resamples"] >= 10
+    base = m["baseline"]
+    for name, mm in m["models"].items():
+        h, o = mm["harmlessness"], mm["over_refusal"]
+        for value, ci in (
+            (h["attack_success_rate"], h["attack_success_rate_ci"]),
+            (o["judge_refusal_rate"], o["judge_refusal_rate_ci"]),
+            (mm["elo"]["helpfulness"], mm["elo"]["helpfulness_ci"]),
+        ):
+            assert ci[0] <= value <= ci[1], (name, value, ci)
+        if name == base:
+            assert mm["vs_baseline"] is None
+        else:
+            d = mm["vs_baseline"]["attack_success_rate"]
+            assert 0 < d["n"] <= h["n"] and d["ci"][0] <= d["diff"] <= d["ci"][1]
+            assert 0 < d["p_value"] <= 1 and d["significant"] == (not d["ci"][0] <= 0 <= d["ci"][1])
+    lines = headline(m)
+    assert all("[" in line for line in lines)
+    assert any("n.s." in line or "p=" in line for line in lines)
+
+
 def test_a_rerun_reuses_the_answers_and_rejudges(evaluated):
     from cai_ray.evaluate import evaluate
 
@@ -300,9 +365,10 @@ def test_report_opens_in_headless_chromium_with_images_and_headline_numbers(eval
     m = json.loads((out / "metrics.json").read_text())
     for name, mm in m["models"].items():
         row = page["rows"][name]
-        assert f"{mm['harmlessness']['attack_success_rate']:.0%}" == row["asr"]
-        assert f"{mm['helpfulness']['win_rate_vs_baseline']:.0%}" == row["winrate"]
-        assert f"{mm['elo']['helpfulness']:.0f}" == row["elo-help"]
+        # each number is followed by its 95% interval in brackets
+        assert f"{mm['harmlessness']['attack_success_rate']:.0%}" == row["asr"].split()[0] and "[" in row["asr"]
+        assert f"{mm['helpfulness']['win_rate_vs_baseline']:.0%}" == row["winrate"].split()[0]
+        assert f"{mm['elo']['helpfulness']:.0f}" == row["elo-help"].split()[0] and "[" in row["elo-help"]
     assert (out / "report.png").stat().st_size > 10_000
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cai_ray.datasets import bad_text, safe_text
 from cai_ray.records import RAW_LIMIT
 
 Row = dict[str, Any]
@@ -42,7 +43,15 @@ def read_records(path: str) -> tuple[list[tuple[str, int, Row]], str]:
         files = [p]
     elif p.suffix in (".jsonl", ".json") and p.exists():
         out = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
+        for i, raw in enumerate(p.read_bytes().split(b"\n"), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.decode("utf-8", errors="replace")
+                out.append(
+                    (str(p), i, {"_invalid": f"line is not valid UTF-8: {e.reason} at byte {e.start}", "_raw": line})
+                )
+                continue
             if line.strip():
                 try:
                     rec = json.loads(line)
@@ -50,11 +59,33 @@ def read_records(path: str) -> tuple[list[tuple[str, int, Row]], str]:
                     rec = {"_invalid": f"invalid JSON: {e.msg}", "_raw": line}
                 if not isinstance(rec, dict):
                     rec = {"_invalid": "a row must be a JSON object", "_raw": line}
+                else:
+                    why = _bad_strings(rec)
+                    if why:
+                        rec = {"_invalid": why, "_raw": safe_text(line)}
                 out.append((str(p), i, rec))
         return out, str(p)
     else:
         raise TrainDataError(f"{path}: not found, or not a folder / .jsonl / .parquet file")
     return [(str(f), i, r) for f in files for i, r in enumerate(pq.read_table(f).to_pylist(), 1)], str(p)
+
+
+def _bad_strings(value, where: str = "") -> str | None:
+    """The first string in a record that UTF-8 cannot hold (a lone surrogate), as a reason."""
+    if isinstance(value, str):
+        why = bad_text(value)
+        return f"{where or 'a field'}: {why}" if why else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        why = _bad_strings(v, f"{where}.{k}" if where else str(k))
+        if why:
+            return why
+    return None
 
 
 def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]]) -> tuple[list[Row], list[Reject]]:
