@@ -335,8 +335,10 @@ def _finished(stage: Stage) -> bool:
 
 
 # -- the run --------------------------------------------------------------------------------
-def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the pipeline; returns pipeline.json's content."""
+def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns pipeline.json's content. ``say`` prints the
+    stage lines (default: stdout; the demo sends them to the terminal while logs go to a file)."""
+    say = say or (lambda line: print(line, flush=True))
     from cai_ray import runtime
     from cai_ray.config import ConfigError, to_dict
     from cai_ray.constitution import load_constitution
@@ -397,9 +399,9 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None) -> dict[
             log.info(
                 "pipeline: stage %d/%d %s: finished earlier, skipped (%s)", i + 1, len(stages), stage.name, stage.output
             )
-            print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: done earlier, skipped", flush=True)
+            say(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: done earlier, skipped")
         else:
-            print(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: {_describe(stage)}", flush=True)
+            say(f"[pipeline] {i + 1}/{len(stages)} {stage.name}: {_describe(stage)}")
             rec = {
                 "status": "running",
                 "fingerprint": fp,

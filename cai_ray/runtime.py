@@ -124,6 +124,44 @@ def folder_fingerprint(folder: Path) -> str:
     return stat_sha256(files, folder)
 
 
+@contextlib.contextmanager
+def output_to_log(log_path: Path):
+    """Everything written to this process's stdout and stderr — Ray's worker logs relayed to
+    the driver, DeepSpeed, vLLM, progress bars, child processes — goes to ``log_path``; the
+    context yields a text stream on the original terminal for the caller's own lines."""
+    import io
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = io.TextIOWrapper(os.fdopen(os.dup(saved[0]), "wb", buffering=0), write_through=True)
+    with open(log_path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield console
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            console.flush()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a (log) file."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            return "\n".join(fh.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 class OutputBusy(ValueError):
     """Another run is writing into the same output folder."""
 

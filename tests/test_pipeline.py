@@ -254,3 +254,33 @@ def test_folder_inputs_and_model_weights_are_fingerprinted(tmp_path):
     assert _file_sha(str(model)) != before
     assert model_fingerprint(str(model))["weights_stat_sha256"] != mf["weights_stat_sha256"]
     assert _file_sha(str(tmp_path / "missing")) is None
+
+
+def test_the_demo_keeps_the_terminal_quiet_and_the_logs_in_a_file(tmp_path):
+    """runtime.output_to_log: the caller's own lines reach the terminal; print(), stderr and
+    a child process's output (what Ray's relayed worker logs, DeepSpeed and vLLM write) go
+    to the log file; the last lines of the log are at hand for a failure message."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "demo.log"
+    code = f"""
+import subprocess, sys
+from pathlib import Path
+from cai_ray.runtime import output_to_log, tail
+with output_to_log(Path({str(log)!r})) as console:
+    console.write("stage line\\\\n")
+    print("noise from a library")
+    print("a warning", file=sys.stderr)
+    subprocess.run([sys.executable, "-c", "import sys; print('worker log'); print('worker err', file=sys.stderr)"])
+    console.write("summary\\\\n")
+print("after: terminal again")
+print("TAIL=" + tail(Path({str(log)!r}), 1))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["stage line", "summary", "after: terminal again", "TAIL=worker err"], r.stdout
+    assert r.stderr == ""
+    text = log.read_text()
+    for line in ("noise from a library", "a warning", "worker log", "worker err"):
+        assert line in text
