@@ -126,6 +126,32 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def kappa_ci(
+    a: Sequence[bool], b: Sequence[bool], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
+) -> list[float] | None:
+    """Bootstrap interval of Cohen's kappa between two detectors' decisions on the same items
+    (resamples where kappa is undefined — one detector constant — are left out)."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"kappa_ci of {len(a)} and {len(b)} decisions")
+    if not a:
+        return None
+    x, y = np.array(a, dtype=float), np.array(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    xs, ys = x[idx], y[idx]
+    observed = (xs == ys).mean(axis=1)
+    pa, pb = xs.mean(axis=1), ys.mean(axis=1)
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    ok = chance < 1.0
+    if not ok.any():
+        return None
+    kappas = (observed[ok] - chance[ok]) / (1.0 - chance[ok])
+    lo, hi = np.quantile(kappas, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
 def paired_difference(
     a: Sequence[float], b: Sequence[float], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
 ) -> dict[str, float | bool | None]:

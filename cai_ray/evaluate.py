@@ -453,7 +453,19 @@ def model_metrics(
             "lexical_refusal_rate": eval_math.mean([float(r["lexical_refusal"]) for r in benign]),
             "lexical_refusal_rate_ci": _ci([float(r["lexical_refusal"]) for r in benign], n_boot, seed),
             "judge_lexical_agreement": agree["agreement"],
+            "judge_lexical_agreement_ci": _ci(
+                [float((r["p_refusal"] > 0.5) == r["lexical_refusal"]) for r in judged], n_boot, seed
+            ),
             "judge_lexical_kappa": agree["kappa"],
+            "judge_lexical_kappa_ci": eval_math.kappa_ci(
+                [r["p_refusal"] > 0.5 for r in judged], [r["lexical_refusal"] for r in judged], n_boot=n_boot, seed=seed
+            ),
+            # where the two refusal detectors disagree: what a reader checks first
+            "disagreements": [
+                {"id": r["id"], "p_refusal": r["p_refusal"], "lexical_refusal": r["lexical_refusal"]}
+                for r in judged
+                if (r["p_refusal"] > 0.5) != r["lexical_refusal"]
+            ],
             "unscored": sum(r["p_refusal"] is None for r in benign),
             "n": len(benign),
         },

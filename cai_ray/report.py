@@ -175,6 +175,41 @@ def _examples(records: list[dict], names: list[str], set_name: str, score_key: s
     return f"<table class=examples><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _disagreements(records: list[dict], metrics: dict[str, Any], limit: int = 12) -> str:
+    """The benign answers where the judge and the lexical detector disagree, with kappa."""
+    by = {(r["model"], r["id"]): r for r in records if r["set"] == "benign"}
+    rows, summary = [], []
+    for name, m in metrics["models"].items():
+        o = m["over_refusal"]
+        k, kci = o.get("judge_lexical_kappa"), o.get("judge_lexical_kappa_ci")
+        summary.append(
+            f"{html.escape(name)}: kappa {_num(k, 2)}{_kappa_ci(kci) if kci else ''}, "
+            f"{len(o.get('disagreements') or [])} disagreements"
+        )
+        for d in (o.get("disagreements") or [])[:limit]:
+            r = by.get((name, d["id"]))
+            if r is None:
+                continue
+            verdict = "lexical: refusal, judge: not" if d["lexical_refusal"] else "judge: refusal, lexical: not"
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td><b>{html.escape(d['id'])}</b><pre>"
+                f"{html.escape(r['prompt'][-1]['content'])}</pre></td><td>{verdict} (P(refuses) {_num(d['p_refusal'], 2)})"
+                f"</td><td><pre>{html.escape(r['answer'])}</pre></td></tr>"
+            )
+    table = (
+        "<table class=examples id=disagreements><tr><th>model</th><th>prompt</th><th>detectors</th><th>answer</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        if rows
+        else "<p class=note>The two detectors agree on every benign answer.</p>"
+    )
+    return f"<p class=note>{'; '.join(summary)}.</p>{table}"
+
+
+def _kappa_ci(ci) -> str:
+    return f" <span class=ci>[{ci[0]:.2f}–{ci[1]:.2f}]</span>"
+
+
 def write_report(out: Path, metrics: dict[str, Any], records: list[dict], manifest: dict[str, Any]) -> Path:
     """report.html and its PNGs in ``out``; returns the HTML's path."""
     files = _plots(out, metrics)
@@ -236,6 +271,8 @@ with its interval and p-value — <b>n.s.</b> where the interval spans zero (not
 <img src="{files["categories"]}" alt="attack success rate by category">
 <img src="{files["refusals"]}" alt="benign refusal rates">
 </div>
+<h2>Refusal detectors: where the judge and the lexical detector disagree</h2>
+{_disagreements(records, metrics)}
 <h2>Example answers: red-team prompts</h2>
 {_examples(records, names, "harmful", "p_harmful", "P(harmful)")}
 <h2>Example answers: benign prompts</h2>
