@@ -890,6 +890,11 @@ class EvalConfig:
     )
     constitution: str = _f("constitutions/general.yaml", "constitution whose principles define harm for the judge")
     limit: int | None = _f(None, "evaluate only the first N prompts of each file (smoke runs)")
+    columns: str | None = _f(
+        None,
+        "map your files' columns: prompt=goal,category=harm_type,source=dataset (without it: prompt, messages, "
+        "else goal / forbidden_prompt / text; category and source when present)",
+    )
     seed: int = _f(0, "seeds principle sampling and the bootstrap")
     bootstrap: int = _f(2000, "bootstrap resamples of the prompts behind every rate's 95% interval")
     bootstrap_elo: int = _f(200, "bootstrap resamples (Elo refitted each time) behind the Elo intervals")

@@ -60,26 +60,72 @@ class Model:
 UNCATEGORISED = "uncategorised"  # a row with no (or an empty) category: evaluated, reported as such
 
 
-def eval_row(r: dict) -> tuple[dict | None, str | None]:
-    """A prompt row (``prompt`` or ``messages`` ending with a user turn) with its category."""
+# the prompt column of public red-team / over-refusal sets, tried in this order when a row
+# has neither `prompt` nor `messages` (AdvBench and HarmBench: goal / prompt; StrongREJECT:
+# forbidden_prompt; XSTest and others: prompt / text)
+PROMPT_COLUMNS = ("prompt", "goal", "forbidden_prompt", "text")
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """``--columns prompt=goal,category=harm_type,source=dataset`` → {our name: their column}."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        ours, sep, theirs = part.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not sep or ours not in ("prompt", "messages", "category", "source", "id") or not theirs:
+            raise ValueError(
+                f"columns: {part!r}: expected OURS=THEIRS with OURS one of prompt, messages, category, source, id"
+            )
+        out[ours] = theirs
+    return out
+
+
+def map_columns(r: dict, columns: dict[str, str]) -> dict:
+    """A row under our column names: the --columns mapping first, then the common names."""
+    row = dict(r)
+    for ours, theirs in columns.items():
+        row[ours] = r.get(theirs)
+    if row.get("prompt") is None and row.get("messages") is None:
+        for name in PROMPT_COLUMNS[1:]:
+            if isinstance(r.get(name), str):
+                row["prompt"] = r[name]
+                break
+    return row
+
+
+def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
+    """A prompt row (``prompt`` or ``messages`` ending with a user turn, or a common prompt
+    column, or the ``columns`` mapping) with its category and source."""
     from cai_ray.train.data import prompt_row
 
+    r = map_columns(r, columns or {})
     row, why = prompt_row(r)
     if row is None:
         return None, why
-    cat = r.get("category")
-    if cat is None or (isinstance(cat, str) and not cat.strip()):
-        cat = UNCATEGORISED  # public red-team sets are often exported with empty categories
-    elif not isinstance(cat, str):
-        return None, f"'category' must be a string, got {cat!r}"
-    return {"prompt": row["prompt"], "category": cat.strip()}, None
+    out = {"prompt": row["prompt"]}
+    for key in ("category", "source"):
+        value = r.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            value = UNCATEGORISED if key == "category" else None  # public sets often leave these empty
+        elif not isinstance(value, str):
+            return None, f"'{key}' must be a string, got {value!r}"
+        out[key] = value.strip() if isinstance(value, str) else value
+    if r.get("id") is not None:
+        out["id"] = str(r["id"])
+    return out, None
 
 
-def load_set(path: str, name: str, limit: int | None, max_chars: int) -> tuple[list[dict], list[dict]]:
-    """Usable rows of one prompt file and a reject (with its reason) for every other row."""
+def load_set(
+    path: str, name: str, limit: int | None, max_chars: int, columns: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Usable rows of one prompt file (JSONL, CSV or Parquet) and a reject (with its reason)
+    for every other row."""
     from cai_ray.train.data import load_rows, reject
 
-    rows, rejects = load_rows(path, eval_row)
+    mapping = parse_columns(columns)
+    rows, rejects = load_rows(path, lambda r: eval_row(r, mapping))
     keep = []
     for row in rows:
         chars = sum(len(m["content"]) for m in row["prompt"])
@@ -431,6 +477,18 @@ def model_metrics(
             "mean_p_harmful": eval_math.mean(ps),
             "n": len(ps),
         }
+    by_source: dict[str, dict[str, Any]] = {}
+    for src in sorted({r.get("source") for r in harm + benign if r.get("source")}):
+        hp = [r["p_harmful"] for r in harm if r.get("source") == src]
+        bp = [r["p_refusal"] for r in benign if r.get("source") == src]
+        by_source[src] = {
+            "attack_success_rate": eval_math.share_above(hp),
+            "attack_success_rate_ci": _ci(_hard(hp), n_boot, seed),
+            "judge_refusal_rate": eval_math.share_above(bp),
+            "judge_refusal_rate_ci": _ci(_hard(bp), n_boot, seed),
+            "n_harmful": len(hp),
+            "n_benign": len(bp),
+        }
     judged = [r for r in benign if r["p_refusal"] is not None]
     agree = eval_math.agreement([r["p_refusal"] > 0.5 for r in judged], [r["lexical_refusal"] for r in judged])
     wr, n = win_rate(help_comps, name, baseline) if name != baseline else (0.5, 0)
@@ -446,6 +504,7 @@ def model_metrics(
             "n": len(harm),
             "by_category": by_cat,
         },
+        "by_source": by_source,
         "over_refusal": {
             "judge_refusal_rate": eval_math.share_above([r["p_refusal"] for r in benign]),
             "judge_refusal_rate_ci": _ci(_hard([r["p_refusal"] for r in benign]), n_boot, seed),
@@ -509,7 +568,7 @@ def evaluate(cfg) -> dict[str, Any]:
     judge_info = model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url)
     sets, rejects = {}, []
     for name in SETS:
-        sets[name], rej = load_set(getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars)
+        sets[name], rej = load_set(getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars, cfg.columns)
         rejects += rej
     with open(out / "rejects.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
@@ -552,6 +611,7 @@ def evaluate(cfg) -> dict[str, Any]:
                             "set": set_name,
                             "id": r["id"],
                             "category": r["category"],
+                            "source": r.get("source"),
                             "prompt": r["prompt"],
                             "answer": a,
                             "lexical_refusal": is_refusal(a),

@@ -65,9 +65,41 @@ def read_records(path: str) -> tuple[list[tuple[str, int, Row]], str]:
                         rec = {"_invalid": why, "_raw": safe_text(line)}
                 out.append((str(p), i, rec))
         return out, str(p)
+    elif p.suffix == ".csv" and p.exists():
+        return _csv_records(p), str(p)
     else:
-        raise TrainDataError(f"{path}: not found, or not a folder / .jsonl / .parquet file")
+        raise TrainDataError(f"{path}: not found, or not a folder / .jsonl / .csv / .parquet file")
     return [(str(f), i, r) for f in files for i, r in enumerate(pq.read_table(f).to_pylist(), 1)], str(p)
+
+
+def _csv_records(p: Path) -> list[tuple[str, int, Row]]:
+    """Rows of a CSV file with a header; an undecodable byte, an oversized field or a row with
+    more fields than the header is that row's reject, the reading goes on."""
+    import csv
+
+    out: list[tuple[str, int, Row]] = []
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))
+    with open(p, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)
+        last = 1
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                last += 1
+                out.append((str(p), last, {"_invalid": f"unreadable CSV row: {e}", "_raw": ""}))
+                continue
+            last = reader.line_num
+            if None in rec:
+                out.append(
+                    (str(p), last, {"_invalid": "row has more fields than the header", "_raw": safe_text(str(rec))})
+                )
+                continue
+            why = _bad_strings(rec)
+            out.append((str(p), last, {"_invalid": why, "_raw": safe_text(str(rec))} if why else rec))
+    return out
 
 
 def _bad_strings(value, where: str = "") -> str | None:
