@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge", dest="judge.model", metavar="MODEL", help="the AI judge (default smollm2)")
     ev.add_argument("--constitution", help="constitution YAML")
     ev.add_argument("--limit", type=int, metavar="N", help="first N prompts of each file")
+    ev.add_argument(
+        "--columns",
+        metavar="OURS=THEIRS,...",
+        help="map your files' columns, e.g. prompt=goal,category=harm_type,source=dataset",
+    )
     ev.add_argument("--max-new-tokens", type=int, dest="sampling.max_new_tokens", metavar="N", help="tokens per answer")
     ev.add_argument("--config", help="YAML config file (see config keys below)")
     ev.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
