@@ -87,6 +87,7 @@ def to_pair_rows(batch: pa.Table, max_chars: int, can_sample: bool) -> pa.Table:
         response_a=pa.array(resp_a, pa.string()),
         response_b=pa.array(resp_b, pa.string()),
         policy=pa.nulls(batch.num_rows, pa.string()),
+        prompt_pairs=pa.array([1] * batch.num_rows, pa.int32()),  # the sampler sets its own
     )
     return pa.table([cols[n] for n in PAIR_SCHEMA.names], schema=PAIR_SCHEMA)
 
@@ -161,27 +162,31 @@ class PairSampler:
                     reasons[i] = f"the policy gave fewer than 2 distinct answers in {k} samples"
 
         # explode: one output row per pair (or the input row itself: given pair or reject)
-        take, pair_ids, resp_a, resp_b, policy = [], [], [], [], []
+        take, pair_ids, resp_a, resp_b, policy, counts = [], [], [], [], [], []
         for i in range(batch.num_rows):
             if reasons[i] is None and i in answers:
                 distinct = answers[i]
-                for x, y in make_pairs(len(distinct), self.pairing):
+                pairs = make_pairs(len(distinct), self.pairing)
+                for x, y in pairs:
                     take.append(i)
                     pair_ids.append(f"{ids[i]}/{x}-{y}")
                     resp_a.append(distinct[x])
                     resp_b.append(distinct[y])
                     policy.append(self.engine.model_name)
+                    counts.append(len(pairs))
             else:
                 take.append(i)
                 pair_ids.append(ids[i])
                 resp_a.append(given_a[i])
                 resp_b.append(given_b[i])
                 policy.append(None)
+                counts.append(1)
         out = batch.set_column(
             batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string())
         ).take(pa.array(take, pa.int64()))
         for name, values in (("id", pair_ids), ("response_a", resp_a), ("response_b", resp_b), ("policy", policy)):
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        out = out.set_column(out.schema.get_field_index("prompt_pairs"), "prompt_pairs", pa.array(counts, pa.int32()))
         if self.ledger is not None:
             self.ledger.add_engine_stats.remote(
                 engine_s=time.perf_counter() - t0,

@@ -55,6 +55,7 @@ PAIR_FIELDS = PROMPT_FIELDS + [
     pa.field("response_a", pa.string()),
     pa.field("response_b", pa.string()),
     pa.field("policy", pa.string()),  # model that sampled the answers; null for given pairs
+    pa.field("prompt_pairs", pa.int32()),  # how many pairs its prompt has: resume checks them all written
 ]
 PAIR_SCHEMA = pa.schema(PAIR_FIELDS)
 

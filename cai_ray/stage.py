@@ -153,6 +153,44 @@ def drop_orphan_parts(out_dir: Path, folders: tuple[str, ...]) -> list[Path]:
     return dropped
 
 
+def drop_incomplete_prompts(out_dir: Path, folders: tuple[str, ...]) -> int:
+    """A prompt's pairs may be written by different write tasks; if a crash came between
+    them, the prompt's written pairs are fewer than its ``prompt_pairs``. Those rows are
+    removed (each part rewritten in place without them), so resume redoes the prompt whole
+    instead of counting it done with pairs missing. Returns the number of prompts redone."""
+    files = output_files(out_dir, folders)
+    if not files or "prompt_pairs" not in pq.read_schema(files[0]).names:
+        return 0  # not a label output (or one from before the column existed)
+    written: dict[str, set] = {}
+    expected: dict[str, int] = {}
+    for f in files:
+        t = pq.read_table(f, columns=["prompt_id", "id", "prompt_pairs"])
+        for pid, rid, n in zip(*(t[c].to_pylist() for c in ("prompt_id", "id", "prompt_pairs"))):
+            written.setdefault(pid, set()).add(rid)
+            if n is not None:
+                expected[pid] = n
+    incomplete = {pid for pid, ids in written.items() if pid in expected and len(ids) < expected[pid]}
+    if not incomplete:
+        return 0
+    keep = pa.array(sorted(incomplete), pa.string())
+    for f in files:
+        t = pq.read_table(f)
+        mask = pc.is_in(t["prompt_id"], value_set=keep)
+        if pc.any(mask).as_py():
+            # in place, same name: a part's data/ and filtered/ halves stay siblings (an empty
+            # half is still written, or drop_orphan_parts would take the other for a crash)
+            tmp = f.with_name(f".{f.name}.tmp-incomplete")
+            pq.write_table(t.filter(pc.invert(mask)), tmp)
+            os.replace(tmp, f)
+    log.warning(
+        "resume: %d prompts had only some of their pairs written (a crash between write tasks); "
+        "their pairs are redone whole: %s",
+        len(incomplete),
+        ", ".join(sorted(incomplete)[:5]),
+    )
+    return len(incomplete)
+
+
 def reject_records(table: pa.Table) -> list[dict[str, Any]]:
     return [
         {"source": r["source"], "line": r["line"], "id": r["id"], "reason": r["reject_reason"], "raw": r["raw"]}
@@ -227,6 +265,7 @@ def clean_partial(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> None:
         for f in rejects.glob("part-*.jsonl"):
             f.unlink()
     drop_orphan_parts(out_dir, folders)
+    drop_incomplete_prompts(out_dir, folders)
 
 
 def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:

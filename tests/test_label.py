@@ -406,6 +406,32 @@ def test_a_block_half_written_before_a_crash_is_redone_whole(ray_local, tmp_path
     assert again["labels"] == first["labels"]
 
 
+def test_a_prompt_whose_pairs_were_only_partly_written_is_redone_whole(ray_local, tmp_path):
+    """A prompt's pairs can go to different write tasks. Simulate a crash after only some of
+    them were written (one pair row removed from its part): resume must see the prompt as
+    unfinished (fewer pairs than its prompt_pairs), remove what it wrote and redo it whole —
+    every pair id once, none missing."""
+    import pyarrow.compute as pc
+
+    from cai_ray.label import label
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))
+    cfg = _cfg(tmp_path, src, **{"policy.model": "tiny-random", "pairs.samples": 3, "filter.min_margin": 0.001})
+    label(cfg)
+    out = tmp_path / "out"
+    rows = _rows(out) + _rows(out, "filtered")
+    assert all(r["prompt_pairs"] == 3 for r in rows) and len(rows) == 12
+    victim = next(p for p in sorted((out / "data").glob("part-*.parquet")) if pq.read_table(p).num_rows)
+    t = pq.read_table(victim)
+    gone = t["id"][0].as_py()
+    pq.write_table(t.filter(pc.not_equal(t["id"], gone)), victim)  # that pair's write never happened
+    again = label(cfg)
+    ids = sorted(r["id"] for r in _rows(out) + _rows(out, "filtered"))
+    assert ids == sorted(r["id"] for r in rows) and len(set(ids)) == len(ids)
+    assert again["counts"]["written_this_run"] == 1 and again["counts"]["written"] == 4
+
+
 def test_a_given_pair_id_shaped_like_a_sampled_one_is_rejected():
     import pyarrow as pa
 
