@@ -269,11 +269,11 @@ import subprocess, sys
 from pathlib import Path
 from cai_ray.runtime import output_to_log, tail
 with output_to_log(Path({str(log)!r})) as console:
-    console.write("stage line\\\\n")
+    console.write("stage line\\n")
     print("noise from a library")
     print("a warning", file=sys.stderr)
     subprocess.run([sys.executable, "-c", "import sys; print('worker log'); print('worker err', file=sys.stderr)"])
-    console.write("summary\\\\n")
+    console.write("summary\\n")
 print("after: terminal again")
 print("TAIL=" + tail(Path({str(log)!r}), 1))
 """
