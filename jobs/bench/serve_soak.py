@@ -96,7 +96,7 @@ async def soak(url: str, key: str, duration: float, concurrency: int, kill_at: l
     names, weights = zip(*KINDS)
     chat = {"messages": [{"role": "user", "content": "Say something kind."}], "max_tokens": 8, "temperature": 0.7}
 
-    def chunks():
+    async def chunks():  # no Content-Length: sent chunked
         for _ in range(2 * BODY_LIMIT // 65536 + 2):
             yield b"x" * 65536
 
