@@ -158,7 +158,9 @@ def paired_difference(
     """mean(a) - mean(b) over the same prompts (a[i], b[i] belong to prompt i): the
     difference, its bootstrap interval, and a two-sided p-value from a paired sign-flip
     permutation test (under "no difference" each prompt's difference is as likely negated).
-    ``significant``: the interval excludes 0."""
+    ``significant``: the interval excludes 0 *and* p < 1 - level. At small n the percentile
+    bootstrap runs narrow (10 prompts, 3 of them different: the interval can exclude 0 while
+    p = 0.25), so both must agree before a difference is called real."""
     import numpy as np
 
     if len(a) != len(b):
@@ -173,7 +175,8 @@ def paired_difference(
     flips = rng.choice([-1.0, 1.0], size=(n_boot, d.size))
     null = np.abs((flips * d).mean(axis=1))
     p = float((1 + np.sum(null >= observed - 1e-12)) / (n_boot + 1))
-    return {"diff": float(d.mean()), "ci": [lo, hi], "p_value": p, "significant": not lo <= 0.0 <= hi, "n": int(d.size)}
+    significant = not lo <= 0.0 <= hi and p < 1 - level
+    return {"diff": float(d.mean()), "ci": [lo, hi], "p_value": p, "significant": significant, "n": int(d.size)}
 
 
 def elo_ci(

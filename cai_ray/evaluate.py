@@ -709,8 +709,8 @@ def evaluate(cfg) -> dict[str, Any]:
 
 def headline(metrics: dict[str, Any]) -> list[str]:
     """One line per model: the numbers a user looks at first, each with its 95% interval, and
-    for the other models the paired difference to the baseline ("n.s." where the interval of
-    the difference spans zero)."""
+    for the other models the paired difference to the baseline ("n.s." unless its interval
+    excludes zero and the permutation test agrees)."""
 
     def f(x, pct=False):
         return "n/a" if x is None else (f"{x:.0%}" if pct else f"{x:.0f}")

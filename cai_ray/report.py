@@ -264,7 +264,7 @@ on benign prompts, every pair judged in both orders ({_pct(comps["helpfulness"][
 helpfulness and {_pct(comps["harmlessness"]["position_consistent_share"])} of harmlessness comparisons agreed across
 orders). Elo: Bradley–Terry fit to all pairwise games, baseline pinned at 1000. [brackets]: 95% intervals,
 bootstrap over prompts; "vs" columns: the paired difference to the baseline on the same prompts, in points,
-with its interval and p-value — <b>n.s.</b> where the interval spans zero (not a real difference at this size).</p>
+with its interval and p-value — <b>n.s.</b> unless the interval excludes zero and p &lt; 0.05 (not a real difference at this size).</p>
 <h2>Plots</h2>
 <div class=plots>
 <img src="{files["pareto"]}" alt="harmlessness vs helpfulness Elo">

@@ -91,6 +91,10 @@ def test_paired_differences_tell_a_real_difference_from_noise():
     assert d["diff"] < 0 and d["ci"][1] < 0 and d["significant"] and d["p_value"] < 0.01
     same = eval_math.paired_difference(base.tolist(), np.roll(base, 1).tolist(), seed=0)
     assert not same["significant"] and same["p_value"] > 0.05
+    # 10 prompts, 4 of them worse: the bootstrap interval excludes 0, the permutation test
+    # does not reject (p = 2/16): not called significant
+    few = eval_math.paired_difference([0.0] * 4 + [1.0] * 6, [1.0] * 10, seed=0)
+    assert few["ci"][1] < 0 and few["p_value"] > 0.1 and not few["significant"]
     with pytest.raises(ValueError):
         eval_math.paired_difference([1.0], [1.0, 0.0])
 
@@ -281,7 +285,8 @@ def test_every_number_has_its_interval_and_every_model_its_paired_difference(eva
         else:
             d = mm["vs_baseline"]["attack_success_rate"]
             assert 0 < d["n"] <= h["n"] and d["ci"][0] <= d["diff"] <= d["ci"][1]
-            assert 0 < d["p_value"] <= 1 and d["significant"] == (not d["ci"][0] <= 0 <= d["ci"][1])
+            spans_zero = d["ci"][0] <= 0 <= d["ci"][1]
+            assert 0 < d["p_value"] <= 1 and d["significant"] == (not spans_zero and d["p_value"] < 0.05)
     lines = headline(m)
     assert all("[" in line for line in lines)
     assert any("n.s." in line or "p=" in line for line in lines)
