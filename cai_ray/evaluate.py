@@ -716,7 +716,7 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         return "n/a" if x is None else (f"{x:.0%}" if pct else f"{x:.0f}")
 
     def ci(c, pct=True):
-        return "" if not c else f" [{f(c[0], pct)}-{f(c[1], pct)}]"
+        return "" if not c else f" [{f(c[0], pct)}, {f(c[1], pct)}]"
 
     def delta(d):
         if not d or d.get("diff") is None:
