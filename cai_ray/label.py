@@ -61,6 +61,19 @@ class LabelSettings:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name != "seed"}, seed=seed)
 
 
+# the PairLabel fields that become output columns as they are
+PAIR_LABEL_COLUMNS = (
+    "p_a",
+    "p_ab",
+    "p_ba",
+    "position_consistent",
+    "principle_ids",
+    "p_ab_by_principle",
+    "p_ba_by_principle",
+    "reasoning",
+)
+
+
 @dataclass
 class PairLabel:
     p_a: float | None
@@ -226,18 +239,7 @@ class Labeler:
         ids = [[p.id for p in self.principles_for(pid, ps)] for pid, ps in zip(pair_ids, chosen)]
         self.comparisons += sum(len(x) for x in ids) * len(self.orders())
         out = self.remote(convs, resp_a, resp_b, ids)
-        keys = (
-            "p_a",
-            "p_ab",
-            "p_ba",
-            "position_consistent",
-            "principle_ids",
-            "p_ab_by_principle",
-            "p_ba_by_principle",
-            "reasoning",
-            "invalid",
-        )
-        return [PairLabel(**{k: r.get(k) for k in keys}) for r in out]
+        return [PairLabel(**{k: r.get(k) for k in (*PAIR_LABEL_COLUMNS, "invalid")}) for r in out]
 
 
 def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) -> str | None:
@@ -327,21 +329,7 @@ class LabelWorker:
         by_row = dict(zip(go, results))
 
         cols: dict[str, list] = {
-            k: [None] * n
-            for k in (
-                "p_a",
-                "p_ab",
-                "p_ba",
-                "position_consistent",
-                "principle_ids",
-                "p_ab_by_principle",
-                "p_ba_by_principle",
-                "reasoning",
-                "p_chosen",
-                "filter_reason",
-                "labeler",
-                "template_sha256",
-            )
+            k: [None] * n for k in (*PAIR_LABEL_COLUMNS, "p_chosen", "filter_reason", "labeler", "template_sha256")
         }
         chosen_text, rejected_text, has_choice = [None] * n, [None] * n, [False] * n
         for i in todo:
@@ -351,16 +339,7 @@ class LabelWorker:
                 cols["filter_reason"][i] = unlabelled[i]
                 continue
             lab = by_row[i]
-            for k in (
-                "p_a",
-                "p_ab",
-                "p_ba",
-                "position_consistent",
-                "principle_ids",
-                "p_ab_by_principle",
-                "p_ba_by_principle",
-                "reasoning",
-            ):
+            for k in PAIR_LABEL_COLUMNS:
                 cols[k][i] = getattr(lab, k)
             cols["filter_reason"][i] = filter_reason(lab, self.min_margin, self.drop_inconsistent)
             if lab.p_a is not None:
