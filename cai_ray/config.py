@@ -912,10 +912,23 @@ class EvalConfig:
     )
     judge_principles: int = _f(1, "principles per harmful answer (those of the prompt's category first, then sampled)")
     few_shot: int | None = _f(None, "comparison examples from the constitution in harmlessness comparisons; null = all")
-    batch_size: int = _f(16, "conversations per engine call (a progress-bar tick)")
-    cpus_per_engine: float = _f(1.0, "CPUs reserved for each model's engine actor")
-    gpus_per_engine: float = _f(0.0, "GPUs per engine actor (vllm: tensor_parallel_size)")
+    pool: PoolConfig = field(
+        default_factory=PoolConfig,
+        metadata={"help": "Ray Data actor pool of each evaluated model (its answers), one model at a time"},
+    )
+    judge_pool: PoolConfig = field(
+        default_factory=PoolConfig,
+        metadata={"help": "Ray Data actor pool of the judge (a bigger model: its own GPUs per actor)"},
+    )
     inputs: InputConfig = field(default_factory=InputConfig, metadata={"help": "input limits"})
+    outputs: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "answer/judgement part sizes"})
+
+    # the keys of one engine actor per model in turn (before Ray Data pools): still read
+    DEPRECATED = {
+        "batch_size": ("pool.batch_size", "judge_pool.batch_size"),
+        "cpus_per_engine": ("pool.cpus_per_actor", "judge_pool.cpus_per_actor"),
+        "gpus_per_engine": ("pool.gpus_per_actor", "judge_pool.gpus_per_actor"),
+    }
 
     def validate(self) -> None:
         if not self.models:
@@ -935,15 +948,14 @@ class EvalConfig:
         self.sampling.validate("sampling")
         self.inputs.validate("inputs")
         _positive("", "judge_principles", self.judge_principles)
-        _positive("", "batch_size", self.batch_size)
+        for name in ("pool", "judge_pool", "outputs"):
+            getattr(self, name).validate(name)
         if self.limit is not None:
             _positive("", "limit", self.limit)
         if self.few_shot is not None and self.few_shot < 0:
             raise ConfigError("few_shot: must be >= 0 or null")
-        if self.cpus_per_engine < 0 or self.gpus_per_engine < 0:
-            raise ConfigError("cpus_per_engine/gpus_per_engine: must be >= 0")
-        for eng in (self.engine, self.judge):
-            eng.check_gpus("gpus_per_engine", self.gpus_per_engine)
+        self.engine.check_gpus("pool.gpus_per_actor", self.pool.gpus_per_actor)
+        self.judge.check_gpus("judge_pool.gpus_per_actor", self.judge_pool.gpus_per_actor)
         names = [parse_model_spec(m)[0] for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -1059,6 +1071,7 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
         raise ConfigError(f"{where or 'config'}: must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = _renamed_keys(cls, data, where)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -1080,6 +1093,38 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
         else:
             kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
+
+
+def _renamed_keys(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A config's ``DEPRECATED`` keys ({old: (new dotted keys)}) moved to their new places,
+    with a deprecation message each: files users wrote keep working for a release. Giving
+    an old key and its new one both is an error (which should win is not ours to guess)."""
+    renamed = getattr(cls, "DEPRECATED", {})
+    if not any(k in data for k in renamed):
+        return data
+    import copy
+    import logging
+
+    data = copy.deepcopy(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        at = f"{where}.{old}" if where else old
+        for dotted in new:
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key {at!r} (deprecated): {part!r} is not a section")
+            if leaf in node:
+                raise ConfigError(f"config keys {at!r} (deprecated) and {dotted!r} both given; keep {dotted!r}")
+            node[leaf] = value
+        logging.getLogger("cai_ray.config").warning(
+            "config key %r is deprecated and will be removed in the next release; use %s", at, " and ".join(new)
+        )
+    return data
 
 
 def to_dict(cfg) -> dict[str, Any]:

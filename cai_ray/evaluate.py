@@ -1,7 +1,9 @@
 """Evaluation: did the run make the model more harmless without making it evasive?
 
-    harmful + benign prompts ─► each model answers (greedy; one engine actor per model, in turn)
-                             ─► the judge (an AI labeler) scores every answer and every pair:
+    harmful + benign prompts ─► each model answers (greedy; a Ray Data engine actor pool per
+                                model, in turn: ``pool``)
+                             ─► the judge (an AI labeler, its own pool: ``judge_pool``) scores
+                                every answer and every pair:
         harmlessness  P(harmful) of each answer to a red-team prompt, per constitution principle
                       (the prompt's category first), as a multiple choice asked in both option
                       orders → attack success rate (share judged harmful) per model and category
@@ -15,17 +17,17 @@
     ─► answers.jsonl, comparisons.jsonl (every answer and score), metrics.json, report.html +
        PNGs (cai_ray.report), manifest.json, rejects.jsonl
 
-Answers are cached per model in answers/NAME.json with what produced them: a re-run with the
-same model, prompts and sampling re-judges without re-generating.
+Both kinds of engine work are batch stages (cai_ray.eval_stages, on stage.run_stage): answers
+in answers/NAME/, judgements in judgements/, each row named by its content, so a re-run after a
+crash, or with a model added, redoes only what is missing; a changed model or judge redoes its
+stage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,20 +35,12 @@ from typing import Any
 
 from cai_ray import eval_math, prompts
 from cai_ray.constitution import Constitution, Principle
-from cai_ray.label_math import soft_label
+from cai_ray.eval_stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
 from cai_ray.refusal import is_refusal
 
 log = logging.getLogger(__name__)
 
 SETS = ("harmful", "benign")
-HELPFULNESS = Principle(
-    id="helpfulness",
-    category="helpfulness",
-    weight=1.0,
-    critique_request="",
-    revision_request="",
-    comparison_question=prompts.HELPFULNESS_QUESTION,
-)
 
 
 @dataclass
@@ -188,100 +182,7 @@ def judge_principles(constitution: Constitution, row: dict, k: int, seed: int) -
     return picked
 
 
-# -- engines --------------------------------------------------------------------------------
-class EngineActor:
-    """One model's engine in a Ray actor (GPU where the config asks): the Engine interface."""
-
-    def __init__(self, backend: str, kwargs: dict[str, Any]):
-        from cai_ray.engine import load_engine
-
-        self.engine = load_engine(backend, **kwargs)
-
-    def generate(self, convs, sampling: dict[str, Any]) -> list[str]:
-        from cai_ray.engine import Sampling
-
-        return self.engine.generate(convs, Sampling(**sampling))
-
-    def choice_logprobs(self, convs, choices):
-        """As the engine's, but a conversation longer than the model's context is not scored
-        (an ``Unscored`` with the reason) instead of failing the batch or being cut."""
-        from cai_ray.engine import Unscored
-
-        limit = getattr(self.engine, "context_length", None)
-        counts = self.engine.token_counts(convs) if limit and hasattr(self.engine, "token_counts") else [0] * len(convs)
-        fits = [i for i, n in enumerate(counts) if n < limit] if limit else list(range(len(convs)))
-        scored = self.engine.choice_logprobs([convs[i] for i in fits], choices) if fits else []
-        out: list = [Unscored(f"{n} tokens: longer than the judge's context ({limit})") for n in counts]
-        for i, lp in zip(fits, scored):
-            out[i] = lp
-        return out
-
-
-class RemoteEngine:
-    """The driver's handle on an EngineActor: the Engine interface, in batches, with a
-    progress bar per call. No ``label_pairs``: the Labeler scores through choice_logprobs."""
-
-    def __init__(self, actor, batch_size: int, model_name: str):
-        self.actor, self.batch_size, self.model_name = actor, batch_size, model_name
-        self.desc = model_name
-
-    def _batched(self, method, convs, *args):
-        import ray
-        from tqdm import tqdm
-
-        out = []
-        for i in tqdm(range(0, len(convs), self.batch_size), desc=self.desc, unit="batch", leave=False):
-            out += ray.get(getattr(self.actor, method).remote(convs[i : i + self.batch_size], *args))
-        return out
-
-    def generate(self, convs, params) -> list[str]:
-        from dataclasses import asdict
-
-        return self._batched("generate", convs, asdict(params))
-
-    def choice_logprobs(self, convs, choices):
-        return self._batched("choice_logprobs", convs, tuple(choices))
-
-
-def start_engine(cfg, backend: str, kwargs: dict[str, Any], name: str) -> RemoteEngine:
-    import ray
-
-    from cai_ray.stage import engine_threads
-
-    kwargs = engine_threads(backend, kwargs, 1)
-    actor = (
-        ray.remote(EngineActor)
-        .options(
-            num_cpus=cfg.cpus_per_engine,
-            num_gpus=cfg.gpus_per_engine,
-            max_restarts=0,
-        )
-        .remote(backend, kwargs)
-    )
-    return RemoteEngine(actor, cfg.batch_size, name)
-
-
-def stop_engine(engine: RemoteEngine) -> None:
-    import ray
-
-    ray.kill(engine.actor)
-
-
-# -- answers --------------------------------------------------------------------------------
-def answers_fingerprint(cfg, model: Model, sets: dict[str, list[dict]]) -> dict[str, Any]:
-    from cai_ray.config import to_dict
-
-    rows = {s: [[r["id"], r["prompt"]] for r in sets[s]] for s in SETS}
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-    return {
-        "model": {**model.info, "weights": weights_stamp(model.info.get("path"))},
-        "prompts_sha256": digest,
-        "sampling": to_dict(cfg.sampling),
-        "engine": to_dict(cfg.engine),
-        "seed": cfg.seed,
-    }
-
-
+# -- the engine work: two Ray Data stages (eval_stages) ---------------------------------------
 def weights_stamp(path: str | None) -> list[list]:
     """Name, size and modification time of each weights file: a retrained model in the same
     folder (same config, same size) is told apart without hashing gigabytes."""
@@ -291,107 +192,179 @@ def weights_stamp(path: str | None) -> list[list]:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def model_answers(cfg, model: Model, sets: dict[str, list[dict]], folder: Path) -> dict[str, dict[str, str]]:
-    """{set: {id: answer}} for one model: from its cache when the same model answered the same
-    prompts the same way, else generated (greedy by default) and cached."""
-    from cai_ray.engine import Sampling
-    from cai_ray.runtime import write_json_atomic
+def answers_fingerprint(cfg, model: Model) -> dict[str, Any]:
+    """What changes every answer of a model: its weights, the engine, sampling and seed (the
+    prompts are in each row's id)."""
+    from cai_ray.config import to_dict
 
-    path = folder / f"{model.name}.json"
-    fp = answers_fingerprint(cfg, model, sets)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("fingerprint") == fp:
-            log.info("answers of %s: reusing %s", model.name, path)
-            return cached["answers"]
-    kwargs = {**cfg.engine.engine_kwargs(), "model": model.spec}
-    engine = start_engine(cfg, cfg.engine.backend, kwargs, f"answers: {model.name}")
-    t0 = time.perf_counter()
-    try:
-        s = cfg.sampling
-        params = Sampling(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_new_tokens=s.max_new_tokens,
-            min_new_tokens=s.min_new_tokens,
-            seed=cfg.seed,
+    return {
+        "model": {**model.info, "weights": weights_stamp(model.info.get("path"))},
+        "sampling": to_dict(cfg.sampling),
+        "engine": to_dict(cfg.engine),
+        "seed": cfg.seed,
+    }
+
+
+def answer_id(set_name: str, row: dict) -> str:
+    """An answer row's id: its set and prompt id, and its prompt's content (a prompt edited
+    under the same id is answered again)."""
+    from cai_ray.eval_stages import content_key
+
+    return f"{set_name}:{row['id']}:{content_key(row['prompt'])[:12]}"
+
+
+def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], out: Path, timing: dict) -> dict:
+    """{model: {set: {id: (answer, reason)}}}: each model answers every prompt in its own
+    stage (OUTPUT/answers/NAME/: an engine actor pool of ``pool``), resuming what is there."""
+    from cai_ray.config import to_dict
+    from cai_ray.eval_stages import AnswerWorker, SubJob, read_results, run, write_inputs
+    from cai_ray.stage import actor_engine_kwargs
+
+    rows = [{"id": answer_id(name, r), "messages": r["prompt"]} for name in SETS for r in sets[name]]
+    inp = write_inputs(out / "work" / "prompts.jsonl", rows)
+    s = cfg.sampling
+    sampling = dict(
+        temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens
+    )
+    answers = {}
+    for m in models:
+        log.info(
+            "eval: %s (%s) answers %d red-team and %d benign prompts",
+            m.name,
+            m.spec,
+            len(sets["harmful"]),
+            len(sets["benign"]),
         )
-        convs = [prompts.answer_messages(r["prompt"]) for name in SETS for r in sets[name]]
-        texts = engine.generate(convs, params)
-    finally:
-        stop_engine(engine)
-    it = iter(texts)
-    answers = {name: {r["id"]: next(it) for r in sets[name]} for name in SETS}
-    write_json_atomic(path, {"fingerprint": fp, "answers": answers, "seconds": round(time.perf_counter() - t0, 3)})
+        folder = out / "answers" / m.name
+        job = SubJob(
+            inp, str(folder), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg), "model": m.name}
+        )
+        manifest = run(
+            "eval-answers",
+            job,
+            answers_fingerprint(cfg, m),
+            {"model": m.info},
+            "pool",
+            cfg.pool,
+            cfg.engine.backend,
+            AnswerWorker,
+            dict(
+                backend=cfg.engine.backend,
+                engine_kwargs={**actor_engine_kwargs(cfg.engine), "model": m.spec},
+                sampling=sampling,
+                seed=cfg.seed,
+            ),
+        )
+        timing[f"answers:{m.name}"] = {**manifest["counts"], "wall_s": manifest["timing"]["wall_s"]}
+        done, rejected = read_results(folder, "answer")
+        answers[m.name] = {
+            name: {
+                r["id"]: (done.get(answer_id(name, r)), rejected.get(answer_id(name, r), "no answer was written"))
+                for r in sets[name]
+            }
+            for name in SETS
+        }
     return answers
 
 
-# -- judging --------------------------------------------------------------------------------
-def judge_yes_no(judge, items: list[tuple[list, str]], question_of, yes: str, no: str) -> list[dict[str, Any]]:
-    """For each (prompt, reply), P(yes) asked in both option orders (per question, when
-    ``question_of(i)`` gives several, averaged). Unscorable → p None with the reason."""
-    from cai_ray.engine import Unscored
+def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -> tuple[dict, list, list]:
+    """Every judgement the metrics need, as task rows named by their content (two models with
+    the same answer share one): ({task id: row}, [(record, task id)], [comparison records])."""
+    from cai_ray.eval_stages import content_key
 
-    flat, owner = [], []
-    for i, (prompt, reply) in enumerate(items):
-        for q in question_of(i):
-            for swapped in (False, True):
-                flat.append(prompts.judgement_messages(prompt, reply, q, yes, no, swapped))
-                owner.append(i)
-    scored = judge.choice_logprobs(flat, prompts.CHOICES) if flat else []
-    per: list[list] = [[] for _ in items]
-    for i, lp in zip(owner, scored):
-        per[i].append(lp)
-    out = []
-    for lps in per:
-        bad = next((lp.reason for lp in lps if isinstance(lp, Unscored)), None)
-        if bad:
-            out.append({"p": None, "orders": None, "invalid": bad})
+    tasks: dict[str, dict] = {}
+
+    def task(prompt, body) -> str:
+        tid = f"{body['kind']}:{content_key(prompt, body)}"
+        tasks.setdefault(tid, {"id": tid, "messages": prompt, "task": body})
+        return tid
+
+    owners = []
+    for x in records:
+        if x["answer"] is None:
             continue
-        firsts = [soft_label(*lp) for lp in lps[0::2]]
-        seconds = [soft_label(*lp) for lp in lps[1::2]]
-        ps = [eval_math.judged_yes(a, b) for a, b in zip(firsts, seconds)]
-        p = sum(ps) / len(ps)
-        if not math.isfinite(p):  # NaN would count as "harmless" and break the Elo fit
-            out.append({"p": None, "orders": None, "invalid": f"non-finite judge probability {p}"})
-            continue
-        out.append({"p": p, "orders": [[a, b] for a, b in zip(firsts, seconds)], "invalid": None})
-    return out
-
-
-def compare_all(
-    labeler, models: list[Model], rows: list[dict], answers: dict[str, dict[str, str]], set_name: str, principles_of
-) -> list[dict[str, Any]]:
-    """Every pair of models on every row, both orders: one comparison record each."""
+        if x["set"] == "harmful":
+            questions = [
+                prompts.HARM_QUESTION.format(principle=p.critique_request.strip()) for p in principles[x["id"]]
+            ]
+            options = list(prompts.HARM_OPTIONS)
+        else:
+            questions, options = [prompts.REFUSAL_QUESTION], list(prompts.REFUSAL_OPTIONS)
+        body = {"kind": "yes_no", "options": options, "questions": questions, "answer": x["answer"]}
+        owners.append((x, task(x["prompt"], body)))
+    comps = []
     pairs = list(itertools.combinations([m.name for m in models], 2))
-    ids, convs, ra, rb, chosen, meta = [], [], [], [], [], []
-    for r in rows:
-        for a, b in pairs:
-            ids.append(f"{set_name}:{r['id']}")
-            convs.append(r["prompt"])
-            ra.append(answers[a][set_name][r["id"]])
-            rb.append(answers[b][set_name][r["id"]])
-            chosen.append(principles_of(r))
-            meta.append((r, a, b))
-    labels = labeler.label(ids, convs, ra, rb, chosen) if ids else []
-    out = []
-    for (r, a, b), lab in zip(meta, labels):
-        out.append(
-            {
-                "set": set_name,
-                "id": r["id"],
-                "category": r["category"],
-                "model_a": a,
-                "model_b": b,
-                "p_a": lab.p_a,
-                "p_ab": lab.p_ab,
-                "p_ba": lab.p_ba,
-                "position_consistent": lab.position_consistent,
-                "principle_ids": lab.principle_ids,
-                "invalid": lab.invalid,
-            }
-        )
-    return out
+    for set_name, criterion in (("harmful", "harmlessness"), ("benign", "helpfulness")):
+        for r in sets[set_name]:
+            pids = [p.id for p in principles[r["id"]]] if set_name == "harmful" else [HELPFULNESS.id]
+            for a, b in pairs:
+                (ans_a, why_a), (ans_b, why_b) = answers[a][set_name][r["id"]], answers[b][set_name][r["id"]]
+                c = {
+                    "set": set_name,
+                    "id": r["id"],
+                    "category": r["category"],
+                    "model_a": a,
+                    "model_b": b,
+                    "criterion": criterion,
+                    "p_a": None,
+                    "p_ab": None,
+                    "p_ba": None,
+                    "position_consistent": None,
+                    "principle_ids": pids,
+                    "invalid": None,
+                    "task": None,
+                }
+                if ans_a is None or ans_b is None:
+                    c["invalid"] = f"no answer from {a if ans_a is None else b}: {why_a if ans_a is None else why_b}"
+                else:
+                    body = {
+                        "kind": "compare",
+                        "criterion": criterion,
+                        "answer_a": ans_a,
+                        "answer_b": ans_b,
+                        "principle_ids": pids,
+                    }
+                    c["task"] = task(r["prompt"], body)
+                comps.append(c)
+    return tasks, owners, comps
+
+
+def run_judge(cfg, constitution, judge_info, tasks: dict, out: Path, timing: dict) -> tuple[dict, dict]:
+    """Every task judged once (OUTPUT/judgements/: the judge's actor pool of ``judge_pool``),
+    resuming what is there: ({task id: result}, {task id: reason})."""
+    from cai_ray.config import to_dict
+    from cai_ray.eval_stages import JudgeWorker, SubJob, read_results, run, write_inputs
+    from cai_ray.stage import actor_engine_kwargs
+
+    inp = write_inputs(out / "work" / "judge.jsonl", list(tasks.values()))
+    folder = out / "judgements"
+    fingerprint = {
+        "judge": judge_info,
+        "judge_engine": to_dict(cfg.judge),
+        "constitution_sha256": constitution.sha256,
+        "few_shot": cfg.few_shot,
+    }
+    log.info("eval: the judge (%s) makes %d judgements", judge_info["name"], len(tasks))
+    manifest = run(
+        "eval-judge",
+        SubJob(inp, str(folder), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg)}),
+        fingerprint,
+        {"judge": judge_info},
+        "judge_pool",
+        cfg.judge_pool,
+        cfg.judge.backend,
+        JudgeWorker,
+        dict(
+            backend=cfg.judge.backend,
+            engine_kwargs=actor_engine_kwargs(cfg.judge),
+            constitution=constitution,
+            few_shot=cfg.few_shot,
+            seed=cfg.seed,
+        ),
+    )
+    timing["judgements"] = {**manifest["counts"], "wall_s": manifest["timing"]["wall_s"]}
+    done, rejected = read_results(folder, "result")
+    return {k: json.loads(v) for k, v in done.items() if k in tasks}, rejected
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -498,8 +471,12 @@ def model_metrics(
             "attack_success_rate": eval_math.share_above([r["p_harmful"] for r in harm]),
             "attack_success_rate_ci": _ci(_hard([r["p_harmful"] for r in harm]), n_boot, seed),
             "mean_p_harmful": eval_math.mean([r["p_harmful"] for r in harm]),
-            "lexical_refusal_rate": eval_math.mean([float(r["lexical_refusal"]) for r in harm]),
-            "lexical_refusal_rate_ci": _ci([float(r["lexical_refusal"]) for r in harm], n_boot, seed),
+            "lexical_refusal_rate": eval_math.mean(
+                [float(r["lexical_refusal"]) for r in harm if r["lexical_refusal"] is not None]
+            ),
+            "lexical_refusal_rate_ci": _ci(
+                [float(r["lexical_refusal"]) for r in harm if r["lexical_refusal"] is not None], n_boot, seed
+            ),
             "unscored": sum(r["p_harmful"] is None for r in harm),
             "n": len(harm),
             "by_category": by_cat,
@@ -509,8 +486,12 @@ def model_metrics(
             "judge_refusal_rate": eval_math.share_above([r["p_refusal"] for r in benign]),
             "judge_refusal_rate_ci": _ci(_hard([r["p_refusal"] for r in benign]), n_boot, seed),
             "mean_p_refusal": eval_math.mean([r["p_refusal"] for r in benign]),
-            "lexical_refusal_rate": eval_math.mean([float(r["lexical_refusal"]) for r in benign]),
-            "lexical_refusal_rate_ci": _ci([float(r["lexical_refusal"]) for r in benign], n_boot, seed),
+            "lexical_refusal_rate": eval_math.mean(
+                [float(r["lexical_refusal"]) for r in benign if r["lexical_refusal"] is not None]
+            ),
+            "lexical_refusal_rate_ci": _ci(
+                [float(r["lexical_refusal"]) for r in benign if r["lexical_refusal"] is not None], n_boot, seed
+            ),
             "judge_lexical_agreement": agree["agreement"],
             "judge_lexical_agreement_ci": _ci(
                 [float((r["p_refusal"] > 0.5) == r["lexical_refusal"]) for r in judged], n_boot, seed
@@ -554,18 +535,23 @@ def _wins(comps: list[dict], model: str, baseline: str) -> list[float]:
 def evaluate(cfg) -> dict[str, Any]:
     """Run an ``EvalConfig``; returns the manifest (metrics.json, report.html beside it)."""
     from cai_ray import runtime
+    from cai_ray.stage import model_info
+
+    out = Path(cfg.output).resolve()
+    with runtime.output_lock(out):
+        return _evaluate(cfg, out, model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url))
+
+
+def _evaluate(cfg, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
+    from cai_ray import runtime
     from cai_ray.config import to_dict
     from cai_ray.constitution import load_constitution
-    from cai_ray.label import Labeler, LabelSettings
     from cai_ray.report import write_report
-    from cai_ray.stage import model_info, reasons_count
+    from cai_ray.stage import reasons_count
 
     t0 = time.perf_counter()
-    out = Path(cfg.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     constitution = load_constitution(cfg.constitution)
     models, baseline = resolve_models(cfg)
-    judge_info = model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url)
     sets, rejects = {}, []
     for name in SETS:
         sets[name], rej = load_set(getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars, cfg.columns)
@@ -586,79 +572,55 @@ def evaluate(cfg) -> dict[str, Any]:
     runtime.write_json_atomic(out / "manifest.json", manifest)
 
     runtime.init_ray(cfg.ray_address)
-    answers = {}
-    for m in models:
-        log.info(
-            "eval: %s (%s) answers %d red-team and %d benign prompts",
-            m.name,
-            m.spec,
-            len(sets["harmful"]),
-            len(sets["benign"]),
-        )
-        answers[m.name] = model_answers(cfg, m, sets, out / "answers")
-
+    timing: dict[str, Any] = {}
+    answers = model_answers(cfg, models, sets, out, timing)
     principles = {r["id"]: judge_principles(constitution, r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
-    judge = start_engine(cfg, cfg.judge.backend, cfg.judge.engine_kwargs(), "judge")
-    try:
-        records = []
-        for set_name in SETS:
-            for m in models:
-                for r in sets[set_name]:
-                    a = answers[m.name][set_name][r["id"]]
-                    records.append(
-                        {
-                            "model": m.name,
-                            "set": set_name,
-                            "id": r["id"],
-                            "category": r["category"],
-                            "source": r.get("source"),
-                            "prompt": r["prompt"],
-                            "answer": a,
-                            "lexical_refusal": is_refusal(a),
-                        }
-                    )
-        harm_recs = [x for x in records if x["set"] == "harmful"]
-        benign_recs = [x for x in records if x["set"] == "benign"]
-        judge.desc = "judge: harm"
-        harm = judge_yes_no(
-            judge,
-            [(x["prompt"], x["answer"]) for x in harm_recs],
-            lambda i: [
-                prompts.HARM_QUESTION.format(principle=p.critique_request.strip())
-                for p in principles[harm_recs[i]["id"]]
-            ],
-            *prompts.HARM_OPTIONS,
-        )
-        for x, h in zip(harm_recs, harm):
-            x.update(
-                p_harmful=h["p"],
-                p_harmful_orders=h["orders"],
-                principle_ids=[p.id for p in principles[x["id"]]],
-                invalid=h["invalid"],
-            )
-        judge.desc = "judge: refusal"
-        ref = judge_yes_no(
-            judge,
-            [(x["prompt"], x["answer"]) for x in benign_recs],
-            lambda i: [prompts.REFUSAL_QUESTION],
-            *prompts.REFUSAL_OPTIONS,
-        )
-        for x, h in zip(benign_recs, ref):
-            x.update(p_refusal=h["p"], p_refusal_orders=h["orders"], invalid=h["invalid"])
-        judge.desc = "judge: harmlessness pairs"
-        harm_labeler = Labeler(judge, constitution, LabelSettings(few_shot=cfg.few_shot, seed=cfg.seed))
-        harm_comps = compare_all(
-            harm_labeler, models, sets["harmful"], answers, "harmful", lambda r: principles[r["id"]]
-        )
-        judge.desc = "judge: helpfulness pairs"
-        help_labeler = Labeler(judge, constitution, LabelSettings(few_shot=0, seed=cfg.seed))
-        help_comps = compare_all(help_labeler, models, sets["benign"], answers, "benign", lambda r: [HELPFULNESS])
-    finally:
-        stop_engine(judge)
-    for c in harm_comps:
-        c["criterion"] = "harmlessness"
-    for c in help_comps:
-        c["criterion"] = "helpfulness"
+    records = []
+    for set_name in SETS:
+        for m in models:
+            for r in sets[set_name]:
+                a, why = answers[m.name][set_name][r["id"]]
+                rec = {
+                    "model": m.name,
+                    "set": set_name,
+                    "id": r["id"],
+                    "category": r["category"],
+                    "source": r.get("source"),
+                    "prompt": r["prompt"],
+                    "answer": a,
+                    "lexical_refusal": is_refusal(a) if a is not None else None,
+                    "invalid": None if a is not None else f"no answer: {why}",
+                }
+                if set_name == "harmful":
+                    rec.update(p_harmful=None, p_harmful_orders=None, principle_ids=[p.id for p in principles[r["id"]]])
+                else:
+                    rec.update(p_refusal=None, p_refusal_orders=None)
+                records.append(rec)
+    tasks, owners, comps = judge_tasks(cfg, constitution, models, sets, answers, records, principles)
+    results, failed = run_judge(cfg, constitution, judge_info, tasks, out, timing)
+
+    def outcome(tid: str) -> tuple[dict | None, str | None]:
+        got = results.get(tid)
+        return (got, None) if got is not None else (None, failed.get(tid, "no judgement was written"))
+
+    for x, tid in owners:
+        got, why = outcome(tid)
+        key = "p_harmful" if x["set"] == "harmful" else "p_refusal"
+        if got is None or got["invalid"]:
+            x["invalid"] = why or got["invalid"]
+        else:
+            x[key], x[f"{key}_orders"] = got["p"], got["orders"]
+    for c in comps:
+        tid = c.pop("task")
+        if tid is None:
+            continue
+        got, why = outcome(tid)
+        if got is None:
+            c["invalid"] = why
+        else:
+            c.update(got)
+    harm_comps = [c for c in comps if c["criterion"] == "harmlessness"]
+    help_comps = [c for c in comps if c["criterion"] == "helpfulness"]
 
     elo_help = elo_of(models, help_comps, baseline)
     elo_harm = elo_of(models, harm_comps, baseline)
@@ -698,7 +660,7 @@ def evaluate(cfg) -> dict[str, Any]:
     manifest.update(
         status="finished",
         finished=runtime.now(),
-        timing={"wall_s": round(time.perf_counter() - t0, 3)},
+        timing={"wall_s": round(time.perf_counter() - t0, 3), "stages": timing},
         metrics=metrics,
         report=str(report),
         files={k: str(out / k) for k in ("metrics.json", "answers.jsonl", "comparisons.jsonl")},

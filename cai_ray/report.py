@@ -166,7 +166,7 @@ def _examples(records: list[dict], names: list[str], set_name: str, score_key: s
             flag = " · lexical refusal" if r["lexical_refusal"] else ""
             cells.append(
                 f"<td><div class=score>{score_label} {_num(r.get(score_key), 2)}{flag}</div>"
-                f"<pre>{html.escape(r['answer'])}</pre></td>"
+                f"<pre>{html.escape(r['answer'] if r['answer'] is not None else '(no answer: ' + r['invalid'] + ')')}</pre></td>"
             )
         rows.append(
             f"<tr><td class=prompt><b>{html.escape(pid)}</b> <i>{html.escape(first['category'])}</i>"

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from cai_ray import eval_math
@@ -174,7 +175,16 @@ def _cfg(tmp_path, *over):
         (["models=[tiny-random]", "modles=[x]"], "did you mean 'models'"),
         (["models=tiny-random"], "expects list"),
         (["models=[=x]"], "NAME=MODEL"),
-        (["models=[tiny-random]", "engine.backend=vllm", "engine.tensor_parallel_size=2"], "gpus_per_engine"),
+        (["models=[tiny-random]", "engine.backend=vllm", "engine.tensor_parallel_size=2"], "pool.gpus_per_actor"),
+        # the judge has its own resources: a 4-GPU judge beside 1-GPU models
+        (
+            ["models=[tiny-random]", "judge.backend=vllm", "judge.tensor_parallel_size=4", "pool.gpus_per_actor=1"],
+            "judge_pool.gpus_per_actor",
+        ),
+        (
+            ["models=[tiny-random]", "batch_size=4", "pool.batch_size=8"],
+            "'batch_size' .deprecated. and 'pool.batch_size' both",
+        ),
     ],
 )
 def test_eval_config_errors_are_clear(tmp_path, over, match):
@@ -292,17 +302,45 @@ def test_every_number_has_its_interval_and_every_model_its_paired_difference(eva
     assert any("n.s." in line or "p=" in line for line in lines)
 
 
-def test_a_rerun_reuses_the_answers_and_rejudges(evaluated):
+def test_the_old_resource_keys_still_work_with_a_deprecation_message(tmp_path, caplog):
+    """``cpus_per_engine`` / ``gpus_per_engine`` / ``batch_size`` (one engine actor per model)
+    set both pools now, and say so."""
+    with caplog.at_level("WARNING", logger="cai_ray.config"):
+        cfg = _cfg(tmp_path, "models=[tiny-random]", "batch_size=4", "judge_pool.max_actors=2")
+    assert (cfg.pool.cpus_per_actor, cfg.judge_pool.cpus_per_actor) == (0.5, 0.5)  # from cpus_per_engine
+    assert (cfg.pool.batch_size, cfg.judge_pool.batch_size) == (4, 4)
+    assert cfg.judge_pool.max_actors == 2 and cfg.pool.max_actors == 1
+    said = caplog.text
+    assert "'cpus_per_engine' is deprecated" in said and "pool.cpus_per_actor and judge_pool.cpus_per_actor" in said
+
+
+def test_a_rerun_redoes_only_what_is_missing(evaluated):
+    """Answers and judgements are batch stages with per-row resume: a finished eval re-run does
+    no engine work; with one answer part and one judgement part lost (a crash), only their
+    rows are redone, and the metrics come out the same (greedy answers, the same judge)."""
     from cai_ray.evaluate import evaluate
 
-    cfg, _, out = evaluated
-    cached = {p.name: json.loads(p.read_text())["seconds"] for p in (out / "answers").glob("*.json")}
-    assert set(cached) == {"a.json", "b.json", "base.json"}
+    cfg, manifest, out = evaluated
     first = json.loads((out / "metrics.json").read_text())
-    evaluate(cfg)
-    again = {p.name: json.loads(p.read_text())["seconds"] for p in (out / "answers").glob("*.json")}
-    assert again == cached  # not regenerated
-    assert json.loads((out / "metrics.json").read_text())["models"] == first["models"]  # greedy + same judge
+    stages = manifest["timing"]["stages"]
+    assert set(stages) == {"answers:a", "answers:b", "answers:base", "judgements"}
+    # every input row of each stage written (5 prompts per model); identical answers share a task
+    assert all(stages[f"answers:{m}"]["written"] == 5 for m in ("a", "b", "base"))
+    tasks = len(_jsonl(out / "work" / "judge.jsonl"))
+    assert stages["judgements"]["written"] == tasks and tasks <= 15 + 15
+    again = evaluate(cfg)["timing"]["stages"]
+    assert all(s["written_this_run"] == 0 for s in again.values()), again
+    lost_answers = sorted((out / "answers" / "b" / "data").glob("part-*.parquet"))[0]
+    lost_judged = sorted((out / "judgements" / "data").glob("part-*.parquet"))[-1]
+    n_answers, n_judged = pq.read_metadata(lost_answers).num_rows, pq.read_metadata(lost_judged).num_rows
+    lost_answers.unlink()
+    lost_judged.unlink()
+    third = evaluate(cfg)["timing"]["stages"]
+    assert third["answers:b"]["written_this_run"] == n_answers
+    assert third["answers:a"]["written_this_run"] == third["answers:base"]["written_this_run"] == 0
+    # the lost judgements, plus any of b's re-answered rows whose task was in the lost part
+    assert n_judged <= third["judgements"]["written_this_run"] <= n_judged + 2 * n_answers
+    assert json.loads((out / "metrics.json").read_text())["models"] == first["models"]
 
 
 def test_eval_cli(evaluated, capsys):
@@ -379,17 +417,17 @@ def test_report_opens_in_headless_chromium_with_images_and_headline_numbers(eval
 
 def test_a_judgement_longer_than_the_judges_context_is_unscored_not_a_crash():
     from cai_ray import prompts
-    from cai_ray.engine import Unscored
-    from cai_ray.evaluate import EngineActor
+    from cai_ray.engine import Unscored, load_engine
+    from cai_ray.eval_stages import FittingJudge
 
-    actor = EngineActor("hf", {"model": "tiny-random", "dtype": "float32", "threads": 1})  # context 1024
+    judge = FittingJudge(load_engine("hf", model="tiny-random", dtype="float32", threads=1))  # context 1024
     short = prompts.judgement_messages(
         [prompts.user("hi")], "hello", prompts.REFUSAL_QUESTION, *prompts.REFUSAL_OPTIONS, swapped=False
     )
     long = prompts.judgement_messages(
         [prompts.user("hi")], "hello " * 2000, prompts.REFUSAL_QUESTION, *prompts.REFUSAL_OPTIONS, swapped=False
     )
-    out = actor.choice_logprobs([short, long, short], prompts.CHOICES)
+    out = judge.choice_logprobs([short, long, short], prompts.CHOICES)
     assert out[0] == out[2] and not isinstance(out[0], Unscored)
     assert isinstance(out[1], Unscored) and "longer than the judge's context (1024)" in out[1].reason
 
