@@ -502,3 +502,44 @@ def test_the_formats_users_bring(tmp_path):
     ]
     mm = model_metrics("m", recs, [], "m", {"m": 1000.0}, {"m": 1000.0}, n_boot=50)
     assert mm["by_source"]["a"]["attack_success_rate"] == 0.5 and mm["by_source"]["b"]["n_benign"] == 1
+
+
+def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
+    """The eval stages' workers, without Ray: a prompt the model cannot hold with its answer
+    budget is rejected with the reason and the others are answered; a row that is not a
+    judgement task is rejected, the rest judged."""
+    from cai_ray.constitution import load_constitution
+    from cai_ray.datasets import read_local
+    from cai_ray.eval_stages import AnswerWorker, JudgeWorker, write_inputs
+
+    rows = [
+        {"id": "ok", "prompt": "How do I boil an egg?"},
+        {"id": "long", "prompt": "word " * 900},
+        {"id": "ok2", "prompt": "How do I tie a knot?"},
+    ]
+    batch = read_local(write_inputs(tmp_path / "p.jsonl", rows), 10_000)
+    kw = {"model": "tiny-random", "dtype": "float32", "threads": 1}  # context 1024
+    sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 200, "min_new_tokens": 0}
+    out = AnswerWorker("hf", kw, sampling, seed=0)(batch).to_pylist()
+    by = {r["id"]: r for r in out}
+    assert by["ok"]["reject_reason"] is None and isinstance(by["ok"]["answer"], str)
+    assert by["ok2"]["answer"] is not None
+    assert by["long"]["answer"] is None and "prompt too long for the model" in by["long"]["reject_reason"]
+
+    task = {"kind": "yes_no", "options": ["yes", "no"], "questions": ["Does it refuse?"], "answer": "No."}
+    tasks = [
+        {"id": "t1", "messages": [{"role": "user", "content": "hi"}], "task": task},
+        {"id": "t2", "messages": [{"role": "user", "content": "hi"}], "task": {"kind": "yes_no"}},
+    ]
+    jb = read_local(write_inputs(tmp_path / "t.jsonl", tasks), 10_000)
+    judged = JudgeWorker(
+        "hf",
+        kw,
+        load_constitution(str(Path(__file__).resolve().parents[1] / "constitutions" / "general.yaml")),
+        few_shot=0,
+        seed=0,
+    )(jb)
+    by = {r["id"]: r for r in judged.to_pylist()}
+    result = json.loads(by["t1"]["result"])
+    assert by["t1"]["reject_reason"] is None and 0 < result["p"] < 1 and len(result["orders"]) == 1
+    assert by["t2"]["result"] is None and "not a judgement task" in by["t2"]["reject_reason"]
