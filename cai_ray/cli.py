@@ -376,7 +376,8 @@ def _run_job(fn, cfg):
 
     try:
         return fn(cfg)
-    except (ConstitutionError, InputError, EngineUnavailable, ModelNotFound, ValueError) as e:
+    except (ConstitutionError, InputError, EngineUnavailable, ModelNotFound, ValueError, OSError) as e:
+        # OSError: an unreachable or forbidden object store, a full disk: the message says which
         print(f"error: {e}", file=sys.stderr)
         return None
 
@@ -389,7 +390,7 @@ def _print_counts(c: dict) -> None:
     )
 
 
-def _print_paths(out: Path, data: str) -> None:
+def _print_paths(out, data: str) -> None:
     print(f"output:   {data}")
     print(f"rejects:  {out / 'rejects.jsonl'}")
     print(f"manifest: {out / 'manifest.json'}")
@@ -403,7 +404,9 @@ def cmd_generate(args) -> int:
     manifest = cfg and _run_job(generate, cfg)
     if not manifest:
         return 2
-    out = Path(cfg.output)
+    from cai_ray.storage import Store
+
+    out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     _print_counts(manifest["counts"])
     _print_paths(out, str(out / "data"))
     return 0
@@ -417,7 +420,9 @@ def cmd_label(args) -> int:
     manifest = cfg and _run_job(label, cfg)
     if not manifest:
         return 2
-    out = Path(cfg.output)
+    from cai_ray.storage import Store
+
+    out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     _print_counts(manifest["counts"])
     q = manifest["labels"]
     print(
@@ -508,7 +513,9 @@ def cmd_eval(args) -> int:
     manifest = cfg and _run_job(evaluate, cfg)
     if not manifest:
         return 2
-    out = Path(cfg.output)
+    from cai_ray.storage import Store
+
+    out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     m = manifest["metrics"]
     print(
         f"{m['prompts']['harmful']} red-team and {m['prompts']['benign']} benign prompts "

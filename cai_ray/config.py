@@ -222,7 +222,9 @@ class GenerateConfig:
         "prompt file or folder: JSONL (prompt|messages), Parquet, CSV, HF dataset on disk; "
         "or a cloud URI (s3://bucket/prefix/, gs://...) of JSONL/Parquet/CSV shards",
     )
-    output: str = _f("", "output folder (data/*.parquet, rejects.jsonl, manifest.json)")
+    output: str = _f(
+        "", "output folder or object-store prefix (s3://, gs://): data/*.parquet, rejects.jsonl, manifest.json"
+    )
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file")
     revisions: int = _f(4, "critique/revision rounds per prompt (paper: 4)")
     critique: bool = _f(True, "false = direct revision without a critique")
@@ -314,7 +316,10 @@ class LabelConfig:
         "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, "
         "response_b): a file, a folder or a cloud URI (s3://bucket/prefix/)",
     )
-    output: str = _f("", "output folder (data/ and filtered/ Parquet, rejects.jsonl, manifest.json)")
+    output: str = _f(
+        "",
+        "output folder or object-store prefix (s3://, gs://): data/ and filtered/ Parquet, rejects.jsonl, manifest.json",
+    )
     constitution: str = _f("constitutions/general.yaml", "constitution YAML file (comparison questions and examples)")
     gold: str | None = _f(
         None,
@@ -356,6 +361,10 @@ class LabelConfig:
             raise ConfigError("input: required (a prompt or pair file or folder)")
         if not self.output:
             raise ConfigError("output: required (an output folder)")
+        if self.gold and "://" in self.output:
+            raise ConfigError(
+                "gold: the gold-set check writes to a local output folder; not with an object-store output"
+            )
         for name in ("sampling", "pairs", "labeler", "label", "filter", "labeler_pool", "inputs", "outputs"):
             getattr(self, name).validate(name)
         if self.samples_answers:
@@ -465,6 +474,11 @@ class TrainConfig:
             raise ConfigError("data: required (an input folder or a file)")
         if not self.output:
             raise ConfigError("output: required (an output folder)")
+        if "://" in self.output:
+            raise ConfigError(
+                f"output: {self.output!r}: a training run writes its model to a folder (local or a shared "
+                "mount), not an object store; its checkpoints can go there: checkpoint.storage=s3://..."
+            )
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero: must be 0, 1, 2 or 3, got {self.zero}")
         for name in ("scaling", "optim", "checkpoint", "lora"):
@@ -886,7 +900,9 @@ class EvalConfig:
     harmful: str = _f("", "red-team prompts (JSONL/Parquet: prompt|messages [, id, category])")
     benign: str = _f("", "benign prompts (same format): over-refusal and helpfulness")
     output: str = _f(
-        "", "output folder: metrics.json, report.html + PNGs, answers.jsonl, comparisons.jsonl, manifest.json"
+        "",
+        "output folder or object-store prefix (s3://, gs://): metrics.json, report.html + PNGs, answers.jsonl, "
+        "comparisons.jsonl, answers/, judgements/, manifest.json",
     )
     constitution: str = _f("constitutions/general.yaml", "constitution whose principles define harm for the judge")
     limit: int | None = _f(None, "evaluate only the first N prompts of each file (smoke runs)")
@@ -1005,6 +1021,11 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.output:
             raise ConfigError("output: required (the run folder)")
+        if "://" in self.output:
+            raise ConfigError(
+                f"output: {self.output!r}: the pipeline's training stages write models to a folder (local or "
+                "a shared mount); run generate / label / eval alone for object-store outputs"
+            )
         if not self.prompts:
             raise ConfigError("prompts: required (a red-team prompt file)")
         if self.rl not in RL_STAGES:

@@ -22,11 +22,9 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -282,26 +280,28 @@ class SubJob:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def write_inputs(path: Path, rows: list[dict[str, Any]]) -> str:
-    """The stage's input file, written whole before the stage reads it (atomic: a crash
-    never leaves a half-written one that a resume would read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    tmp.replace(path)
-    return str(path)
+def write_inputs(store, rel: str, rows: list[dict[str, Any]]) -> str:
+    """The stage's input file in ``store`` (an eval's output folder or object-store prefix,
+    so every node of a cluster reads it), written whole before the stage reads it: a crash
+    never leaves half of one that a resume would read. Returns its address."""
+    from cai_ray.storage import as_store
+
+    store = as_store(store)
+    store.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return store.address(rel)
 
 
-def redo_if_changed(folder: Path, fingerprint: dict[str, Any], what: str) -> None:
+def redo_if_changed(folder, fingerprint: dict[str, Any], what: str) -> None:
     """A stage folder made with other settings (another model's weights, another judge) is
     removed, so its rows are redone instead of mixed in."""
     from cai_ray.runtime import changed_settings
+    from cai_ray.storage import as_store
 
-    changed = changed_settings(folder / "manifest.json", fingerprint)
-    if changed and folder.exists():
+    folder = as_store(folder)
+    changed = changed_settings(folder, fingerprint)
+    if changed:
         log.warning("%s: %s changed since the last run; redoing them (%s removed)", what, ", ".join(changed), folder)
-        shutil.rmtree(folder)
+        folder.delete_folder()
 
 
 def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool_cfg, backend, worker, kwargs):
@@ -318,7 +318,7 @@ def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool
             **actor_pool_args(pool_cfg),
         )
 
-    redo_if_changed(Path(job.output), fingerprint, kind)
+    redo_if_changed(job.output, fingerprint, kind)
     return run_stage(
         StageRun(
             kind=kind,
@@ -334,16 +334,17 @@ def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool
     )
 
 
-def read_results(folder: Path, column: str) -> tuple[dict[str, Any], dict[str, str]]:
+def read_results(folder, column: str) -> tuple[dict[str, Any], dict[str, str]]:
     """({id: value} written, {id: reason} rejected) of a finished eval stage."""
     from cai_ray.stage import read_output
+    from cai_ray.storage import as_store
 
+    folder = as_store(folder)
     table = read_output(folder, ["id", column])
     done = dict(zip(table["id"].to_pylist(), table[column].to_pylist())) if table is not None else {}
     rejected = {}
-    rejects = folder / "rejects.jsonl"
-    if rejects.exists():
-        for line in rejects.read_text().splitlines():
+    if folder.exists("rejects.jsonl"):
+        for line in folder.read_text("rejects.jsonl").splitlines():
             r = json.loads(line)
             if r.get("id") is not None:
                 rejected[r["id"]] = r["reason"]

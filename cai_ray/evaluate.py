@@ -37,6 +37,7 @@ from cai_ray import eval_math, prompts
 from cai_ray.constitution import Constitution, Principle
 from cai_ray.eval_stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
 from cai_ray.refusal import is_refusal
+from cai_ray.storage import Store, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def answer_id(set_name: str, row: dict) -> str:
     return f"{set_name}:{row['id']}:{content_key(row['prompt'])[:12]}"
 
 
-def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], out: Path, timing: dict) -> dict:
+def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, timing: dict) -> dict:
     """{model: {set: {id: (answer, reason)}}}: each model answers every prompt in its own
     stage (OUTPUT/answers/NAME/: an engine actor pool of ``pool``), resuming what is there."""
     from cai_ray.config import to_dict
@@ -221,7 +222,7 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], out: Pa
     from cai_ray.stage import actor_engine_kwargs
 
     rows = [{"id": answer_id(name, r), "messages": r["prompt"]} for name in SETS for r in sets[name]]
-    inp = write_inputs(out / "work" / "prompts.jsonl", rows)
+    inp = write_inputs(store, "work/prompts.jsonl", rows)
     s = cfg.sampling
     sampling = dict(
         temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens
@@ -235,9 +236,9 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], out: Pa
             len(sets["harmful"]),
             len(sets["benign"]),
         )
-        folder = out / "answers" / m.name
+        folder = store.child(f"answers/{m.name}")
         job = SubJob(
-            inp, str(folder), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg), "model": m.name}
+            inp, folder.address(), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg), "model": m.name}
         )
         manifest = run(
             "eval-answers",
@@ -329,15 +330,15 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
     return tasks, owners, comps
 
 
-def run_judge(cfg, constitution, judge_info, tasks: dict, out: Path, timing: dict) -> tuple[dict, dict]:
+def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -> tuple[dict, dict]:
     """Every task judged once (OUTPUT/judgements/: the judge's actor pool of ``judge_pool``),
     resuming what is there: ({task id: result}, {task id: reason})."""
     from cai_ray.config import to_dict
     from cai_ray.eval_stages import JudgeWorker, SubJob, read_results, run, write_inputs
     from cai_ray.stage import actor_engine_kwargs
 
-    inp = write_inputs(out / "work" / "judge.jsonl", list(tasks.values()))
-    folder = out / "judgements"
+    inp = write_inputs(store, "work/judge.jsonl", list(tasks.values()))
+    folder = store.child("judgements")
     fingerprint = {
         "judge": judge_info,
         "judge_engine": to_dict(cfg.judge),
@@ -347,7 +348,7 @@ def run_judge(cfg, constitution, judge_info, tasks: dict, out: Path, timing: dic
     log.info("eval: the judge (%s) makes %d judgements", judge_info["name"], len(tasks))
     manifest = run(
         "eval-judge",
-        SubJob(inp, str(folder), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg)}),
+        SubJob(inp, folder.address(), cfg.inputs, cfg.outputs, cfg.ray_address, {"eval": to_dict(cfg)}),
         fingerprint,
         {"judge": judge_info},
         "judge_pool",
@@ -537,12 +538,26 @@ def evaluate(cfg) -> dict[str, Any]:
     from cai_ray import runtime
     from cai_ray.stage import model_info
 
+    judge_info = model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url)
+    if is_uri(cfg.output):
+        # an object-store output: the stages write there directly (resumable from any node);
+        # the report is made in a local folder and uploaded, the manifest last
+        import tempfile
+
+        store = Store(cfg.output)
+        with tempfile.TemporaryDirectory(prefix="cai-ray-eval-") as tmp:
+            manifest = _evaluate(cfg, store, Path(tmp), judge_info)
+            store.upload_folder(Path(tmp), skip=("manifest.json",))
+            store.write_json("manifest.json", manifest)  # last: its "finished" means all is there
+            return manifest
     out = Path(cfg.output).resolve()
     with runtime.output_lock(out):
-        return _evaluate(cfg, out, model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url))
+        return _evaluate(cfg, Store(out), out, judge_info)
 
 
-def _evaluate(cfg, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
+def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
+    """``store``: where the stages write and what the manifest names; ``out``: the local
+    folder the report is made in (the same folder, unless the output is an object store)."""
     from cai_ray import runtime
     from cai_ray.config import to_dict
     from cai_ray.constitution import load_constitution
@@ -567,13 +582,15 @@ def _evaluate(cfg, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
         data={name: {"path": getattr(cfg, name), "rows": len(sets[name])} for name in SETS},
         rejected=len(rejects),
         rejected_by_reason=reasons_count(rejects),
-        rejects=str(out / "rejects.jsonl"),
+        rejects=store.address("rejects.jsonl"),
     )
     runtime.write_json_atomic(out / "manifest.json", manifest)
+    if store.remote:
+        store.write_json("manifest.json", manifest)  # "running", for whoever looks meanwhile
 
     runtime.init_ray(cfg.ray_address)
     timing: dict[str, Any] = {}
-    answers = model_answers(cfg, models, sets, out, timing)
+    answers = model_answers(cfg, models, sets, store, timing)
     principles = {r["id"]: judge_principles(constitution, r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
     records = []
     for set_name in SETS:
@@ -597,7 +614,7 @@ def _evaluate(cfg, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
                     rec.update(p_refusal=None, p_refusal_orders=None)
                 records.append(rec)
     tasks, owners, comps = judge_tasks(cfg, constitution, models, sets, answers, records, principles)
-    results, failed = run_judge(cfg, constitution, judge_info, tasks, out, timing)
+    results, failed = run_judge(cfg, constitution, judge_info, tasks, store, timing)
 
     def outcome(tid: str) -> tuple[dict | None, str | None]:
         got = results.get(tid)
@@ -662,8 +679,8 @@ def _evaluate(cfg, out: Path, judge_info: dict[str, Any]) -> dict[str, Any]:
         finished=runtime.now(),
         timing={"wall_s": round(time.perf_counter() - t0, 3), "stages": timing},
         metrics=metrics,
-        report=str(report),
-        files={k: str(out / k) for k in ("metrics.json", "answers.jsonl", "comparisons.jsonl")},
+        report=store.address(report.name) if store.remote else str(report),
+        files={k: store.address(k) for k in ("metrics.json", "answers.jsonl", "comparisons.jsonl")},
     )
     runtime.write_json_atomic(out / "manifest.json", manifest)
     return manifest

@@ -219,12 +219,20 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def changed_settings(manifest_path: Path, fingerprint: dict[str, Any]) -> list[str]:
-    """Keys of ``fingerprint`` that differ from the one recorded in ``manifest_path``
-    (empty when there is no manifest or no recorded fingerprint): what forbids a resume."""
-    if not manifest_path.exists():
+def changed_settings(manifest_path, fingerprint: dict[str, Any]) -> list[str]:
+    """Keys of ``fingerprint`` that differ from the one recorded in ``manifest_path`` (a
+    path, or a storage.Store whose manifest.json is read; empty when there is no manifest or
+    no recorded fingerprint): what forbids a resume."""
+    from cai_ray.storage import Store
+
+    if isinstance(manifest_path, Store):
+        if not manifest_path.exists("manifest.json"):
+            return []
+        previous = manifest_path.read_json("manifest.json").get("fingerprint")
+    elif not Path(manifest_path).exists():
         return []
-    previous = json.loads(manifest_path.read_text()).get("fingerprint")
+    else:
+        previous = json.loads(Path(manifest_path).read_text()).get("fingerprint")
     if not previous or previous == fingerprint:
         return []
     return sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
-from cai_ray.stage import _atomic_parquet, _part_name, _write_jsonl_atomic, reject_records
+from cai_ray.stage import _atomic_parquet, _part_name, _write_jsonl, reject_records
+from cai_ray.storage import Store
 
 
 class StageDatasink(Datasink):
@@ -21,7 +20,7 @@ class StageDatasink(Datasink):
     """
 
     def __init__(self, out_dir: str, rows_per_file: int, columns: list[str], filter_column: str | None = None):
-        self.out = Path(out_dir)
+        self.out = Store(out_dir)
         self.rows_per_file = rows_per_file
         self.columns = columns
         self.filter_column = filter_column
@@ -41,7 +40,7 @@ class StageDatasink(Datasink):
         if bad.num_rows:
             recs = reject_records(bad)
             name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
-            _write_jsonl_atomic(self.out / "_rejects" / name, recs)
+            _write_jsonl(self.out, f"_rejects/{name}", recs)
         if self.filter_column and good.num_rows:
             # both halves of a block share one part name and record the other's size, so a
             # resume can tell a half-written block (drop_orphan_parts) from a whole one
@@ -51,7 +50,7 @@ class StageDatasink(Datasink):
             for part, other, folder in ((filtered, good, "filtered"), (good, filtered, "data")):
                 if part.num_rows:
                     _atomic_parquet(
-                        part.select(self.columns), self.out / folder, [], name=name, sibling_rows=other.num_rows
+                        part.select(self.columns), self.out, folder, [], name=name, sibling_rows=other.num_rows
                     )
         elif good.num_rows:
-            _atomic_parquet(good.select(self.columns), self.out / "data", good["id"].to_pylist())
+            _atomic_parquet(good.select(self.columns), self.out, "data", good["id"].to_pylist())

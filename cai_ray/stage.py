@@ -28,7 +28,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from cai_ray.storage import Store, as_store
 
 log = logging.getLogger(__name__)
 
@@ -118,53 +119,53 @@ SIBLING_KEY = b"cai_ray.sibling_rows"  # parquet metadata: rows the same block w
 
 
 def _atomic_parquet(
-    table: pa.Table, folder: Path, ids: list[str], name: str | None = None, sibling_rows: int = 0
+    table: pa.Table, store: Store, folder: str, ids: list[str], name: str | None = None, sibling_rows: int = 0
 ) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / ((name or _part_name(ids)) + ".parquet")
-    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    """One part, whole or not at all (storage.Store: a rename on disk, one PUT on an object store)."""
     if sibling_rows:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), SIBLING_KEY: str(sibling_rows).encode()}
         )
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    store.write_table(f"{folder}/{name or _part_name(ids)}.parquet", table)
 
 
-def drop_orphan_parts(out_dir: Path, folders: tuple[str, ...]) -> list[Path]:
+def drop_orphan_parts(out_dir, folders: tuple[str, ...]) -> list[str]:
     """A block split between data/ and filtered/ is written as two parts of one name; if a
     crash came between the two writes, the part that exists is removed so its input rows
     are redone whole instead of resuming with their other half missing."""
     if len(folders) < 2:
         return []
+    store = as_store(out_dir)
+    names = {folder: {p.rsplit("/", 1)[1] for p in store.parts(folder)} for folder in folders}
     dropped = []
     for folder in folders:
-        for f in sorted((out_dir / folder).glob("part-*.parquet")) if (out_dir / folder).exists() else []:
-            meta = pq.read_schema(f).metadata or {}
-            if SIBLING_KEY in meta and not any((out_dir / o / f.name).exists() for o in folders if o != folder):
-                f.unlink()
-                dropped.append(f)
+        for name in sorted(names[folder]):
+            meta = store.read_schema(f"{folder}/{name}").metadata or {}
+            if SIBLING_KEY in meta and not any(name in names[o] for o in folders if o != folder):
+                store.delete(f"{folder}/{name}")
+                dropped.append(f"{folder}/{name}")
     if dropped:
         log.warning(
             "removed %d half-written block parts (a crash between data/ and filtered/): %s",
             len(dropped),
-            ", ".join(p.name for p in dropped[:5]),
+            ", ".join(dropped[:5]),
         )
     return dropped
 
 
-def drop_incomplete_prompts(out_dir: Path, folders: tuple[str, ...]) -> int:
+def drop_incomplete_prompts(out_dir, folders: tuple[str, ...]) -> int:
     """A prompt's pairs may be written by different write tasks; if a crash came between
     them, the prompt's written pairs are fewer than its ``prompt_pairs``. Those rows are
     removed (each part rewritten in place without them), so resume redoes the prompt whole
     instead of counting it done with pairs missing. Returns the number of prompts redone."""
-    files = output_files(out_dir, folders)
-    if not files or "prompt_pairs" not in pq.read_schema(files[0]).names:
+    store = as_store(out_dir)
+    files = output_files(store, folders)
+    if not files or "prompt_pairs" not in store.read_schema(files[0]).names:
         return 0  # not a label output (or one from before the column existed)
     written: dict[str, set] = {}
     expected: dict[str, int] = {}
     for f in files:
-        t = pq.read_table(f, columns=["prompt_id", "id", "prompt_pairs"])
+        t = store.read_table(f, columns=["prompt_id", "id", "prompt_pairs"])
         for pid, rid, n in zip(*(t[c].to_pylist() for c in ("prompt_id", "id", "prompt_pairs"))):
             written.setdefault(pid, set()).add(rid)
             if n is not None:
@@ -174,14 +175,12 @@ def drop_incomplete_prompts(out_dir: Path, folders: tuple[str, ...]) -> int:
         return 0
     keep = pa.array(sorted(incomplete), pa.string())
     for f in files:
-        t = pq.read_table(f)
+        t = store.read_table(f)
         mask = pc.is_in(t["prompt_id"], value_set=keep)
         if pc.any(mask).as_py():
             # in place, same name: a part's data/ and filtered/ halves stay siblings (an empty
             # half is still written, or drop_orphan_parts would take the other for a crash)
-            tmp = f.with_name(f".{f.name}.tmp-incomplete")
-            pq.write_table(t.filter(pc.invert(mask)), tmp)
-            os.replace(tmp, f)
+            store.write_table(f, t.filter(pc.invert(mask)))
     log.warning(
         "resume: %d prompts had only some of their pairs written (a crash between write tasks); "
         "their pairs are redone whole: %s",
@@ -198,30 +197,25 @@ def reject_records(table: pa.Table) -> list[dict[str, Any]]:
     ]
 
 
-def _write_jsonl_atomic(path: Path, recs: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    os.replace(tmp, path)
+def _write_jsonl(store: Store, rel: str, recs: list[dict[str, Any]]) -> None:
+    store.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
 
 
-def output_files(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> list[Path]:
-    """Finished parts only (temp files start with '.')."""
-    files: list[Path] = []
-    for name in folders:
-        if (out_dir / name).exists():
-            files += sorted((out_dir / name).glob("part-*.parquet"))
-    return files
+def output_files(out_dir, folders: tuple[str, ...] = ("data",)) -> list[str]:
+    """Finished parts only (temp files start with '.'), relative to the output folder."""
+    store = as_store(out_dir)
+    return [f for name in folders for f in store.parts(name)]
 
 
-def read_output(out_dir: Path, columns: list[str], folders: tuple[str, ...] = ("data",)) -> pa.Table | None:
-    files = output_files(out_dir, folders)
+def read_output(out_dir, columns: list[str], folders: tuple[str, ...] = ("data",)) -> pa.Table | None:
+    store = as_store(out_dir)
+    files = output_files(store, folders)
     if not files:
         return None
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    return pa.concat_tables(store.read_table(f, columns=columns) for f in files)
 
 
-def existing_ids(out_dir: Path, column: str = "id", folders: tuple[str, ...] = ("data",)) -> pa.Array:
+def existing_ids(out_dir, column: str = "id", folders: tuple[str, ...] = ("data",)) -> pa.Array:
     """Distinct input ids already in the output: what a resumed run skips."""
     table = read_output(out_dir, [column], folders)
     if table is None:
@@ -229,18 +223,18 @@ def existing_ids(out_dir: Path, column: str = "id", folders: tuple[str, ...] = (
     return pc.unique(table[column])
 
 
-def finalize_rejects(out_dir: Path) -> list[dict[str, Any]]:
+def finalize_rejects(out_dir) -> list[dict[str, Any]]:
     """Merge reject parts into rejects.jsonl, sorted by (source, line); returns them."""
-    parts = sorted((out_dir / "_rejects").glob("part-*.jsonl")) if (out_dir / "_rejects").exists() else []
+    store = as_store(out_dir)
     recs = []
-    for p in parts:
-        recs += [json.loads(line) for line in p.read_text().splitlines() if line]
+    for p in store.parts("_rejects", ".jsonl"):
+        recs += [json.loads(line) for line in store.read_text(p).splitlines() if line]
     recs.sort(key=lambda r: (r["source"], r["line"]))
-    _write_jsonl_atomic(out_dir / "rejects.jsonl", recs)
+    _write_jsonl(store, "rejects.jsonl", recs)
     return recs
 
 
-def check_exactly_once(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> int:
+def check_exactly_once(out_dir, folders: tuple[str, ...] = ("data",)) -> int:
     """Every row id in the output exactly once; returns the row count. A violation is a
     bug: raise. Counted in Arrow, so a million ids cost a few MB in the driver."""
     table = read_output(out_dir, ["id"], folders)
@@ -250,31 +244,32 @@ def check_exactly_once(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> i
     if pc.count_distinct(ids).as_py() != len(ids):
         counts = pc.value_counts(ids)
         dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")[:5].to_pylist()
-        raise RuntimeError(f"exactly-once violated in {out_dir}: duplicate ids {dup}")
+        raise RuntimeError(f"exactly-once violated in {as_store(out_dir)}: duplicate ids {dup}")
     return len(ids)
 
 
-def clean_partial(out_dir: Path, folders: tuple[str, ...] = ("data",)) -> None:
-    """Remove temp files of a crashed run and the previous run's reject parts."""
-    for folder in (*(out_dir / f for f in folders), out_dir / "_rejects"):
-        if folder.exists():
-            for f in folder.glob(".*.tmp*"):
-                f.unlink()
-    rejects = out_dir / "_rejects"
-    if rejects.exists():
-        for f in rejects.glob("part-*.jsonl"):
-            f.unlink()
-    drop_orphan_parts(out_dir, folders)
-    drop_incomplete_prompts(out_dir, folders)
+def clean_partial(out_dir, folders: tuple[str, ...] = ("data",)) -> None:
+    """Remove temp files of a crashed run (a disk's; an object store has none) and the
+    previous run's reject parts."""
+    store = as_store(out_dir)
+    for folder in (*folders, "_rejects"):
+        for name in store.listdir(folder):
+            if name.startswith(".") and ".tmp" in name:
+                store.delete(f"{folder}/{name}")
+    for part in store.parts("_rejects", ".jsonl"):
+        store.delete(part)
+    drop_orphan_parts(store, folders)
+    drop_incomplete_prompts(store, folders)
 
 
-def refuse_mixed_output(out: Path, fingerprint: dict[str, Any]) -> None:
+def refuse_mixed_output(out, fingerprint: dict[str, Any]) -> None:
     """A resume must use the settings that made the existing output, or rows would mix."""
     from cai_ray.runtime import changed_settings
 
+    out = as_store(out)
     if not output_files(out, ("data", "filtered")):
         return
-    changed = changed_settings(out / "manifest.json", fingerprint)
+    changed = changed_settings(out, fingerprint)
     if changed:
         raise ValueError(
             f"{out} holds output made with different settings ({', '.join(changed)}); "
@@ -417,11 +412,16 @@ def run_stage(run: StageRun) -> dict[str, Any]:
     folder at a time (runtime.output_lock)."""
     from cai_ray import runtime
 
+    store = Store(run.cfg.output)
+    if store.remote:
+        # an object store has no lock to take (no atomic create-if-absent through pyarrow)
+        log.info("%s: object-store output, not locked: run one job per output at a time", store)
+        return _run_stage(run, store)
     with runtime.output_lock(Path(run.cfg.output)):
-        return _run_stage(run)
+        return _run_stage(run, store)
 
 
-def _run_stage(run: StageRun) -> dict[str, Any]:
+def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
     import ray
     from ray.data import DataContext
 
@@ -431,16 +431,14 @@ def _run_stage(run: StageRun) -> dict[str, Any]:
     from cai_ray.ledger import Ledger
 
     cfg = run.cfg
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out.makedirs()
     config = run.config or to_dict(cfg)
     files = list_input_files(cfg.input)  # fail fast on a bad path
-    manifest_path = out / "manifest.json"
     refuse_mixed_output(out, run.fingerprint)
 
     manifest = runtime.base_manifest(run.kind, config)
     manifest.update(fingerprint=run.fingerprint, **run.manifest_extra, inputs=[f for f, _ in files])
-    runtime.write_json_atomic(manifest_path, manifest)
+    out.write_json("manifest.json", manifest)
 
     runtime.init_ray(cfg.ray_address)
     read_pool = run.read_pool
@@ -485,7 +483,7 @@ def _run_stage(run: StageRun) -> dict[str, Any]:
         ds.write_datasink(run.sink, ray_remote_args={"num_cpus": read_pool.task_cpus})
     except BaseException as e:
         manifest.update(status="failed", finished=runtime.now(), error=f"{type(e).__name__}: {e}")
-        runtime.write_json_atomic(manifest_path, manifest)
+        out.write_json("manifest.json", manifest)
         raise
     wall = time.perf_counter() - t0
 
@@ -531,7 +529,7 @@ def _run_stage(run: StageRun) -> dict[str, Any]:
     )
     if run.finish is not None:
         run.finish(out, manifest)
-    runtime.write_json_atomic(manifest_path, manifest)
+    out.write_json("manifest.json", manifest)
     return manifest
 
 
