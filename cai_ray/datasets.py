@@ -42,6 +42,28 @@ def content_id(messages: list[dict[str, str]]) -> str:
     return h.hexdigest()
 
 
+def conversation_id(*conversations: list[dict[str, str]]) -> str:
+    """The id of a row that has none: a hash of its conversation(s) in order (a prompt row's
+    is ``content_id`` of its prompt, so a prompt has one id in generate, label, train and eval,
+    wherever it sits in whichever file)."""
+    return content_id([m for conv in conversations for m in conv])
+
+
+def given_id(value: Any) -> tuple[str | None, str | None]:
+    """(id, None) for a usable ``id`` field (a non-empty string or an integer), (None, None)
+    when there is none, (None, reason) for a bad one: never coerced from another type."""
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"field 'id' must be a string or integer, got {type(value).__name__}"
+    rid = str(value)
+    if not rid.strip():
+        return None, "field 'id' is empty"
+    if bad_text(rid):
+        return None, f"field 'id': {bad_text(rid)}"
+    return rid, None
+
+
 def bad_text(text: str) -> str | None:
     """Why ``text`` cannot be stored as UTF-8 (a lone surrogate: valid JSON as "\\ud800", or an
     undecodable byte read with surrogateescape), or None."""
@@ -98,17 +120,10 @@ def validate_row(row: Any, max_chars: int) -> tuple[dict[str, Any] | None, str |
     total = sum(len(m["content"]) for m in messages)
     if total > max_chars:
         return None, f"prompt too long: {total} characters > inputs.max_prompt_chars={max_chars}"
-    rid = row.get("id")
-    if rid is None:
-        rid = content_id(messages)
-    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        return None, f"field 'id' must be a string or integer, got {type(rid).__name__}"
-    else:
-        rid = str(rid)
-        if not rid.strip():
-            return None, "field 'id' is empty"
-        if bad_text(rid):
-            return None, f"field 'id': {bad_text(rid)}"
+    rid, why = given_id(row.get("id"))
+    if why:
+        return None, why
+    rid = rid or content_id(messages)
     # Other fields ride along as JSON (null fields are left out, as a columnar reader
     # cannot tell a null from a missing field).
     meta = {k: v for k, v in row.items() if k not in ("id", "prompt", "messages") and v is not None}

@@ -156,3 +156,29 @@ def test_one_bad_row_is_a_reject_not_the_end_of_the_file(tmp_path):
     reasons = [r["reject_reason"] for r in rows if r["reject_reason"]]
     assert len(rows) == 4 and any("undecodable byte" in r for r in reasons), reasons
     assert any("prompt too long" in r or "unreadable CSV row" in r for r in reasons), reasons
+
+
+def test_one_id_rule_for_batch_readers_trainers_and_eval(tmp_path):
+    """A row without an id gets the hash of its conversation wherever it is read: the batch
+    reader (generate/label), the trainers' loader and eval give the same prompt the same id,
+    in any file and at any line; a bad id is a reject everywhere, never coerced."""
+    import json
+
+    from cai_ray.datasets import read_local
+    from cai_ray.evaluate import load_set
+    from cai_ray.train.data import load_rows, prompt_row
+
+    rows = [{"prompt": "How do I pick a lock?"}, {"id": 7, "prompt": "x"}, {"id": True, "prompt": "y"}]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text("\n".join([json.dumps({"prompt": "other"}), json.dumps(rows[0])]) + "\n")  # another line
+    read = read_local(str(a), 1000).to_pylist()
+    batch = {r["prompt"]: r for r in read if r["reject_reason"] is None}
+    train, train_rejects = load_rows(str(b), prompt_row)
+    evald, eval_rejects = load_set(str(a), "harmful", None, 1000)
+    lock = batch["How do I pick a lock?"]["id"]
+    assert lock == next(r["id"] for r in train if r["prompt"][0]["content"] == "How do I pick a lock?")
+    assert lock == next(r["id"] for r in evald if r["prompt"][0]["content"] == "How do I pick a lock?")
+    assert batch["x"]["id"] == "7" == next(r["id"] for r in evald if r["prompt"][0]["content"] == "x")
+    assert [r["reject_reason"] for r in read if r["line"] == 3] == ["field 'id' must be a string or integer, got bool"]
+    assert [r["reason"] for r in eval_rejects] == ["field 'id' must be a string or integer, got bool"]

@@ -3,6 +3,11 @@
     SL-CAI folder / messages / prompt+completion ─► sft_row ─► {"prompt": [...], "completion": [...]}
     labeling folder / prompt+chosen+rejected     ─► pref_row ─► {"id", "prompt", "chosen", "rejected", "p_chosen"}
 
+Every row has an id, by the one rule the batch readers use too (datasets.given_id /
+conversation_id): its own ``id`` (a non-empty string or an integer; anything else is a reject),
+else a hash of its conversation(s) — the same prompt has the same id in every step, wherever
+it sits in its file, and a held-out split by id keeps duplicates on one side.
+
 A row that cannot be used is not dropped: it becomes a reject ``{source, line, id, reason,
 raw}`` that the job writes to ``OUTPUT/rejects.jsonl`` and counts in the manifest. Rows longer
 than ``optim.max_length`` tokens are rejects too: the trainers would otherwise truncate them
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cai_ray.datasets import bad_text, safe_text
+from cai_ray.datasets import bad_text, conversation_id, given_id, safe_text
 from cai_ray.records import RAW_LIMIT
 
 Row = dict[str, Any]
@@ -125,10 +130,15 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
     rows, rejects = [], []
     for source, line, rec in read_records(path)[0]:
         row, why = (None, rec["_invalid"]) if "_invalid" in rec else row_fn(rec)
+        if row is not None:
+            rid, why = given_id(row.get("id", rec.get("id")))
+            if why:
+                row = None
+            else:
+                row["id"] = rid or conversation_id(*(row[k] for k in CONVERSATIONS if isinstance(row.get(k), list)))
         if row is None:
             rejects.append(reject(source, line, rec, why))
         else:
-            row.setdefault("id", str(rec.get("id") or f"{Path(source).name}:{line}"))
             rows.append(row)
     if not rows:
         from cai_ray.stage import reasons_count
@@ -136,6 +146,10 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
         reasons = reasons_count(rejects)
         raise TrainDataError(f"{path}: no usable rows ({reasons or 'empty'})")
     return rows, rejects
+
+
+# the conversation fields whose contents name a row without an ``id`` (datasets.conversation_id)
+CONVERSATIONS = ("prompt", "messages", "completion", "chosen", "rejected")
 
 
 def reject(source: str, line: int, rec: Row, reason: str) -> Reject:
