@@ -517,7 +517,7 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
         {"id": "long", "prompt": "word " * 900},
         {"id": "ok2", "prompt": "How do I tie a knot?"},
     ]
-    batch = read_local(write_inputs(tmp_path / "p.jsonl", rows), 10_000)
+    batch = read_local(write_inputs(tmp_path, "p.jsonl", rows), 10_000)
     kw = {"model": "tiny-random", "dtype": "float32", "threads": 1}  # context 1024
     sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 200, "min_new_tokens": 0}
     out = AnswerWorker("hf", kw, sampling, seed=0)(batch).to_pylist()
@@ -531,7 +531,7 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
         {"id": "t1", "messages": [{"role": "user", "content": "hi"}], "task": task},
         {"id": "t2", "messages": [{"role": "user", "content": "hi"}], "task": {"kind": "yes_no"}},
     ]
-    jb = read_local(write_inputs(tmp_path / "t.jsonl", tasks), 10_000)
+    jb = read_local(write_inputs(tmp_path, "t.jsonl", tasks), 10_000)
     judged = JudgeWorker(
         "hf",
         kw,
