@@ -39,8 +39,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# the unit tests: no Ray, no S3, no model bigger than tiny-random; under a minute on 2 cores
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: setup
 	$(BIN)/ruff check cai_ray tests jobs

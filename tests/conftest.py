@@ -102,3 +102,17 @@ def s3_env(s3, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return client
+
+
+@pytest.fixture(scope="module")
+def token_rm(tmp_path_factory, tiny_model):
+    """A preference model folder (tiny-random with a one-output head), as `train rm` writes."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -75,7 +75,7 @@ def test_a_partial_section_keeps_the_sections_own_defaults():
 
 
 @pytest.mark.parametrize(
-    "path", sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
+    "path", sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_bundled_job_config_validates(path):
     from cai_ray import config

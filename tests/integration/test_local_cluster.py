@@ -16,7 +16,7 @@ import pytest
 
 from cai_ray.runtime import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 UPLOAD = json.dumps({"excludes": [".gpu", "out", "runs", ".hypothesis"]})  # the checkout, less local outputs
 

@@ -6,7 +6,7 @@ import yaml
 
 from cai_ray.constitution import ConstitutionError, load_constitution, parse_constitution
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_CATEGORIES = {
     "violence",
     "cyber",

@@ -3,24 +3,14 @@ every malformed row is a reject with its reason (or, where nothing usable is lef
 clear error line), the good rows are written, and nothing ends in a traceback."""
 
 import json
-import re
 import shutil
 from pathlib import Path
 
-import pytest
+from support.bad_inputs import CORPUS, _tracebacks
 
 from cai_ray.cli import main
 
-CORPUS = Path(__file__).parent / "data" / "bad_inputs"
 TINY = ["--model", "tiny-random", "--max-new-tokens", "4", "--actors", "1,1", "engine.dtype=float32"]
-
-
-def _tracebacks(text: str) -> bool:
-    """A traceback of ours in the CLI's output. Python's own "--- Logging error ---" reports
-    are left out: Ray Data's log handler keeps the stderr of the first test that ran a
-    dataset, which pytest has closed since (an artifact of many CLI runs in one process)."""
-    text = re.sub(r"--- Logging error ---.*?Arguments: [^\n]*\n", "", text, flags=re.S)
-    return "Traceback" in text
 
 
 def _rejects(out: Path) -> dict[tuple[str, int], str]:
@@ -78,25 +68,3 @@ def test_the_corpus_through_label(ray_local, tiny_model, tmp_path, capsys):
     # the over-long pair is labelled "invalid: too long" in filtered/, not dropped
     filtered = read_output(out, ["id", "filter_reason"], ("filtered",)).to_pylist()
     assert any(r["id"] == "g7" and "too long" in r["filter_reason"] for r in filtered), filtered
-
-
-@pytest.mark.parametrize("trainer", ["sft", "rm", "dpo"])
-def test_the_corpus_through_train_is_one_clear_error(trainer, tmp_path, capsys):
-    argv = ["train", trainer, "--data", str(CORPUS / "train.jsonl"), "--output", str(tmp_path / "o")]
-    rc = main([*argv, "--model", "tiny-random"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "no usable rows" in err and not _tracebacks(err), err
-
-
-def test_the_corpus_through_eval_inputs():
-    from cai_ray.evaluate import load_set
-
-    rows, rejects = load_set(str(CORPUS / "prompts.jsonl"), "harmful", None, 32000)
-    reasons = " | ".join(r["reason"] for r in rejects)
-    assert all(r["reason"] for r in rejects)
-    for want in ("invalid JSON", "empty prompt", "needs 'prompt'", "not valid UTF-8", "lone surrogate", "duplicate id"):
-        assert want in reasons, want
-    assert {r["category"] for r in rows} >= {"uncategorised"}
-    # every line is a row or a reject
-    lines = (CORPUS / "prompts.jsonl").read_bytes().count(b"\n")
-    assert len(rows) + len(rejects) == lines

@@ -4,12 +4,12 @@ resume after an interrupted driver and after a killed worker, bad data is a clea
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
+from support.train import _cfg, _write, preference_toy
 
-from cai_ray.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig, load_config
+from cai_ray.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
 
 MEMORISE = [
     {
@@ -20,47 +20,6 @@ MEMORISE = [
     }
     for i in range(8)
 ]
-KIND = "glad happy kind gentle warm careful calm patient".split()
-RUDE = "no stupid awful useless angry dumb lazy rotten".split()
-
-
-def preference_toy(n: int, p_chosen: float | None = None, seed: int = 0) -> list[dict]:
-    """Pairs a model can separate: the chosen answer is built from friendly words, the rejected
-    one from rude words, in random orders and lengths (so a random model is at chance)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        k = rng.randint(3, 6)
-        row = {
-            "id": f"toy-{i}",
-            "prompt": f"Question {i}: can you help me with task {rng.randint(0, 99)}?",
-            "chosen": " ".join(rng.choices(KIND, k=k)) + ".",
-            "rejected": " ".join(rng.choices(RUDE, k=k)) + ".",
-        }
-        if p_chosen is not None:
-            row["p_chosen"] = p_chosen
-        rows.append(row)
-    return rows
-
-
-def _write(path, rows, extra_lines=""):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra_lines)
-    return path
-
-
-def _cfg(cls, tmp_path, data, **over):
-    base = [
-        f"data={data}",
-        f"output={tmp_path / 'out'}",
-        "model=tiny-random",
-        "scaling.workers=2",
-        "scaling.cpus_per_worker=0.5",
-        "optim.max_steps=12",
-        "optim.learning_rate=3e-3",
-        "optim.per_worker_batch_size=4",
-        "checkpoint.every_steps=6",
-    ]
-    return load_config(cls, None, base + [f"{k}={v}" for k, v in over.items()])
 
 
 def _curve(out):
@@ -130,31 +89,6 @@ def test_sft_with_lora_and_helpfulness_mix(ray_local, tmp_path):
     assert isinstance(_generate(out / "model", MEMORISE[0]["messages"][:1]), str)
 
 
-def test_sl_output_folder_is_sft_data(tmp_path):
-    """The SL-CAI stage's data/ parts feed SFT directly: prompt turns → prompt, revision → completion."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from cai_ray.records import MESSAGES
-    from cai_ray.train.data import load_rows, sft_row
-
-    (tmp_path / "data").mkdir()
-    msgs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "revised answer"}]]
-    pq.write_table(pa.table({"id": ["a"], "messages": pa.array(msgs, MESSAGES)}), tmp_path / "data" / "part-x.parquet")
-    rows, rejects = load_rows(str(tmp_path), sft_row)
-    assert (
-        rows
-        == [
-            {
-                "id": "a",
-                "prompt": [{"role": "user", "content": "q"}],
-                "completion": [{"role": "assistant", "content": "revised answer"}],
-            }
-        ]
-        and rejects == []
-    )
-
-
 # -- preference model ------------------------------------------------------------------------
 @pytest.mark.parametrize("zero,p_chosen", [(2, None), (3, 0.8)])
 def test_preference_model_separates_a_toy_set(ray_local, tmp_path, zero, p_chosen):
@@ -200,30 +134,6 @@ def test_preference_model_separates_a_toy_set(ray_local, tmp_path, zero, p_chose
         assert sum(q) / len(q) > 0.85
     else:
         assert 0.6 < sum(q) / len(q) < 0.93 and ev["mean_abs_error"] < 0.2
-
-
-def test_soft_loss_is_bradley_terry_at_p_1_and_pulls_towards_p():
-    import torch
-
-    from cai_ray.train.rm import soft_preference_loss
-
-    d = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
-    bt = -torch.nn.functional.logsigmoid(d).mean()
-    assert torch.allclose(soft_preference_loss(d, torch.ones(3)), bt)
-    # the minimum over d of the soft loss is at σ(d) = p
-    p = torch.tensor(0.8)
-    grid = torch.linspace(-4, 4, 801)
-    best = grid[torch.stack([soft_preference_loss(x.view(1), p) for x in grid]).argmin()]
-    assert abs(torch.sigmoid(best).item() - 0.8) < 0.01
-
-
-def test_preference_rows_mixed_targets_are_an_error(tmp_path):
-    from cai_ray.train.data import TrainDataError
-    from cai_ray.train.rm import train_rm
-
-    data = _write(tmp_path / "p.jsonl", preference_toy(3, 0.9) + preference_toy(2, seed=1))
-    with pytest.raises(TrainDataError, match="set targets=hard"):
-        train_rm(_cfg(RMTrainConfig, tmp_path, data))
 
 
 # -- DPO -------------------------------------------------------------------------------------
@@ -318,123 +228,3 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert m["metrics"]["resumed_from"] and m["metrics"]["global_step"] == 40
     steps = [p["step"] for p in json.loads((tmp_path / "out" / "metrics.json").read_text())["loss_curve"]]
     assert steps == sorted(set(steps)) and steps[-1] == 40
-
-
-def test_a_rerun_with_other_settings_is_refused(tmp_path):
-    from cai_ray.train.harness import fingerprint_of, refuse_mixed_run
-
-    cfg = {
-        "model": "m",
-        "seed": 0,
-        "zero": 2,
-        "scaling": {"workers": 2},
-        "lora": {"enabled": False},
-        "optim": {
-            "learning_rate": 1e-5,
-            "per_worker_batch_size": 4,
-            "grad_accum": 1,
-            "max_length": 512,
-            "dtype": "auto",
-            "max_steps": 10,
-            "epochs": 1,
-        },
-    }
-    (tmp_path / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint_of("sft", cfg, "abc", {})}))
-    longer = {**cfg, "optim": {**cfg["optim"], "max_steps": 20}}
-    refuse_mixed_run(tmp_path, fingerprint_of("sft", longer, "abc", {}))  # extending a run is fine
-    with pytest.raises(ValueError, match=r"different settings \(zero\)"):
-        refuse_mixed_run(tmp_path, fingerprint_of("sft", {**cfg, "zero": 3}, "abc", {}))
-    with pytest.raises(ValueError, match=r"different settings \(data_sha256\)"):
-        refuse_mixed_run(tmp_path, fingerprint_of("sft", cfg, "other", {}))
-
-
-# -- data ------------------------------------------------------------------------------------
-def test_sft_data_errors_are_clear(tmp_path):
-    from cai_ray.train.data import TrainDataError, load_rows, sft_row
-
-    empty = _write(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
-    with pytest.raises(TrainDataError, match="no usable rows"):
-        load_rows(str(empty), sft_row)
-    with pytest.raises(TrainDataError, match="not found"):
-        load_rows(str(tmp_path / "missing.txt"), sft_row)
-
-
-def test_preference_rows_from_labels_and_files_and_their_rejects():
-    from cai_ray.train.data import pref_row
-
-    conv = [{"role": "user", "content": "q"}]
-    label_out = {
-        "id": "x",
-        "prompt": "q",
-        "prompt_messages": conv,
-        "p_chosen": 0.7,
-        "chosen": conv + [{"role": "assistant", "content": "good"}],
-        "rejected": conv + [{"role": "assistant", "content": "bad"}],
-    }
-    row, why = pref_row(label_out)
-    assert why is None and row == {
-        "prompt": conv,
-        "chosen": [{"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "assistant", "content": "bad"}],
-        "p_chosen": 0.7,
-    }
-    assert pref_row({"prompt": "q", "chosen": "a", "rejected": "b"})[0]["p_chosen"] is None
-    bad = {
-        "needs 'chosen'": {"prompt": "q", "chosen": None, "rejected": None},
-        "identical": {"prompt": "q", "chosen": "a", "rejected": "a"},
-        "non-empty 'prompt'": {"prompt": " ", "chosen": "a", "rejected": "b"},
-        "p_chosen must be": {"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.3},
-        "different conversations": {
-            **label_out,
-            "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "bad"}],
-        },
-        "assistant turns": {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
-        "one assistant message": {
-            "prompt": "q",
-            "chosen": [{"role": "assistant", "content": "a"}] * 2,
-            "rejected": "b",
-        },
-    }
-    for reason, rec in bad.items():
-        row, why = pref_row(rec)
-        assert row is None and reason in why, (reason, why)
-
-
-def test_over_long_rows_are_rejects_not_truncated(tiny_model):
-    from transformers import AutoTokenizer
-
-    from cai_ray.train.data import reject_long
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    rows = [
-        {
-            "id": "short",
-            "prompt": [{"role": "user", "content": "hi"}],
-            "completion": [{"role": "assistant", "content": "yo"}],
-        },
-        {
-            "id": "long",
-            "prompt": [{"role": "user", "content": "word " * 200}],
-            "completion": [{"role": "assistant", "content": "yo"}],
-        },
-    ]
-    keep, rejects = reject_long(rows, tok, 64, ("completion",))
-    assert [r["id"] for r in keep] == ["short"]
-    assert rejects[0]["id"] == "long" and "longer than optim.max_length" in rejects[0]["reason"]
-
-
-def test_mix_and_split_are_seeded_and_exact():
-    from cai_ray.train.data import mix_in, split
-
-    rows = [{"id": f"r{i}"} for i in range(30)]
-    helpful = [{"id": f"h{i}"} for i in range(50)]
-    mixed, info = mix_in(rows, helpful, 0.25, seed=1)
-    assert info == {"rows": 10, "available": 50, "repeated": False, "share": 0.25}
-    assert len(mixed) == 40 and len({r["id"] for r in mixed if r["id"].startswith("h")}) == 10
-    assert mixed == mix_in(rows, helpful, 0.25, seed=1)[0]
-    many = [{"id": f"r{i}"} for i in range(2000)]
-    train, held = split(many, 0.3, seed=0)
-    assert len(train) + len(held) == 2000 and abs(len(held) / 2000 - 0.3) < 0.04
-    # a row's side does not depend on the other rows, only on its id and the seed
-    assert split(many[:100], 0.3, seed=0)[1] == [r for r in held if int(r["id"][1:]) < 100]
-    assert split(many, 0.3, seed=1)[1] != held

@@ -8,7 +8,7 @@ import pytest
 
 from cai_ray.config import GenerateConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

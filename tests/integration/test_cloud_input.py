@@ -14,7 +14,7 @@ import pytest
 
 from cai_ray.datasets import InputError, read_local, resolve_input
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def put(client, key: str, body: bytes) -> None:

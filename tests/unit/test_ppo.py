@@ -1,0 +1,142 @@
+"""RL-CAI trainers (PPO ours, GRPO/RLOO through TRL) on Ray Train + DeepSpeed with tiny-random:
+learning is real, ZeRO-2 and -3 with two workers, resume, every reward source, metrics and
+monitors on disk, and bad settings or reward functions are clear errors."""
+
+import pytest
+from support.ppo import REWARDS, _cfg
+
+from cai_ray.config import ConfigError
+
+
+# -- errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"reward.function": None}, "set exactly one reward"),
+        ({"reward.model": "x"}, "set exactly one reward"),
+        ({"reward.function": "no_colon"}, "FILE.py:NAME"),
+        ({"ppo.rollout_batch": 3, "scaling.workers": 2}, "multiple of scaling.workers"),
+        ({"rollout.max_new_tokens": 2048}, "below optim.max_length"),
+        ({"ppo.kl_estimator": "k4"}, "k1, k2 or k3"),
+        ({"algo": "a2c"}, "ppo, grpo, rloo"),
+        ({"ppo.group_size": 1}, ">= 2 answers"),
+        ({"rollout.temperature": 0}, "cannot be greedy"),
+        ({"reward.source": "labeler"}, "labeler.model is not set"),
+        ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
+        ({"ppo.clip_rnage": 0.1}, "clip_range"),
+        ({"algo": "grpo", "reward.function": None, "reward.labeler.model": "tiny-random"}, "reward.reference=field"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, tmp_path / "p.jsonl", **over)
+
+
+def test_reward_functions_load_and_fail_clearly(tmp_path):
+    from cai_ray.train.reward import RewardError, RewardScorer, load_function
+
+    assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
+    assert load_function("cai_ray.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
+    assert load_function("data/rewards.py:prefer_ugs", base=str(REWARDS.parent.parent))
+    for spec, match in (
+        (f"{tmp_path}/none.py:f", "not found"),
+        (f"{REWARDS}:nope", "no function 'nope'"),
+        ("cai_ray.nothing:f", "cannot import"),
+    ):
+        with pytest.raises(RewardError, match=match):
+            load_function(spec)
+    rw = {"function": f"{REWARDS}:not_a_list", "length_penalty": 0.0, "clip": None}
+    with pytest.raises(RewardError, match="must return numbers"):
+        RewardScorer(rw, "function").score(["a"], [[]], ["x"], [1])
+    rw = {"function": f"{REWARDS}:prefer_ugs", "length_penalty": 0.5, "clip": 1.0}
+    assert RewardScorer(rw, "function").score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [
+        1.0,
+        -0.5,
+    ]  # 4 - 2 clipped to 1; 0 - 0.5
+
+
+def test_preference_model_scores_with_the_chat_template(token_rm):
+    """The scorer feeds prompt + answer through the chat template, as `train rm` trained it:
+    scores equal a direct forward pass on that text, padding or not."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_ray.train.reward import RewardScorer
+
+    rw = {"model": str(token_rm), "length_penalty": 0.0, "clip": None}
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}]]
+    got = RewardScorer(rw, "model").score(["a", "b"], prompts, ["hello", "ok"], [1, 1])
+    tok = AutoTokenizer.from_pretrained(token_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(token_rm).eval()
+    for p, r, g in zip(prompts, ["hello", "ok"], got):
+        ids = tok.apply_chat_template(
+            p + [{"role": "assistant", "content": r}], tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            assert model(**ids).logits[0, 0].item() == pytest.approx(g, abs=1e-4)
+
+
+def test_cli_help_and_flags():
+    from cai_ray.cli import build_parser
+
+    text = (
+        build_parser()
+        ._subparsers._group_actions[0]
+        .choices["train"]
+        ._subparsers._group_actions[0]
+        .choices["ppo"]
+        .format_help()
+    )
+    for flag in (
+        "--policy",
+        "--reward-model",
+        "--prompts",
+        "--output",
+        "--workers",
+        "--zero",
+        "--kl-coef",
+        "--adaptive-kl",
+        "--rollout-batch",
+        "--ppo-epochs",
+        "--steps",
+        "--max-new-tokens",
+        "--config",
+        "--algo",
+        "reward.function",
+        "rollout.engine",
+    ):
+        assert flag in text, flag
+
+
+def test_prompt_rows_and_monitors(tmp_path):
+    from cai_ray.refusal import is_refusal
+    from cai_ray.train.monitors import load_probes, top_ngram_share
+    from cai_ray.train.ppo import prompt_row
+
+    assert prompt_row({"prompt": "hi"})[0]["prompt"] == [{"role": "user", "content": "hi"}]
+    assert (
+        prompt_row({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})[1]
+        == "messages must end with a user turn (the policy answers it)"
+    )
+    assert prompt_row({"prompt": "x", "reference": ""})[1] == "'reference' must be a non-empty string"
+    assert prompt_row({"text": "x"})[1] == "needs 'prompt' (string) or 'messages'"
+    # 3-grams: "a b c" x2 and "b c d" once → the top one holds 2 of 3
+    assert top_ngram_share(["a b c", "a b c d"], n=3, top=1) == pytest.approx(2 / 3)
+    assert top_ngram_share(["a b"], n=3) is None
+    assert is_refusal("I'm sorry, but I can't help with that.") and is_refusal("I cannot assist with this request")
+    assert not is_refusal("Boil it for six minutes, then cool it in cold water.")
+    assert len(load_probes(None)) == 12
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "Why is the sky blue?"}\n')
+    assert load_probes(str(probes)) == ["Why is the sky blue?"]
+    probes.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="probes.jsonl:2: needs a non-empty 'prompt'"):
+        load_probes(str(probes))
+
+
+def test_rollout_engines_are_checked():
+    from cai_ray.train.rollout import _until_eos, make_rollout
+
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_rollout("tpu", None, None, "cpu", "x", {})
+    assert _until_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2] and _until_eos([5, 6], 2) == [5, 6]

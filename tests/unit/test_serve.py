@@ -1,0 +1,46 @@
+"""The server: the HTTP surface in-process (auth, 4xx on bad input, label = batch labeler),
+then the real Ray Serve app on 127.0.0.1 with the official `openai` client. Every test runs
+on an hf replica and on a vLLM one (vLLM's CPU build, continuous batching, live streaming)."""
+
+import pytest
+
+from cai_ray.engine import Sampling
+
+
+def test_one_failing_request_fails_alone_in_its_batch():
+    """Control flow of the @serve.batch body, with a stand-in generate that fails on one
+    conversation: the batch is retried one by one, the culprit gets its error, the rest their
+    answers, in request order."""
+    import asyncio
+
+    from cai_ray.serve.service import RequestError, answer_batch
+
+    calls = []
+
+    async def generate(convs, sampling):
+        calls.append(len(convs))
+        if any(c[0]["content"] == "bad" for c in convs):
+            raise ValueError("seed out of range")
+        return [c[0]["content"].upper() for c in convs]
+
+    greedy, sampled = Sampling(temperature=0), Sampling(temperature=1.0, seed=3)
+    items = [
+        ([{"role": "user", "content": t}], s)
+        for t, s in (("a", greedy), ("bad", greedy), ("c", sampled), ("d", greedy))
+    ]
+    out = asyncio.run(answer_batch(generate, items))
+    assert out[0] == "A" and out[2] == "C" and out[3] == "D"
+    assert isinstance(out[1], RequestError) and "seed out of range" in str(out[1])
+    assert calls == [3, 1, 1, 1, 1]  # greedy group, its three retries, the sampled group
+
+
+def test_serve_config_guards():
+    from cai_ray.config import ConfigError, ServeConfig, load_config
+
+    assert load_config(ServeConfig, None, ["guardrail=enforce"]).guardrail == "enforce"
+    with pytest.raises(ConfigError, match="true, false or enforce"):
+        load_config(ServeConfig, None, ["guardrail=always"])
+    with pytest.raises(ConfigError, match="insecure_public"):
+        load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0"])
+    assert not load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0", "insecure_public=true"]).auth
+    assert not load_config(ServeConfig, None, ["auth=false"]).auth  # loopback
