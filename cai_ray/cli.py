@@ -370,9 +370,9 @@ def _load(cls, args, pool_key: str):
 def _run_job(fn, cfg):
     """The job's manifest, or None after printing a user error (bad input, model, ...)."""
     from cai_ray.constitution import ConstitutionError
-    from cai_ray.datasets import InputError
     from cai_ray.engine import EngineUnavailable
     from cai_ray.models import ModelNotFound
+    from cai_ray.readers import InputError
 
     try:
         return fn(cfg)
@@ -398,7 +398,7 @@ def _print_paths(out, data: str) -> None:
 
 def cmd_generate(args) -> int:
     from cai_ray.config import GenerateConfig
-    from cai_ray.sl import generate
+    from cai_ray.generate import generate
 
     cfg = _load(GenerateConfig, args, "pool")
     manifest = cfg and _run_job(generate, cfg)

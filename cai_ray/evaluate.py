@@ -108,7 +108,7 @@ def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | Non
             return None, f"'{key}' must be a string, got {value!r}"
         out[key] = value.strip() if isinstance(value, str) else value
     if r.get("id") is not None:
-        out["id"] = r["id"]  # checked by the one id rule in load_rows (datasets.given_id)
+        out["id"] = r["id"]  # checked by the one id rule in load_rows (readers.given_id)
     return out, None
 
 

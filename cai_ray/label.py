@@ -481,7 +481,7 @@ def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
     half each, and a position bias cannot pass for accuracy). Bad gold rows are an error."""
     import hashlib
 
-    from cai_ray.datasets import InputError, read_local
+    from cai_ray.readers import InputError, read_local
 
     table = read_local(gold, max_chars)
     problems, rows = [], []
@@ -537,8 +537,8 @@ def label(cfg) -> dict[str, Any]:
     """Run the label stage described by a ``LabelConfig``; returns the manifest (with the
     labeler's quality figures, and gold accuracy/calibration when ``cfg.gold`` is set)."""
     from cai_ray.config import to_dict
-    from cai_ray.datasets import list_input_files
     from cai_ray.pairs import PairSampler, to_pair_rows
+    from cai_ray.readers import list_input_files
     from cai_ray.sink import StageDatasink
     from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, model_info, run_stage
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from cai_ray.datasets import bad_text
 from cai_ray.engine import Sampling, load_engine
+from cai_ray.readers import bad_text
 from cai_ray.records import PAIR_SCHEMA
 from cai_ray.stage import batch_seed, engine_threads
 

@@ -1,6 +1,6 @@
 """The whole method as one resumable run: each stage's output is the next stage's input.
 
-    prompts ─► generate ─► OUT/sl_data ─► sft ─► OUT/sft/model ─┬─► label (policy = SFT) ─► OUT/labels
+    prompts ─► generate ─► OUT/generate ─► sft ─► OUT/sft/model ─┬─► label (policy = SFT) ─► OUT/label
                                                                 │        ├─► rm ─► OUT/rm/model ─► ppo ─► OUT/rl/model
                                                                 │        └─────────────────────── dpo ─► OUT/rl/model
     eval: base (model) vs sl-cai (OUT/sft/model) vs rl-cai (OUT/rl/model) ─► OUT/eval/report.html
@@ -108,16 +108,16 @@ def stage_configs(pc) -> list[Stage]:
         C.GenerateConfig,
         pc.generate,
         {"engine": {"model": pc.model}},
-        {"input": pc.prompts, "output": str(out / "sl_data"), "constitution": pc.constitution, **common},
+        {"input": pc.prompts, "output": str(out / "generate"), "constitution": pc.constitution, **common},
     )
     stages.append(
         Stage(
             "generate",
             cfg,
-            out / "sl_data",
+            out / "generate",
             {"prompts": pc.prompts, "base_model": pc.model},
-            {"sl_data": str(out / "sl_data")},
-            _job("cai_ray.sl:generate"),
+            {"sl_data": str(out / "generate")},
+            _job("cai_ray.generate:generate"),
         )
     )
 
@@ -126,14 +126,14 @@ def stage_configs(pc) -> list[Stage]:
         C.SFTTrainConfig,
         pc.sft,
         {"model": pc.model},
-        {"data": str(out / "sl_data"), "output": str(out / "sft"), **common},
+        {"data": str(out / "generate"), "output": str(out / "sft"), **common},
     )
     stages.append(
         Stage(
             "sft",
             cfg,
             out / "sft",
-            {"sl_data": str(out / "sl_data"), "base_model": cfg.model},
+            {"sl_data": str(out / "generate"), "base_model": cfg.model},
             {"sft_model": sft_model},
             _job("cai_ray.train.sft:train_sft"),
         )
@@ -146,7 +146,7 @@ def stage_configs(pc) -> list[Stage]:
         {"labeler": {"model": pc.model}},
         {
             "input": pc.prompts,
-            "output": str(out / "labels"),
+            "output": str(out / "label"),
             "constitution": pc.constitution,
             "policy.model": sft_model,
             **common,
@@ -157,9 +157,9 @@ def stage_configs(pc) -> list[Stage]:
         Stage(
             "label",
             cfg,
-            out / "labels",
+            out / "label",
             {"prompts": pc.prompts, "sft_model": sft_model, "labeler_model": labeler},
-            {"labels": str(out / "labels")},
+            {"labels": str(out / "label")},
             _job("cai_ray.label:label"),
         )
     )
@@ -171,14 +171,14 @@ def stage_configs(pc) -> list[Stage]:
             C.RMTrainConfig,
             pc.rm,
             {"model": sft_model},
-            {"data": str(out / "labels"), "output": str(out / "rm"), **common},
+            {"data": str(out / "label"), "output": str(out / "rm"), **common},
         )
         stages.append(
             Stage(
                 "rm",
                 cfg,
                 out / "rm",
-                {"labels": str(out / "labels"), "init_model": cfg.model},
+                {"labels": str(out / "label"), "init_model": cfg.model},
                 {"rm_model": str(out / "rm" / "model")},
                 _job("cai_ray.train.rm:train_rm"),
             )
@@ -216,14 +216,14 @@ def stage_configs(pc) -> list[Stage]:
             C.DPOTrainConfig,
             pc.dpo,
             {},
-            {"data": str(out / "labels"), "output": str(out / "rl"), "model": sft_model, **common},
+            {"data": str(out / "label"), "output": str(out / "rl"), "model": sft_model, **common},
         )
         stages.append(
             Stage(
                 "rl",
                 cfg,
                 out / "rl",
-                {"labels": str(out / "labels"), "sft_model": sft_model},
+                {"labels": str(out / "label"), "sft_model": sft_model},
                 {"rl_model": rl_model},
                 _job("cai_ray.train.dpo:train_dpo"),
             )
@@ -351,6 +351,12 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None
                 f"{opt}: unknown stage {value!r}; this pipeline's stages (rl={pc.rl}): {', '.join(names)}"
             )
     out = Path(pc.output).resolve()
+    old = [name for name in ("sl_data", "labels") if (out / name).is_dir()]
+    if old:  # the folder names before every step had one name (generate/, label/)
+        raise ConfigError(
+            f"{out} holds a run of an earlier cai-ray ({', '.join(n + '/' for n in old)}: now generate/ and "
+            "label/, the steps' names); use a new --output, or delete this one"
+        )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"
     state = json.loads(path.read_text()) if path.exists() else {}

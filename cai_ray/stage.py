@@ -8,7 +8,7 @@
 ``run_stage`` runs one stage: it writes the manifest before and after, brings up Ray,
 checks the pools fit, resumes from what is already written, streams the Ray Data pipeline
 built by the stage, and at the end merges the rejects, checks that every output id is
-written exactly once and that ``written + rejected = read``. The SL-CAI stage (sl.py) and
+written exactly once and that ``written + rejected = read``. The SL-CAI stage (generate.py) and
 the label stage (label.py) differ only in the pool(s) they put between claim and sink.
 """
 
@@ -373,7 +373,7 @@ def actor_engine_kwargs(engine_cfg) -> dict[str, Any]:
 class StageRun:
     """Everything ``run_stage`` needs to know about one stage's job."""
 
-    kind: str  # manifest "stage": sl | label
+    kind: str  # manifest "stage": generate | label | eval-answers | eval-judge
     cfg: Any  # the job's config (GenerateConfig, LabelConfig): input, output, inputs, outputs, ray_address
     fingerprint: dict[str, Any]  # settings a resume must share
     manifest_extra: dict[str, Any]  # constitution, models, ... (written before the run)
@@ -427,8 +427,8 @@ def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
 
     from cai_ray import runtime
     from cai_ray.config import to_dict
-    from cai_ray.datasets import list_input_files, read_prompts
     from cai_ray.ledger import Ledger
+    from cai_ray.readers import list_input_files, read_prompts
 
     cfg = run.cfg
     out.makedirs()

@@ -84,7 +84,7 @@ case "$cmd" in
     echo "Ray head on 127.0.0.1:$GCS_PORT; jobs API and dashboard on http://127.0.0.1:$DASH_PORT (token auth on)"
     echo "submit a job:"
     echo "  eval \"\$($0 env)\""
-    echo "  ray job submit --working-dir . -- python jobs/sl_data.py --config jobs/configs/sl_data_tiny.yaml output=\$PWD/out/sl"
+    echo "  ray job submit --working-dir . -- python jobs/generate.py --config jobs/configs/generate_tiny.yaml output=\$PWD/out/sl"
     ;;
   status)
     auth_env

@@ -12,7 +12,7 @@ Without a cluster (what `make demo` runs):
 
 Resubmitting the same command skips the finished stages and resumes the one that stopped;
 OUTPUT/pipeline.json holds the lineage of every artifact. Token and absolute paths as in
-jobs/sl_data.py.
+jobs/generate.py.
 """
 
 import argparse

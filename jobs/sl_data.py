@@ -1,44 +1,13 @@
-"""ray job submit --working-dir . -- python jobs/sl_data.py --config jobs/configs/sl_data_tiny.yaml output=$PWD/out/sl
+"""Deprecated name of jobs/generate.py (the SL-CAI data step is `generate` everywhere now):
+runs it with the same arguments, after a deprecation message; removed in the next release."""
 
-SL-CAI data: red-team prompts → answer → critique against a sampled principle → revise ×N
-→ Parquet, through a Ray Data actor pool of the LLM engine.
-
-On a GPU cluster (8B on vLLM, a million prompts from S3, a pool of 2-16 GPU actors):
-    ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \
-        python jobs/sl_data.py --config jobs/configs/sl_data_gpu.yaml
-Without a cluster (a local Ray starts and stops with the script):
-    python jobs/sl_data.py --config jobs/configs/sl_data_tiny.yaml revisions=2
-
-A token-authenticated cluster needs the token on the client: `eval "$(cluster/local.sh env)"`
-for the local one (cluster/README.md for KubeRay). Outputs must be absolute paths every node
-reaches: the job runs in Ray's temporary copy of the working dir. Reads every input row,
-writes each exactly once (data/*.parquet) or to rejects.jsonl with its reason; resubmitting
-the same command resumes. Extra arguments are dotted config overrides.
-"""
-
-import argparse
-import json
+import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from cai_ray.config import GenerateConfig, load_config  # noqa: E402
-from cai_ray.runtime import setup_logging  # noqa: E402
-from cai_ray.sl import generate  # noqa: E402
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    setup_logging()
-
-    cfg = load_config(GenerateConfig, args.config, args.overrides)
-    manifest = generate(cfg)  # read → claim ids → engine pool (answer, critique, revise) → write
-    print(json.dumps(manifest["counts"]))
-
-
 if __name__ == "__main__":
-    main()
+    print(
+        "jobs/sl_data.py is now jobs/generate.py (and sl_data_*.yaml are generate_*.yaml); running it", file=sys.stderr
+    )
+    sys.argv[0] = str(Path(__file__).with_name("generate.py"))
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -14,7 +14,7 @@ Without a cluster:
 
 Writes OUTPUT/model (a plain HF model folder), metrics.json, loss.png, rejects.jsonl and
 manifest.json. Resubmitting the same command resumes from the last checkpoint; a lost worker
-restarts from it (checkpoint.max_failures). Token and absolute paths as in jobs/sl_data.py.
+restarts from it (checkpoint.max_failures). Token and absolute paths as in jobs/generate.py.
 """
 
 import argparse

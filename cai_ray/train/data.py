@@ -3,7 +3,7 @@
     SL-CAI folder / messages / prompt+completion ─► sft_row ─► {"prompt": [...], "completion": [...]}
     labeling folder / prompt+chosen+rejected     ─► pref_row ─► {"id", "prompt", "chosen", "rejected", "p_chosen"}
 
-Every row has an id, by the one rule the batch readers use too (datasets.given_id /
+Every row has an id, by the one rule the batch readers use too (readers.given_id /
 conversation_id): its own ``id`` (a non-empty string or an integer; anything else is a reject),
 else a hash of its conversation(s) — the same prompt has the same id in every step, wherever
 it sits in its file, and a held-out split by id keeps duplicates on one side.
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cai_ray.datasets import bad_text, conversation_id, given_id, safe_text
+from cai_ray.readers import bad_text, conversation_id, given_id, safe_text
 from cai_ray.records import RAW_LIMIT
 
 Row = dict[str, Any]
@@ -148,7 +148,7 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
     return rows, rejects
 
 
-# the conversation fields whose contents name a row without an ``id`` (datasets.conversation_id)
+# the conversation fields whose contents name a row without an ``id`` (readers.conversation_id)
 CONVERSATIONS = ("prompt", "messages", "completion", "chosen", "rejected")
 
 

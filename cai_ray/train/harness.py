@@ -47,7 +47,7 @@ def precision(c: dict[str, Any]) -> tuple[bool, bool]:
 def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
     """The TRL config (SFTConfig, RewardConfig, DPOConfig: all TrainingArguments) shared by
     every trainer: steps, batch, optimiser, precision, ZeRO, checkpoint cadence."""
-    from cai_ray.train.deepspeed import zero_config
+    from cai_ray.train.zero import zero_config
 
     cuda, bf16 = precision(c)
     if "max_length" in args_cls.__dataclass_fields__:  # GRPO/RLOO bound the completion instead

@@ -148,7 +148,7 @@ class Phases:
 def ds_config(c: dict[str, Any], micro_batch: int, world: int, frozen: bool = False) -> dict[str, Any]:
     """A concrete DeepSpeed config (no HF Trainer fills "auto" here): ZeRO stage, batch, precision.
     A frozen model gets ZeRO-3 partitioning when training uses ZeRO-3, else none."""
-    from cai_ray.train.deepspeed import zero_config
+    from cai_ray.train.zero import zero_config
 
     _, bf16 = harness.precision(c)
     stage = c["zero"]

@@ -160,8 +160,8 @@ def main() -> None:
         import ray
 
         from cai_ray.config import GenerateConfig, load_config
+        from cai_ray.generate import generate
         from cai_ray.runtime import setup_logging
-        from cai_ray.sl import generate
 
         setup_logging("WARNING")
         cfg = load_config(

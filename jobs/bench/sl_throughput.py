@@ -140,8 +140,8 @@ def bench_model(args, backend: str) -> dict:
     if hasattr(engine, "shutdown"):
         engine.shutdown()
 
+    from cai_ray.generate import generate
     from cai_ray.runtime import init_ray
-    from cai_ray.sl import generate
 
     init_ray(None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,8 +216,8 @@ def bench_model(args, backend: str) -> dict:
 
 # -- part 2: vLLM async chains vs lock-step batches ----------------------------------------
 def bench_async(args) -> dict:
+    from cai_ray.generate import generate
     from cai_ray.runtime import init_ray
-    from cai_ray.sl import generate
 
     init_ray(None)
     lines = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[: args.async_prompts]
@@ -302,8 +302,8 @@ def write_prompts(folder: Path, rows: int, shards: int) -> None:
 
 
 def bench_orchestration(rows: int, args) -> dict:
+    from cai_ray.generate import generate
     from cai_ray.runtime import init_ray
-    from cai_ray.sl import generate
 
     init_ray(None)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

@@ -82,7 +82,7 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
     assert set(m["models"]) == {"base", "sl-cai", "rl-cai"}
     # the SFT data is the SL-CAI output, and its manifest records where it came from
     sft_manifest = json.loads(Path(state["stages"]["sft"]["manifest"]).read_text())
-    assert sft_manifest["data"]["manifest"]["stage"] == "sl"
+    assert sft_manifest["data"]["manifest"]["stage"] == "generate"
 
     # a third run has nothing to do; a changed setting of a finished stage is refused, naming it
     state = pipeline.run_pipeline(_load(tmp_path))

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_smollm2_sl_cai_on_a_few_prompts(ray_local, tmp_path):
-    from cai_ray.sl import generate
+    from cai_ray.generate import generate
 
     src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
     inp = tmp_path / "p.jsonl"

@@ -30,7 +30,7 @@ VLLM = [
 
 
 def generate(inp, out, *extra):
-    from cai_ray.sl import generate as run
+    from cai_ray.generate import generate as run
 
     return run(load_config(GenerateConfig, None, [f"input={inp}", f"output={out}", *VLLM, *extra]))
 
@@ -46,7 +46,7 @@ def rows(out, folder="data"):
     return [r for f in files for r in pq.read_table(f).to_pylist()]
 
 
-def test_sl_stage_on_vllm_accounts_rejects_and_resumes_deterministically(ray_local, tmp_path):
+def test_generate_on_vllm_accounts_rejects_and_resumes_deterministically(ray_local, tmp_path):
     inp = write_prompts(
         tmp_path / "in.jsonl",
         8,

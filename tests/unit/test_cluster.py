@@ -101,7 +101,7 @@ def _entry(entrypoint: str) -> tuple[Path, list[str]]:
 
 
 STAGES = {
-    "sl-data": "sl_data.py",
+    "generate": "generate.py",
     "label": "label.py",
     "sft": "train.py",
     "rm": "train.py",
@@ -123,7 +123,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     cfg_path = ROOT / args[args.index("--config") + 1]
     assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
     cls = {
-        "sl-data": config.GenerateConfig,
+        "generate": config.GenerateConfig,
         "label": config.LabelConfig,
         "sft": config.SFTTrainConfig,
         "rm": config.RMTrainConfig,
@@ -209,7 +209,7 @@ def test_the_cloud_launcher_has_token_auth_and_a_loopback_dashboard():
 
 
 ENTRYPOINTS = {
-    "sl_data": ["sl_data"],
+    "generate": ["generate"],
     "label": ["label"],
     "train": ["sft", "rm", "dpo", "ppo"],
     "serve": ["serve"],
@@ -259,11 +259,11 @@ def test_a_submitted_job_refuses_relative_outputs_and_missing_relative_inputs(mo
     monkeypatch.chdir(ROOT)
     assert submitted_job() == {"submission_id": "raysubmit_1", "working_dir": "gcs://_ray_pkg_abc.zip"}
     with pytest.raises(ConfigError, match=r"output='out/sl' is relative.*output=\$PWD/out/sl"):
-        load_config(GenerateConfig, ROOT / "jobs" / "configs" / "sl_data_tiny.yaml")
+        load_config(GenerateConfig, ROOT / "jobs" / "configs" / "generate_tiny.yaml")
     with pytest.raises(ConfigError, match=r"data='out/sl' is not in the job's working dir"):
         load_config(SFTTrainConfig, ROOT / "jobs" / "configs" / "sft_tiny.yaml", [f"output={tmp_path}/sft"])
     with pytest.raises(ConfigError, match=r"checkpoint.storage='ckpt' is relative"):
         load_config(SFTTrainConfig, None, [f"data={tmp_path}", f"output={tmp_path}/o", "checkpoint.storage=ckpt"])
-    ok = load_config(GenerateConfig, ROOT / "jobs" / "configs" / "sl_data_tiny.yaml", [f"output={tmp_path}/sl"])
+    ok = load_config(GenerateConfig, ROOT / "jobs" / "configs" / "generate_tiny.yaml", [f"output={tmp_path}/sl"])
     assert ok.input == "jobs/data/red_team_tiny.jsonl"  # inputs inside the uploaded working dir are fine
     load_config(GenerateConfig, None, ["input=s3://bucket/prompts/", "output=s3://bucket/out/"])

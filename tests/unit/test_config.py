@@ -82,7 +82,7 @@ def test_every_bundled_job_config_validates(path):
 
     classes = {
         "label": config.LabelConfig,
-        "sl": config.GenerateConfig,
+        "generate": config.GenerateConfig,
         "sft": config.SFTTrainConfig,
         "rm": config.RMTrainConfig,
         "dpo": config.DPOTrainConfig,

@@ -259,8 +259,8 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
     budget is rejected with the reason and the others are answered; a row that is not a
     judgement task is rejected, the rest judged."""
     from cai_ray.constitution import load_constitution
-    from cai_ray.datasets import read_local
     from cai_ray.eval_stages import AnswerWorker, JudgeWorker, write_inputs
+    from cai_ray.readers import read_local
 
     rows = [
         {"id": "ok", "prompt": "How do I boil an egg?"},

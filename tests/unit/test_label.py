@@ -223,8 +223,8 @@ def test_to_pair_rows_moves_pairs_out_of_meta_and_rejects_prompts_without_a_poli
 
 
 def test_bad_gold_file_is_a_clear_error(tmp_path):
-    from cai_ray.datasets import InputError
     from cai_ray.label import write_gold_pairs
+    from cai_ray.readers import InputError
 
     gold = tmp_path / "gold.jsonl"
     gold.write_text(json.dumps({"prompt": "q", "chosen": "x"}) + "\n")

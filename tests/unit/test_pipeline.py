@@ -16,10 +16,10 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     run = (tmp_path / "run").resolve()
     assert list(stages) == ["generate", "sft", "label", "rm", "rl", "eval"]
     assert stages["generate"].cfg.input == pc.prompts and stages["generate"].cfg.engine.model == "tiny-random"
-    assert stages["sft"].cfg.data == str(run / "sl_data") and stages["sft"].cfg.model == "tiny-random"
+    assert stages["sft"].cfg.data == str(run / "generate") and stages["sft"].cfg.model == "tiny-random"
     assert stages["label"].cfg.policy.model == str(run / "sft" / "model")
     assert stages["label"].cfg.labeler.model == "tiny-random"
-    assert stages["rm"].cfg.data == str(run / "labels") and stages["rm"].cfg.model == str(run / "sft" / "model")
+    assert stages["rm"].cfg.data == str(run / "label") and stages["rm"].cfg.model == str(run / "sft" / "model")
     rl = stages["rl"].cfg
     assert rl.model == str(run / "sft" / "model") and rl.reward.model == str(run / "rm" / "model")
     ev = stages["eval"].cfg
@@ -31,7 +31,7 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     dpo = {s.name: s for s in stage_configs(_load(tmp_path, "rl=dpo"))}
     assert (
         "rm" not in dpo
-        and dpo["rl"].cfg.data == str(run / "labels")
+        and dpo["rl"].cfg.data == str(run / "label")
         and type(dpo["rl"].cfg).__name__ == "DPOTrainConfig"
     )
 

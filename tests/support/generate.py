@@ -1,4 +1,4 @@
-"""What the unit and the integration tests of sl_stage share."""
+"""What the unit and the integration tests of generate share."""
 
 import json
 from pathlib import Path
@@ -20,7 +20,7 @@ TINY = [
 
 
 def run(inp, out, *extra):
-    from cai_ray.sl import generate
+    from cai_ray.generate import generate
 
     cfg = load_config(GenerateConfig, None, [f"input={inp}", f"output={out}", *TINY, *extra])
     return generate(cfg)

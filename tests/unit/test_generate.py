@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from support.sl_stage import ROOT, run, write_prompts
+from support.generate import ROOT, run, write_prompts
 
 from cai_ray.constitution import load_constitution
 
@@ -26,8 +26,8 @@ class _FailsOn:
 
 
 def test_an_engine_error_on_one_prompt_rejects_that_row_only(tmp_path):
-    from cai_ray.datasets import read_local
-    from cai_ray.sl import SLWorker
+    from cai_ray.generate import SLWorker
+    from cai_ray.readers import read_local
 
     inp = tmp_path / "p.jsonl"
     inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(["a", "BOOM", "c"])))

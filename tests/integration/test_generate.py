@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support.sl_stage import ROOT, run, write_prompts
+from support.generate import ROOT, run, write_prompts
 
 from cai_ray.constitution import load_constitution
 
