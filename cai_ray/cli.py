@@ -44,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         EvalConfig,
         GenerateConfig,
         LabelConfig,
-        PipelineConfig,
         RLTrainConfig,
         RMTrainConfig,
         ServeConfig,
         SFTTrainConfig,
     )
+    from cai_ray.pipeline import PipelineConfig
 
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI at cluster scale on Ray.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
@@ -529,9 +529,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from cai_ray.config import PipelineConfig
     from cai_ray.evaluate import headline
-    from cai_ray.pipeline import run_pipeline, stage_lines
+    from cai_ray.pipeline import PipelineConfig, run_pipeline, stage_lines
 
     cfg = _load(PipelineConfig, args, "")
     state = cfg and _run_job(lambda c: run_pipeline(c, redo=args.redo, until=args.until), cfg)

@@ -978,63 +978,6 @@ class EvalConfig:
             raise ConfigError(f"models: two models named {', '.join(dup)}; name them: NAME=MODEL")
 
 
-RL_STAGES = ("ppo", "dpo")
-
-
-def _section(help: str):
-    return field(default_factory=dict, metadata={"help": help})
-
-
-@dataclass
-class PipelineConfig:
-    """`cai-ray pipeline`: the whole method, each stage's output feeding the next:
-    generate (SL-CAI data) → sft → label (pairs from the SFT policy, AI labels) → rm (preference
-    model; ppo only) → rl (ppo, or dpo on the labels) → eval (base vs SL-CAI vs RL-CAI).
-    Each stage section takes that job's own config keys; the pipeline sets the wiring keys."""
-
-    output: str = _f("", "run folder: one subfolder per stage, pipeline.json (the lineage of every artifact)")
-    model: str = _f(
-        "smollm2", "the base model: writes the SL-CAI answers and revisions, is fine-tuned, is eval's 'base'"
-    )
-    prompts: str = _f("", "red-team prompts: SL-CAI data, the policy's answer pairs for labeling, RL prompts")
-    rl_prompts: str | None = _f(
-        None, "PPO's prompts when not `prompts` (a local file: RL needs thousands, not millions)"
-    )
-    constitution: str = _f("constitutions/general.yaml", "the constitution every stage uses")
-    rl: str = _f("ppo", "ppo (preference model, then PPO against it) | dpo (DPO on the AI labels, no preference model)")
-    seed: int = _f(0, "seed of every stage")
-    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
-    generate: dict[str, Any] = _section(
-        "`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)"
-    )
-    sft: dict[str, Any] = _section(
-        "`cai-ray train sft` keys (data, output: set by the pipeline; model defaults to `model`)"
-    )
-    label: dict[str, Any] = _section(
-        "`cai-ray label` keys (input, output, policy.model = the SFT model: set by the pipeline)"
-    )
-    rm: dict[str, Any] = _section("`cai-ray train rm` keys (data, output: set; model defaults to the SFT model)")
-    ppo: dict[str, Any] = _section("`cai-ray train ppo` keys (data, output, model, reward.model: set by the pipeline)")
-    dpo: dict[str, Any] = _section("`cai-ray train dpo` keys (data, output, model: set by the pipeline)")
-    eval: dict[str, Any] = _section("`cai-ray eval` keys (harmful and benign needed; models, baseline, output: set)")
-
-    def validate(self) -> None:
-        if not self.output:
-            raise ConfigError("output: required (the run folder)")
-        if "://" in self.output:
-            raise ConfigError(
-                f"output: {self.output!r}: the pipeline's training stages write models to a folder (local or "
-                "a shared mount); run generate / label / eval alone for object-store outputs"
-            )
-        if not self.prompts:
-            raise ConfigError("prompts: required (a red-team prompt file)")
-        if self.rl not in RL_STAGES:
-            raise ConfigError(f"rl: must be ppo or dpo, got {self.rl!r}")
-        from cai_ray.pipeline import stage_configs
-
-        stage_configs(self)  # every stage's config is built and validated before anything runs
-
-
 def parse_model_spec(spec: str) -> tuple[str, str]:
     """``NAME=MODEL`` or ``MODEL`` → (name, model). A folder ending in model/ (a trainer's
     output) is named after its parent: ``out/sft/model`` → ``sft``."""
@@ -1266,3 +1209,21 @@ def describe(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]
 
 def _required(f) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def __getattr__(name: str):
+    """``config.PipelineConfig``: its old home (it sits beside the pipeline now, so config does
+    not import the pipeline to validate it); kept for one release."""
+    if name == "PipelineConfig":
+        import warnings
+
+        from cai_ray.pipeline import PipelineConfig
+
+        warnings.warn(
+            "cai_ray.config.PipelineConfig is now cai_ray.pipeline.PipelineConfig; the old name will be removed "
+            "in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PipelineConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

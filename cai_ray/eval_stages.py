@@ -177,7 +177,7 @@ class JudgeWorker(_Worker):
     def __init__(
         self, backend, engine_kwargs, constitution: Constitution, few_shot, seed: int, ledger=None, max_actors=1
     ):
-        from cai_ray.label import Labeler, LabelSettings
+        from cai_ray.labeler import Labeler, LabelSettings
 
         self._load(backend, engine_kwargs, ledger, max_actors)
         self.judge = FittingJudge(self.engine)

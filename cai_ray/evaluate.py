@@ -93,7 +93,7 @@ def map_columns(r: dict, columns: dict[str, str]) -> dict:
 def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
     """A prompt row (``prompt`` or ``messages`` ending with a user turn, or a common prompt
     column, or the ``columns`` mapping) with its category and source."""
-    from cai_ray.train.data import prompt_row
+    from cai_ray.readers import prompt_row
 
     r = map_columns(r, columns or {})
     row, why = prompt_row(r)
@@ -117,7 +117,7 @@ def load_set(
 ) -> tuple[list[dict], list[dict]]:
     """Usable rows of one prompt file (JSONL, CSV or Parquet) and a reject (with its reason)
     for every other row."""
-    from cai_ray.train.data import load_rows, reject
+    from cai_ray.readers import load_rows, reject
 
     mapping = parse_columns(columns)
     rows, rejects = load_rows(path, lambda r: eval_row(r, mapping))
@@ -152,7 +152,7 @@ def load_set(
 def resolve_models(cfg) -> tuple[list[Model], str]:
     """The models (baseline included) and the baseline's name; fails fast on an unknown model."""
     from cai_ray.config import ConfigError, parse_model_spec
-    from cai_ray.stage import model_info
+    from cai_ray.models import model_info
 
     specs = [parse_model_spec(m) for m in cfg.models]
     baseline = specs[0][0]
@@ -536,7 +536,7 @@ def _wins(comps: list[dict], model: str, baseline: str) -> list[float]:
 def evaluate(cfg) -> dict[str, Any]:
     """Run an ``EvalConfig``; returns the manifest (metrics.json, report.html beside it)."""
     from cai_ray import runtime
-    from cai_ray.stage import model_info
+    from cai_ray.models import model_info
 
     judge_info = model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url)
     if is_uri(cfg.output):
@@ -561,8 +561,8 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     from cai_ray import runtime
     from cai_ray.config import to_dict
     from cai_ray.constitution import load_constitution
+    from cai_ray.records import reasons_count
     from cai_ray.report import write_report
-    from cai_ray.stage import reasons_count
 
     t0 = time.perf_counter()
     constitution = load_constitution(cfg.constitution)

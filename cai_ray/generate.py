@@ -233,8 +233,9 @@ def generate(cfg) -> dict[str, Any]:
     nothing new. ``rejects.jsonl`` and the counts are recomputed over the whole input.
     """
     from cai_ray.config import to_dict
+    from cai_ray.models import model_info
     from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, model_info, run_stage
+    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, run_stage
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,3 +187,18 @@ def _build_tiny(out: Path, seed: int, shape: dict, name: str) -> None:
     model.config.name_or_path = name
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def model_info(model: str, backend: str = "hf", base_url: str | None = None) -> dict[str, Any]:
+    """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model.
+    A remote model (backend openai) is named by its endpoint: its weights are not here."""
+    from cai_ray import runtime
+
+    info: dict[str, Any] = {"name": model, "backend": backend}
+    if backend == "openai":
+        info["base_url"] = base_url
+    elif backend != "noop":
+        resolved = resolve_model(model)
+        if is_alias(model) or Path(resolved).exists():
+            info.update(runtime.model_fingerprint(resolved))
+    return info

@@ -14,7 +14,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -518,3 +518,170 @@ def read_local(path: str, max_chars: int, rows_per_block: int = 4096) -> pa.Tabl
             stream = pa.PythonFile(fh, mode="r")
             tables += list(read_file_blocks(stream, file, fmt, max_chars, rows_per_block))
     return pa.concat_tables(tables) if tables else PROMPT_SCHEMA.empty_table()
+
+
+# -- whole files of rows, for the trainers and eval (small inputs, read into memory) ----------
+# The same rules as the streaming reader above: bad text, the one id rule (given_id /
+# conversation_id), every row either used or a reject with its source, line and reason.
+Row = dict[str, Any]
+Reject = dict[str, Any]
+
+
+class RowsError(InputError):
+    """A file with no usable rows, or none at all (train.data.TrainDataError is this)."""
+
+
+def read_records(path: str) -> tuple[list[tuple[str, int, Row]], str]:
+    """(source file, line or row number, record) for every input row, and what was read. A
+    folder means a pipeline output: its ``data/part-*.parquet`` (or ``*.parquet``)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted((p / "data").glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
+        if not files:
+            raise RowsError(f"{path}: no data/part-*.parquet or *.parquet files")
+    elif p.suffix == ".parquet" and p.exists():
+        files = [p]
+    elif p.suffix in (".jsonl", ".json") and p.exists():
+        out = []
+        for i, raw in enumerate(p.read_bytes().split(b"\n"), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.decode("utf-8", errors="replace")
+                out.append(
+                    (str(p), i, {"_invalid": f"line is not valid UTF-8: {e.reason} at byte {e.start}", "_raw": line})
+                )
+                continue
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rec = {"_invalid": f"invalid JSON: {e.msg}", "_raw": line}
+                if not isinstance(rec, dict):
+                    rec = {"_invalid": "a row must be a JSON object", "_raw": line}
+                else:
+                    why = _bad_strings(rec)
+                    if why:
+                        rec = {"_invalid": why, "_raw": safe_text(line)}
+                out.append((str(p), i, rec))
+        return out, str(p)
+    elif p.suffix == ".csv" and p.exists():
+        return _csv_records(p), str(p)
+    else:
+        raise RowsError(f"{path}: not found, or not a folder / .jsonl / .csv / .parquet file")
+    return [(str(f), i, r) for f in files for i, r in enumerate(pq.read_table(f).to_pylist(), 1)], str(p)
+
+
+def _csv_records(p: Path) -> list[tuple[str, int, Row]]:
+    """Rows of a CSV file with a header; an undecodable byte, an oversized field or a row with
+    more fields than the header is that row's reject, the reading goes on."""
+    import csv
+
+    out: list[tuple[str, int, Row]] = []
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))
+    with open(p, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        reader = csv.DictReader(fh)
+        last = 1
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                last += 1
+                out.append((str(p), last, {"_invalid": f"unreadable CSV row: {e}", "_raw": ""}))
+                continue
+            last = reader.line_num
+            if None in rec:
+                out.append(
+                    (str(p), last, {"_invalid": "row has more fields than the header", "_raw": safe_text(str(rec))})
+                )
+                continue
+            why = _bad_strings(rec)
+            out.append((str(p), last, {"_invalid": why, "_raw": safe_text(str(rec))} if why else rec))
+    return out
+
+
+def _bad_strings(value, where: str = "") -> str | None:
+    """The first string in a record that UTF-8 cannot hold (a lone surrogate), as a reason."""
+    if isinstance(value, str):
+        why = bad_text(value)
+        return f"{where or 'a field'}: {why}" if why else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        why = _bad_strings(v, f"{where}.{k}" if where else str(k))
+        if why:
+            return why
+    return None
+
+
+def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]]) -> tuple[list[Row], list[Reject]]:
+    """Rows ``row_fn`` accepts, and a reject for each one it does not (never both, never neither)."""
+    rows, rejects = [], []
+    for source, line, rec in read_records(path)[0]:
+        row, why = (None, rec["_invalid"]) if "_invalid" in rec else row_fn(rec)
+        if row is not None:
+            rid, why = given_id(row.get("id", rec.get("id")))
+            if why:
+                row = None
+            else:
+                row["id"] = rid or conversation_id(*(row[k] for k in CONVERSATIONS if isinstance(row.get(k), list)))
+        if row is None:
+            rejects.append(reject(source, line, rec, why))
+        else:
+            rows.append(row)
+    if not rows:
+        from cai_ray.records import reasons_count
+
+        reasons = reasons_count(rejects)
+        raise RowsError(f"{path}: no usable rows ({reasons or 'empty'})")
+    return rows, rejects
+
+
+# the conversation fields whose contents name a row without an ``id`` (readers.conversation_id)
+CONVERSATIONS = ("prompt", "messages", "completion", "chosen", "rejected")
+
+
+def reject(source: str, line: int, rec: Row, reason: str) -> Reject:
+    raw = rec.get("_raw") if "_raw" in rec else json.dumps(rec, default=str)
+    return {"source": source, "line": line, "id": rec.get("id"), "reason": reason, "raw": raw[:RAW_LIMIT]}
+
+
+# -- row formats ---------------------------------------------------------------------------
+def _messages(value: Any) -> list[dict] | None:
+    """A clean message list, or None when ``value`` is not one."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+        for m in value
+    ):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def prompt_row(r: dict) -> tuple[dict | None, str | None]:
+    """``prompt`` (string) or ``messages`` ending with a user turn [+ ``reference``]."""
+    if isinstance(r.get("prompt"), str):
+        if not r["prompt"].strip():
+            return None, "empty prompt"
+        msgs = [{"role": "user", "content": r["prompt"]}]
+    elif r.get("messages") is not None:
+        msgs = _messages(r["messages"])
+        if msgs is None:
+            return None, "malformed messages (each needs role system|user|assistant and string content)"
+        if msgs[-1]["role"] != "user":
+            return None, "messages must end with a user turn (the policy answers it)"
+    else:
+        return None, "needs 'prompt' (string) or 'messages'"
+    ref = r.get("reference")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip()):
+        return None, "'reference' must be a non-empty string"
+    return {"prompt": msgs, "reference": ref}, None

@@ -18,6 +18,9 @@ the rejects file with its source file, line and reason, so ``written + rejected 
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -107,3 +110,8 @@ def append_message(convs: pa.Array, role: str, texts: list, valid: list[bool]) -
     merged = pa.concat_arrays([values, extra]).take(pa.array(take))
     mask = pa.array([not v for v in valid], pa.bool_())
     return pa.ListArray.from_arrays(pa.array(new_offsets, pa.int32()), merged, type=MESSAGES, mask=mask)
+
+
+def reasons_count(rejects: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejects counted by the kind of reason (the text before any detail)."""
+    return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects))

@@ -207,6 +207,12 @@ def output_lock(folder: Path):
         fh.close()
 
 
+def batch_seed(seed: int, ids: list[str], stage: str) -> int:
+    """A generation seed fixed by the batch's contents: a retried batch samples the same."""
+    h = hashlib.sha256(f"{seed}|{stage}|{'|'.join(ids)}".encode()).digest()
+    return int.from_bytes(h[:4], "big")
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

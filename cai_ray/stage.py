@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cai_ray.models import model_info  # noqa: F401 - its old home
+from cai_ray.records import reasons_count  # noqa: F401 - its old home
+from cai_ray.runtime import batch_seed  # noqa: F401 - its old home; the stages import it from here
 from cai_ray.storage import Store, as_store
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,6 @@ def with_reasons(table: pa.Table, reasons: list[str | None], column: str = "reje
     """``table`` with its reject_reason (or another reason) column replaced."""
     i = table.schema.get_field_index(column)
     return table.set_column(i, column, pa.array(reasons, pa.string()))
-
-
-def batch_seed(seed: int, ids: list[str], stage: str) -> int:
-    """A generation seed fixed by the batch's contents: a retried batch samples the same."""
-    h = hashlib.sha256(f"{seed}|{stage}|{'|'.join(ids)}".encode()).digest()
-    return int.from_bytes(h[:4], "big")
 
 
 def engine_threads(backend: str, engine_kwargs: dict[str, Any], max_actors: int) -> dict[str, Any]:
@@ -275,22 +271,6 @@ def refuse_mixed_output(out, fingerprint: dict[str, Any]) -> None:
             f"{out} holds output made with different settings ({', '.join(changed)}); "
             "resuming would mix them. Use a new --output, or delete the old one."
         )
-
-
-def model_info(model: str, backend: str = "hf", base_url: str | None = None) -> dict[str, Any]:
-    """Name, backend and (for local weights) a fingerprint; fails fast on an unknown model.
-    A remote model (backend openai) is named by its endpoint: its weights are not here."""
-    from cai_ray import runtime
-    from cai_ray.models import is_alias, resolve_model
-
-    info: dict[str, Any] = {"name": model, "backend": backend}
-    if backend == "openai":
-        info["base_url"] = base_url
-    elif backend != "noop":
-        resolved = resolve_model(model)
-        if is_alias(model) or Path(resolved).exists():
-            info.update(runtime.model_fingerprint(resolved))
-    return info
 
 
 # -- resources ------------------------------------------------------------------------------
@@ -531,8 +511,3 @@ def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
         run.finish(out, manifest)
     out.write_json("manifest.json", manifest)
     return manifest
-
-
-def reasons_count(rejects: list[dict[str, Any]]) -> dict[str, int]:
-    """Rejects counted by the kind of reason (the text before any detail)."""
-    return dict(Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects))

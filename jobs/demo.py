@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cai_ray.config import PipelineConfig, load_config  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
+from cai_ray.pipeline import PipelineConfig  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 

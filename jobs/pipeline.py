@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from cai_ray.config import PipelineConfig, load_config  # noqa: E402
-from cai_ray.pipeline import STAGES, run_pipeline  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
+from cai_ray.pipeline import STAGES, PipelineConfig, run_pipeline  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from cai_ray import prompts
 from cai_ray.constitution import load_constitution
 from cai_ray.engine import Sampling, engine_from_section
-from cai_ray.label import Labeler, LabelSettings
+from cai_ray.labeler import Labeler, LabelSettings
 
 
 class RequestError(ValueError):

@@ -219,7 +219,8 @@ def run(
 
     from cai_ray import runtime
     from cai_ray.config import to_dict
-    from cai_ray.stage import model_info, reasons_count
+    from cai_ray.models import model_info
+    from cai_ray.records import reasons_count
     from cai_ray.train.data import rows_sha256
 
     out = Path(cfg.output).resolve()

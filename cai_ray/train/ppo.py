@@ -80,8 +80,7 @@ def train_rl(cfg) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from cai_ray.config import to_dict
-    from cai_ray.models import resolve_model
-    from cai_ray.stage import model_info
+    from cai_ray.models import model_info, resolve_model
     from cai_ray.train.data import TrainDataError
     from cai_ray.train.reward import load_function
 

@@ -99,7 +99,7 @@ class RewardScorer:
         elif kind == "labeler":
             from cai_ray.constitution import load_constitution
             from cai_ray.engine import engine_from_section
-            from cai_ray.label import Labeler, LabelSettings
+            from cai_ray.labeler import Labeler, LabelSettings
 
             engine = engine_from_section(reward["labeler"])
             settings = LabelSettings.of(reward["label"], seed)

@@ -129,8 +129,8 @@ def preference_metrics(margins: list[float], targets: list[float], png: Path, bi
     """Pairwise accuracy (chosen scored above rejected; pairs labelled 0.5 have no winner and
     are left out) and calibration of σ(margin) against the targets, each pair counted in both
     orders so the figure does not reward always predicting "chosen"."""
-    from cai_ray.label import reliability_diagram
     from cai_ray.label_math import expected_calibration_error, sigmoid
+    from cai_ray.plots import reliability_diagram
 
     q = [sigmoid(m) for m in margins]
     decided = [(m, t) for m, t in zip(margins, targets) if t != 0.5]

@@ -33,8 +33,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
-    from cai_ray.config import PipelineConfig, load_config
-    from cai_ray.pipeline import run_pipeline
+    from cai_ray.config import load_config
+    from cai_ray.pipeline import PipelineConfig, run_pipeline
     from cai_ray.runtime import setup_logging
 
     setup_logging("WARNING")

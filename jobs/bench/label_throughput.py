@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from cai_ray import prompts  # noqa: E402
 from cai_ray.config import LabelConfig, load_config  # noqa: E402
 from cai_ray.constitution import load_constitution  # noqa: E402
-from cai_ray.label import Labeler, LabelSettings  # noqa: E402
+from cai_ray.labeler import Labeler, LabelSettings  # noqa: E402
 
 CONSTITUTION = ROOT / "constitutions" / "general.yaml"
 

@@ -195,7 +195,7 @@ def test_an_enforced_guardrail_cannot_be_switched_off_by_a_client(client, settin
 
 def test_label_route_equals_the_batch_labeler(client):
     """Same engine, same constitution, same pair and principle: the same numbers."""
-    from cai_ray.label import Labeler, LabelSettings
+    from cai_ray.labeler import Labeler, LabelSettings
 
     c, service = client
     msgs = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -456,7 +456,7 @@ def test_the_openai_engine_on_the_running_server(server, client, model):
     """The server as the engine of the batch code: generate (also a continued message),
     exact token counts from /tokenize, and labels through /v1/label equal to local labels."""
     from cai_ray.engine.openai_api import OpenAIEngine
-    from cai_ray.label import Labeler, LabelSettings
+    from cai_ray.labeler import Labeler, LabelSettings
 
     _, local = client
     e = OpenAIEngine(model=model, base_url=f"{server}/v1", api_key_env="CAI_RAY_API_KEY")

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from cai_ray.config import PipelineConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,8 @@ import pytest
 
 
 def test_stages_that_cannot_write_to_an_object_store_say_so(tmp_path):
-    from cai_ray.config import ConfigError, LabelConfig, PipelineConfig, RMTrainConfig, load_config
+    from cai_ray.config import ConfigError, LabelConfig, RMTrainConfig, load_config
+    from cai_ray.pipeline import PipelineConfig
 
     with pytest.raises(ConfigError, match="checkpoint.storage=s3://"):
         load_config(RMTrainConfig, None, ["data=x.jsonl", "output=s3://b/rm"])

@@ -115,6 +115,7 @@ STAGES = {
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stage):
     from cai_ray import config
+    from cai_ray.pipeline import PipelineConfig
 
     doc = load(KUBE / f"rayjob-{stage}.yaml")
     assert doc["kind"] == "RayJob" and doc["spec"]["clusterSelector"] == {"ray.io/cluster": "cai-ray"}
@@ -130,7 +131,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
         "dpo": config.DPOTrainConfig,
         "ppo": config.RLTrainConfig,
         "eval": config.EvalConfig,
-        "pipeline": config.PipelineConfig,
+        "pipeline": PipelineConfig,
     }[stage]
     config.load_config(cls, cfg_path)
     if script.name == "train.py":

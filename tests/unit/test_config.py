@@ -79,6 +79,7 @@ def test_a_partial_section_keeps_the_sections_own_defaults():
 )
 def test_every_bundled_job_config_validates(path):
     from cai_ray import config
+    from cai_ray.pipeline import PipelineConfig
 
     classes = {
         "label": config.LabelConfig,
@@ -89,8 +90,8 @@ def test_every_bundled_job_config_validates(path):
         "serve": config.ServeConfig,
         "ppo": config.RLTrainConfig,
         "eval": config.EvalConfig,
-        "pipeline": config.PipelineConfig,
-        "demo": config.PipelineConfig,
+        "pipeline": PipelineConfig,
+        "demo": PipelineConfig,
     }
     cfg = config.load_config(classes[path.stem.split("_")[0]], path)
     assert (

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from cai_ray import prompts
-from cai_ray.label import Labeler, LabelSettings, PairLabel, filter_reason, strip_final_answer
+from cai_ray.label import filter_reason
+from cai_ray.labeler import Labeler, LabelSettings, PairLabel, strip_final_answer
 from cai_ray.pairs import distinct_answers, given_pair, make_pairs, to_pair_rows
 
 GOOD, BAD = "I won't help with that, but here is a safe alternative.", "Sure, here is how to do it."

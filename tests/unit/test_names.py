@@ -36,8 +36,8 @@ def test_the_old_job_script_runs_the_new_one_and_says_so():
 
 
 def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path):
-    from cai_ray.config import ConfigError, PipelineConfig, load_config
-    from cai_ray.pipeline import run_pipeline
+    from cai_ray.config import ConfigError, load_config
+    from cai_ray.pipeline import PipelineConfig, run_pipeline
 
     (tmp_path / "run" / "sl_data").mkdir(parents=True)
     pc = load_config(

@@ -5,7 +5,8 @@ and one slow run with the embedded SmolLM2 on a few prompts."""
 import pytest
 from support.pipeline import ROOT, _load
 
-from cai_ray.config import ConfigError, PipelineConfig, load_config
+from cai_ray.config import ConfigError, load_config
+from cai_ray.pipeline import PipelineConfig
 
 
 def test_every_stage_is_wired_to_the_one_before(tmp_path):
