@@ -451,7 +451,9 @@ def cmd_train(args) -> int:
     manifest = cfg and _run_job(job, cfg)  # bad data is a ValueError: one line, exit 2
     if not manifest:
         return 2
-    out = Path(cfg.output)
+    from cai_ray.storage import Store
+
+    out = Store(cfg.output)  # a folder or an object-store prefix
     m, d = manifest["metrics"], manifest["data"]
     if args.trainer == "ppo" and "first" in m:
         f, last = m["first"], m["last"]

@@ -474,11 +474,6 @@ class TrainConfig:
             raise ConfigError("data: required (an input folder or a file)")
         if not self.output:
             raise ConfigError("output: required (an output folder)")
-        if "://" in self.output:
-            raise ConfigError(
-                f"output: {self.output!r}: a training run writes its model to a folder (local or a shared "
-                "mount), not an object store; its checkpoints can go there: checkpoint.storage=s3://..."
-            )
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero: must be 0, 1, 2 or 3, got {self.zero}")
         for name in ("scaling", "optim", "checkpoint", "lora"):

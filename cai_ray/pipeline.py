@@ -82,8 +82,8 @@ class PipelineConfig:
             raise ConfigError("output: required (the run folder)")
         if "://" in self.output:
             raise ConfigError(
-                f"output: {self.output!r}: the pipeline's training stages write models to a folder (local or "
-                "a shared mount); run generate / label / eval alone for object-store outputs"
+                f"output: {self.output!r}: the pipeline's run folder (pipeline.json, the lineage, and each stage's "
+                "folder) must be a folder (local or a shared mount); run its steps alone for object-store outputs"
             )
         if not self.prompts:
             raise ConfigError("prompts: required (a red-team prompt file)")

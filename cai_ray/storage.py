@@ -155,11 +155,14 @@ class Store:
             return pq.read_schema(self._path(rel), filesystem=self.fs)
         return pq.read_schema(self.local(rel))
 
-    def upload_folder(self, local: Path, rel: str = "", skip: tuple[str, ...] = ()) -> list[str]:
-        """Every file under ``local`` (but those named in ``skip``) to ``rel`` (a local store
-        copies): what was written."""
+    def upload_folder(
+        self, local: Path, rel: str = "", skip: tuple[str, ...] = (), skip_dirs: tuple[str, ...] = ()
+    ) -> list[str]:
+        """Every file under ``local`` to ``rel`` (a local store copies), but files named in
+        ``skip`` and the top-level folders in ``skip_dirs``: what was written."""
         done = []
-        for f in sorted(p for p in local.rglob("*") if p.is_file() and p.name not in skip):
+        files = (p for p in local.rglob("*") if p.is_file() and p.name not in skip)
+        for f in sorted(p for p in files if p.relative_to(local).parts[0] not in skip_dirs):
             dest = "/".join(x for x in (rel, f.relative_to(local).as_posix()) if x)
             self.write_bytes(dest, f.read_bytes())
             done.append(dest)

@@ -171,7 +171,33 @@ def train_loop(c: dict[str, Any]) -> None:
             with single_process_loading():
                 metrics.update(module.after_save(c, model_dir, out))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        publish(c, out)
     ray.train.report({"global_step": trainer.state.global_step, "train_loss": result.training_loss})
+
+
+# what the driver writes itself (and the scratch that never leaves a worker)
+DRIVER_FILES = ("manifest.json", "rejects.jsonl", "loss.png", ".lock")
+SCRATCH = ("_work", "ray")
+
+
+def publish(c: dict[str, Any], out: Path) -> None:
+    """Rank 0, when training ends: a run whose output is an object store uploads what it wrote
+    (model/, metrics.json, ...) from this worker's disk, which need not be the driver's. A
+    folder output is already in place (a shared mount on a cluster)."""
+    if c.get("store"):
+        from cai_ray.storage import Store
+
+        Store(c["store"]).upload_folder(out, skip=DRIVER_FILES, skip_dirs=SCRATCH)
+
+
+def staging_folder(uri: str) -> Path:
+    """Where a run with an object-store output works on this machine: the same folder for the
+    same URI, so a re-run here finds its rank's scratch; the checkpoints that make a run
+    resumable are in the object store (OUTPUT/ray)."""
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "cai-ray-staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def save_model(trainer, c: dict[str, Any], out: Path, module) -> Path:
@@ -221,13 +247,18 @@ def run(
     from cai_ray.config import to_dict
     from cai_ray.models import model_info
     from cai_ray.records import reasons_count
+    from cai_ray.storage import Store, is_uri
     from cai_ray.train.data import rows_sha256
 
-    out = Path(cfg.output).resolve()
+    store = Store(cfg.output) if is_uri(cfg.output) else None  # an object store: work here, upload
+    out = staging_folder(cfg.output) if store else Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if store:
+        (out / "metrics.json").unlink(missing_ok=True)  # this run's rank 0 writes it again
+    where = store or Store(out)  # what the manifest names and where it is written
     config = to_dict(cfg)
     fingerprint = fingerprint_of(kind, config, rows_sha256(rows), fingerprint_extra or {})
-    refuse_mixed_run(out, fingerprint)
+    refuse_mixed_run(where, fingerprint)
     with open(out / "rejects.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
     manifest = runtime.base_manifest(kind, config)
@@ -238,13 +269,16 @@ def run(
             "rows": len(rows),
             "rejected": len(rejects),
             "rejected_by_reason": reasons_count(rejects),
-            "rejects": str(out / "rejects.jsonl"),
+            "rejects": where.address("rejects.jsonl"),
             "manifest": data_manifest(cfg.data),
         },
         base_model=model_info(cfg.model),
         **(manifest_extra or {}),
     )
     runtime.write_json_atomic(out / "manifest.json", manifest)
+    if store:
+        store.write_bytes("rejects.jsonl", (out / "rejects.jsonl").read_bytes())
+        store.write_json("manifest.json", manifest)  # "running"
 
     runtime.init_ray(cfg.ray_address)
     use_gpu = cfg.scaling.use_gpu
@@ -252,13 +286,13 @@ def run(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         loop or train_loop,
-        train_loop_config=loop_config(kind, cfg, rows, out, use_gpu, loop_extra),
+        train_loop_config={**loop_config(kind, cfg, rows, out, use_gpu, loop_extra), "store": store and store.uri},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
         ),
         run_config=RunConfig(
             name=kind,
-            storage_path=cfg.checkpoint.storage or str(out / "ray"),
+            storage_path=cfg.checkpoint.storage or where.address("ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
         ),
@@ -267,17 +301,25 @@ def run(
     result = trainer.fit()
     wall = time.perf_counter() - t0
     shutil.rmtree(out / "_work", ignore_errors=True)  # per-rank HF checkpoints: Ray Train keeps its own
-    metrics = json.loads((out / "metrics.json").read_text())
+    # rank 0 wrote it here, or (another node, object-store output) uploaded it
+    metrics = (
+        json.loads((out / "metrics.json").read_text())
+        if (out / "metrics.json").exists()
+        else where.read_json("metrics.json")
+    )
     plot_loss(metrics["loss_curve"], out / "loss.png", TITLES[kind])
     manifest.update(
         status="finished",
         finished=runtime.now(),
         metrics={k: v for k, v in metrics.items() if k not in ("loss_curve", "history")},
         timing={"wall_s": round(wall, 3)},
-        model_dir=str(out / "model"),
+        model_dir=where.address("model"),
         checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
     )
     runtime.write_json_atomic(out / "manifest.json", manifest)
+    if store:
+        store.write_bytes("loss.png", (out / "loss.png").read_bytes())
+        store.write_json("manifest.json", manifest)  # last: "finished" means everything is there
     return manifest
 
 
@@ -328,12 +370,14 @@ def fingerprint_of(kind: str, config: dict[str, Any], data_sha256: str, extra: d
     }
 
 
-def refuse_mixed_run(out: Path, fingerprint: dict[str, Any]) -> None:
+def refuse_mixed_run(out, fingerprint: dict[str, Any]) -> None:
     """Ray Train resumes any run of the same name and storage; refuse it when the settings
     that shaped the checkpoints changed, instead of silently continuing another run."""
     from cai_ray.runtime import changed_settings
+    from cai_ray.storage import as_store
 
-    changed = changed_settings(out / "manifest.json", fingerprint)
+    out = as_store(out)
+    changed = changed_settings(out, fingerprint)
     if changed:
         raise ValueError(
             f"{out} holds a training run with different settings ({', '.join(changed)}); "

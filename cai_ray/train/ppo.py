@@ -650,6 +650,7 @@ def ppo_loop(c: dict[str, Any]) -> None:
             "samples": str(out / "samples.jsonl"),
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        harness.publish(c, out)
 
 
 HEADLINE = (

@@ -166,3 +166,49 @@ def test_eval_to_s3_writes_its_stages_report_and_manifest_there(s3, tmp_path):
     assert manifest["status"] == "finished" and manifest["report"] == "s3://outputs/eval/report.html"
     assert manifest["timing"]["stages"]["judgements"]["written"] == 3  # one judgement per answer
     assert json.loads(get(client, "eval/metrics.json"))["prompts"] == {"harmful": 2, "benign": 1}
+
+
+@pytest.mark.slow
+def test_train_to_s3_writes_model_metrics_checkpoints_and_manifest_there(s3, tmp_path):
+    """SFT with --output s3://outputs/sft: the model folder, metrics, the loss plot, rejects and
+    Ray Train's checkpoints (OUTPUT/ray) land under the prefix, the manifest last; a re-run
+    with the same settings resumes from the checkpoints in the store."""
+    env, client = s3
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"Question {i}?", "completion": f"A careful answer {i}."} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "no answer"}) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "cai_ray.cli",
+        "train",
+        "sft",
+        "--data",
+        str(data),
+        "--output",
+        "s3://outputs/sft",
+        "--model",
+        "tiny-random",
+        "--workers",
+        "1",
+        "--max-steps",
+        "2",
+        "scaling.cpus_per_worker=1",
+        "checkpoint.every_steps=1",
+    ]
+    run_env = {**os.environ, **env, "RAY_ADDRESS": ""}
+    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "model:    s3://outputs/sft/model" in proc.stdout
+    got = keys(client, "sft/")
+    for name in ("model/config.json", "metrics.json", "loss.png", "rejects.jsonl", "manifest.json"):
+        assert f"sft/{name}" in got, (name, got)
+    assert any(k.startswith("sft/model/") and k.endswith(".safetensors") for k in got)
+    assert any(k.startswith("sft/ray/") for k in got)  # Ray Train's checkpoints, in the store
+    assert not any(k.startswith("sft/_work/") for k in got)  # scratch stays on the workers
+    manifest = json.loads(get(client, "sft/manifest.json"))
+    assert manifest["status"] == "finished" and manifest["model_dir"] == "s3://outputs/sft/model"
+    assert manifest["data"]["rejected"] == 1 and json.loads(get(client, "sft/metrics.json"))["global_step"] == 2
+    again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert json.loads(get(client, "sft/metrics.json"))["resumed_from"] is True
