@@ -110,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--samples", type=int, dest="pairs.samples", metavar="K", help="answers per prompt (k >= 2)")
     lab.add_argument("--pairing", dest="pairs.pairing", choices=["all", "disjoint"], help="pairs from the k answers")
     lab.add_argument(
-        "--principles-per-pair", type=int, dest="label.principles_per_pair", metavar="K", help="principle ensemble size"
+        "--principles-per-pair",
+        type=int,
+        dest="method.principles_per_pair",
+        metavar="K",
+        help="principle ensemble size",
     )
     lab.add_argument(
-        "--cot", action="store_const", const=True, dest="label.cot", help="chain-of-thought labels (clamped)"
+        "--cot", action="store_const", const=True, dest="method.cot", help="chain-of-thought labels (clamped)"
     )
     lab.add_argument("--clamp", type=_clamp, metavar="LO,HI", help="CoT clamp range (default 0.4,0.6)")
     lab.add_argument(
@@ -359,7 +363,7 @@ def _load(cls, args, pool_key: str):
     if getattr(args, "actors", None):
         flags[f"{pool_key}.min_actors"], flags[f"{pool_key}.max_actors"] = args.actors
     if getattr(args, "clamp", None):
-        flags["label.clamp_low"], flags["label.clamp_high"] = args.clamp
+        flags["method.clamp_low"], flags["method.clamp_high"] = args.clamp
     try:
         return load_config(cls, args.config, args.overrides, flags)
     except ConfigError as e:

@@ -311,6 +311,9 @@ class FilterConfig:
 class LabelConfig:
     """`cai-ray label`: RL-CAI preference labels (RLAIF) from an AI labeler."""
 
+    # `label` named the method beside `labeler`, its model; renamed for one release
+    DEPRECATED = {"label": ("method",)}
+
     input: str = _f(
         "",
         "prompts (the policy samples k answers each) or ready-made pairs (prompt|messages, response_a, "
@@ -339,7 +342,12 @@ class LabelConfig:
     labeler: EngineConfig = field(
         default_factory=EngineConfig, metadata={"help": "the AI labeler (may be stronger than the policy)"}
     )
-    label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "the labeling method"})
+    method: LabelerConfig = field(
+        default_factory=LabelerConfig,
+        metadata={
+            "help": "the labeling method (principles per pair, both orders, few-shot, CoT); `labeler` is its model"
+        },
+    )
     filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "which labelled pairs are kept"})
     policy_pool: PoolConfig = field(
         default_factory=lambda: PoolConfig(cpus_per_actor=0.5),
@@ -365,14 +373,14 @@ class LabelConfig:
             raise ConfigError(
                 "gold: the gold-set check writes to a local output folder; not with an object-store output"
             )
-        for name in ("sampling", "pairs", "labeler", "label", "filter", "labeler_pool", "inputs", "outputs"):
+        for name in ("sampling", "pairs", "labeler", "method", "filter", "labeler_pool", "inputs", "outputs"):
             getattr(self, name).validate(name)
         if self.samples_answers:
             self.policy.validate("policy")
             self.policy_pool.validate("policy_pool")
-        if self.filter.drop_inconsistent and not self.label.both_orders:
+        if self.filter.drop_inconsistent and not self.method.both_orders:
             raise ConfigError(
-                "filter.drop_inconsistent: needs label.both_orders=true (one order cannot be inconsistent)"
+                "filter.drop_inconsistent: needs method.both_orders=true (one order cannot be inconsistent)"
             )
         for eng, pool in (("policy", "policy_pool"), ("labeler", "labeler_pool")):
             getattr(self, eng).check_gpus(f"{pool}.gpus_per_actor", getattr(self, pool).gpus_per_actor)
@@ -576,6 +584,9 @@ REWARD_SOURCES = ("auto", "model", "function", "labeler")
 
 @dataclass
 class RewardSection:
+    # `label` named the method beside `labeler`, its model; renamed for one release
+    DEPRECATED = {"label": ("method",)}
+
     source: str = _f(
         "auto",
         "model (a preference model folder) | function (a Python reward function) | labeler "
@@ -596,7 +607,7 @@ class RewardSection:
             "`cai-ray serve` /v1 URL, which labels with its /v1/label)"
         },
     )
-    label: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "d-RLAIF: the labeling method"})
+    method: LabelerConfig = field(default_factory=LabelerConfig, metadata={"help": "d-RLAIF: the labeling method"})
     constitution: str = _f("constitutions/general.yaml", "d-RLAIF: constitution of the labeler's comparisons")
     reference: str = _f(
         "policy",
@@ -625,7 +636,7 @@ class RewardSection:
             raise ConfigError(f"{where}.function: expected FILE.py:NAME or MODULE:NAME, got {self.function!r}")
         if self.kind == "labeler":
             self.labeler.validate(f"{where}.labeler")
-            self.label.validate(f"{where}.label")
+            self.method.validate(f"{where}.method")
         if self.reference not in ("policy", "field"):
             raise ConfigError(f"{where}.reference: must be policy or field, got {self.reference!r}")
         if self.length_penalty < 0:
@@ -833,6 +844,9 @@ class ServeConfig:
     """`cai-ray serve`: the policy (OpenAI-compatible chat), the AI labeler and the
     constitutional guardrail on Ray Serve."""
 
+    # `label` named the method beside `labeler`, its model; renamed for one release
+    DEPRECATED = {"label": ("method",)}
+
     policy: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the served policy"})
     labeler: EngineConfig = field(
         default_factory=lambda: EngineConfig(model=""),
@@ -845,7 +859,7 @@ class ServeConfig:
         "may turn it off with cai_guardrail: false) | enforce (always on; cai_guardrail: false is a 400)",
     )
     guardrail_principles: int = _f(1, "principles sampled per guarded answer")
-    label: LabelerConfig = field(
+    method: LabelerConfig = field(
         default_factory=LabelerConfig, metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"}
     )
     host: str = _f("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
@@ -873,7 +887,7 @@ class ServeConfig:
                 f"auth: false with host {self.host!r} would let anyone who reaches it use the models: keep auth "
                 "on, bind 127.0.0.1, or set insecure_public: true"
             )
-        self.label.validate("label")
+        self.method.validate("method")
         self.limits.validate("limits")
         self.scaling.validate("scaling")
 
@@ -1044,6 +1058,8 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
             # them: LabelConfig.policy has model ""), not from the section class's
             f = fields[key]
             base = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(value, dict):
+                value = _renamed_keys(tp, value, path)  # the keys given, under their current names
             kwargs[key] = from_dict(tp, value, path)
             if base is not None:
                 kwargs[key] = dataclasses.replace(base, **{k: getattr(kwargs[key], k) for k in value})

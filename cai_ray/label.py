@@ -282,14 +282,14 @@ def label_fingerprint(config: dict[str, Any], constitution: Constitution) -> dic
         "seed": config["seed"],
         "sampling": config["sampling"] if config["policy"]["model"] else None,
         "pairs": config["pairs"] if config["policy"]["model"] else None,
-        "label": config["label"],
+        "label": config["method"],  # the key outputs made before the rename recorded
         "filter": config["filter"],
     }
 
 
 def settings_from(cfg) -> LabelSettings:
     """The LabelSettings of a config with ``label`` (LabelerConfig) and ``seed``."""
-    return LabelSettings.of(cfg.label, cfg.seed)
+    return LabelSettings.of(cfg.method, cfg.seed)
 
 
 def label(cfg) -> dict[str, Any]:

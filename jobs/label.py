@@ -7,7 +7,7 @@ On a GPU cluster (8B policy and 70B labeler on vLLM, a million prompts from S3):
     ray job submit --runtime-env jobs/runtime_env.yaml --working-dir . -- \
         python jobs/label.py --config jobs/configs/label_gpu.yaml
 Without a cluster:
-    python jobs/label.py --config jobs/configs/label_tiny.yaml label.principles_per_pair=2
+    python jobs/label.py --config jobs/configs/label_tiny.yaml method.principles_per_pair=2
 
 Token, absolute outputs and resume as in jobs/generate.py. Every input row ends up written
 (its pairs in data/ or filtered/) or in rejects.jsonl with its reason.

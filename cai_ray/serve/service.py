@@ -34,7 +34,7 @@ class Service:
         self.labeler_name = pol["model"] if same else lab["model"]
         self.constitution = load_constitution(settings["constitution"])
         self.labeler = Labeler(
-            self.labeler_engine, self.constitution, LabelSettings.of(settings["label"], settings["seed"])
+            self.labeler_engine, self.constitution, LabelSettings.of(settings["method"], settings["seed"])
         )
         self.shots = prompts.few_shot_turns(self.constitution, None)
         # hf engines are not thread-safe: one call at a time. An async engine (vLLM) takes

@@ -102,7 +102,7 @@ class RewardScorer:
             from cai_ray.labeler import Labeler, LabelSettings
 
             engine = engine_from_section(reward["labeler"])
-            settings = LabelSettings.of(reward["label"], seed)
+            settings = LabelSettings.of(reward["method"], seed)
             self.labeler = Labeler(
                 engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings
             )

@@ -150,7 +150,7 @@ def bench(backend: str, args) -> dict:
                 f"labeler.dtype={args.dtype}",
                 f"labeler.max_batch_size={args.batch_size}",
                 f"labeler_pool.batch_size={args.batch_size}",
-                f"label.principles_per_pair={args.principles_per_pair}",
+                f"method.principles_per_pair={args.principles_per_pair}",
                 f"labeler_pool.min_actors={args.actors}",
                 f"labeler_pool.max_actors={args.actors}",
                 f"labeler_pool.cpus_per_actor={int(100 * (os.cpu_count() - 0.25) / args.actors) / 100}",

@@ -64,8 +64,8 @@ def test_generate_fails_fast_with_a_clear_error(ray_local, tmp_path, capsys, ext
         (["--clamp", "0.6,0.4"], "clamp_low/clamp_high: need 0 <= low <= 0.5 <= high <= 1"),
         (["--min-margin", "0.7"], "filter.min_margin: must be in [0, 0.5]"),
         (["--samples", "1", "--policy", "tiny-random"], "pairs.samples: must be >= 2"),
-        (["label.principles_per_pare=2"], "did you mean 'principles_per_pair'"),
-        (["label.both_orders=false", "--drop-inconsistent"], "needs label.both_orders=true"),
+        (["method.principles_per_pare=2"], "did you mean 'principles_per_pair'"),
+        (["method.both_orders=false", "--drop-inconsistent"], "needs method.both_orders=true"),
         (["--labeler", "no-such-model"], "unknown model 'no-such-model'"),
         (["--gold", "/nonexistent.jsonl"], "not found"),
     ],
@@ -104,7 +104,7 @@ def test_label_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
             "--batch-size",
             "2",
             "sampling.max_new_tokens=6",
-            "label.cot_max_new_tokens=6",
+            "method.cot_max_new_tokens=6",
             "policy.dtype=float32",
             "labeler.dtype=float32",
             "policy_pool.cpus_per_actor=0.5",
@@ -115,7 +115,7 @@ def test_label_cli_end_to_end(ray_local, tiny_model, tmp_path, capsys):
     assert "read 3 rows: written 2" in out and "rejected 1" in out
     assert "labeler: mean margin" in out and "position bias" in out
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert m["config"]["label"]["clamp_low"] == 0.3 and m["config"]["label"]["cot"] is True
+    assert m["config"]["method"]["clamp_low"] == 0.3 and m["config"]["method"]["cot"] is True
     # tiny-random writes no "(A)"/"(B)": every CoT comparison is invalid, counted, never coerced
     assert m["labels"]["invalid"] == m["labels"]["pairs"] == 2 and m["labels"]["labels"] == 0
 

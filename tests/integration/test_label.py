@@ -99,7 +99,7 @@ def test_label_stage_accounts_for_every_row_and_resumes(ray_local, tmp_path):
     assert third["counts"]["written_this_run"] == lost and third["counts"]["rows_in_output"] == 6
     # a resume with another method would mix labels: refused
     with pytest.raises(ValueError, match="different settings"):
-        label(_cfg(tmp_path, src, **{"label.principles_per_pair": 2}))
+        label(_cfg(tmp_path, src, **{"method.principles_per_pair": 2}))
 
 
 def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path):

@@ -72,7 +72,7 @@ def test_label_help_lists_config_keys_and_flags():
         "--clamp LO,HI",
         "--min-margin X",
         "--gold",
-        "label.both_orders",
+        "method.both_orders",
         "filter.drop_inconsistent",
         "labeler_pool.batch_size",
         "pairs.pairing",

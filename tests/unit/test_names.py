@@ -45,3 +45,22 @@ def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path
     )
     with pytest.raises(ConfigError, match="now generate/ and label/"):
         run_pipeline(pc)
+
+
+def test_the_label_methods_old_key_still_works_with_a_deprecation_message(caplog):
+    """`label:` named the labeling method beside `labeler:` (its model); it is `method:` now.
+    Old files and overrides keep working for a release, and say so; both keys is an error."""
+    from cai_ray.config import ConfigError, LabelConfig, RLTrainConfig, ServeConfig, load_config
+
+    with caplog.at_level("WARNING", logger="cai_ray.config"):
+        cfg = load_config(LabelConfig, None, ["input=x.jsonl", "output=o", "label.few_shot=2", "labeler.model=m"])
+        serve = load_config(ServeConfig, None, ["policy.model=tiny-random", "label.principles_per_pair=3"])
+        rl = load_config(
+            RLTrainConfig,
+            None,
+            ["data=x.jsonl", "output=o", "reward.labeler.model=tiny-random", "reward.label.both_orders=false"],
+        )
+    assert cfg.method.few_shot == 2 and serve.method.principles_per_pair == 3 and rl.reward.method.both_orders is False
+    assert "'label' is deprecated" in caplog.text and "'reward.label' is deprecated" in caplog.text
+    with pytest.raises(ConfigError, match="both given"):
+        load_config(LabelConfig, None, ["input=x.jsonl", "output=o", "label.cot=true", "method.cot=true"])
