@@ -212,3 +212,47 @@ def test_train_to_s3_writes_model_metrics_checkpoints_and_manifest_there(s3, tmp
     again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads(get(client, "sft/metrics.json"))["resumed_from"] is True
+
+
+@pytest.mark.slow
+def test_label_to_s3_splits_kept_and_filtered_parts_there(s3, tmp_path):
+    """The label stage's two folders (data/ kept, filtered/ with the reason) as objects, and a
+    re-run that finds every pair done (the sibling-part and pair-count checks read the store)."""
+    env, client = s3
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"id": f"q{i}", "prompt": f"Question {i}?", "response_a": "Sure, here.", "response_b": "No."} for i in range(6)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "only one"}) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "cai_ray.cli",
+        "label",
+        "--input",
+        str(pairs),
+        "--output",
+        "s3://outputs/labels",
+        "--labeler",
+        "tiny-random",
+        "labeler.dtype=float32",
+        "filter.min_margin=0.5",  # tiny-random's margins are small: every pair is filtered, with its reason
+        "labeler_pool.batch_size=2",
+        "outputs.rows_per_file=2",
+    ]
+    run_env = {**os.environ, **env, "RAY_ADDRESS": ""}
+    first = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    manifest = json.loads(get(client, "labels/manifest.json"))
+    assert manifest["status"] == "finished" and manifest["counts"]["read"] == 7 and manifest["counts"]["rejected"] == 1
+    filtered = [k for k in keys(client, "labels/filtered/") if k.endswith(".parquet")]
+    reasons = []
+    for key in filtered:
+        reasons += pq.read_table(pa.BufferReader(get(client, key)), columns=["filter_reason"])[
+            "filter_reason"
+        ].to_pylist()
+    assert len(reasons) == 6 and all("margin" in r for r in reasons)
+    again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-4000:]
+    c = json.loads(get(client, "labels/manifest.json"))["counts"]
+    assert c["written_this_run"] == 0 and c["already_done"] == 6 and c["rows_in_output"] == 6
