@@ -221,7 +221,8 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
     from cai_ray.eval_stages import AnswerWorker, SubJob, read_results, run, write_inputs
     from cai_ray.stage import actor_engine_kwargs
 
-    rows = [{"id": answer_id(name, r), "messages": r["prompt"]} for name in SETS for r in sets[name]]
+    ids = {(name, r["id"]): answer_id(name, r) for name in SETS for r in sets[name]}
+    rows = [{"id": ids[name, r["id"]], "messages": r["prompt"]} for name in SETS for r in sets[name]]
     inp = write_inputs(store, "work/prompts.jsonl", rows)
     s = cfg.sampling
     sampling = dict(
@@ -260,7 +261,7 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
         done, rejected = read_results(folder, "answer")
         answers[m.name] = {
             name: {
-                r["id"]: (done.get(answer_id(name, r)), rejected.get(answer_id(name, r), "no answer was written"))
+                r["id"]: (done.get(ids[name, r["id"]]), rejected.get(ids[name, r["id"]], "no answer was written"))
                 for r in sets[name]
             }
             for name in SETS

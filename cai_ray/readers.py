@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from cai_ray.records import PROMPT_SCHEMA, RAW_LIMIT
+from cai_ray.storage import is_uri  # noqa: F401 - inputs and outputs tell a URI one way
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 ROLES = ("system", "user", "assistant")
@@ -394,11 +395,6 @@ def read_file_blocks(stream, path: str, fmt: str, max_chars: int, block: int) ->
         raise InputError(f"unsupported format {fmt!r}")
     if len(rows):
         yield rows.flush()
-
-
-def is_uri(path: str) -> bool:
-    """s3://, gs://, abfs://, hdfs://...: read through pyarrow's filesystems."""
-    return "://" in path and not path.startswith("file://")
 
 
 def fs_path(uri: str) -> str:

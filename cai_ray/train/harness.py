@@ -259,8 +259,7 @@ def run(
     config = to_dict(cfg)
     fingerprint = fingerprint_of(kind, config, rows_sha256(rows), fingerprint_extra or {})
     refuse_mixed_run(where, fingerprint)
-    with open(out / "rejects.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rejects)
+    where.write_text("rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     manifest = runtime.base_manifest(kind, config)
     manifest["fingerprint"] = fingerprint
     manifest.update(
@@ -275,10 +274,7 @@ def run(
         base_model=model_info(cfg.model),
         **(manifest_extra or {}),
     )
-    runtime.write_json_atomic(out / "manifest.json", manifest)
-    if store:
-        store.write_bytes("rejects.jsonl", (out / "rejects.jsonl").read_bytes())
-        store.write_json("manifest.json", manifest)  # "running"
+    where.write_json("manifest.json", manifest)  # "running"
 
     runtime.init_ray(cfg.ray_address)
     use_gpu = cfg.scaling.use_gpu
@@ -316,10 +312,9 @@ def run(
         model_dir=where.address("model"),
         checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
     )
-    runtime.write_json_atomic(out / "manifest.json", manifest)
     if store:
         store.write_bytes("loss.png", (out / "loss.png").read_bytes())
-        store.write_json("manifest.json", manifest)  # last: "finished" means everything is there
+    where.write_json("manifest.json", manifest)  # last: "finished" means everything is there
     return manifest
 
 
