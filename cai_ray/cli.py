@@ -39,17 +39,13 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cai_ray.config import (
-        DPOTrainConfig,
-        EvalConfig,
-        GenerateConfig,
-        LabelConfig,
-        RLTrainConfig,
-        RMTrainConfig,
-        ServeConfig,
-        SFTTrainConfig,
-    )
-    from cai_ray.pipeline import PipelineConfig
+    from cai_ray.eval.config import EvalConfig
+    from cai_ray.generate.config import GenerateConfig
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.pipeline.config import PipelineConfig
+    from cai_ray.serve.config import ServeConfig
+    from cai_ray.train.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
+    from cai_ray.train.ppo.config import RLTrainConfig
 
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI at cluster scale on Ray.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING")
@@ -373,10 +369,10 @@ def _load(cls, args, pool_key: str):
 
 def _run_job(fn, cfg):
     """The job's manifest, or None after printing a user error (bad input, model, ...)."""
-    from cai_ray.constitution import ConstitutionError
+    from cai_ray.batch.readers import InputError
+    from cai_ray.core.constitution import ConstitutionError
     from cai_ray.engine import EngineUnavailable
     from cai_ray.models import ModelNotFound
-    from cai_ray.readers import InputError
 
     try:
         return fn(cfg)
@@ -401,14 +397,14 @@ def _print_paths(out, data: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    from cai_ray.config import GenerateConfig
-    from cai_ray.generate import generate
+    from cai_ray.generate.config import GenerateConfig
+    from cai_ray.generate.run import generate
 
     cfg = _load(GenerateConfig, args, "pool")
     manifest = cfg and _run_job(generate, cfg)
     if not manifest:
         return 2
-    from cai_ray.storage import Store
+    from cai_ray.batch.storage import Store
 
     out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     _print_counts(manifest["counts"])
@@ -417,14 +413,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from cai_ray.config import LabelConfig
-    from cai_ray.label import label
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.label.run import label
 
     cfg = _load(LabelConfig, args, "labeler_pool")
     manifest = cfg and _run_job(label, cfg)
     if not manifest:
         return 2
-    from cai_ray.storage import Store
+    from cai_ray.batch.storage import Store
 
     out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     _print_counts(manifest["counts"])
@@ -455,7 +451,7 @@ def cmd_train(args) -> int:
     manifest = cfg and _run_job(job, cfg)  # bad data is a ValueError: one line, exit 2
     if not manifest:
         return 2
-    from cai_ray.storage import Store
+    from cai_ray.batch.storage import Store
 
     out = Store(cfg.output)  # a folder or an object-store prefix
     m, d = manifest["metrics"], manifest["data"]
@@ -494,7 +490,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from cai_ray.config import ServeConfig
+    from cai_ray.serve.config import ServeConfig
 
     cfg = _load(ServeConfig, args, "")
     if cfg is None:
@@ -512,14 +508,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cai_ray.config import EvalConfig
-    from cai_ray.evaluate import evaluate, headline
+    from cai_ray.eval.config import EvalConfig
+    from cai_ray.eval.run import evaluate, headline
 
     cfg = _load(EvalConfig, args, "")
     manifest = cfg and _run_job(evaluate, cfg)
     if not manifest:
         return 2
-    from cai_ray.storage import Store
+    from cai_ray.batch.storage import Store
 
     out = Store(cfg.output)  # a folder or an object-store prefix: out / 'x' is its address
     m = manifest["metrics"]
@@ -535,8 +531,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from cai_ray.evaluate import headline
-    from cai_ray.pipeline import PipelineConfig, run_pipeline, stage_lines
+    from cai_ray.eval.run import headline
+    from cai_ray.pipeline.config import PipelineConfig
+    from cai_ray.pipeline.run import run_pipeline, stage_lines
 
     cfg = _load(PipelineConfig, args, "")
     state = cfg and _run_job(lambda c: run_pipeline(c, redo=args.redo, until=args.until), cfg)
@@ -558,7 +555,7 @@ def _fmt(x) -> str:
 
 
 def cmd_constitution(args) -> int:
-    from cai_ray.constitution import ConstitutionError, load_constitution
+    from cai_ray.core.constitution import ConstitutionError, load_constitution
 
     if args.action == "validate":
         failed = 0

@@ -207,12 +207,6 @@ def output_lock(folder: Path):
         fh.close()
 
 
-def batch_seed(seed: int, ids: list[str], stage: str) -> int:
-    """A generation seed fixed by the batch's contents: a retried batch samples the same."""
-    h = hashlib.sha256(f"{seed}|{stage}|{'|'.join(ids)}".encode()).digest()
-    return int.from_bytes(h[:4], "big")
-
-
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -223,25 +217,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def changed_settings(manifest_path, fingerprint: dict[str, Any]) -> list[str]:
-    """Keys of ``fingerprint`` that differ from the one recorded in ``manifest_path`` (a
-    path, or a storage.Store whose manifest.json is read; empty when there is no manifest or
-    no recorded fingerprint): what forbids a resume."""
-    from cai_ray.storage import Store
-
-    if isinstance(manifest_path, Store):
-        if not manifest_path.exists("manifest.json"):
-            return []
-        previous = manifest_path.read_json("manifest.json").get("fingerprint")
-    elif not Path(manifest_path).exists():
-        return []
-    else:
-        previous = json.loads(Path(manifest_path).read_text()).get("fingerprint")
-    if not previous or previous == fingerprint:
-        return []
-    return sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))
 
 
 def base_manifest(stage: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cai_ray.config import load_config  # noqa: E402
-from cai_ray.pipeline import PipelineConfig  # noqa: E402
+from cai_ray.pipeline.config import PipelineConfig  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 
@@ -47,8 +47,8 @@ def main() -> None:
             *args.overrides,
         ],
     )
-    from cai_ray.evaluate import headline
-    from cai_ray.pipeline import run_pipeline, stage_lines
+    from cai_ray.eval.run import headline
+    from cai_ray.pipeline.run import run_pipeline, stage_lines
     from cai_ray.runtime import output_to_log, tail
 
     out = Path(cfg.output).resolve()
@@ -96,7 +96,7 @@ def main() -> None:
         chromium = shutil.which("chromium")
         if chromium:
             try:
-                from cai_ray.report import screenshot
+                from cai_ray.eval.report import screenshot
 
                 screenshot(report, out / "eval" / "report.png", chromium=chromium)
                 say(f"          {out / 'eval' / 'report.png'} (screenshot)")

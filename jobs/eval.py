@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from cai_ray.config import EvalConfig, load_config  # noqa: E402
-from cai_ray.evaluate import evaluate, headline  # noqa: E402
+from cai_ray.config import load_config
+from cai_ray.eval.config import EvalConfig  # noqa: E402
+from cai_ray.eval.run import evaluate, headline  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from cai_ray.config import GenerateConfig, load_config  # noqa: E402
-from cai_ray.generate import generate  # noqa: E402
+from cai_ray.config import load_config
+from cai_ray.generate.config import GenerateConfig  # noqa: E402
+from cai_ray.generate.run import generate  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 

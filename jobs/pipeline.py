@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from cai_ray.config import load_config  # noqa: E402
-from cai_ray.pipeline import STAGES, PipelineConfig, run_pipeline  # noqa: E402
+from cai_ray.pipeline.config import PipelineConfig
+from cai_ray.pipeline.run import STAGES, run_pipeline  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 

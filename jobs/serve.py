@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from cai_ray.config import ServeConfig, load_config  # noqa: E402
+from cai_ray.config import load_config
 from cai_ray.runtime import setup_logging  # noqa: E402
+from cai_ray.serve.config import ServeConfig  # noqa: E402
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -40,7 +40,7 @@ def tiny_model():
 
 @pytest.fixture
 def general_constitution():
-    from cai_ray.constitution import load_constitution
+    from cai_ray.core.constitution import load_constitution
 
     return load_constitution(GENERAL)
 

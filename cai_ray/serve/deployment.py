@@ -128,7 +128,8 @@ def build(args: dict[str, Any]):
 
     The API key comes from $CAI_RAY_API_KEY where the app is built (a Secret in the pod);
     host and port are the Serve config's ``http_options``, not ours."""
-    from cai_ray.config import ServeConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.serve.config import ServeConfig
 
     unknown = set(args) - {"config", "overrides"}
     if unknown:

@@ -11,10 +11,10 @@ import json
 import threading
 from typing import Any
 
-from cai_ray import prompts
-from cai_ray.constitution import load_constitution
+from cai_ray.core import prompts
+from cai_ray.core.constitution import load_constitution
+from cai_ray.core.labeler import Labeler, LabelSettings
 from cai_ray.engine import Sampling, engine_from_section
-from cai_ray.labeler import Labeler, LabelSettings
 
 
 class RequestError(ValueError):

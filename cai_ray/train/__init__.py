@@ -6,19 +6,20 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-# trainer → (its config class in cai_ray.config, "module:function" that runs it)
+# trainer → ("module:class" of its config, "module:function" that runs it)
 TRAINERS = {
-    "sft": ("SFTTrainConfig", "cai_ray.train.sft:train_sft"),
-    "rm": ("RMTrainConfig", "cai_ray.train.rm:train_rm"),
-    "dpo": ("DPOTrainConfig", "cai_ray.train.dpo:train_dpo"),
-    "ppo": ("RLTrainConfig", "cai_ray.train.ppo:train_rl"),
+    "sft": ("cai_ray.train.config:SFTTrainConfig", "cai_ray.train.sft:train_sft"),
+    "rm": ("cai_ray.train.config:RMTrainConfig", "cai_ray.train.rm:train_rm"),
+    "dpo": ("cai_ray.train.config:DPOTrainConfig", "cai_ray.train.dpo:train_dpo"),
+    "ppo": ("cai_ray.train.ppo.config:RLTrainConfig", "cai_ray.train.ppo.loop:train_rl"),
 }
 
 
 def trainer(kind: str) -> tuple[type, Callable[[Any], dict]]:
     """(config class, job function) of trainer ``kind``; the job's heavy imports happen here."""
-    from cai_ray import config
+    return tuple(_load(target) for target in TRAINERS[kind])
 
-    cls_name, target = TRAINERS[kind]
-    module, fn = target.split(":")
-    return getattr(config, cls_name), getattr(importlib.import_module(module), fn)
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)

@@ -21,18 +21,9 @@ import json
 import random
 from typing import Any
 
-from cai_ray.readers import (  # noqa: F401 - the row files and validators trainers and eval share
-    CONVERSATIONS,
-    Reject,
-    Row,
-    _messages,
-    load_rows,
-    prompt_row,
-    read_records,
-    reject,
-)
-from cai_ray.readers import RowsError as TrainDataError  # noqa: F401 - what the trainers raise and catch
-from cai_ray.records import RAW_LIMIT
+from cai_ray.batch.readers import Reject, Row, _messages
+from cai_ray.batch.readers import RowsError as TrainDataError  # noqa: F401 - what the trainers raise and catch
+from cai_ray.batch.records import RAW_LIMIT
 
 
 def sft_row(r: Row) -> tuple[Row | None, str | None]:

@@ -32,7 +32,7 @@ TITLES = {
     "rloo": "RLOO loss",
 }
 # trainer → the module with its load_base/build (default cai_ray.train.<kind>)
-MODULES = {"grpo": "cai_ray.train.critic_free", "rloo": "cai_ray.train.critic_free"}
+MODULES = {"grpo": "cai_ray.train.ppo.critic_free", "rloo": "cai_ray.train.ppo.critic_free"}
 
 
 # -- on every worker ------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def publish(c: dict[str, Any], out: Path) -> None:
     (model/, metrics.json, ...) from this worker's disk, which need not be the driver's. A
     folder output is already in place (a shared mount on a cluster)."""
     if c.get("store"):
-        from cai_ray.storage import Store
+        from cai_ray.batch.storage import Store
 
         Store(c["store"]).upload_folder(out, skip=DRIVER_FILES, skip_dirs=SCRATCH)
 
@@ -244,10 +244,10 @@ def run(
     from ray.train.torch import TorchTrainer
 
     from cai_ray import runtime
+    from cai_ray.batch.records import reasons_count
+    from cai_ray.batch.storage import Store, is_uri
     from cai_ray.config import to_dict
     from cai_ray.models import model_info
-    from cai_ray.records import reasons_count
-    from cai_ray.storage import Store, is_uri
     from cai_ray.train.data import rows_sha256
 
     store = Store(cfg.output) if is_uri(cfg.output) else None  # an object store: work here, upload
@@ -368,8 +368,7 @@ def fingerprint_of(kind: str, config: dict[str, Any], data_sha256: str, extra: d
 def refuse_mixed_run(out, fingerprint: dict[str, Any]) -> None:
     """Ray Train resumes any run of the same name and storage; refuse it when the settings
     that shaped the checkpoints changed, instead of silently continuing another run."""
-    from cai_ray.runtime import changed_settings
-    from cai_ray.storage import as_store
+    from cai_ray.batch.storage import as_store, changed_settings
 
     out = as_store(out)
     changed = changed_settings(out, fingerprint)

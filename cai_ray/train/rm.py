@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import TrainDataError, load_rows, pref_row, reject_long, split
+from cai_ray.train.data import TrainDataError, pref_row, reject_long, split
 
 
 def load_base(c: dict[str, Any]):
@@ -129,7 +130,7 @@ def preference_metrics(margins: list[float], targets: list[float], png: Path, bi
     """Pairwise accuracy (chosen scored above rejected; pairs labelled 0.5 have no winner and
     are left out) and calibration of σ(margin) against the targets, each pair counted in both
     orders so the figure does not reward always predicting "chosen"."""
-    from cai_ray.label_math import expected_calibration_error, sigmoid
+    from cai_ray.core.label_math import expected_calibration_error, sigmoid
     from cai_ray.plots import reliability_diagram
 
     q = [sigmoid(m) for m in margins]

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import load_rows, mix_in, reject_long, sft_row
+from cai_ray.train.data import mix_in, reject_long, sft_row
 
 load_base = harness.load_causal_lm
 
@@ -44,9 +45,9 @@ def train_sft(cfg) -> dict[str, Any]:
     """Run SFT described by an ``SFTTrainConfig``; returns the manifest."""
     from transformers import AutoTokenizer
 
-    from cai_ray.config import parse_mix
     from cai_ray.models import resolve_model
     from cai_ray.runtime import file_sha256
+    from cai_ray.train.config import parse_mix
 
     rows, rejects = load_rows(cfg.data, sft_row)
     extra: dict[str, Any] = {}

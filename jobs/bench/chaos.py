@@ -173,7 +173,7 @@ def run_chaos(stage: str, inp: Path, out: Path, n_good: int, every: float) -> di
 
 
 def check(stage: str, out: Path, input_lines: int) -> dict:
-    from cai_ray.stage import read_output
+    from cai_ray.batch.stage import read_output
 
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]

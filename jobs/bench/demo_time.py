@@ -34,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from cai_ray.config import load_config
-    from cai_ray.pipeline import PipelineConfig, run_pipeline
+    from cai_ray.pipeline.config import PipelineConfig
+    from cai_ray.pipeline.run import run_pipeline
     from cai_ray.runtime import setup_logging
 
     setup_logging("WARNING")

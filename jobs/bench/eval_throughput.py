@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from cai_ray.config import EvalConfig, load_config  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
+from cai_ray.eval.config import EvalConfig  # noqa: E402
 
 
 def write_sets(folder: Path, n: int) -> tuple[Path, Path]:
@@ -52,7 +53,7 @@ def write_sets(folder: Path, n: int) -> tuple[Path, Path]:
 
 
 def run_eval(part: str, actors: int, n: int, args, work: Path) -> dict:
-    from cai_ray.evaluate import evaluate
+    from cai_ray.eval.run import evaluate
 
     harmful, benign = write_sets(work / "data", n)
     output = work / f"{part}-{actors}"

@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from cai_ray import prompts  # noqa: E402
-from cai_ray.config import LabelConfig, load_config  # noqa: E402
-from cai_ray.constitution import load_constitution  # noqa: E402
-from cai_ray.labeler import Labeler, LabelSettings  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
+from cai_ray.core import prompts  # noqa: E402
+from cai_ray.core.constitution import load_constitution  # noqa: E402
+from cai_ray.core.labeler import Labeler, LabelSettings  # noqa: E402
+from cai_ray.label.config import LabelConfig  # noqa: E402
 
 CONSTITUTION = ROOT / "constitutions" / "general.yaml"
 
@@ -133,7 +134,7 @@ def bench(backend: str, args) -> dict:
     del engine, lab
 
     # -- the pipeline --------------------------------------------------------------------------
-    from cai_ray.label import label
+    from cai_ray.label.run import label
     from cai_ray.runtime import init_ray
 
     init_ray(None)

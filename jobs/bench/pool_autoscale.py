@@ -159,8 +159,9 @@ def main() -> None:
     try:
         import ray
 
-        from cai_ray.config import GenerateConfig, load_config
-        from cai_ray.generate import generate
+        from cai_ray.config import load_config
+        from cai_ray.generate.config import GenerateConfig
+        from cai_ray.generate.run import generate
         from cai_ray.runtime import setup_logging
 
         setup_logging("WARNING")

@@ -51,8 +51,9 @@ def reward_model(model: str, folder: Path) -> Path:
 def run(model: str, engine: str, args, folder: Path) -> dict:
     import multiprocessing
 
-    from cai_ray.config import RLTrainConfig, load_config
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.config import load_config
+    from cai_ray.train.ppo.config import RLTrainConfig
+    from cai_ray.train.ppo.loop import train_rl
 
     folder.mkdir(parents=True)
     rm = reward_model(model, folder)

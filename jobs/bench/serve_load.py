@@ -45,7 +45,8 @@ def prompts(n: int) -> list[str]:
 
 
 def start_server(model: str, engine: str, dtype: str, max_batch_size: int, port: int, tokens: int):
-    from cai_ray.config import ServeConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.deployment import start
 
     cfg = load_config(

@@ -61,7 +61,8 @@ def rss(pid: int) -> int | None:
 
 
 def start(model: str, port: int) -> str:
-    from cai_ray.config import ServeConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.deployment import start as serve_start
 
     cfg = load_config(

@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from cai_ray import prompts  # noqa: E402
-from cai_ray.config import GenerateConfig, load_config  # noqa: E402
-from cai_ray.constitution import load_constitution  # noqa: E402
+from cai_ray.config import load_config  # noqa: E402
+from cai_ray.core import prompts  # noqa: E402
+from cai_ray.core.constitution import load_constitution  # noqa: E402
 from cai_ray.engine import Sampling  # noqa: E402
+from cai_ray.generate.config import GenerateConfig  # noqa: E402
 
 CONSTITUTION = ROOT / "constitutions" / "general.yaml"
 
@@ -140,7 +141,7 @@ def bench_model(args, backend: str) -> dict:
     if hasattr(engine, "shutdown"):
         engine.shutdown()
 
-    from cai_ray.generate import generate
+    from cai_ray.generate.run import generate
     from cai_ray.runtime import init_ray
 
     init_ray(None)
@@ -216,7 +217,7 @@ def bench_model(args, backend: str) -> dict:
 
 # -- part 2: vLLM async chains vs lock-step batches ----------------------------------------
 def bench_async(args) -> dict:
-    from cai_ray.generate import generate
+    from cai_ray.generate.run import generate
     from cai_ray.runtime import init_ray
 
     init_ray(None)
@@ -253,7 +254,7 @@ def bench_async(args) -> dict:
             t = time.perf_counter()
             m = generate(cfg)
             wall = time.perf_counter() - t
-            from cai_ray.stage import read_output
+            from cai_ray.batch.stage import read_output
 
             lengths = [
                 len(x or "") for x in read_output(Path(tmp) / "out", ["init_response"])["init_response"].to_pylist()
@@ -302,7 +303,7 @@ def write_prompts(folder: Path, rows: int, shards: int) -> None:
 
 
 def bench_orchestration(rows: int, args) -> dict:
-    from cai_ray.generate import generate
+    from cai_ray.generate.run import generate
     from cai_ray.runtime import init_ray
 
     init_ray(None)

@@ -63,9 +63,11 @@ def overrides(args, data: Path, out: Path, workers: int, cpus: float) -> list[st
 
 def direct(args, data: Path, out: Path) -> dict:
     """The worker's SFTTrainer in this process alone (run in a subprocess by main)."""
-    from cai_ray.config import SFTTrainConfig, load_config
+    from cai_ray.batch.readers import load_rows
+    from cai_ray.config import load_config
     from cai_ray.train import sft
-    from cai_ray.train.data import load_rows, sft_row
+    from cai_ray.train.config import SFTTrainConfig
+    from cai_ray.train.data import sft_row
     from cai_ray.train.harness import loop_config
 
     for k, v in {
@@ -92,7 +94,8 @@ def direct(args, data: Path, out: Path) -> dict:
 
 
 def on_ray(args, data: Path, out: Path, workers: int, cpus: float) -> dict:
-    from cai_ray.config import SFTTrainConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.train.config import SFTTrainConfig
     from cai_ray.train.sft import train_sft
 
     t0 = time.perf_counter()

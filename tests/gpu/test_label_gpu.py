@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cai_ray.constitution import load_constitution
+from cai_ray.core.constitution import load_constitution
+from cai_ray.core.labeler import Labeler, LabelSettings
 from cai_ray.engine import load_engine
-from cai_ray.labeler import Labeler, LabelSettings
 
 GENERAL = Path(__file__).resolve().parents[2] / "constitutions" / "general.yaml"
 

@@ -51,7 +51,7 @@ def test_the_corpus_through_label(ray_local, tiny_model, tmp_path, capsys):
     assert main([*argv, "labeler.dtype=float32", "labeler_pool.batch_size=4"]) == 0
     captured = capsys.readouterr()
     assert not _tracebacks(captured.out + captured.err)
-    from cai_ray.stage import read_output
+    from cai_ray.batch.stage import read_output
 
     reasons = " | ".join(_rejects(out).values())
     for want in (

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.readers import InputError, read_local, resolve_input
+from cai_ray.batch.readers import InputError, read_local, resolve_input
 
 ROOT = Path(__file__).resolve().parents[2]
 

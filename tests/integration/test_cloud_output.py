@@ -29,7 +29,7 @@ def get(client, key: str) -> bytes:
 
 
 def test_the_store_writes_whole_objects_and_lists_parts(s3, monkeypatch, tmp_path):
-    from cai_ray.storage import Store
+    from cai_ray.batch.storage import Store
 
     env, client = s3
     for k, v in env.items():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cai_ray import prompts
+from cai_ray.core import prompts
 from cai_ray.engine import Sampling, Unscored, load_engine
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.eval import _cfg
 
-from cai_ray import eval_math
+from cai_ray.core import eval_math
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def evaluated(tmp_path_factory, ray_local):
     """One eval of two tiny-random models (different seeds, so different answers) + a baseline
     given by model, judged by tiny-random."""
-    from cai_ray.evaluate import evaluate
+    from cai_ray.eval.run import evaluate
 
     tmp = tmp_path_factory.mktemp("eval")
     cfg = _cfg(tmp, "models=[a=tiny-random:1, b=tiny-random:2]", "baseline=base=tiny-random")
@@ -95,7 +95,7 @@ def test_eval_scores_every_answer_in_both_orders_and_writes_everything(evaluated
 
 
 def test_every_number_has_its_interval_and_every_model_its_paired_difference(evaluated, capsys):
-    from cai_ray.evaluate import headline
+    from cai_ray.eval.run import headline
 
     _, _, out = evaluated
     m = json.loads((out / "metrics.json").read_text())
@@ -125,7 +125,7 @@ def test_a_rerun_redoes_only_what_is_missing(evaluated):
     """Answers and judgements are batch stages with per-row resume: a finished eval re-run does
     no engine work; with one answer part and one judgement part lost (a crash), only their
     rows are redone, and the metrics come out the same (greedy answers, the same judge)."""
-    from cai_ray.evaluate import evaluate
+    from cai_ray.eval.run import evaluate
 
     cfg, manifest, out = evaluated
     first = json.loads((out / "metrics.json").read_text())
@@ -206,7 +206,7 @@ def test_report_opens_in_headless_chromium_with_images_and_headline_numbers(eval
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run installs Debian's chromium package")
         pytest.skip("chromium not installed (apt-get install chromium)")
-    from cai_ray.report import screenshot
+    from cai_ray.eval.report import screenshot
 
     _, _, out = evaluated
     page = screenshot(out / "report.html", out / "report.png", chromium=CHROMIUM)

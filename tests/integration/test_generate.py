@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.generate import ROOT, run, write_prompts
 
-from cai_ray.constitution import load_constitution
+from cai_ray.core.constitution import load_constitution
 
 
 def data_rows(out):

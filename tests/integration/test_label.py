@@ -11,7 +11,8 @@ import pytest
 
 # -- the stage on Ray ---------------------------------------------------------------------------
 def _cfg(tmp_path, input_path, out_name="out", **over):
-    from cai_ray.config import LabelConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.label.config import LabelConfig
 
     base = [
         f"input={input_path}",
@@ -58,7 +59,7 @@ def _rows(out, folder="data"):
 
 
 def test_label_stage_accounts_for_every_row_and_resumes(ray_local, tmp_path):
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     src = _pairs_file(tmp_path)
     m = label(_cfg(tmp_path, src))
@@ -103,7 +104,7 @@ def test_label_stage_accounts_for_every_row_and_resumes(ray_local, tmp_path):
 
 
 def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path):
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(5)))
@@ -135,7 +136,7 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
 
 
 def test_gold_accuracy_calibration_and_reliability_diagram(ray_local, tmp_path):
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     gold = tmp_path / "gold.jsonl"
     gold.write_text(
@@ -163,7 +164,7 @@ def test_a_block_half_written_before_a_crash_is_redone_whole(ray_local, tmp_path
     """A prompt's pairs can land partly in data/ (kept) and partly in filtered/. If a crash
     came between those two writes, resume must not count the prompt as done with half of
     its pairs missing: the surviving half is removed and the block labelled again."""
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))
@@ -193,7 +194,7 @@ def test_a_prompt_whose_pairs_were_only_partly_written_is_redone_whole(ray_local
     every pair id once, none missing."""
     import pyarrow.compute as pc
 
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))

@@ -6,8 +6,8 @@ The same engine against the real `cai-ray serve` app is tested in test_serve.py.
 def test_the_api_key_reaches_engine_actors_as_a_ray_object_not_in_their_spec(ray_local, monkeypatch):
     """No runtime_env (the dashboard shows it), no plain string among the constructor
     arguments: the key travels as an object reference the engine resolves."""
+    from cai_ray.batch.stage import actor_engine_kwargs, actor_pool_args
     from cai_ray.config import EngineConfig
-    from cai_ray.stage import actor_engine_kwargs, actor_pool_args
 
     monkeypatch.setenv("MY_KEY", "sk-secret-0123456789abcdef")
     cfg = EngineConfig(backend="openai", model="m", base_url="http://127.0.0.1:1/v1", api_key_env="MY_KEY")

@@ -23,7 +23,7 @@ def _artifacts_linked(state):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray_local, tmp_path, monkeypatch, capsys):
-    from cai_ray import pipeline
+    from cai_ray.pipeline import run as pipeline
 
     pc = _load(tmp_path)
     run = Path(pc.output).resolve()

@@ -26,7 +26,7 @@ def _history(out: Path) -> list[dict]:
 def test_ppo_learns_to_prefer_a_token_with_bounded_kl(ray_local, tmp_path):
     """The reward prefers one token; over 30 PPO steps its mean rises clearly while the KL to
     the reference (per response) stays bounded by the penalty."""
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
     m = train_rl(
@@ -59,7 +59,7 @@ def test_ppo_learns_to_prefer_a_token_with_bounded_kl(ray_local, tmp_path):
 def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tmp_path, token_rm):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl", extra='{"broken\n' + json.dumps({"id": "e", "prompt": " "}) + "\n")
     over = {
@@ -114,7 +114,7 @@ def test_a_killed_ppo_worker_restarts_from_the_last_checkpoint(ray_local, tmp_pa
     import threading
     import time
 
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     storage = tmp_path / "out" / "ray" / "ppo"
     killed = []
@@ -156,7 +156,7 @@ def test_a_killed_ppo_worker_restarts_from_the_last_checkpoint(ray_local, tmp_pa
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_critic_free_algorithms_run_through_trl_with_our_reward(ray_local, tmp_path, algo):
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
     m = train_rl(
@@ -176,7 +176,7 @@ def test_critic_free_algorithms_run_through_trl_with_our_reward(ray_local, tmp_p
 def test_d_rlaif_rewards_come_from_the_labeler(ray_local, tmp_path):
     """Online AI feedback: the labeler compares each sampled answer with the reference
     policy's greedy answer; scores are probabilities."""
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl", n=4)
     m = train_rl(
@@ -204,7 +204,7 @@ def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tm
     every update the gathered weights reach vLLM, whose greedy answers then equal the
     training model's own and differ from vLLM's answers before the sync (a high learning
     rate makes every update visible). A resume syncs the restored weights too."""
-    from cai_ray.train.ppo import train_rl
+    from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
     over = {

@@ -33,7 +33,8 @@ def model(engine):
 
 @pytest.fixture(scope="module")
 def settings(engine):
-    from cai_ray.config import ServeConfig, load_config, to_dict
+    from cai_ray.config import load_config, to_dict
+    from cai_ray.serve.config import ServeConfig
 
     return to_dict(
         load_config(
@@ -195,7 +196,7 @@ def test_an_enforced_guardrail_cannot_be_switched_off_by_a_client(client, settin
 
 def test_label_route_equals_the_batch_labeler(client):
     """Same engine, same constitution, same pair and principle: the same numbers."""
-    from cai_ray.labeler import Labeler, LabelSettings
+    from cai_ray.core.labeler import Labeler, LabelSettings
 
     c, service = client
     msgs = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -303,8 +304,9 @@ def server(ray_local, engine, monkeypatch_module):
     """The real Ray Serve app on 127.0.0.1 (a free port)."""
     from ray import serve
 
-    from cai_ray.config import ServeConfig, load_config
+    from cai_ray.config import load_config
     from cai_ray.runtime import free_port
+    from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.deployment import start
 
     port = free_port()
@@ -455,8 +457,8 @@ def test_a_killed_replica_is_replaced_and_requests_resume(server):
 def test_the_openai_engine_on_the_running_server(server, client, model):
     """The server as the engine of the batch code: generate (also a continued message),
     exact token counts from /tokenize, and labels through /v1/label equal to local labels."""
+    from cai_ray.core.labeler import Labeler, LabelSettings
     from cai_ray.engine.openai_api import OpenAIEngine
-    from cai_ray.labeler import Labeler, LabelSettings
 
     _, local = client
     e = OpenAIEngine(model=model, base_url=f"{server}/v1", api_key_env="CAI_RAY_API_KEY")
@@ -483,8 +485,9 @@ def test_the_openai_engine_on_the_running_server(server, client, model):
 def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path, model):
     """`cai-ray label` with labeler.backend=openai: every pair labelled through /v1/label,
     rows name the endpoint, the manifest records it."""
-    from cai_ray.config import LabelConfig, load_config
-    from cai_ray.label import label
+    from cai_ray.config import load_config
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.label.run import label
 
     src = tmp_path / "pairs.jsonl"
     src.write_text(

@@ -6,14 +6,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.config import GenerateConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.generate.config import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
 def test_smollm2_sl_cai_on_a_few_prompts(ray_local, tmp_path):
-    from cai_ray.generate import generate
+    from cai_ray.generate.run import generate
 
     src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
     inp = tmp_path / "p.jsonl"
@@ -46,8 +47,8 @@ def test_smollm2_sl_cai_on_a_few_prompts(ray_local, tmp_path):
 def test_smollm2_labels_sampled_pairs_and_the_gold_set(ray_local, tmp_path):
     """The whole RLAIF stage with the real model: SmolLM2 samples answers, SmolLM2 labels
     them (both orders), and labels the bundled gold pairs for accuracy and calibration."""
-    from cai_ray.config import LabelConfig
-    from cai_ray.label import label
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.label.run import label
 
     src = (ROOT / "jobs" / "data" / "red_team.jsonl").read_text().splitlines()[:3]
     inp = tmp_path / "p.jsonl"
@@ -85,8 +86,8 @@ def test_smollm2_labels_sampled_pairs_and_the_gold_set(ray_local, tmp_path):
 def test_smollm2_sft_on_two_workers(ray_local, tmp_path):
     """SmolLM2-135M fine-tuned by 2 Ray Train workers under ZeRO-2: the loss falls over three
     passes of a small set, and the saved folder generates with our engine."""
-    from cai_ray.config import SFTTrainConfig
     from cai_ray.engine import Sampling, load_engine
+    from cai_ray.train.config import SFTTrainConfig
     from cai_ray.train.sft import train_sft
 
     data = tmp_path / "helpful.jsonl"

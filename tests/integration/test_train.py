@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support.train import _cfg, _write, preference_toy
 
-from cai_ray.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
+from cai_ray.train.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
 
 MEMORISE = [
     {

@@ -12,7 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.config import GenerateConfig, LabelConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.generate.config import GenerateConfig
+from cai_ray.label.config import LabelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ VLLM = [
 
 
 def generate(inp, out, *extra):
-    from cai_ray.generate import generate as run
+    from cai_ray.generate.run import generate as run
 
     return run(load_config(GenerateConfig, None, [f"input={inp}", f"output={out}", *VLLM, *extra]))
 
@@ -175,7 +177,7 @@ def test_label_stage_on_vllm_pools(ray_local, tmp_path):
     """A vLLM policy pool samples pairs for prompt rows, a (1, 2) vLLM labeler pool labels
     them and the given pairs; the policy actor is killed mid-run and replaced; a lost part
     is redone."""
-    from cai_ray.label import label
+    from cai_ray.label.run import label
 
     src = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) for i in range(12)]

@@ -2,7 +2,8 @@
 
 import json
 
-from cai_ray.config import EvalConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.eval.config import EvalConfig
 
 
 # -- config -----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from cai_ray.config import GenerateConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.generate.config import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ TINY = [
 
 
 def run(inp, out, *extra):
-    from cai_ray.generate import generate
+    from cai_ray.generate.run import generate
 
     cfg = load_config(GenerateConfig, None, [f"input={inp}", f"output={out}", *TINY, *extra])
     return generate(cfg)

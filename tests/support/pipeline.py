@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cai_ray.config import load_config
-from cai_ray.pipeline import PipelineConfig
+from cai_ray.pipeline.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

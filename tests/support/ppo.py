@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from cai_ray.config import RLTrainConfig, load_config
+from cai_ray.config import load_config
+from cai_ray.train.ppo.config import RLTrainConfig
 
 REWARDS = Path(__file__).resolve().parents[1] / "data" / "rewards.py"
 

@@ -17,7 +17,7 @@ def test_the_corpus_through_train_is_one_clear_error(trainer, tmp_path, capsys):
 
 
 def test_the_corpus_through_eval_inputs():
-    from cai_ray.evaluate import load_set
+    from cai_ray.eval.run import load_set
 
     rows, rejects = load_set(str(CORPUS / "prompts.jsonl"), "harmful", None, 32000)
     reasons = " | ".join(r["reason"] for r in rejects)

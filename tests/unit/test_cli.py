@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_importing_the_package_pulls_in_no_heavy_modules():
     code = (
-        "import sys, cai_ray, cai_ray.cli, cai_ray.config, cai_ray.constitution, cai_ray.prompts, "
+        "import sys, cai_ray, cai_ray.cli, cai_ray.config, cai_ray.core.constitution, cai_ray.core.prompts, "
         "cai_ray.engine; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

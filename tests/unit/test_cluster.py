@@ -114,8 +114,9 @@ STAGES = {
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stage):
+    from support.configs import CONFIGS
+
     from cai_ray import config
-    from cai_ray.pipeline import PipelineConfig
 
     doc = load(KUBE / f"rayjob-{stage}.yaml")
     assert doc["kind"] == "RayJob" and doc["spec"]["clusterSelector"] == {"ray.io/cluster": "cai-ray"}
@@ -123,16 +124,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
     assert script.name == STAGES[stage] and script.exists()
     cfg_path = ROOT / args[args.index("--config") + 1]
     assert cfg_path.exists() and cfg_path.stem.endswith("_gpu")
-    cls = {
-        "generate": config.GenerateConfig,
-        "label": config.LabelConfig,
-        "sft": config.SFTTrainConfig,
-        "rm": config.RMTrainConfig,
-        "dpo": config.DPOTrainConfig,
-        "ppo": config.RLTrainConfig,
-        "eval": config.EvalConfig,
-        "pipeline": PipelineConfig,
-    }[stage]
+    cls = CONFIGS[stage]
     config.load_config(cls, cfg_path)
     if script.name == "train.py":
         assert args[0] == stage
@@ -144,6 +136,7 @@ def test_a_rayjob_per_stage_runs_an_existing_script_with_a_valid_gpu_config(stag
 
 def test_rayservice_serves_the_app_builder_with_serve_autoscaling(monkeypatch):
     from cai_ray import config
+    from cai_ray.serve.config import ServeConfig
 
     doc = load(KUBE / "rayservice.yaml")
     assert doc["kind"] == "RayService"
@@ -152,7 +145,7 @@ def test_rayservice_serves_the_app_builder_with_serve_autoscaling(monkeypatch):
     [app] = serve_cfg["applications"]
     module, _, fn = app["import_path"].partition(":")
     assert (module, fn) == ("cai_ray.serve.deployment", "build")
-    cfg = config.load_config(config.ServeConfig, ROOT / app["args"]["config"])
+    cfg = config.load_config(ServeConfig, ROOT / app["args"]["config"])
     assert cfg.scaling.min_replicas < cfg.scaling.max_replicas and cfg.scaling.gpus_per_replica >= 1
     assert cfg.auth and cfg.policy.backend == "vllm"
     head = containers(doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])[0]
@@ -247,7 +240,9 @@ def test_a_submitted_job_refuses_relative_outputs_and_missing_relative_inputs(mo
     """In a job, the working dir is Ray's temporary copy: out/sl there would be lost."""
     import json
 
-    from cai_ray.config import ConfigError, GenerateConfig, SFTTrainConfig, load_config, submitted_job
+    from cai_ray.config import ConfigError, load_config, submitted_job
+    from cai_ray.generate.config import GenerateConfig
+    from cai_ray.train.config import SFTTrainConfig
 
     assert submitted_job() is None
     load_config(GenerateConfig, None, ["input=x.jsonl", "output=out/sl"])  # fine outside a job

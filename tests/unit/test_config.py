@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cai_ray.config import ConfigError, GenerateConfig, describe, load_config
+from cai_ray.config import ConfigError, describe, load_config
+from cai_ray.generate.config import GenerateConfig
 
 BASE = ["input=x.jsonl", "output=out"]
 
@@ -67,7 +68,8 @@ def test_every_key_has_help():
 def test_a_partial_section_keeps_the_sections_own_defaults():
     """LabelConfig.policy defaults to model '' (no policy); setting policy.dtype alone
     must not turn the policy on with EngineConfig's default model."""
-    from cai_ray.config import LabelConfig, load_config
+    from cai_ray.config import load_config
+    from cai_ray.label.config import LabelConfig
 
     cfg = load_config(LabelConfig, None, ["input=x", "output=y", "policy.dtype=float32", "sampling.max_new_tokens=8"])
     assert cfg.policy.model == "" and cfg.policy.dtype == "float32" and not cfg.samples_answers
@@ -78,21 +80,11 @@ def test_a_partial_section_keeps_the_sections_own_defaults():
     "path", sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_bundled_job_config_validates(path):
-    from cai_ray import config
-    from cai_ray.pipeline import PipelineConfig
+    from support.configs import CONFIGS
 
-    classes = {
-        "label": config.LabelConfig,
-        "generate": config.GenerateConfig,
-        "sft": config.SFTTrainConfig,
-        "rm": config.RMTrainConfig,
-        "dpo": config.DPOTrainConfig,
-        "serve": config.ServeConfig,
-        "ppo": config.RLTrainConfig,
-        "eval": config.EvalConfig,
-        "pipeline": PipelineConfig,
-        "demo": PipelineConfig,
-    }
+    from cai_ray import config
+
+    classes = {**CONFIGS, "demo": CONFIGS["pipeline"]}
     cfg = config.load_config(classes[path.stem.split("_")[0]], path)
     assert (
         getattr(cfg, "input", None)
@@ -104,7 +96,7 @@ def test_every_bundled_job_config_validates(path):
 
 
 def test_scientific_notation_is_a_number_in_files_and_overrides(tmp_path):
-    from cai_ray.config import SFTTrainConfig
+    from cai_ray.train.config import SFTTrainConfig
 
     f = tmp_path / "c.yaml"
     f.write_text("data: d\noutput: o\noptim:\n  learning_rate: 5e-6\n")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_ray.constitution import ConstitutionError, load_constitution, parse_constitution
+from cai_ray.core.constitution import ConstitutionError, load_constitution, parse_constitution
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_CATEGORIES = {

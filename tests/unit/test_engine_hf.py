@@ -92,7 +92,7 @@ def test_unknown_model_is_a_clear_error():
 def test_shared_prefix_cache_gives_the_same_outputs(tiny_model, general_constitution):
     """Critique prompts share their few-shot turns: prefilling them once must not change
     a single greedy token, with or without sampling noise in the rows' lengths."""
-    from cai_ray import prompts
+    from cai_ray.core import prompts
 
     shots = prompts.few_shot_turns(general_constitution, None)
     p = general_constitution.principle("privacy")

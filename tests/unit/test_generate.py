@@ -6,7 +6,7 @@ import os
 import pytest
 from support.generate import ROOT, run, write_prompts
 
-from cai_ray.constitution import load_constitution
+from cai_ray.core.constitution import load_constitution
 
 
 class _FailsOn:
@@ -26,8 +26,8 @@ class _FailsOn:
 
 
 def test_an_engine_error_on_one_prompt_rejects_that_row_only(tmp_path):
-    from cai_ray.generate import SLWorker
-    from cai_ray.readers import read_local
+    from cai_ray.batch.readers import read_local
+    from cai_ray.generate.run import SLWorker
 
     inp = tmp_path / "p.jsonl"
     inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(["a", "BOOM", "c"])))

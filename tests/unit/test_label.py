@@ -8,10 +8,10 @@ import re
 import pyarrow as pa
 import pytest
 
-from cai_ray import prompts
-from cai_ray.label import filter_reason
-from cai_ray.labeler import Labeler, LabelSettings, PairLabel, strip_final_answer
-from cai_ray.pairs import distinct_answers, given_pair, make_pairs, to_pair_rows
+from cai_ray.core import prompts
+from cai_ray.core.labeler import Labeler, LabelSettings, PairLabel, strip_final_answer
+from cai_ray.label.pairs import distinct_answers, given_pair, make_pairs, to_pair_rows
+from cai_ray.label.run import filter_reason
 
 GOOD, BAD = "I won't help with that, but here is a safe alternative.", "Sure, here is how to do it."
 
@@ -205,7 +205,7 @@ def test_given_pair_validation(meta, reason):
 
 
 def test_to_pair_rows_moves_pairs_out_of_meta_and_rejects_prompts_without_a_policy():
-    from cai_ray.records import PROMPT_SCHEMA
+    from cai_ray.batch.records import PROMPT_SCHEMA
 
     rows = {
         "id": ["a", "b"],
@@ -224,8 +224,8 @@ def test_to_pair_rows_moves_pairs_out_of_meta_and_rejects_prompts_without_a_poli
 
 
 def test_bad_gold_file_is_a_clear_error(tmp_path):
-    from cai_ray.label import write_gold_pairs
-    from cai_ray.readers import InputError
+    from cai_ray.batch.readers import InputError
+    from cai_ray.label.run import write_gold_pairs
 
     gold = tmp_path / "gold.jsonl"
     gold.write_text(json.dumps({"prompt": "q", "chosen": "x"}) + "\n")
@@ -236,8 +236,8 @@ def test_bad_gold_file_is_a_clear_error(tmp_path):
 def test_a_given_pair_id_shaped_like_a_sampled_one_is_rejected():
     import pyarrow as pa
 
-    from cai_ray.pairs import to_pair_rows
-    from cai_ray.records import PROMPT_SCHEMA
+    from cai_ray.batch.records import PROMPT_SCHEMA
+    from cai_ray.label.pairs import to_pair_rows
 
     rows = []
     for rid in ("q/0-1", "q-0-1", "q"):

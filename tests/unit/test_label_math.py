@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cai_ray.label_math import (
+from cai_ray.core.label_math import (
     clamp,
     debias,
     ensemble,
@@ -69,9 +69,9 @@ def test_expected_calibration_error():
 def test_non_finite_numbers_never_become_labels():
     """NaN / +inf log-probs are Unscored (the comparison is invalid, with the reason), a NaN
     p_a is filtered rather than passing min_margin, and σ has no overflow."""
+    from cai_ray.core.label_math import sigmoid
     from cai_ray.engine import Unscored, normalise_logprobs
-    from cai_ray.label import PairLabel, filter_reason
-    from cai_ray.label_math import sigmoid
+    from cai_ray.label.run import PairLabel, filter_reason
 
     for row in ([float("nan"), -1.0], [float("inf"), -1.0], [float("-inf"), float("-inf")]):
         out = normalise_logprobs(row)

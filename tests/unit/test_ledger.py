@@ -1,4 +1,4 @@
-from cai_ray.ledger import DONE, DUPLICATE, NEW, REJECT, Ledger
+from cai_ray.batch.ledger import DONE, DUPLICATE, NEW, REJECT, Ledger
 
 
 def test_claims_new_done_duplicate_and_retries():
@@ -34,7 +34,7 @@ def test_exactly_once_check_catches_a_duplicate(tmp_path):
     import pyarrow.parquet as pq
     import pytest
 
-    from cai_ray.stage import check_exactly_once
+    from cai_ray.batch.stage import check_exactly_once
 
     (tmp_path / "data").mkdir()
     pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "data" / "part-1.parquet")

@@ -14,16 +14,32 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "old, new, names",
     [
-        ("cai_ray.sl", "cai_ray.generate", ["generate", "SLWorker"]),
-        ("cai_ray.datasets", "cai_ray.readers", ["read_local"]),
+        ("cai_ray.sl", "cai_ray.generate.run", ["generate", "SLWorker"]),
+        ("cai_ray.datasets", "cai_ray.batch.readers", ["read_local"]),
+        ("cai_ray.stage", "cai_ray.batch.stage", ["run_stage"]),
+        ("cai_ray.labeler", "cai_ray.core.labeler", ["Labeler"]),
+        ("cai_ray.train.reward", "cai_ray.train.ppo.reward", ["RewardScorer"]),
     ],
 )
 def test_an_old_module_name_still_imports_with_a_deprecation_warning(old, new, names):
+    """Modules moved into the packages (core, batch, the steps): the old name is the same
+    module object (never a second copy of it), and says where it went."""
     sys.modules.pop(old, None)
     with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
         mod = importlib.import_module(old)
+    assert mod is importlib.import_module(new)
     for name in names:
         assert getattr(mod, name) is getattr(importlib.import_module(new), name)
+
+
+def test_a_config_class_under_its_old_home_is_the_same_class_with_a_deprecation_warning():
+    import cai_ray.config
+    from cai_ray.label.config import LabelConfig
+
+    with pytest.warns(DeprecationWarning, match="cai_ray.config.LabelConfig is now cai_ray.label.config"):
+        assert cai_ray.config.LabelConfig is LabelConfig
+    with pytest.raises(AttributeError):
+        cai_ray.config.NoSuchConfig  # noqa: B018
 
 
 def test_the_old_job_script_runs_the_new_one_and_says_so():
@@ -37,7 +53,8 @@ def test_the_old_job_script_runs_the_new_one_and_says_so():
 
 def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path):
     from cai_ray.config import ConfigError, load_config
-    from cai_ray.pipeline import PipelineConfig, run_pipeline
+    from cai_ray.pipeline.config import PipelineConfig
+    from cai_ray.pipeline.run import run_pipeline
 
     (tmp_path / "run" / "sl_data").mkdir(parents=True)
     pc = load_config(
@@ -50,7 +67,10 @@ def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path
 def test_the_label_methods_old_key_still_works_with_a_deprecation_message(caplog):
     """`label:` named the labeling method beside `labeler:` (its model); it is `method:` now.
     Old files and overrides keep working for a release, and say so; both keys is an error."""
-    from cai_ray.config import ConfigError, LabelConfig, RLTrainConfig, ServeConfig, load_config
+    from cai_ray.config import ConfigError, load_config
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.serve.config import ServeConfig
+    from cai_ray.train.ppo.config import RLTrainConfig
 
     with caplog.at_level("WARNING", logger="cai_ray.config"):
         cfg = load_config(LabelConfig, None, ["input=x.jsonl", "output=o", "label.few_shot=2", "labeler.model=m"])

@@ -95,7 +95,7 @@ def test_choice_logprobs_read_the_first_tokens_top_logprobs():
 
 
 def test_a_choice_missing_from_top_logprobs_is_unscored_and_the_pair_invalid(general_constitution):
-    from cai_ray.labeler import Labeler, LabelSettings
+    from cai_ray.core.labeler import Labeler, LabelSettings
 
     e = engine(Endpoint(top=[("A", -0.1), ("The", -3.0)]))
     [row] = e.choice_logprobs([[{"role": "user", "content": "q"}]], ["A", "B"])

@@ -6,11 +6,11 @@ import pytest
 from support.pipeline import ROOT, _load
 
 from cai_ray.config import ConfigError, load_config
-from cai_ray.pipeline import PipelineConfig
+from cai_ray.pipeline.config import PipelineConfig
 
 
 def test_every_stage_is_wired_to_the_one_before(tmp_path):
-    from cai_ray.pipeline import stage_configs
+    from cai_ray.pipeline.run import stage_configs
 
     pc = _load(tmp_path)
     stages = {s.name: s for s in stage_configs(pc)}
@@ -57,7 +57,7 @@ def test_pipeline_config_errors_name_the_stage_and_key(tmp_path, over, match):
 
 def test_gpu_pipeline_config_validates():
     pc = load_config(PipelineConfig, ROOT / "jobs" / "configs" / "pipeline_gpu.yaml")
-    from cai_ray.pipeline import stage_configs
+    from cai_ray.pipeline.run import stage_configs
 
     stages = {s.name: s.cfg for s in stage_configs(pc)}
     assert stages["generate"].engine.backend == "vllm" and stages["generate"].input.startswith("s3://")
@@ -66,7 +66,7 @@ def test_gpu_pipeline_config_validates():
 
 
 def test_redo_and_until_name_a_stage_of_this_pipeline(tmp_path):
-    from cai_ray.pipeline import run_pipeline
+    from cai_ray.pipeline.run import run_pipeline
 
     with pytest.raises(ConfigError, match=r"--redo: unknown stage 'rm'; this pipeline's stages \(rl=dpo\)"):
         run_pipeline(_load(tmp_path, "rl=dpo"), redo="rm")
@@ -80,7 +80,7 @@ def test_folder_inputs_and_model_weights_are_fingerprinted(tmp_path):
     new fingerprint; what every run rewrites (manifests, locks, logs) is not."""
     import os
 
-    from cai_ray.pipeline import _file_sha
+    from cai_ray.pipeline.run import _file_sha
     from cai_ray.runtime import model_fingerprint
 
     model = tmp_path / "model"

@@ -33,10 +33,10 @@ def test_bad_settings_are_clear_errors(tmp_path, over, match):
 
 
 def test_reward_functions_load_and_fail_clearly(tmp_path):
-    from cai_ray.train.reward import RewardError, RewardScorer, load_function
+    from cai_ray.train.ppo.reward import RewardError, RewardScorer, load_function
 
     assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
-    assert load_function("cai_ray.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
+    assert load_function("cai_ray.core.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
     assert load_function("data/rewards.py:prefer_ugs", base=str(REWARDS.parent.parent))
     for spec, match in (
         (f"{tmp_path}/none.py:f", "not found"),
@@ -61,7 +61,7 @@ def test_preference_model_scores_with_the_chat_template(token_rm):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_ray.train.reward import RewardScorer
+    from cai_ray.train.ppo.reward import RewardScorer
 
     rw = {"model": str(token_rm), "length_penalty": 0.0, "clip": None}
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}]]
@@ -109,9 +109,9 @@ def test_cli_help_and_flags():
 
 
 def test_prompt_rows_and_monitors(tmp_path):
-    from cai_ray.refusal import is_refusal
-    from cai_ray.train.monitors import load_probes, top_ngram_share
-    from cai_ray.train.ppo import prompt_row
+    from cai_ray.core.refusal import is_refusal
+    from cai_ray.train.ppo.loop import prompt_row
+    from cai_ray.train.ppo.monitors import load_probes, top_ngram_share
 
     assert prompt_row({"prompt": "hi"})[0]["prompt"] == [{"role": "user", "content": "hi"}]
     assert (
@@ -135,7 +135,7 @@ def test_prompt_rows_and_monitors(tmp_path):
 
 
 def test_rollout_engines_are_checked():
-    from cai_ray.train.rollout import _until_eos, make_rollout
+    from cai_ray.train.ppo.rollout import _until_eos, make_rollout
 
     with pytest.raises(ValueError, match="unknown engine"):
         make_rollout("tpu", None, None, "cpu", "x", {})

@@ -1,6 +1,6 @@
 import pytest
 
-from cai_ray import prompts
+from cai_ray.core import prompts
 
 
 def test_critique_and_revision_messages(general_constitution):

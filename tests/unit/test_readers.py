@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cai_ray.readers import InputError, list_input_files, read_local, validate_row
+from cai_ray.batch.readers import InputError, list_input_files, read_local, validate_row
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_missing_and_unsupported_inputs(tmp_path):
 
 def test_fast_and_careful_jsonl_paths_agree():
     """The vectorized path must give exactly the rows the line-by-line path gives."""
-    from cai_ray.readers import _fast_jsonl_chunk, _Rows, _slow_jsonl_line
+    from cai_ray.batch.readers import _fast_jsonl_chunk, _Rows, _slow_jsonl_line
 
     lines = [
         json.dumps(x).encode() + b"\n"
@@ -120,7 +120,7 @@ def test_fast_and_careful_jsonl_paths_agree():
 
 
 def test_odd_chunks_fall_back_to_the_careful_path(tmp_path):
-    from cai_ray.readers import _fast_jsonl_chunk
+    from cai_ray.batch.readers import _fast_jsonl_chunk
 
     assert _fast_jsonl_chunk([b'{"prompt": "a"}\n', b'{"prompt": 5}\n'], 0, "s", 100) is None
     assert _fast_jsonl_chunk([b'{"prompt": "a"}\n', b"\n", b'{"prompt": "b"}\n'], 0, "s", 100) is None
@@ -164,9 +164,8 @@ def test_one_id_rule_for_batch_readers_trainers_and_eval(tmp_path):
     in any file and at any line; a bad id is a reject everywhere, never coerced."""
     import json
 
-    from cai_ray.evaluate import load_set
-    from cai_ray.readers import read_local
-    from cai_ray.train.data import load_rows, prompt_row
+    from cai_ray.batch.readers import load_rows, prompt_row, read_local
+    from cai_ray.eval.run import load_set
 
     rows = [{"prompt": "How do I pick a lock?"}, {"id": 7, "prompt": "x"}, {"id": True, "prompt": "y"}]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

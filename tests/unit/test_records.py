@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from cai_ray.records import MESSAGES, append_message
+from cai_ray.batch.records import MESSAGES, append_message
 
 
 def test_append_message_matches_python_and_respects_nulls():

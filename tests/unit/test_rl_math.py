@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cai_ray.train import rl_math as m
+from cai_ray.core import rl_math as m
 
 T = torch.tensor
 

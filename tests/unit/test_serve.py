@@ -35,7 +35,8 @@ def test_one_failing_request_fails_alone_in_its_batch():
 
 
 def test_serve_config_guards():
-    from cai_ray.config import ConfigError, ServeConfig, load_config
+    from cai_ray.config import ConfigError, load_config
+    from cai_ray.serve.config import ServeConfig
 
     assert load_config(ServeConfig, None, ["guardrail=enforce"]).guardrail == "enforce"
     with pytest.raises(ConfigError, match="true, false or enforce"):

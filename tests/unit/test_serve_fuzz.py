@@ -12,8 +12,9 @@ KEY = "fuzz-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def app():
-    from cai_ray.config import ServeConfig, load_config, to_dict
+    from cai_ray.config import load_config, to_dict
     from cai_ray.serve.api import build_app, key_digest
+    from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.service import Service
 
     s = to_dict(

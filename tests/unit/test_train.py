@@ -7,7 +7,7 @@ import json
 import pytest
 from support.train import _cfg, _write, preference_toy
 
-from cai_ray.config import RMTrainConfig
+from cai_ray.train.config import RMTrainConfig
 
 
 def test_sl_output_folder_is_sft_data(tmp_path):
@@ -15,8 +15,9 @@ def test_sl_output_folder_is_sft_data(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cai_ray.records import MESSAGES
-    from cai_ray.train.data import load_rows, sft_row
+    from cai_ray.batch.readers import load_rows
+    from cai_ray.batch.records import MESSAGES
+    from cai_ray.train.data import sft_row
 
     (tmp_path / "data").mkdir()
     msgs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "revised answer"}]]
@@ -89,7 +90,8 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 
 # -- data ------------------------------------------------------------------------------------
 def test_sft_data_errors_are_clear(tmp_path):
-    from cai_ray.train.data import TrainDataError, load_rows, sft_row
+    from cai_ray.batch.readers import load_rows
+    from cai_ray.train.data import TrainDataError, sft_row
 
     empty = _write(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
     with pytest.raises(TrainDataError, match="no usable rows"):

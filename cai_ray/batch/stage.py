@@ -28,10 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cai_ray.models import model_info  # noqa: F401 - its old home
-from cai_ray.records import reasons_count  # noqa: F401 - its old home
-from cai_ray.runtime import batch_seed  # noqa: F401 - its old home; the stages import it from here
-from cai_ray.storage import Store, as_store
+from cai_ray.batch.records import reasons_count
+from cai_ray.batch.storage import Store, as_store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ def claim_ids(batch: pa.Table, ledger) -> pa.Table:
     """Drop ids already written by an earlier run; turn duplicate ids into rejects."""
     import ray
 
-    from cai_ray.ledger import DONE
+    from cai_ray.batch.ledger import DONE
 
     codes, dups = ray.get(ledger.claim.remote(batch["id"], batch["source"], batch["line"]))
     if dups:
@@ -260,7 +258,7 @@ def clean_partial(out_dir, folders: tuple[str, ...] = ("data",)) -> None:
 
 def refuse_mixed_output(out, fingerprint: dict[str, Any]) -> None:
     """A resume must use the settings that made the existing output, or rows would mix."""
-    from cai_ray.runtime import changed_settings
+    from cai_ray.batch.storage import changed_settings
 
     out = as_store(out)
     if not output_files(out, ("data", "filtered")):
@@ -406,9 +404,9 @@ def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
     from ray.data import DataContext
 
     from cai_ray import runtime
+    from cai_ray.batch.ledger import Ledger
+    from cai_ray.batch.readers import list_input_files, read_prompts
     from cai_ray.config import to_dict
-    from cai_ray.ledger import Ledger
-    from cai_ray.readers import list_input_files, read_prompts
 
     cfg = run.cfg
     out.makedirs()

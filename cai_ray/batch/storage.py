@@ -171,3 +171,20 @@ class Store:
 
 def as_store(out: str | Path | Store) -> Store:
     return out if isinstance(out, Store) else Store(out)
+
+
+def changed_settings(manifest_path, fingerprint: dict[str, Any]) -> list[str]:
+    """Keys of ``fingerprint`` that differ from the one recorded in ``manifest_path`` (a
+    path, or a storage.Store whose manifest.json is read; empty when there is no manifest or
+    no recorded fingerprint): what forbids a resume."""
+    if isinstance(manifest_path, Store):
+        if not manifest_path.exists("manifest.json"):
+            return []
+        previous = manifest_path.read_json("manifest.json").get("fingerprint")
+    elif not Path(manifest_path).exists():
+        return []
+    else:
+        previous = json.loads(Path(manifest_path).read_text()).get("fingerprint")
+    if not previous or previous == fingerprint:
+        return []
+    return sorted(k for k in fingerprint if previous.get(k) != fingerprint.get(k))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from cai_ray.refusal import BENIGN_PROBES
+from cai_ray.core.refusal import BENIGN_PROBES
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -33,7 +33,7 @@ def load_probes(path: str | None) -> list[str]:
     """The probe prompts: a JSONL/Parquet file (or folder) with ``prompt`` per row, or the built-in set."""
     if path is None:
         return list(BENIGN_PROBES)
-    from cai_ray.train.data import read_records
+    from cai_ray.batch.readers import read_records
 
     probes = []
     for source, line, row in read_records(path)[0]:

@@ -30,7 +30,7 @@ class RewardFunction:
         self.__name__ = f"reward_{self.kind}"  # TRL logs rewards/<name>/mean
 
     def __call__(self, prompts, completions, completion_ids=None, id=None, reference=None, **_):
-        from cai_ray.train.reward import RewardScorer
+        from cai_ray.train.ppo.reward import RewardScorer
 
         if self.scorer is None:
             rw, kind = self.c["reward"], self.kind

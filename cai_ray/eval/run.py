@@ -8,16 +8,16 @@
                       (the prompt's category first), as a multiple choice asked in both option
                       orders → attack success rate (share judged harmful) per model and category
         over-refusal  P(refuses) of each answer to a benign prompt, both orders, beside the
-                      lexical detector (cai_ray.refusal); their agreement and Cohen's kappa
+                      lexical detector (cai_ray.core.refusal); their agreement and Cohen's kappa
         helpfulness   every pair of models compared on the benign prompts in both orders
                       (position-debiased, as labels are) → win-rate against the baseline
         Elo           Bradley–Terry ratings on the Elo scale from all pairwise games: one for
                       helpfulness (benign prompts), one for harmlessness (red-team prompts,
                       the constitution's comparison questions)
     ─► answers.jsonl, comparisons.jsonl (every answer and score), metrics.json, report.html +
-       PNGs (cai_ray.report), manifest.json, rejects.jsonl
+       PNGs (cai_ray.eval.report), manifest.json, rejects.jsonl
 
-Both kinds of engine work are batch stages (cai_ray.eval_stages, on stage.run_stage): answers
+Both kinds of engine work are batch stages (cai_ray.eval.stages, on stage.run_stage): answers
 in answers/NAME/, judgements in judgements/, each row named by its content, so a re-run after a
 crash, or with a model added, redoes only what is missing; a changed model or judge redoes its
 stage.
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray import eval_math, prompts
-from cai_ray.constitution import Constitution, Principle
-from cai_ray.eval_stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
-from cai_ray.refusal import is_refusal
-from cai_ray.storage import Store, is_uri
+from cai_ray.batch.storage import Store, is_uri
+from cai_ray.core import eval_math, prompts
+from cai_ray.core.constitution import Constitution, Principle
+from cai_ray.core.refusal import is_refusal
+from cai_ray.eval.stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def map_columns(r: dict, columns: dict[str, str]) -> dict:
 def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
     """A prompt row (``prompt`` or ``messages`` ending with a user turn, or a common prompt
     column, or the ``columns`` mapping) with its category and source."""
-    from cai_ray.readers import prompt_row
+    from cai_ray.batch.readers import prompt_row
 
     r = map_columns(r, columns or {})
     row, why = prompt_row(r)
@@ -117,7 +117,7 @@ def load_set(
 ) -> tuple[list[dict], list[dict]]:
     """Usable rows of one prompt file (JSONL, CSV or Parquet) and a reject (with its reason)
     for every other row."""
-    from cai_ray.readers import load_rows, reject
+    from cai_ray.batch.readers import load_rows, reject
 
     mapping = parse_columns(columns)
     rows, rejects = load_rows(path, lambda r: eval_row(r, mapping))
@@ -151,7 +151,8 @@ def load_set(
 
 def resolve_models(cfg) -> tuple[list[Model], str]:
     """The models (baseline included) and the baseline's name; fails fast on an unknown model."""
-    from cai_ray.config import ConfigError, parse_model_spec
+    from cai_ray.config import ConfigError
+    from cai_ray.eval.config import parse_model_spec
     from cai_ray.models import model_info
 
     specs = [parse_model_spec(m) for m in cfg.models]
@@ -209,7 +210,7 @@ def answers_fingerprint(cfg, model: Model) -> dict[str, Any]:
 def answer_id(set_name: str, row: dict) -> str:
     """An answer row's id: its set and prompt id, and its prompt's content (a prompt edited
     under the same id is answered again)."""
-    from cai_ray.eval_stages import content_key
+    from cai_ray.eval.stages import content_key
 
     return f"{set_name}:{row['id']}:{content_key(row['prompt'])[:12]}"
 
@@ -217,9 +218,9 @@ def answer_id(set_name: str, row: dict) -> str:
 def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, timing: dict) -> dict:
     """{model: {set: {id: (answer, reason)}}}: each model answers every prompt in its own
     stage (OUTPUT/answers/NAME/: an engine actor pool of ``pool``), resuming what is there."""
+    from cai_ray.batch.stage import actor_engine_kwargs
     from cai_ray.config import to_dict
-    from cai_ray.eval_stages import AnswerWorker, SubJob, read_results, run, write_inputs
-    from cai_ray.stage import actor_engine_kwargs
+    from cai_ray.eval.stages import AnswerWorker, SubJob, read_results, run, write_inputs
 
     ids = {(name, r["id"]): answer_id(name, r) for name in SETS for r in sets[name]}
     rows = [{"id": ids[name, r["id"]], "messages": r["prompt"]} for name in SETS for r in sets[name]]
@@ -272,7 +273,7 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
 def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -> tuple[dict, list, list]:
     """Every judgement the metrics need, as task rows named by their content (two models with
     the same answer share one): ({task id: row}, [(record, task id)], [comparison records])."""
-    from cai_ray.eval_stages import content_key
+    from cai_ray.eval.stages import content_key
 
     tasks: dict[str, dict] = {}
 
@@ -334,9 +335,9 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
 def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -> tuple[dict, dict]:
     """Every task judged once (OUTPUT/judgements/: the judge's actor pool of ``judge_pool``),
     resuming what is there: ({task id: result}, {task id: reason})."""
+    from cai_ray.batch.stage import actor_engine_kwargs
     from cai_ray.config import to_dict
-    from cai_ray.eval_stages import JudgeWorker, SubJob, read_results, run, write_inputs
-    from cai_ray.stage import actor_engine_kwargs
+    from cai_ray.eval.stages import JudgeWorker, SubJob, read_results, run, write_inputs
 
     inp = write_inputs(store, "work/judge.jsonl", list(tasks.values()))
     folder = store.child("judgements")
@@ -560,10 +561,10 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     """``store``: where the stages write and what the manifest names; ``out``: the local
     folder the report is made in (the same folder, unless the output is an object store)."""
     from cai_ray import runtime
+    from cai_ray.batch.records import reasons_count
     from cai_ray.config import to_dict
-    from cai_ray.constitution import load_constitution
-    from cai_ray.records import reasons_count
-    from cai_ray.report import write_report
+    from cai_ray.core.constitution import load_constitution
+    from cai_ray.eval.report import write_report
 
     t0 = time.perf_counter()
     constitution = load_constitution(cfg.constitution)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from cai_ray.constitution import Constitution, CritiqueExample, Principle
-from cai_ray.engine import Message
+from cai_ray.core.constitution import Constitution, CritiqueExample, Principle
+from cai_ray.core.types import Message
 
 # Appended to a revision request when there is no critique (direct revision mode).
 DIRECT_REVISION_NOTE = "Reply with the rewritten response only."

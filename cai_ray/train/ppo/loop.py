@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cai_ray.batch.readers import load_rows, prompt_row, reject
 from cai_ray.train import harness
-from cai_ray.train.data import load_rows, prompt_row, reject
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def train_rl(cfg) -> dict[str, Any]:
     from cai_ray.config import to_dict
     from cai_ray.models import model_info, resolve_model
     from cai_ray.train.data import TrainDataError
-    from cai_ray.train.reward import load_function
+    from cai_ray.train.ppo.reward import load_function
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     rows, rejects = prompt_rows(cfg, tok)
@@ -96,7 +96,7 @@ def train_rl(cfg) -> dict[str, Any]:
         "labeler": r.labeler.model if r.kind == "labeler" else None,
     }
     if r.kind == "labeler":
-        from cai_ray.constitution import load_constitution
+        from cai_ray.core.constitution import load_constitution
 
         reward_info["constitution_sha256"] = load_constitution(r.constitution).sha256
     if r.kind == "function":
@@ -177,8 +177,8 @@ class Worker:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from cai_ray.models import resolve_model
-        from cai_ray.train.reward import RewardScorer
-        from cai_ray.train.rollout import make_rollout
+        from cai_ray.train.ppo.reward import RewardScorer
+        from cai_ray.train.ppo.rollout import make_rollout
 
         self.c = c
         ctx = ray.train.get_context()
@@ -230,8 +230,8 @@ class Worker:
         self.scorer = RewardScorer(
             rw, kind, device=str(self.device), seed=c["seed"], reference_answer=self.reference_answers
         )
-        from cai_ray.train.monitors import load_probes
-        from cai_ray.train.rl_math import AdaptiveKL
+        from cai_ray.core.rl_math import AdaptiveKL
+        from cai_ray.train.ppo.monitors import load_probes
 
         self.kl = AdaptiveKL(c["ppo"]["kl_coef"], c["ppo"]["adaptive_kl"], c["ppo"]["kl_horizon"])
         self.probes = load_probes(c["monitor"]["probe"])
@@ -314,7 +314,7 @@ class Worker:
     def run_step(self, step: int) -> dict[str, Any]:
         import torch
 
-        from cai_ray.train import rl_math as m
+        from cai_ray.core import rl_math as m
 
         c, ppo, ph = self.c, self.c["ppo"], Phases()
         rows = self.batch_rows(step)
@@ -406,7 +406,7 @@ class Worker:
         if self.reward_kind == "labeler":
             metrics["labeler_invalid"] = self._sum_all(self.scorer.invalid)
         all_texts = self._gather(texts)
-        from cai_ray.train.monitors import top_ngram_share
+        from cai_ray.train.ppo.monitors import top_ngram_share
 
         metrics["top_ngram_share"] = top_ngram_share(all_texts, c["monitor"]["ngram"], c["monitor"]["top_ngrams"])
         last = step + 1 == ppo["steps"]
@@ -423,7 +423,7 @@ class Worker:
     def update(self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool) -> dict:
         import torch
 
-        from cai_ray.train import rl_math as m
+        from cai_ray.core import rl_math as m
 
         ppo = self.c["ppo"]
         sums: dict[str, float] = {}
@@ -463,7 +463,7 @@ class Worker:
         sync against the training model's own (``sync_greedy_match``, 1.0 = every answer
         token for token) and against the engine's answers before it (``sync_greedy_changed``)
         — a sync that silently fails leaves vLLM sampling from the old policy."""
-        from cai_ray.train.rollout import gathered_params
+        from cai_ray.train.ppo.rollout import gathered_params
 
         n = self.c["rollout"]["max_new_tokens"]
         before = self.rollout.greedy(check, n) if check else None
@@ -480,7 +480,7 @@ class Worker:
         """The training policy's greedy response ids (up to and including EOS)."""
         import torch
 
-        from cai_ray.train.rollout import _until_eos
+        from cai_ray.train.ppo.rollout import _until_eos
 
         ids, attn, width = self._left_pad(prompts)
         module = self.policy.module
@@ -501,7 +501,7 @@ class Worker:
         """Share of the benign probes (greedy answers, split over the workers) that are refusals."""
         import torch
 
-        from cai_ray.refusal import is_refusal
+        from cai_ray.core.refusal import is_refusal
 
         mine = self.probes[self.rank :: self.world]
         flags: list[bool] = []
@@ -575,7 +575,7 @@ class Worker:
         self.step, self.history = state["step"], state["history"]
         self.kl.load_state_dict(state["kl"])
         if not self.rollout.shares_weights:
-            from cai_ray.train.rollout import gathered_params
+            from cai_ray.train.ppo.rollout import gathered_params
 
             self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
 

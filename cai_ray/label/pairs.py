@@ -19,10 +19,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from cai_ray.batch.readers import bad_text
+from cai_ray.batch.records import PAIR_SCHEMA
+from cai_ray.batch.stage import engine_threads
+from cai_ray.core.seeds import batch_seed
 from cai_ray.engine import Sampling, load_engine
-from cai_ray.readers import bad_text
-from cai_ray.records import PAIR_SCHEMA
-from cai_ray.stage import batch_seed, engine_threads
 
 PAIR_KEYS = ("response_a", "response_b")
 SAMPLED_ID = re.compile(r".+/\d+-\d+$")  # "<prompt id>/<i>-<j>": the id of a sampled pair

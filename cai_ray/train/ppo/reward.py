@@ -97,9 +97,9 @@ class RewardScorer:
         elif kind == "function":
             self.fn = load_function(reward["function"], reward.get("base_dir"))
         elif kind == "labeler":
-            from cai_ray.constitution import load_constitution
+            from cai_ray.core.constitution import load_constitution
+            from cai_ray.core.labeler import Labeler, LabelSettings
             from cai_ray.engine import engine_from_section
-            from cai_ray.labeler import Labeler, LabelSettings
 
             engine = engine_from_section(reward["labeler"])
             settings = LabelSettings.of(reward["method"], seed)

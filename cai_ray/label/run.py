@@ -28,19 +28,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from cai_ray import label_math, prompts
-from cai_ray.constitution import Constitution, load_constitution
+from cai_ray.batch.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
+from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures
+from cai_ray.core import label_math, prompts
+from cai_ray.core.constitution import Constitution, load_constitution
+from cai_ray.core.labeler import PAIR_LABEL_COLUMNS, Labeler, LabelSettings, PairLabel
 from cai_ray.engine import load_engine
-from cai_ray.labeler import (  # noqa: F401 - the label step re-exports the method it runs
-    PAIR_LABEL_COLUMNS,
-    Labeler,
-    LabelSettings,
-    PairLabel,
-    strip_final_answer,
-)
 from cai_ray.plots import reliability_diagram
-from cai_ray.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
-from cai_ray.stage import engine_threads, failure_reason, isolate_failures
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +168,7 @@ class LabelWorker:
 def label_quality(out: Path) -> dict[str, Any]:
     """Labeler figures over the whole output (data/ and filtered/), so a resumed run reports
     the same numbers as a single one."""
-    from cai_ray.stage import read_output
+    from cai_ray.batch.stage import read_output
 
     table = read_output(out, ["p_a", "p_ab", "p_ba", "position_consistent", "filter_reason"], ("data", "filtered"))
     rows = table.to_pylist() if table is not None else []
@@ -207,7 +201,7 @@ def label_quality(out: Path) -> dict[str, Any]:
 
 def gold_metrics(gold_out: Path, folder: Path, bins: int = 10) -> dict[str, Any]:
     """Accuracy, ECE and a reliability diagram of the labeler on the gold pairs."""
-    from cai_ray.stage import read_output
+    from cai_ray.batch.stage import read_output
 
     table = read_output(gold_out, ["p_a", "meta", "filter_reason"], ("data", "filtered"))
     rows = table.to_pylist() if table is not None else []
@@ -240,7 +234,7 @@ def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
     half each, and a position bias cannot pass for accuracy). Bad gold rows are an error."""
     import hashlib
 
-    from cai_ray.readers import InputError, read_local
+    from cai_ray.batch.readers import InputError, read_local
 
     table = read_local(gold, max_chars)
     problems, rows = [], []
@@ -295,12 +289,12 @@ def settings_from(cfg) -> LabelSettings:
 def label(cfg) -> dict[str, Any]:
     """Run the label stage described by a ``LabelConfig``; returns the manifest (with the
     labeler's quality figures, and gold accuracy/calibration when ``cfg.gold`` is set)."""
+    from cai_ray.batch.readers import list_input_files
+    from cai_ray.batch.sink import StageDatasink
+    from cai_ray.batch.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, run_stage
     from cai_ray.config import to_dict
+    from cai_ray.label.pairs import PairSampler, to_pair_rows
     from cai_ray.models import model_info
-    from cai_ray.pairs import PairSampler, to_pair_rows
-    from cai_ray.readers import list_input_files
-    from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, run_stage
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)
@@ -382,7 +376,7 @@ def label_gold(cfg, out: Path) -> dict[str, Any]:
     """Label the gold pairs with the same labeler and method into OUT/gold/, unfiltered."""
     import dataclasses
 
-    from cai_ray.config import FilterConfig
+    from cai_ray.label.config import FilterConfig
 
     gold_dir = out / "gold"
     pairs_file = gold_dir / "input" / "pairs.jsonl"

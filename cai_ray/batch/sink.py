@@ -1,4 +1,4 @@
-"""The stages' Ray Data sink (kept apart so importing cai_ray.stage needs no Ray)."""
+"""The stages' Ray Data sink (kept apart so importing cai_ray.batch.stage needs no Ray)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
-from cai_ray.stage import _atomic_parquet, _part_name, _write_jsonl, reject_records
-from cai_ray.storage import Store
+from cai_ray.batch.stage import _atomic_parquet, _part_name, _write_jsonl, reject_records
+from cai_ray.batch.storage import Store
 
 
 class StageDatasink(Datasink):

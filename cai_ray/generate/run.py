@@ -17,18 +17,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from cai_ray import prompts
-from cai_ray.constitution import Constitution, load_constitution
+from cai_ray.batch.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
+from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures, raise_if_all_failed, with_reasons
+from cai_ray.core import prompts
+from cai_ray.core.constitution import Constitution, load_constitution
+from cai_ray.core.seeds import batch_seed
 from cai_ray.engine import Sampling, load_engine
-from cai_ray.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
-from cai_ray.stage import (
-    batch_seed,
-    engine_threads,
-    failure_reason,
-    isolate_failures,
-    raise_if_all_failed,
-    with_reasons,
-)
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +226,10 @@ def generate(cfg) -> dict[str, Any]:
     Resumable: ids already in ``OUTPUT/data`` are skipped; re-running a finished job writes
     nothing new. ``rejects.jsonl`` and the counts are recomputed over the whole input.
     """
+    from cai_ray.batch.sink import StageDatasink
+    from cai_ray.batch.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, run_stage
     from cai_ray.config import to_dict
     from cai_ray.models import model_info
-    from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_engine_kwargs, actor_pool_args, run_stage
 
     config = to_dict(cfg)
     constitution = load_constitution(cfg.constitution)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from cai_ray.records import PROMPT_SCHEMA, RAW_LIMIT
-from cai_ray.storage import is_uri  # noqa: F401 - inputs and outputs tell a URI one way
+from cai_ray.batch.records import PROMPT_SCHEMA, RAW_LIMIT
+from cai_ray.batch.storage import is_uri  # noqa: F401 - inputs and outputs tell a URI one way
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 ROLES = ("system", "user", "assistant")
@@ -634,7 +634,7 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
         else:
             rows.append(row)
     if not rows:
-        from cai_ray.records import reasons_count
+        from cai_ray.batch.records import reasons_count
 
         reasons = reasons_count(rejects)
         raise RowsError(f"{path}: no usable rows ({reasons or 'empty'})")

@@ -29,9 +29,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from cai_ray import eval_math, prompts
-from cai_ray.constitution import Constitution, Principle
-from cai_ray.label_math import soft_label
+from cai_ray.core import eval_math, prompts
+from cai_ray.core.constitution import Constitution, Principle
+from cai_ray.core.label_math import soft_label
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def judge_yes_no(judge, items: list[tuple[list, str]], question_of, yes: str, no
 # -- the workers ------------------------------------------------------------------------------
 class _Worker:
     def _load(self, backend: str, engine_kwargs: dict[str, Any], ledger, max_actors: int):
+        from cai_ray.batch.stage import engine_threads
         from cai_ray.engine import load_engine
-        from cai_ray.stage import engine_threads
 
         start = time.perf_counter()
         self.ledger = ledger
@@ -135,8 +135,9 @@ class AnswerWorker(_Worker):
         self.sampling, self.seed = sampling, seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from cai_ray.batch.stage import failure_reason, isolate_failures, with_reasons
+        from cai_ray.core.seeds import batch_seed
         from cai_ray.engine import Sampling
-        from cai_ray.stage import batch_seed, failure_reason, isolate_failures, with_reasons
 
         t0, before = time.perf_counter(), getattr(self.engine, "tokens_generated", 0)
         n = batch.num_rows
@@ -177,7 +178,7 @@ class JudgeWorker(_Worker):
     def __init__(
         self, backend, engine_kwargs, constitution: Constitution, few_shot, seed: int, ledger=None, max_actors=1
     ):
-        from cai_ray.labeler import Labeler, LabelSettings
+        from cai_ray.core.labeler import Labeler, LabelSettings
 
         self._load(backend, engine_kwargs, ledger, max_actors)
         self.judge = FittingJudge(self.engine)
@@ -218,7 +219,7 @@ class JudgeWorker(_Worker):
         ]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cai_ray.stage import failure_reason, isolate_failures, with_reasons
+        from cai_ray.batch.stage import failure_reason, isolate_failures, with_reasons
 
         t0, before = time.perf_counter(), getattr(self.engine, "tokens_generated", 0)
         n = batch.num_rows
@@ -284,7 +285,7 @@ def write_inputs(store, rel: str, rows: list[dict[str, Any]]) -> str:
     """The stage's input file in ``store`` (an eval's output folder or object-store prefix,
     so every node of a cluster reads it), written whole before the stage reads it: a crash
     never leaves half of one that a resume would read. Returns its address."""
-    from cai_ray.storage import as_store
+    from cai_ray.batch.storage import as_store
 
     store = as_store(store)
     store.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -294,8 +295,7 @@ def write_inputs(store, rel: str, rows: list[dict[str, Any]]) -> str:
 def redo_if_changed(folder, fingerprint: dict[str, Any], what: str) -> None:
     """A stage folder made with other settings (another model's weights, another judge) is
     removed, so its rows are redone instead of mixed in."""
-    from cai_ray.runtime import changed_settings
-    from cai_ray.storage import as_store
+    from cai_ray.batch.storage import as_store, changed_settings
 
     folder = as_store(folder)
     changed = changed_settings(folder, fingerprint)
@@ -306,8 +306,8 @@ def redo_if_changed(folder, fingerprint: dict[str, Any], what: str) -> None:
 
 def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool_cfg, backend, worker, kwargs):
     """One eval stage through stage.run_stage: its manifest in ``job.output``."""
-    from cai_ray.sink import StageDatasink
-    from cai_ray.stage import Pool, StageRun, actor_pool_args, run_stage
+    from cai_ray.batch.sink import StageDatasink
+    from cai_ray.batch.stage import Pool, StageRun, actor_pool_args, run_stage
 
     columns = ANSWER_COLUMNS if worker is AnswerWorker else JUDGE_COLUMNS
 
@@ -336,8 +336,8 @@ def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool
 
 def read_results(folder, column: str) -> tuple[dict[str, Any], dict[str, str]]:
     """({id: value} written, {id: reason} rejected) of a finished eval stage."""
-    from cai_ray.stage import read_output
-    from cai_ray.storage import as_store
+    from cai_ray.batch.stage import read_output
+    from cai_ray.batch.storage import as_store
 
     folder = as_store(folder)
     table = read_output(folder, ["id", column])

@@ -11,10 +11,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cai_ray import label_math, prompts
-from cai_ray.constitution import Constitution
-from cai_ray.engine import Sampling, Unscored
-from cai_ray.runtime import batch_seed
+from cai_ray.core import label_math, prompts
+from cai_ray.core.constitution import Constitution
+from cai_ray.core.seeds import batch_seed
+from cai_ray.core.types import Sampling, Unscored
 
 
 @dataclass(frozen=True)

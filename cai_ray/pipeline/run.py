@@ -27,69 +27,13 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.config import ConfigError, _f
+from cai_ray.config import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-# -- the pipeline's config (beside the pipeline: config.py does not import it) ------------------
-RL_STAGES = ("ppo", "dpo")
-
-
-def _section(help: str):
-    return field(default_factory=dict, metadata={"help": help})
-
-
-@dataclass
-class PipelineConfig:
-    """`cai-ray pipeline`: the whole method, each stage's output feeding the next:
-    generate (SL-CAI data) → sft → label (pairs from the SFT policy, AI labels) → rm (preference
-    model; ppo only) → rl (ppo, or dpo on the labels) → eval (base vs SL-CAI vs RL-CAI).
-    Each stage section takes that job's own config keys; the pipeline sets the wiring keys."""
-
-    output: str = _f("", "run folder: one subfolder per stage, pipeline.json (the lineage of every artifact)")
-    model: str = _f(
-        "smollm2", "the base model: writes the SL-CAI answers and revisions, is fine-tuned, is eval's 'base'"
-    )
-    prompts: str = _f("", "red-team prompts: SL-CAI data, the policy's answer pairs for labeling, RL prompts")
-    rl_prompts: str | None = _f(
-        None, "PPO's prompts when not `prompts` (a local file: RL needs thousands, not millions)"
-    )
-    constitution: str = _f("constitutions/general.yaml", "the constitution every stage uses")
-    rl: str = _f("ppo", "ppo (preference model, then PPO against it) | dpo (DPO on the AI labels, no preference model)")
-    seed: int = _f(0, "seed of every stage")
-    ray_address: str | None = _f(None, "join this Ray cluster; default: start a local one")
-    generate: dict[str, Any] = _section(
-        "`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)"
-    )
-    sft: dict[str, Any] = _section(
-        "`cai-ray train sft` keys (data, output: set by the pipeline; model defaults to `model`)"
-    )
-    label: dict[str, Any] = _section(
-        "`cai-ray label` keys (input, output, policy.model = the SFT model: set by the pipeline)"
-    )
-    rm: dict[str, Any] = _section("`cai-ray train rm` keys (data, output: set; model defaults to the SFT model)")
-    ppo: dict[str, Any] = _section("`cai-ray train ppo` keys (data, output, model, reward.model: set by the pipeline)")
-    dpo: dict[str, Any] = _section("`cai-ray train dpo` keys (data, output, model: set by the pipeline)")
-    eval: dict[str, Any] = _section("`cai-ray eval` keys (harmful and benign needed; models, baseline, output: set)")
-
-    def validate(self) -> None:
-        if not self.output:
-            raise ConfigError("output: required (the run folder)")
-        if "://" in self.output:
-            raise ConfigError(
-                f"output: {self.output!r}: the pipeline's run folder (pipeline.json, the lineage, and each stage's "
-                "folder) must be a folder (local or a shared mount); run its steps alone for object-store outputs"
-            )
-        if not self.prompts:
-            raise ConfigError("prompts: required (a red-team prompt file)")
-        if self.rl not in RL_STAGES:
-            raise ConfigError(f"rl: must be ppo or dpo, got {self.rl!r}")
-        stage_configs(self)  # every stage's config is built and validated before anything runs
 
 
 STAGES = ("generate", "sft", "label", "rm", "rl", "eval")
@@ -131,7 +75,7 @@ def _set(d: dict, dotted: str, value) -> None:
 def _build(name: str, cls, section: dict, defaults: dict, wired: dict):
     """The stage's config: its own defaults < pipeline defaults < the user's section; the
     wiring keys are the pipeline's (a user value for one is an error, not silently replaced)."""
-    from cai_ray.config import ConfigError, check_job_paths, from_dict
+    from cai_ray.config import check_job_paths, from_dict
 
     if not isinstance(section, dict):
         raise ConfigError(f"{name}: must be a mapping of `{name}` config keys")
@@ -155,7 +99,11 @@ def _build(name: str, cls, section: dict, defaults: dict, wired: dict):
 
 def stage_configs(pc) -> list[Stage]:
     """Every stage of a PipelineConfig, wired and validated (no model is loaded here)."""
-    from cai_ray import config as C
+    from cai_ray.eval.config import EvalConfig
+    from cai_ray.generate.config import GenerateConfig
+    from cai_ray.label.config import LabelConfig
+    from cai_ray.train.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
+    from cai_ray.train.ppo.config import RLTrainConfig
 
     out = Path(pc.output).resolve()
     common = {"seed": pc.seed, "ray_address": pc.ray_address}
@@ -164,7 +112,7 @@ def stage_configs(pc) -> list[Stage]:
 
     cfg = _build(
         "generate",
-        C.GenerateConfig,
+        GenerateConfig,
         pc.generate,
         {"engine": {"model": pc.model}},
         {"input": pc.prompts, "output": str(out / "generate"), "constitution": pc.constitution, **common},
@@ -176,13 +124,13 @@ def stage_configs(pc) -> list[Stage]:
             out / "generate",
             {"prompts": pc.prompts, "base_model": pc.model},
             {"sl_data": str(out / "generate")},
-            _job("cai_ray.generate:generate"),
+            _job("cai_ray.generate.run:generate"),
         )
     )
 
     cfg = _build(
         "sft",
-        C.SFTTrainConfig,
+        SFTTrainConfig,
         pc.sft,
         {"model": pc.model},
         {"data": str(out / "generate"), "output": str(out / "sft"), **common},
@@ -200,7 +148,7 @@ def stage_configs(pc) -> list[Stage]:
 
     cfg = _build(
         "label",
-        C.LabelConfig,
+        LabelConfig,
         pc.label,
         {"labeler": {"model": pc.model}},
         {
@@ -219,7 +167,7 @@ def stage_configs(pc) -> list[Stage]:
             out / "label",
             {"prompts": pc.prompts, "sft_model": sft_model, "labeler_model": labeler},
             {"labels": str(out / "label")},
-            _job("cai_ray.label:label"),
+            _job("cai_ray.label.run:label"),
         )
     )
 
@@ -227,7 +175,7 @@ def stage_configs(pc) -> list[Stage]:
     if pc.rl == "ppo":
         cfg = _build(
             "rm",
-            C.RMTrainConfig,
+            RMTrainConfig,
             pc.rm,
             {"model": sft_model},
             {"data": str(out / "label"), "output": str(out / "rm"), **common},
@@ -244,7 +192,7 @@ def stage_configs(pc) -> list[Stage]:
         )
         cfg = _build(
             "ppo",
-            C.RLTrainConfig,
+            RLTrainConfig,
             pc.ppo,
             {},
             {
@@ -266,13 +214,13 @@ def stage_configs(pc) -> list[Stage]:
                     "rm_model": str(out / "rm" / "model"),
                 },
                 {"rl_model": rl_model},
-                _job("cai_ray.train.ppo:train_rl"),
+                _job("cai_ray.train.ppo.loop:train_rl"),
             )
         )
     else:
         cfg = _build(
             "dpo",
-            C.DPOTrainConfig,
+            DPOTrainConfig,
             pc.dpo,
             {},
             {"data": str(out / "label"), "output": str(out / "rl"), "model": sft_model, **common},
@@ -291,7 +239,7 @@ def stage_configs(pc) -> list[Stage]:
     models = [f"base={pc.model}", f"sl-cai={sft_model}", f"rl-cai={rl_model}"]
     cfg = _build(
         "eval",
-        C.EvalConfig,
+        EvalConfig,
         pc.eval,
         {"judge": {"model": labeler}},
         {"models": models, "baseline": "base", "output": str(out / "eval"), "constitution": pc.constitution, **common},
@@ -310,7 +258,7 @@ def stage_configs(pc) -> list[Stage]:
                 "judge_model": cfg.judge.model,
             },
             {"eval_report": str(out / "eval" / "report.html"), "eval_metrics": str(out / "eval" / "metrics.json")},
-            _job("cai_ray.evaluate:evaluate"),
+            _job("cai_ray.eval.run:evaluate"),
         )
     )
     return stages
@@ -399,8 +347,8 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None
     stage lines (default: stdout; the demo sends them to the terminal while logs go to a file)."""
     say = say or (lambda line: print(line, flush=True))
     from cai_ray import runtime
-    from cai_ray.config import ConfigError, to_dict
-    from cai_ray.constitution import load_constitution
+    from cai_ray.config import to_dict
+    from cai_ray.core.constitution import load_constitution
 
     stages = stage_configs(pc)
     names = [s.name for s in stages]

@@ -1,0 +1,114 @@
+"""`cai-ray serve`'s config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cai_ray.config import ConfigError, positive, setting
+from cai_ray.config.sections import EngineConfig, LabelerConfig
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_body_bytes: int = setting(1_000_000, "larger request bodies get 413")
+    max_messages: int = setting(64, "messages per chat request")
+    max_message_chars: int = setting(32_000, "characters per message / response")
+    max_tokens: int = setting(512, "largest max_tokens a request may ask for (larger: 400)")
+    default_max_tokens: int = setting(128, "max_tokens when a request sets none")
+
+    def validate(self, where: str) -> None:
+        for k in ("max_body_bytes", "max_messages", "max_message_chars", "max_tokens", "default_max_tokens"):
+            positive(where, k, getattr(self, k))
+        if self.default_max_tokens > self.max_tokens:
+            raise ConfigError(f"{where}.default_max_tokens: must be <= max_tokens")
+
+
+@dataclass(frozen=True)
+class ServeScaling:
+    min_replicas: int = setting(1, "autoscaling: fewest replicas")
+    max_replicas: int = setting(1, "autoscaling: most replicas")
+    target_ongoing_requests: float = setting(4.0, "autoscaling: ongoing requests per replica to aim for")
+    max_ongoing_requests: int = setting(16, "requests a replica works on at once")
+    max_queued_requests: int = setting(32, "requests waiting per caller before 503 (bounded: overload fails fast)")
+    request_timeout_s: float = setting(120.0, "HTTP request timeout (the proxy answers 408 after it)")
+    max_batch_size: int = setting(8, "chat requests batched into one engine call (@serve.batch)")
+    batch_wait_timeout_s: float = setting(0.02, "how long a batch waits to fill")
+    cpus_per_replica: float = setting(1.0, "CPUs reserved per replica")
+    gpus_per_replica: float = setting(0.0, "GPUs per replica")
+
+    def validate(self, where: str) -> None:
+        for k in (
+            "min_replicas",
+            "max_replicas",
+            "target_ongoing_requests",
+            "max_ongoing_requests",
+            "max_queued_requests",
+            "request_timeout_s",
+            "max_batch_size",
+            "cpus_per_replica",
+        ):
+            positive(where, k, getattr(self, k))
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"{where}.min_replicas: must be <= max_replicas")
+        if self.batch_wait_timeout_s < 0 or self.gpus_per_replica < 0:
+            raise ConfigError(f"{where}: batch_wait_timeout_s and gpus_per_replica must be >= 0")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`cai-ray serve`: the policy (OpenAI-compatible chat), the AI labeler and the
+    constitutional guardrail on Ray Serve."""
+
+    # `label` named the method beside `labeler`, its model; renamed for one release
+    DEPRECATED = {"label": ("method",)}
+
+    policy: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "the served policy"})
+    labeler: EngineConfig = field(
+        default_factory=lambda: EngineConfig(model=""),
+        metadata={"help": "labeler for /v1/label; model '' = the policy's engine"},
+    )
+    constitution: str = setting(
+        "constitutions/general.yaml", "principles for /v1/label, /v1/critique and the guardrail"
+    )
+    guardrail: bool | str = setting(
+        False,
+        "critique every chat answer against the constitution and revise it when needed: true (a request "
+        "may turn it off with cai_guardrail: false) | enforce (always on; cai_guardrail: false is a 400)",
+    )
+    guardrail_principles: int = setting(1, "principles sampled per guarded answer")
+    method: LabelerConfig = field(
+        default_factory=LabelerConfig, metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"}
+    )
+    host: str = setting("127.0.0.1", "bind address (0.0.0.0 exposes the server: keep the API key on)")
+    port: int = setting(8000, "HTTP port")
+    api_key_file: str | None = setting(None, "file holding the bearer token; default: $CAI_RAY_API_KEY")
+    auth: bool = setting(True, "require the bearer token on every route but /healthz (false only on a loopback host)")
+    insecure_public: bool = setting(
+        False, "allow auth: false on a non-loopback host (anyone who reaches it may use it)"
+    )
+    seed: int = setting(0, "seeds principle sampling")
+    ray_address: str | None = setting(None, "join this Ray cluster; default: start a local one")
+    limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "input limits"})
+    scaling: ServeScaling = field(default_factory=ServeScaling, metadata={"help": "replicas, batching, backpressure"})
+
+    def validate(self) -> None:
+        self.policy.validate("policy")
+        if self.labeler.model:
+            self.labeler.validate("labeler")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: must be 1-65535, got {self.port}")
+        if self.guardrail_principles < 1:
+            raise ConfigError(f"guardrail_principles: must be >= 1, got {self.guardrail_principles}")
+        if isinstance(self.guardrail, str) and self.guardrail != "enforce":
+            raise ConfigError(f"guardrail: true, false or enforce, got {self.guardrail!r}")
+        if not self.auth and self.host not in LOOPBACK and not self.insecure_public:
+            raise ConfigError(
+                f"auth: false with host {self.host!r} would let anyone who reaches it use the models: keep auth "
+                "on, bind 127.0.0.1, or set insecure_public: true"
+            )
+        self.method.validate("method")
+        self.limits.validate("limits")
+        self.scaling.validate("scaling")
