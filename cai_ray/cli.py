@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         action="append",
         metavar="[NAME=]MODEL",
-        help="a model to evaluate (repeat: --model base=smollm2 --model rl=out/rl/model)",
+        help="a model to evaluate (repeat: --model base=smollm2 --model rl-cai=out/ppo/model)",
     )
     ev.add_argument(
         "--baseline", metavar="NAME|MODEL", help="the model the others are compared with (default: the first)"
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--prompts", help="red-team prompt file")
     pl.add_argument("--rl", choices=["ppo", "dpo"], help="RL-CAI by PPO against a preference model, or DPO")
     pl.add_argument("--redo", metavar="STAGE", help="delete STAGE's output and every later stage's, and run them again")
-    pl.add_argument("--until", metavar="STAGE", help="stop after STAGE (generate|sft|label|rm|rl|eval)")
+    pl.add_argument("--until", metavar="STAGE", help="stop after STAGE (generate|sft|label|rm|ppo or dpo|eval)")
     pl.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sft.optim.epochs=2")
 

@@ -32,9 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument(
-        "--redo", choices=STAGES, help="delete this stage's output and every later one's, run them again"
+        "--redo", choices=(*STAGES, "rl"), help="delete this stage's output and every later one's, run them again"
     )
-    parser.add_argument("--until", choices=STAGES, help="stop after this stage")
+    parser.add_argument("--until", choices=(*STAGES, "rl"), help="stop after this stage")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     setup_logging()

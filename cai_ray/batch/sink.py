@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
-from cai_ray.batch.stage import _atomic_parquet, _part_name, _write_jsonl, reject_records
+from cai_ray.batch.stage import _atomic_parquet, _part_name, reject_records
 from cai_ray.batch.storage import Store
 
 
@@ -40,7 +40,7 @@ class StageDatasink(Datasink):
         if bad.num_rows:
             recs = reject_records(bad)
             name = _part_name([(r["source"], r["line"]) for r in recs]) + ".jsonl"
-            _write_jsonl(self.out, f"_rejects/{name}", recs)
+            self.out.write_jsonl(f"_rejects/{name}", recs)
         if self.filter_column and good.num_rows:
             # both halves of a block share one part name and record the other's size, so a
             # resume can tell a half-written block (drop_orphan_parts) from a whole one

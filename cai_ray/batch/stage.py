@@ -191,10 +191,6 @@ def reject_records(table: pa.Table) -> list[dict[str, Any]]:
     ]
 
 
-def _write_jsonl(store: Store, rel: str, recs: list[dict[str, Any]]) -> None:
-    store.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-
-
 def output_files(out_dir, folders: tuple[str, ...] = ("data",)) -> list[str]:
     """Finished parts only (temp files start with '.'), relative to the output folder."""
     store = as_store(out_dir)
@@ -224,7 +220,7 @@ def finalize_rejects(out_dir) -> list[dict[str, Any]]:
     for p in store.parts("_rejects", ".jsonl"):
         recs += [json.loads(line) for line in store.read_text(p).splitlines() if line]
     recs.sort(key=lambda r: (r["source"], r["line"]))
-    _write_jsonl(store, "rejects.jsonl", recs)
+    store.write_jsonl("rejects.jsonl", recs)
     return recs
 
 

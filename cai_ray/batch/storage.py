@@ -140,6 +140,10 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_text(rel))
 
+    def write_jsonl(self, rel: str, records: list[dict[str, Any]]) -> None:
+        """One JSON object per line, the file whole (rejects, a stage's input)."""
+        self.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
     def write_table(self, rel: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

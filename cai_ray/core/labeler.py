@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cai_ray.config.sections import LabelerConfig
 from cai_ray.core import label_math, prompts
 from cai_ray.core.constitution import Constitution
 from cai_ray.core.seeds import batch_seed
@@ -18,25 +19,18 @@ from cai_ray.core.types import Sampling, Unscored
 
 
 @dataclass(frozen=True)
-class LabelSettings:
-    """The labeling method (config.LabelerConfig as plain values)."""
+class LabelSettings(LabelerConfig):
+    """The labeling method as the labeler runs it: the ``method`` config section (its fields,
+    defaults and checks are ``LabelerConfig``'s, not repeated here) plus the run's seed."""
 
-    principles_per_pair: int = 1
-    both_orders: bool = True
-    few_shot: int | None = None
-    cot: bool = False
-    clamp_low: float = 0.4
-    clamp_high: float = 0.6
-    cot_max_new_tokens: int = 192
-    cot_temperature: float = 0.0
     seed: int = 0
 
     @classmethod
     def of(cls, section, seed: int) -> LabelSettings:
-        """From a ``label`` config section (a LabelerConfig, or its plain values as workers
-        and replicas receive them) and the run's seed: the one way these are built."""
+        """From a ``method`` config section (a LabelerConfig, or its plain values) and the
+        run's seed: the one way these are built."""
         values = section if isinstance(section, dict) else asdict(section)
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name != "seed"}, seed=seed)
+        return cls(**{f.name: values[f.name] for f in fields(LabelerConfig)}, seed=seed)
 
 
 # the PairLabel fields that become output columns as they are

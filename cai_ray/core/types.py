@@ -28,6 +28,12 @@ class Sampling:
     min_new_tokens: int = 0
     seed: int | None = 0
 
+    @classmethod
+    def of(cls, section, seed: int | None = 0) -> Sampling:
+        """From a ``sampling`` config section (SamplingConfig): the typed value Ray Data
+        actors receive; a batch's seed is set with ``dataclasses.replace``."""
+        return cls(section.temperature, section.top_p, section.max_new_tokens, section.min_new_tokens, seed)
+
     @property
     def greedy(self) -> bool:
         """Temperatures this close to 0 are greedy decoding: dividing logits by them

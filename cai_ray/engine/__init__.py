@@ -63,12 +63,14 @@ def load_engine(backend: str, **kwargs) -> Engine:
     return engine_class(backend)(**kwargs)
 
 
-def engine_from_section(section: dict, **overrides) -> Engine:
-    """The engine an ``engine``-style config section describes (its plain values, as
-    workers and replicas receive them)."""
+def engine_from_section(section, **overrides) -> Engine:
+    """The engine an ``engine``-style config section describes: an ``EngineConfig``, or its
+    plain values (as Ray Data actors and Serve replicas receive them)."""
     from cai_ray.config import EngineConfig
 
-    return load_engine(section["backend"], **{**EngineConfig(**section).engine_kwargs(), **overrides})
+    if isinstance(section, dict):
+        section = EngineConfig(**section)
+    return load_engine(section.backend, **{**section.engine_kwargs(), **overrides})
 
 
 WORD_JOINER = "\u2060"  # invisible, and no tokenizer's special token contains it

@@ -37,6 +37,7 @@ from cai_ray.batch.storage import Store, is_uri
 from cai_ray.core import eval_math, prompts
 from cai_ray.core.constitution import Constitution, Principle
 from cai_ray.core.refusal import is_refusal
+from cai_ray.engine import Sampling
 from cai_ray.eval.stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
 
 log = logging.getLogger(__name__)
@@ -225,10 +226,7 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
     ids = {(name, r["id"]): answer_id(name, r) for name in SETS for r in sets[name]}
     rows = [{"id": ids[name, r["id"]], "messages": r["prompt"]} for name in SETS for r in sets[name]]
     inp = write_inputs(store, "work/prompts.jsonl", rows)
-    s = cfg.sampling
-    sampling = dict(
-        temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens
-    )
+    sampling = Sampling.of(cfg.sampling)
     answers = {}
     for m in models:
         log.info(

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ import pyarrow as pa
 from cai_ray.core import eval_math, prompts
 from cai_ray.core.constitution import Constitution, Principle
 from cai_ray.core.label_math import soft_label
+from cai_ray.core.types import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,13 @@ class AnswerWorker(_Worker):
     A prompt the model cannot hold with its answer budget, or one the engine fails on alone,
     is that row's reject; the batch goes on."""
 
-    def __init__(self, backend, engine_kwargs, sampling: dict[str, Any], seed: int, ledger=None, max_actors=1):
+    def __init__(self, backend, engine_kwargs, sampling: Sampling, seed: int, ledger=None, max_actors=1):
         self._load(backend, engine_kwargs, ledger, max_actors)
         self.sampling, self.seed = sampling, seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cai_ray.batch.stage import failure_reason, isolate_failures, with_reasons
         from cai_ray.core.seeds import batch_seed
-        from cai_ray.engine import Sampling
 
         t0, before = time.perf_counter(), getattr(self.engine, "tokens_generated", 0)
         n = batch.num_rows
@@ -147,7 +147,7 @@ class AnswerWorker(_Worker):
         todo = [i for i in range(n) if reasons[i] is None]
         limit = getattr(self.engine, "context_length", None)
         if limit and todo:
-            budget = self.sampling["max_new_tokens"]
+            budget = self.sampling.max_new_tokens
             for i, tokens in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
                 if tokens + budget > limit:
                     reasons[i] = (
@@ -159,7 +159,7 @@ class AnswerWorker(_Worker):
 
         def call(items):
             seed = batch_seed(self.seed, [ids[i] for i in items], "eval-answer")
-            return self.engine.generate([convs[i] for i in items], Sampling(**self.sampling, seed=seed))
+            return self.engine.generate([convs[i] for i in items], replace(self.sampling, seed=seed))
 
         for i, got in zip(todo, isolate_failures(call, todo) if todo else []):
             if isinstance(got, BaseException):
@@ -288,7 +288,7 @@ def write_inputs(store, rel: str, rows: list[dict[str, Any]]) -> str:
     from cai_ray.batch.storage import as_store
 
     store = as_store(store)
-    store.write_text(rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    store.write_jsonl(rel, rows)
     return store.address(rel)
 
 

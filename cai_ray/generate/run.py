@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +40,7 @@ class SLWorker:
         critique: bool,
         few_shot: int | None,
         seed: int,
-        sampling: dict[str, Any],
+        sampling: Sampling,
         ledger=None,
         max_actors: int = 1,
         async_chains: bool = True,
@@ -72,7 +73,7 @@ class SLWorker:
         return with_template - bare + 8  # + a margin for merges at message boundaries
 
     def _generate(self, convs, ids, stage):
-        params = Sampling(**self.sampling, seed=batch_seed(self.seed, ids, stage))
+        params = replace(self.sampling, seed=batch_seed(self.seed, ids, stage))
         return self.engine.generate(convs, params)
 
     def _chains_batched(self, ids, convs, drawn):
@@ -110,7 +111,7 @@ class SLWorker:
         critique starts when *its* answer is done, so the engine's batch stays full of
         work instead of draining at every step. Each request is seeded by its row id and
         step, so a row's text does not depend on the batch it came in."""
-        params = Sampling(**self.sampling)
+        params = self.sampling
         eng = self.engine
 
         async def chain(rid, conv, principles):
@@ -160,7 +161,7 @@ class SLWorker:
 
         # Reject prompts the model cannot hold: template + prompt + every generation budget.
         n_gen = 3 if self.critique else 2
-        budget = n_gen * self.sampling["max_new_tokens"] + self.overhead
+        budget = n_gen * self.sampling.max_new_tokens + self.overhead
         counts = self.engine.token_counts([convs_all[i] for i in todo]) if todo else []
         for i, tokens in zip(todo, counts):
             if tokens + budget > self.engine.context_length:
@@ -246,7 +247,7 @@ def generate(cfg) -> dict[str, Any]:
                 critique=cfg.critique,
                 few_shot=cfg.few_shot,
                 seed=cfg.seed,
-                sampling=config["sampling"],
+                sampling=Sampling.of(cfg.sampling),
                 ledger=ledger,
                 max_actors=pool.max_actors,
                 async_chains=cfg.async_chains,

@@ -15,6 +15,7 @@ import itertools
 import json
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ from cai_ray.batch.readers import bad_text
 from cai_ray.batch.records import PAIR_SCHEMA
 from cai_ray.batch.stage import engine_threads
 from cai_ray.core.seeds import batch_seed
-from cai_ray.engine import Sampling, load_engine
+from cai_ray.engine import load_engine
 
 PAIR_KEYS = ("response_a", "response_b")
 SAMPLED_ID = re.compile(r".+/\d+-\d+$")  # "<prompt id>/<i>-<j>": the id of a sampled pair
@@ -143,7 +144,7 @@ class PairSampler:
         given_b = batch["response_b"].to_pylist()
         todo = [i for i in range(batch.num_rows) if reasons[i] is None and given_a[i] is None]
         convs = batch["prompt_messages"].to_pylist() if todo else []
-        budget = self.sampling["max_new_tokens"]
+        budget = self.sampling.max_new_tokens
         for i, n in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
             if n + budget > self.engine.context_length:
                 reasons[i] = (
@@ -155,7 +156,7 @@ class PairSampler:
         tokens_before = getattr(self.engine, "tokens_generated", 0)
         if todo:
             k = self.samples
-            params = Sampling(**self.sampling, seed=batch_seed(self.seed, [ids[i] for i in todo], "pairs"))
+            params = replace(self.sampling, seed=batch_seed(self.seed, [ids[i] for i in todo], "pairs"))
             texts = self.engine.generate([convs[i] for i in todo for _ in range(k)], params)
             for j, i in enumerate(todo):
                 answers[i] = distinct_answers(texts[j * k : (j + 1) * k])

@@ -33,7 +33,7 @@ from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures
 from cai_ray.core import label_math, prompts
 from cai_ray.core.constitution import Constitution, load_constitution
 from cai_ray.core.labeler import PAIR_LABEL_COLUMNS, Labeler, LabelSettings, PairLabel
-from cai_ray.engine import load_engine
+from cai_ray.engine import Sampling, load_engine
 from cai_ray.plots import reliability_diagram
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def label(cfg) -> dict[str, Any]:
                     engine_kwargs=actor_engine_kwargs(cfg.policy),
                     samples=cfg.pairs.samples,
                     pairing=cfg.pairs.pairing,
-                    sampling=config["sampling"],
+                    sampling=Sampling.of(cfg.sampling),
                     seed=cfg.seed,
                     ledger=ledger,
                     max_actors=cfg.policy_pool.max_actors,

@@ -1,9 +1,13 @@
 """The whole method as one resumable run: each stage's output is the next stage's input.
 
     prompts ─► generate ─► OUT/generate ─► sft ─► OUT/sft/model ─┬─► label (policy = SFT) ─► OUT/label
-                                                                │        ├─► rm ─► OUT/rm/model ─► ppo ─► OUT/rl/model
-                                                                │        └─────────────────────── dpo ─► OUT/rl/model
-    eval: base (model) vs sl-cai (OUT/sft/model) vs rl-cai (OUT/rl/model) ─► OUT/eval/report.html
+                                                                │        ├─► rm ─► OUT/rm/model ─► ppo ─► OUT/ppo/model
+                                                                │        └─────────────────────── dpo ─► OUT/dpo/model
+    eval: base (model) vs sl-cai (OUT/sft/model) vs rl-cai (OUT/ppo|dpo/model) ─► OUT/eval/report.html
+
+Every stage has the name of its command (`cai-ray generate`, `train sft`, `label`, `train rm`,
+`train ppo` or `train dpo`, `eval`), and so do its folder and its manifest's ``stage``; an
+artifact is named after the stage that makes it (``generate_data``, ``sft_model``, ...).
 
 A stage is the same job a user runs alone (`cai-ray generate`, `train sft`, ...), with its
 config built from the pipeline file's section for it plus the wiring keys (inputs, outputs,
@@ -36,7 +40,7 @@ from cai_ray.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-STAGES = ("generate", "sft", "label", "rm", "rl", "eval")
+STAGES = ("generate", "sft", "label", "rm", "ppo", "dpo", "eval")  # a pipeline runs ppo or dpo (`rl`)
 EVAL_NAMES = ("base", "sl-cai", "rl-cai")
 
 
@@ -123,7 +127,7 @@ def stage_configs(pc) -> list[Stage]:
             cfg,
             out / "generate",
             {"prompts": pc.prompts, "base_model": pc.model},
-            {"sl_data": str(out / "generate")},
+            {"generate_data": str(out / "generate")},
             _job("cai_ray.generate.run:generate"),
         )
     )
@@ -140,7 +144,7 @@ def stage_configs(pc) -> list[Stage]:
             "sft",
             cfg,
             out / "sft",
-            {"sl_data": str(out / "generate"), "base_model": cfg.model},
+            {"generate_data": str(out / "generate"), "base_model": cfg.model},
             {"sft_model": sft_model},
             _job("cai_ray.train.sft:train_sft"),
         )
@@ -166,12 +170,13 @@ def stage_configs(pc) -> list[Stage]:
             cfg,
             out / "label",
             {"prompts": pc.prompts, "sft_model": sft_model, "labeler_model": labeler},
-            {"labels": str(out / "label")},
+            {"label_data": str(out / "label")},
             _job("cai_ray.label.run:label"),
         )
     )
 
-    rl_model = str(out / "rl" / "model")
+    rl_out = out / pc.rl  # the RL-CAI stage: ppo/ or dpo/
+    rl_model = str(rl_out / "model")
     if pc.rl == "ppo":
         cfg = _build(
             "rm",
@@ -185,7 +190,7 @@ def stage_configs(pc) -> list[Stage]:
                 "rm",
                 cfg,
                 out / "rm",
-                {"labels": str(out / "label"), "init_model": cfg.model},
+                {"label_data": str(out / "label"), "init_model": cfg.model},
                 {"rm_model": str(out / "rm" / "model")},
                 _job("cai_ray.train.rm:train_rm"),
             )
@@ -197,7 +202,7 @@ def stage_configs(pc) -> list[Stage]:
             {},
             {
                 "data": pc.rl_prompts or pc.prompts,
-                "output": str(out / "rl"),
+                "output": str(rl_out),
                 "model": sft_model,
                 "reward.model": str(out / "rm" / "model"),
                 **common,
@@ -205,15 +210,15 @@ def stage_configs(pc) -> list[Stage]:
         )
         stages.append(
             Stage(
-                "rl",
+                "ppo",
                 cfg,
-                out / "rl",
+                rl_out,
                 {
                     "rl_prompts": pc.rl_prompts or pc.prompts,
                     "sft_model": sft_model,
                     "rm_model": str(out / "rm" / "model"),
                 },
-                {"rl_model": rl_model},
+                {"ppo_model": rl_model},
                 _job("cai_ray.train.ppo.loop:train_rl"),
             )
         )
@@ -223,15 +228,15 @@ def stage_configs(pc) -> list[Stage]:
             DPOTrainConfig,
             pc.dpo,
             {},
-            {"data": str(out / "label"), "output": str(out / "rl"), "model": sft_model, **common},
+            {"data": str(out / "label"), "output": str(rl_out), "model": sft_model, **common},
         )
         stages.append(
             Stage(
-                "rl",
+                "dpo",
                 cfg,
-                out / "rl",
-                {"labels": str(out / "label"), "sft_model": sft_model},
-                {"rl_model": rl_model},
+                rl_out,
+                {"label_data": str(out / "label"), "sft_model": sft_model},
+                {"dpo_model": rl_model},
                 _job("cai_ray.train.dpo:train_dpo"),
             )
         )
@@ -252,7 +257,7 @@ def stage_configs(pc) -> list[Stage]:
             {
                 "base_model": pc.model,
                 "sft_model": sft_model,
-                "rl_model": rl_model,
+                f"{pc.rl}_model": rl_model,
                 "harmful": cfg.harmful,
                 "benign": cfg.benign,
                 "judge_model": cfg.judge.model,
@@ -352,17 +357,23 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None
 
     stages = stage_configs(pc)
     names = [s.name for s in stages]
+    if "rl" in (redo, until):  # the RL-CAI stage's name before stages had their commands' names
+        log.warning(
+            "pipeline: stage 'rl' is now %r (its command, `train %s`); the old name will be removed", pc.rl, pc.rl
+        )
+        redo, until = (pc.rl if v == "rl" else v for v in (redo, until))
     for opt, value in (("--redo", redo), ("--until", until)):
         if value is not None and value not in names:
             raise ConfigError(
                 f"{opt}: unknown stage {value!r}; this pipeline's stages (rl={pc.rl}): {', '.join(names)}"
             )
     out = Path(pc.output).resolve()
-    old = [name for name in ("sl_data", "labels") if (out / name).is_dir()]
-    if old:  # the folder names before every step had one name (generate/, label/)
+    old = {"sl_data": "generate/", "labels": "label/", "rl": "ppo/ or dpo/"}
+    old = [f"{name}/ is now {new}" for name, new in old.items() if (out / name).is_dir()]
+    if old:  # the folder names before every stage had its command's name
         raise ConfigError(
-            f"{out} holds a run of an earlier cai-ray ({', '.join(n + '/' for n in old)}: now generate/ and "
-            "label/, the steps' names); use a new --output, or delete this one"
+            f"{out} holds a run of an earlier cai-ray ({'; '.join(old)}: each stage's folder has its command's "
+            "name); use a new --output, or delete this one"
         )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"

@@ -18,7 +18,7 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_ray.engine import Sampling
+from cai_ray.serve.config import ServeConfig
 from cai_ray.serve.service import RequestError
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
@@ -154,13 +155,13 @@ async def _reply(send, status: int, message: str, kind: str = "invalid_request_e
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> FastAPI:
+def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI:
     """The FastAPI app over ``service`` (a ``Service``). ``key_sha256`` None = no auth
     (only when ``auth: false``)."""
-    limits = settings["limits"]
+    limits = settings.limits
     app = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
 
-    app.add_middleware(RequestGuard, key_sha256=key_sha256, max_bytes=limits["max_body_bytes"])
+    app.add_middleware(RequestGuard, key_sha256=key_sha256, max_bytes=limits.max_body_bytes)
 
     def authorised(request: Request) -> None:
         """Declares the scheme in the OpenAPI schema; RequestGuard has checked it already."""
@@ -207,24 +208,24 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
             )
 
     def check_sizes(msgs: list[dict]) -> None:
-        if len(msgs) > limits["max_messages"]:
-            raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits['max_messages']}")
+        if len(msgs) > limits.max_messages:
+            raise HTTPException(400, f"{len(msgs)} messages; this server takes at most {limits.max_messages}")
         for i, m in enumerate(msgs):
-            if len(m["content"]) > limits["max_message_chars"]:
+            if len(m["content"]) > limits.max_message_chars:
                 raise HTTPException(
-                    400, f"messages[{i}] has {len(m['content'])} characters; the limit is {limits['max_message_chars']}"
+                    400, f"messages[{i}] has {len(m['content'])} characters; the limit is {limits.max_message_chars}"
                 )
 
     def check_text(name: str, text: str) -> None:
         if not text.strip():
             raise HTTPException(400, f"'{name}' is empty")
-        if len(text) > limits["max_message_chars"]:
-            raise HTTPException(400, f"'{name}' has {len(text)} characters; the limit is {limits['max_message_chars']}")
+        if len(text) > limits.max_message_chars:
+            raise HTTPException(400, f"'{name}' has {len(text)} characters; the limit is {limits.max_message_chars}")
 
     def budget(requested: int | None) -> int:
-        n = requested or limits["default_max_tokens"]
-        if n > limits["max_tokens"]:
-            raise HTTPException(400, f"max_tokens {n} is over this server's limit of {limits['max_tokens']}")
+        n = requested or limits.default_max_tokens
+        if n > limits.max_tokens:
+            raise HTTPException(400, f"max_tokens {n} is over this server's limit of {limits.max_tokens}")
         return n
 
     async def check_context(msgs: list[dict], max_tokens: int) -> int:
@@ -294,10 +295,10 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         if req.min_tokens > max_tokens:
             raise HTTPException(400, f"min_tokens {req.min_tokens} is over max_tokens {max_tokens}")
         prompt_tokens = await check_context(msgs, max_tokens)
-        enforced = settings["guardrail"] == "enforce"
+        enforced = settings.guardrail == "enforce"
         if enforced and req.cai_guardrail is False:
             raise HTTPException(400, "this server enforces its guardrail: cai_guardrail cannot be false")
-        guard = bool(settings["guardrail"]) if req.cai_guardrail is None else req.cai_guardrail
+        guard = bool(settings.guardrail) if req.cai_guardrail is None else req.cai_guardrail
         if guard and req.continue_final_message:
             raise HTTPException(
                 400,
@@ -312,7 +313,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
             top_p=req.top_p,
             max_new_tokens=max_tokens,
             min_new_tokens=req.min_tokens,
-            seed=settings["seed"] if req.seed is None else req.seed,
+            seed=settings.seed if req.seed is None else req.seed,
         )
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -378,7 +379,7 @@ def build_app(service, settings: dict[str, Any], key_sha256: str | None) -> Fast
         await service.check_critique_room(
             msgs, req.response, [service.constitution.principle(req.principle_id)], max_tokens
         )
-        sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_tokens, seed=settings["seed"])
+        sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_tokens, seed=settings.seed)
         return await service.critique(msgs, req.response, req.principle_id, sampling)
 
     return app

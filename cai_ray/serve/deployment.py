@@ -8,6 +8,7 @@ every request goes straight to vLLM's async engine, which batches continuously.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from ray import serve
 
 from cai_ray.engine import Sampling
+from cai_ray.serve.config import ServeConfig
 from cai_ray.serve.service import RequestError, Service, answer_batch
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,12 @@ class CAIServer(Service):
     that cannot answer (a dead vLLM engine-core) marks the replica unhealthy and Serve
     replaces it."""
 
-    def __init__(self, settings: dict[str, Any], key_sha256: str | None):
+    def __init__(self, settings: ServeConfig, key_sha256: str | None):
         super().__init__(settings)
         self.key_sha256 = key_sha256
-        sc = settings["scaling"]
-        self._batched.set_max_batch_size(sc["max_batch_size"])
-        self._batched.set_batch_wait_timeout_s(sc["batch_wait_timeout_s"])
+        sc = settings.scaling
+        self._batched.set_max_batch_size(sc.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(sc.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
         from cai_ray.serve.api import build_app
@@ -53,26 +55,26 @@ class CAIServer(Service):
         return await answer_batch(lambda convs, s: self._run(self.policy.generate, convs, s), items)
 
 
-def deployment(settings: dict[str, Any], key_sha256: str | None):
+def deployment(settings: ServeConfig, key_sha256: str | None):
     """The bound application for ``serve.run``, with scaling and backpressure from config."""
-    sc = settings["scaling"]
+    sc = settings.scaling
     autoscaling = None
-    if sc["max_replicas"] > sc["min_replicas"]:
+    if sc.max_replicas > sc.min_replicas:
         autoscaling = {
-            "min_replicas": sc["min_replicas"],
-            "max_replicas": sc["max_replicas"],
-            "target_ongoing_requests": sc["target_ongoing_requests"],
+            "min_replicas": sc.min_replicas,
+            "max_replicas": sc.max_replicas,
+            "target_ongoing_requests": sc.target_ongoing_requests,
         }
     opts: dict[str, Any] = {
         "name": "CAIServer",
-        "max_ongoing_requests": sc["max_ongoing_requests"],
-        "max_queued_requests": sc["max_queued_requests"],
-        "ray_actor_options": {"num_cpus": sc["cpus_per_replica"], "num_gpus": sc["gpus_per_replica"]},
+        "max_ongoing_requests": sc.max_ongoing_requests,
+        "max_queued_requests": sc.max_queued_requests,
+        "ray_actor_options": {"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
     }
     if autoscaling:
         opts["autoscaling_config"] = autoscaling
     else:
-        opts["num_replicas"] = sc["min_replicas"]
+        opts["num_replicas"] = sc.min_replicas
     return serve.deployment(CAIServer).options(**opts).bind(settings, key_sha256)
 
 
@@ -109,14 +111,12 @@ def start(cfg) -> str:
 
 
 def application(cfg):
-    """The bound app of a ServeConfig (settings as plain values, the key as its digest), and
-    whether auth is on."""
-    from cai_ray.config import to_dict
+    """The bound app of a ServeConfig (the config itself travels to the replicas, with its
+    constitution's absolute path; the key as its digest), and whether auth is on."""
     from cai_ray.serve.api import key_digest
 
     key = api_key(cfg)
-    settings = to_dict(cfg)
-    settings["constitution"] = str(Path(cfg.constitution).resolve())
+    settings = dataclasses.replace(cfg, constitution=str(Path(cfg.constitution).resolve()))
     return deployment(settings, key_digest(key) if key else None), key is not None
 
 

@@ -15,6 +15,7 @@ from cai_ray.core import prompts
 from cai_ray.core.constitution import load_constitution
 from cai_ray.core.labeler import Labeler, LabelSettings
 from cai_ray.engine import Sampling, engine_from_section
+from cai_ray.serve.config import ServeConfig
 
 
 class RequestError(ValueError):
@@ -22,20 +23,18 @@ class RequestError(ValueError):
 
 
 class Service:
-    def __init__(self, settings: dict[str, Any]):
-        """``settings``: the ServeConfig as a dict (plain values travel to replicas)."""
+    def __init__(self, settings: ServeConfig):
+        """``settings``: the app's frozen ServeConfig (what travels to every replica)."""
         self.settings = settings
-        pol = settings["policy"]
+        pol = settings.policy
         self.policy = engine_from_section(pol)
-        lab = settings["labeler"]
-        same = not lab["model"] or (lab["model"], lab["backend"]) == (pol["model"], pol["backend"])
+        lab = settings.labeler
+        same = not lab.model or (lab.model, lab.backend) == (pol.model, pol.backend)
         self.labeler_engine = self.policy if same else engine_from_section(lab)
-        self.policy_name = pol["model"]
-        self.labeler_name = pol["model"] if same else lab["model"]
-        self.constitution = load_constitution(settings["constitution"])
-        self.labeler = Labeler(
-            self.labeler_engine, self.constitution, LabelSettings.of(settings["method"], settings["seed"])
-        )
+        self.policy_name = pol.model
+        self.labeler_name = pol.model if same else lab.model
+        self.constitution = load_constitution(settings.constitution)
+        self.labeler = Labeler(self.labeler_engine, self.constitution, LabelSettings.of(settings.method, settings.seed))
         self.shots = prompts.few_shot_turns(self.constitution, None)
         # hf engines are not thread-safe: one call at a time. An async engine (vLLM) takes
         # every request as it comes and batches them itself (continuous batching).
@@ -102,7 +101,7 @@ class Service:
                 )
 
     def guard_principles(self, key: str) -> list:
-        return self.constitution.sample_distinct(key, self.settings["guardrail_principles"], self.settings["seed"])
+        return self.constitution.sample_distinct(key, self.settings.guardrail_principles, self.settings.seed)
 
     # -- chat ---------------------------------------------------------------------------------
     async def generate(self, messages: list[dict], sampling: Sampling) -> str:

@@ -21,20 +21,20 @@ from cai_ray.train.data import pref_row, reject_long
 load_base = harness.load_causal_lm
 
 
-def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
+def build(job: harness.WorkerJob, work: Path, callbacks: list | None = None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tok, model = load_base(c)
-    lora = harness.lora_config(c, "CAUSAL_LM")
+    tok, model = load_base(job)
+    lora = harness.lora_config(job, "CAUSAL_LM")
     # the frozen reference: loaded here, before the DeepSpeed config exists, because TRL would
     # load it under ZeRO-3's zero.Init before DeepSpeed's process group is up (and fail);
     # with LoRA the reference is the policy with its adapters off
-    ref = None if lora else load_base(c)[1]
+    ref = None if lora else load_base(job)[1]
     args = harness.training_args(
-        DPOConfig, c, work, beta=c["beta"], loss_type=[c["loss_type"]], label_smoothing=c["label_smoothing"]
+        DPOConfig, job, work, beta=job.cfg.beta, loss_type=[job.cfg.loss_type], label_smoothing=job.cfg.label_smoothing
     )
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in c["rows"]]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in job.rows]
     return DPOTrainer(
         model=model,
         ref_model=ref,
@@ -56,4 +56,4 @@ def train_dpo(cfg) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
     settings = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
-    return harness.run("dpo", cfg, rows, rejects + long_rows, loop_extra=settings, fingerprint_extra=settings)
+    return harness.run("dpo", cfg, rows, rejects + long_rows, fingerprint_extra=settings)

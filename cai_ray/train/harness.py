@@ -1,11 +1,11 @@
 """The harness every trainer runs in: Ray Train workers, DeepSpeed ZeRO, checkpoints, outputs.
 
     driver: rows ─► manifest (fingerprint, data lineage) ─► TorchTrainer(N workers) ─► loss.png, manifest
-    worker: restore Ray Train checkpoint ─► build(c) → TRL trainer ─► train ─► save OUTPUT/model
+    worker: restore Ray Train checkpoint ─► build(job) → TRL trainer ─► train ─► save OUTPUT/model
             (LoRA merged) ─► rank 0: metrics.json (+ the trainer's own after_save metrics)
 
-A trainer module (sft, rm, dpo) supplies ``load_base(c)`` (tokenizer and model),
-``build(c, work, callbacks)`` returning a TRL trainer, and may supply ``after_save(c, model_dir, out)`` for metrics computed on the saved
+A trainer module (sft, rm, dpo) supplies ``load_base(job)`` (tokenizer and model),
+``build(job, work, callbacks)`` returning a TRL trainer, and may supply ``after_save(job, model_dir, out)`` for metrics computed on the saved
 model (the preference model's held-out accuracy). ``c`` holds plain values only: it travels
 to the workers.
 """
@@ -16,12 +16,31 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import shutil
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker receives: the job's own config object (frozen, with its
+    typed sections) and the facts the driver settled for this run. No hand-built dicts."""
+
+    kind: str  # sft | rm | dpo | ppo | grpo | rloo
+    cfg: Any  # the trainer's config: SFTTrainConfig, RMTrainConfig, DPOTrainConfig, RLTrainConfig
+    rows: tuple[dict[str, Any], ...]  # the training rows (validated by the driver)
+    output: str  # this machine's output folder (a staging folder when the output is an object store)
+    use_gpu: bool
+    store: str | None = None  # the object-store output rank 0 publishes to
+    extra: Any = None  # the trainer's own frozen facts (the preference model's held-out pairs)
+    base_dir: str = ""  # the driver's working dir: relative files the config names, for workers running elsewhere
+    rank: int = 0
+
 
 TITLES = {
     "sft": "SFT loss",
@@ -36,61 +55,61 @@ MODULES = {"grpo": "cai_ray.train.ppo.critic_free", "rloo": "cai_ray.train.ppo.c
 
 
 # -- on every worker ------------------------------------------------------------------------
-def precision(c: dict[str, Any]) -> tuple[bool, bool]:
+def precision(job: WorkerJob) -> tuple[bool, bool]:
     """(use CUDA, bf16) for this worker."""
     import torch
 
-    cuda = torch.cuda.is_available() and bool(c["use_gpu"])
-    return cuda, c["dtype"] == "bfloat16" or (c["dtype"] == "auto" and cuda)
+    cuda = torch.cuda.is_available() and bool(job.use_gpu)
+    return cuda, job.cfg.optim.dtype == "bfloat16" or (job.cfg.optim.dtype == "auto" and cuda)
 
 
-def training_args(args_cls, c: dict[str, Any], work: Path, **extra):
+def training_args(args_cls, job: WorkerJob, work: Path, **extra):
     """The TRL config (SFTConfig, RewardConfig, DPOConfig: all TrainingArguments) shared by
     every trainer: steps, batch, optimiser, precision, ZeRO, checkpoint cadence."""
     from cai_ray.train.zero import zero_config
 
-    cuda, bf16 = precision(c)
+    cuda, bf16 = precision(job)
     if "max_length" in args_cls.__dataclass_fields__:  # GRPO/RLOO bound the completion instead
-        extra.setdefault("max_length", c["max_length"])
-    return args_cls(
+        extra.setdefault("max_length", job.cfg.optim.max_length)
+    settings = dict(
         output_dir=str(work / "hf"),
-        num_train_epochs=c["epochs"],
-        max_steps=c["max_steps"],
-        learning_rate=c["learning_rate"],
-        per_device_train_batch_size=c["per_worker_batch_size"],
-        gradient_accumulation_steps=c["grad_accum"],
-        warmup_steps=c["warmup_ratio"],  # a float in [0, 1) is a ratio of the total steps
+        num_train_epochs=job.cfg.optim.epochs,
+        max_steps=job.cfg.optim.max_steps,
+        learning_rate=job.cfg.optim.learning_rate,
+        per_device_train_batch_size=job.cfg.optim.per_worker_batch_size,
+        gradient_accumulation_steps=job.cfg.optim.grad_accum,
+        warmup_steps=job.cfg.optim.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         bf16=bf16,
         use_cpu=not cuda,
-        deepspeed=zero_config(c["zero"], c["offload"]),
+        deepspeed=zero_config(job.cfg.zero, job.cfg.offload),
         logging_steps=1,
         save_strategy="steps",
-        save_steps=c["every_steps"],
-        save_total_limit=c["keep"],
+        save_steps=job.cfg.checkpoint.every_steps,
+        save_total_limit=job.cfg.checkpoint.keep,
         report_to=[],
-        seed=c["seed"],
-        data_seed=c["seed"],
-        disable_tqdm=c.get("rank", 0) != 0,
-        **extra,
+        seed=job.cfg.seed,
+        data_seed=job.cfg.seed,
+        disable_tqdm=job.rank != 0,
     )
+    return args_cls(**{**settings, **extra})  # a trainer's own keys win (GRPO: max_steps = ppo.steps)
 
 
-def load_causal_lm(c: dict[str, Any]):
+def load_causal_lm(job: WorkerJob):
     """``load_base`` of the trainers whose model is a causal LM (sft, dpo, grpo/rloo)."""
     from transformers import AutoModelForCausalLM
 
-    return load_model(c, AutoModelForCausalLM)
+    return load_model(job, AutoModelForCausalLM)
 
 
-def load_model(c: dict[str, Any], auto_cls, **kwargs):
+def load_model(job: WorkerJob, auto_cls, **kwargs):
     """(tokenizer, model) for the base model in the worker's precision; a pad token is set."""
     import torch
     from transformers import AutoTokenizer
 
     from cai_ray.models import resolve_model
 
-    path = resolve_model(c["model"])
-    _, bf16 = precision(c)
+    path = resolve_model(job.cfg.model)
+    _, bf16 = precision(job)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -113,32 +132,33 @@ def single_process_loading():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def lora_config(c: dict[str, Any], task_type: str):
+def lora_config(job: WorkerJob, task_type: str):
     """peft LoraConfig from the ``lora`` section, or None when LoRA is off."""
-    lora = c["lora"]
-    if not lora["enabled"]:
+    lora = job.cfg.lora
+    if not lora.enabled:
         return None
     from peft import LoraConfig
 
-    targets = lora["target_modules"]
+    targets = lora.target_modules
     return LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         task_type=task_type,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
     )
 
 
-def train_loop(c: dict[str, Any]) -> None:
+def train_loop(config: dict[str, WorkerJob]) -> None:
     """Ray Train worker function: restore the run's latest checkpoint (after a restart or a
     re-run), train, save the model, report."""
+    job = config["job"]
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    module = importlib.import_module(MODULES.get(c["kind"], f"cai_ray.train.{c['kind']}"))
+    module = importlib.import_module(MODULES.get(job.kind, f"cai_ray.train.{job.kind}"))
     rank = ray.train.get_context().get_world_rank()
-    work = Path(c["output"]) / "_work" / f"rank{rank}"
+    work = Path(job.output) / "_work" / f"rank{rank}"
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -148,13 +168,13 @@ def train_loop(c: dict[str, Any]) -> None:
             shutil.rmtree(local, ignore_errors=True)
             shutil.copytree(Path(d) / RayTrainReportCallback.CHECKPOINT_NAME, local)
             resume = str(local)
-    c = {**c, "rank": rank}
-    trainer = module.build(c, work, [RayTrainReportCallback()])
+    job = replace(job, rank=rank)
+    trainer = module.build(job, work, [RayTrainReportCallback()])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    out = Path(c["output"])
-    model_dir = save_model(trainer, c, out, module)
+    out = Path(job.output)
+    model_dir = save_model(trainer, job, out, module)
     if rank == 0:
         history = [h for h in trainer.state.log_history if "loss" in h]
         metrics = {
@@ -169,9 +189,9 @@ def train_loop(c: dict[str, Any]) -> None:
         }
         if hasattr(module, "after_save"):
             with single_process_loading():
-                metrics.update(module.after_save(c, model_dir, out))
+                metrics.update(module.after_save(job, model_dir, out))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        publish(c, out)
+        publish(job, out)
     ray.train.report({"global_step": trainer.state.global_step, "train_loss": result.training_loss})
 
 
@@ -180,14 +200,14 @@ DRIVER_FILES = ("manifest.json", "rejects.jsonl", "loss.png", ".lock")
 SCRATCH = ("_work", "ray")
 
 
-def publish(c: dict[str, Any], out: Path) -> None:
+def publish(job: WorkerJob, out: Path) -> None:
     """Rank 0, when training ends: a run whose output is an object store uploads what it wrote
     (model/, metrics.json, ...) from this worker's disk, which need not be the driver's. A
     folder output is already in place (a shared mount on a cluster)."""
-    if c.get("store"):
+    if job.store:
         from cai_ray.batch.storage import Store
 
-        Store(c["store"]).upload_folder(out, skip=DRIVER_FILES, skip_dirs=SCRATCH)
+        Store(job.store).upload_folder(out, skip=DRIVER_FILES, skip_dirs=SCRATCH)
 
 
 def staging_folder(uri: str) -> Path:
@@ -200,24 +220,24 @@ def staging_folder(uri: str) -> Path:
     return Path(tempfile.gettempdir()) / "cai-ray-staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
-def save_model(trainer, c: dict[str, Any], out: Path, module) -> Path:
+def save_model(trainer, job: WorkerJob, out: Path, module) -> Path:
     """OUTPUT/model as a plain HF model folder. Every rank takes part (ZeRO-3 gathers the
     weights); rank 0 writes. LoRA adapters are merged into the base weights unless
     ``lora.merge`` is false, in which case OUTPUT/model is the adapter."""
     model_dir = out / "model"
-    lora = c["lora"]
-    if not lora["enabled"] or not lora["merge"]:
+    lora = job.cfg.lora
+    if not lora.enabled or not lora.merge:
         trainer.save_model(str(model_dir))
-        if c["rank"] == 0:
+        if job.rank == 0:
             trainer.processing_class.save_pretrained(str(model_dir))
         return model_dir
     adapter = out / "_work" / "adapter"
     trainer.save_model(str(adapter))
-    if c["rank"] == 0:
+    if job.rank == 0:
         from peft import PeftModel
 
         with single_process_loading():
-            _, base = module.load_base({**c, "use_gpu": False})
+            _, base = module.load_base(replace(job, use_gpu=False))
             merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         merged.save_pretrained(str(model_dir))
         trainer.processing_class.save_pretrained(str(model_dir))
@@ -232,13 +252,15 @@ def run(
     rejects: list[dict],
     *,
     loop=None,
-    loop_extra: dict | None = None,
+    stage: str | None = None,
+    extra: Any = None,
     fingerprint_extra: dict | None = None,
     manifest_extra: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``rows`` with trainer ``kind`` on Ray Train as ``cfg`` (a TrainConfig) says;
     returns the manifest (also at OUTPUT/manifest.json). ``loop`` is the worker function
-    (default ``train_loop``, the TRL trainers'; PPO brings its own)."""
+    (default ``train_loop``, the TRL trainers'; PPO brings its own); ``stage`` the manifest's
+    (default ``kind``); ``extra`` the trainer's own frozen facts for its workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -259,8 +281,8 @@ def run(
     config = to_dict(cfg)
     fingerprint = fingerprint_of(kind, config, rows_sha256(rows), fingerprint_extra or {})
     refuse_mixed_run(where, fingerprint)
-    where.write_text("rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    manifest = runtime.base_manifest(kind, config)
+    where.write_jsonl("rejects.jsonl", rejects)
+    manifest = runtime.base_manifest(stage or kind, config)
     manifest["fingerprint"] = fingerprint
     manifest.update(
         data={
@@ -282,7 +304,10 @@ def run(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         loop or train_loop,
-        train_loop_config={**loop_config(kind, cfg, rows, out, use_gpu, loop_extra), "store": store and store.uri},
+        # Ray Train's contract is a dict; ours is one typed item in it
+        train_loop_config={
+            "job": WorkerJob(kind, cfg, tuple(rows), str(out), use_gpu, store and store.uri, extra, os.getcwd())
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
         ),
@@ -316,30 +341,6 @@ def run(
         store.write_bytes("loss.png", (out / "loss.png").read_bytes())
     where.write_json("manifest.json", manifest)  # last: "finished" means everything is there
     return manifest
-
-
-def loop_config(
-    kind: str, cfg, rows: list[dict], out: Path, use_gpu: bool, extra: dict | None = None
-) -> dict[str, Any]:
-    """The plain values every worker gets (``c`` in ``train_loop`` and ``build``)."""
-    from cai_ray.config import to_dict
-
-    config = to_dict(cfg)
-    return {
-        "kind": kind,
-        "rows": rows,
-        "model": cfg.model,
-        "output": str(out),
-        "use_gpu": use_gpu,
-        "zero": cfg.zero,
-        "offload": cfg.offload,
-        "seed": cfg.seed,
-        "lora": config["lora"],
-        "every_steps": cfg.checkpoint.every_steps,
-        "keep": cfg.checkpoint.keep,
-        **config["optim"],
-        **(extra or {}),
-    }
 
 
 def data_manifest(path: str) -> dict | None:

@@ -12,6 +12,7 @@ preparation, metrics, checkpoints) stays TRL's. A p_chosen of 1 gives back Bradl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,19 @@ from cai_ray.train import harness
 from cai_ray.train.data import TrainDataError, pref_row, reject_long, split
 
 
-def load_base(c: dict[str, Any]):
+@dataclass(frozen=True)
+class HeldOut:
+    """What the preference model's workers need beyond the config: the targets chosen from
+    the data (soft p_chosen or hard) and the held-out pairs rank 0 scores after training."""
+
+    soft: bool
+    eval_rows: tuple[dict[str, Any], ...]
+
+
+def load_base(job: harness.WorkerJob):
     from transformers import AutoModelForSequenceClassification
 
-    tok, model = harness.load_model(c, AutoModelForSequenceClassification, num_labels=1)
+    tok, model = harness.load_model(job, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     return tok, model
 
@@ -66,16 +76,16 @@ def soft_preference_loss(d, p):
     return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
 
 
-def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
+def build(job: harness.WorkerJob, work: Path, callbacks: list | None = None):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    tok, model = load_base(c)
-    args = harness.training_args(RewardConfig, c, work)
-    peft = harness.lora_config(c, "SEQ_CLS")
-    if c["soft"]:
+    tok, model = load_base(job)
+    args = harness.training_args(RewardConfig, job, work)
+    peft = harness.lora_config(job, "SEQ_CLS")
+    if job.extra.soft:
         collator_cls, trainer_cls = _trainer_classes()
-        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "p_chosen")} for r in c["rows"]]
+        rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "p_chosen")} for r in job.rows]
         return trainer_cls(
             model=model,
             args=args,
@@ -85,7 +95,7 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
             callbacks=callbacks or [],
             peft_config=peft,
         )
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in c["rows"]]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in job.rows]
     return RewardTrainer(
         model=model,
         args=args,
@@ -96,15 +106,15 @@ def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
     )
 
 
-def after_save(c: dict[str, Any], model_dir: Path, out: Path) -> dict[str, Any]:
+def after_save(job: harness.WorkerJob, model_dir: Path, out: Path) -> dict[str, Any]:
     """Held-out pairwise accuracy and calibration of the saved model (rank 0)."""
-    rows = c["eval_rows"]
+    rows = job.extra.eval_rows
     if not rows:
         return {"eval": None}
-    margins = score_pairs(str(model_dir), rows, c["use_gpu"])
+    margins = score_pairs(str(model_dir), rows, job.use_gpu)
     return {
         "eval": preference_metrics(
-            margins, [r["p_chosen"] if c["soft"] else 1.0 for r in rows], out / "calibration.png"
+            margins, [r["p_chosen"] if job.extra.soft else 1.0 for r in rows], out / "calibration.png"
         )
     }
 
@@ -185,7 +195,7 @@ def train_rm(cfg) -> dict[str, Any]:
         cfg,
         train,
         rejects + long_rows,
-        loop_extra={"soft": soft, "eval_rows": held_out},
+        extra=HeldOut(soft, tuple(held_out)),
         fingerprint_extra=targets,
         manifest_extra={**targets, "split": {"train": len(train), "held_out": len(held_out)}},
     )

@@ -20,20 +20,20 @@ from cai_ray.train.data import mix_in, reject_long, sft_row
 load_base = harness.load_causal_lm
 
 
-def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
+def build(job: harness.WorkerJob, work: Path, callbacks: list | None = None):
     """TRL SFTTrainer for one worker, from plain values (``c``)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tok, model = load_base(c)
-    args = harness.training_args(SFTConfig, c, work, completion_only_loss=True)
+    tok, model = load_base(job)
+    args = harness.training_args(SFTConfig, job, work, completion_only_loss=True)
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(_trainable(c["rows"])),
+        train_dataset=Dataset.from_list(_trainable(job.rows)),
         processing_class=tok,
         callbacks=callbacks or [],
-        peft_config=harness.lora_config(c, "CAUSAL_LM"),
+        peft_config=harness.lora_config(job, "CAUSAL_LM"),
     )
 
 

@@ -68,7 +68,7 @@ def direct(args, data: Path, out: Path) -> dict:
     from cai_ray.train import sft
     from cai_ray.train.config import SFTTrainConfig
     from cai_ray.train.data import sft_row
-    from cai_ray.train.harness import loop_config
+    from cai_ray.train.harness import WorkerJob
 
     for k, v in {
         "RANK": "0",
@@ -80,9 +80,9 @@ def direct(args, data: Path, out: Path) -> dict:
         os.environ[k] = v
     cfg = load_config(SFTTrainConfig, None, overrides(args, data, out, 1, os.cpu_count()))
     rows, _ = load_rows(str(data), sft_row)
-    c = {**loop_config("sft", cfg, rows, out, use_gpu=False), "rank": 0}
+    job = WorkerJob("sft", cfg, tuple(rows), str(out), use_gpu=False, base_dir=os.getcwd())
     t0 = time.perf_counter()
-    trainer = sft.build(c, out / "_work")
+    trainer = sft.build(job, out / "_work")
     result = trainer.train()
     wall = time.perf_counter() - t0
     return {

@@ -38,32 +38,30 @@ def test_one_zero3_step_on_gpu(tmp_path, monkeypatch, kind):
             }
             for i in range(8)
         ]
-    c = {
-        "kind": kind,
-        "rows": rows,
-        "model": "tiny-random",
-        "use_gpu": True,
-        "zero": 3,
-        "offload": False,
-        "seed": 0,
-        "every_steps": 100,
-        "keep": 1,
-        "epochs": 1.0,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "per_worker_batch_size": 4,
-        "grad_accum": 1,
-        "max_length": 128,
-        "warmup_ratio": 0.0,
-        "dtype": "bfloat16",
-        "lora": {"enabled": False},
-        "soft": True,
-        "beta": 0.1,
-        "loss_type": "sigmoid",
-        "label_smoothing": 0.0,
-        "rank": 0,
-    }
-    trainer = module.build(c, tmp_path)
+    from support.configs import CONFIGS
+
+    from cai_ray.config import load_config
+    from cai_ray.train.harness import WorkerJob
+
+    cfg = load_config(
+        CONFIGS[kind],
+        None,
+        [
+            "data=unused.jsonl",
+            f"output={tmp_path}",
+            "model=tiny-random",
+            "zero=3",
+            "optim.max_steps=2",
+            "optim.learning_rate=0.001",
+            "optim.max_length=128",
+            "optim.dtype=bfloat16",
+            "checkpoint.every_steps=100",
+            "checkpoint.keep=1",
+        ],
+    )
+    extra = module.HeldOut(soft=True, eval_rows=()) if kind == "rm" else None
+    job = WorkerJob(kind, cfg, tuple(rows), str(tmp_path), use_gpu=True, extra=extra)
+    trainer = module.build(job, tmp_path)
     result = trainer.train()
     assert trainer.state.global_step == 2 and result.training_loss > 0
     assert trainer.is_deepspeed_enabled and trainer.model_wrapped.zero_optimization_stage() == 3

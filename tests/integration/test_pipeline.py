@@ -66,18 +66,20 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
     assert all(v["status"] == "finished" for v in state["stages"].values())
 
     # every artifact there, and linked: which stage made it from what, with which config
-    for art in ("sl_data", "sft_model", "labels", "rm_model", "rl_model", "eval_report", "eval_metrics"):
+    for art in ("generate_data", "sft_model", "label_data", "rm_model", "ppo_model", "eval_report", "eval_metrics"):
         assert state["artifacts"][art]["produced_by"], art
-    assert state["artifacts"]["rl_model"]["from"] == ["rl_prompts", "rm_model", "sft_model"]
-    assert state["artifacts"]["sft_model"]["from"] == ["base_model", "sl_data"]
+    assert state["artifacts"]["ppo_model"]["from"] == ["rl_prompts", "rm_model", "sft_model"]
+    assert state["artifacts"]["sft_model"]["from"] == ["base_model", "generate_data"]
     assert state["artifacts"]["prompts"]["sha256"] and state["constitution"]["sha256"]
     _artifacts_linked(state)
     for name, rec in state["stages"].items():
         assert Path(rec["manifest"]).is_file() and rec["config"] and rec["model"], name
-        assert json.loads(Path(rec["manifest"]).read_text())["status"] == "finished"
+        manifest = json.loads(Path(rec["manifest"]).read_text())
+        assert manifest["status"] == "finished" and manifest["stage"] == name  # one name: stage, folder, manifest
+        assert Path(rec["output"]).name == name
     assert state["stages"]["label"]["constitution_sha256"] == state["constitution"]["sha256"]
     assert state["stages"]["label"]["model"] == "tiny-random"
-    assert (run / "rl" / "model" / "config.json").exists() and (run / "eval" / "report.html").exists()
+    assert (run / "ppo" / "model" / "config.json").exists() and (run / "eval" / "report.html").exists()
     m = json.loads((run / "eval" / "metrics.json").read_text())
     assert set(m["models"]) == {"base", "sl-cai", "rl-cai"}
     # the SFT data is the SL-CAI output, and its manifest records where it came from
@@ -91,10 +93,10 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
         pipeline.run_pipeline(_load(tmp_path, "sft.optim.learning_rate=1e-3"))
     # --redo STAGE deletes that stage's output and runs it again with the new settings
     state = pipeline.run_pipeline(_load(tmp_path, "eval.limit=1"), redo="eval")
-    assert state["stages"]["eval"]["runs"] == 1 and state["stages"]["rl"]["runs"] == 1
+    assert state["stages"]["eval"]["runs"] == 1 and state["stages"]["ppo"]["runs"] == 1
     assert json.loads((run / "eval" / "metrics.json").read_text())["prompts"] == {"harmful": 1, "benign": 1}
-    with pytest.raises(ConfigError, match="--redo: unknown stage 'ppo'"):
-        pipeline.run_pipeline(pc, redo="ppo")
+    with pytest.raises(ConfigError, match="--redo: unknown stage 'dpo'"):
+        pipeline.run_pipeline(pc, redo="dpo")
 
 
 @pytest.mark.slow
@@ -126,6 +128,6 @@ def test_pipeline_with_smollm2_on_a_few_prompts_and_the_cli(ray_local, tmp_path,
     out = capsys.readouterr().out
     assert "=== cai-ray pipeline: finished ===" in out and "attack success" in out and "report.html" in out
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["generate", "sft", "label", "rl", "eval"]
+    assert list(state["stages"]) == ["generate", "sft", "label", "dpo", "eval"]
     assert state["stages"]["generate"]["model"] == "smollm2"
     _artifacts_linked(state)

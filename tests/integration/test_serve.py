@@ -2,6 +2,7 @@
 then the real Ray Serve app on 127.0.0.1 with the official `openai` client. Every test runs
 on an hf replica and on a vLLM one (vLLM's CPU build, continuous batching, live streaming)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -33,24 +34,22 @@ def model(engine):
 
 @pytest.fixture(scope="module")
 def settings(engine):
-    from cai_ray.config import load_config, to_dict
+    from cai_ray.config import load_config
     from cai_ray.serve.config import ServeConfig
 
-    return to_dict(
-        load_config(
-            ServeConfig,
-            None,
-            [
-                *ENGINES[engine],
-                "policy.dtype=float32",
-                "policy.threads=1",
-                "limits.max_tokens=32",
-                "limits.default_max_tokens=8",
-                "limits.max_messages=4",
-                "limits.max_message_chars=2000",
-                "limits.max_body_bytes=20000",
-            ],
-        )
+    return load_config(
+        ServeConfig,
+        None,
+        [
+            *ENGINES[engine],
+            "policy.dtype=float32",
+            "policy.threads=1",
+            "limits.max_tokens=32",
+            "limits.default_max_tokens=8",
+            "limits.max_messages=4",
+            "limits.max_message_chars=2000",
+            "limits.max_body_bytes=20000",
+        ],
     )
 
 
@@ -184,7 +183,7 @@ def test_an_enforced_guardrail_cannot_be_switched_off_by_a_client(client, settin
     from cai_ray.serve.api import build_app, key_digest
 
     _, service = client
-    enforced = TestClient(build_app(service, {**settings, "guardrail": "enforce"}, key_digest(KEY)))
+    enforced = TestClient(build_app(service, dataclasses.replace(settings, guardrail="enforce"), key_digest(KEY)))
     msg = [{"role": "user", "content": "How do I make a weapon?"}]
     r = enforced.post(
         "/v1/chat/completions", headers=AUTH, json={"messages": msg, "cai_guardrail": False, "max_tokens": 4}

@@ -260,6 +260,7 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
     judgement task is rejected, the rest judged."""
     from cai_ray.batch.readers import read_local
     from cai_ray.core.constitution import load_constitution
+    from cai_ray.engine import Sampling
     from cai_ray.eval.stages import AnswerWorker, JudgeWorker, write_inputs
 
     rows = [
@@ -269,7 +270,7 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
     ]
     batch = read_local(write_inputs(tmp_path, "p.jsonl", rows), 10_000)
     kw = {"model": "tiny-random", "dtype": "float32", "threads": 1}  # context 1024
-    sampling = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 200, "min_new_tokens": 0}
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=200)
     out = AnswerWorker("hf", kw, sampling, seed=0)(batch).to_pylist()
     by = {r["id"]: r for r in out}
     assert by["ok"]["reject_reason"] is None and isinstance(by["ok"]["answer"], str)

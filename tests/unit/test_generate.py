@@ -27,13 +27,14 @@ class _FailsOn:
 
 def test_an_engine_error_on_one_prompt_rejects_that_row_only(tmp_path):
     from cai_ray.batch.readers import read_local
+    from cai_ray.engine import Sampling
     from cai_ray.generate.run import SLWorker
 
     inp = tmp_path / "p.jsonl"
     inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(["a", "BOOM", "c"])))
     batch = read_local(str(inp), 1000)
     c = load_constitution(ROOT / "constitutions" / "general.yaml")
-    w = SLWorker("noop", {"model": "noop"}, c, 1, True, None, 0, {"temperature": 0.0, "max_new_tokens": 8})
+    w = SLWorker("noop", {"model": "noop"}, c, 1, True, None, 0, Sampling(temperature=0.0, max_new_tokens=8))
     w.engine = _FailsOn(w.engine)
     out = w(batch).to_pylist()
     assert [r["id"] for r in out] == ["r0", "r1", "r2"]

@@ -51,16 +51,17 @@ def test_the_old_job_script_runs_the_new_one_and_says_so():
     assert "ray job submit --working-dir . -- python jobs/generate.py" in proc.stdout  # generate.py's own help
 
 
-def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path):
+@pytest.mark.parametrize("old, new", [("sl_data", "generate/"), ("labels", "label/"), ("rl", "ppo/ or dpo/")])
+def test_a_pipeline_folder_of_the_old_layout_is_refused_with_the_reason(tmp_path, old, new):
     from cai_ray.config import ConfigError, load_config
     from cai_ray.pipeline.config import PipelineConfig
     from cai_ray.pipeline.run import run_pipeline
 
-    (tmp_path / "run" / "sl_data").mkdir(parents=True)
+    (tmp_path / "run" / old).mkdir(parents=True)
     pc = load_config(
         PipelineConfig, ROOT / "jobs" / "configs" / "demo.yaml", [f"output={tmp_path / 'run'}", "model=tiny-random"]
     )
-    with pytest.raises(ConfigError, match="now generate/ and label/"):
+    with pytest.raises(ConfigError, match=f"{old}/ is now {new}"):
         run_pipeline(pc)
 
 

@@ -15,16 +15,17 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     pc = _load(tmp_path)
     stages = {s.name: s for s in stage_configs(pc)}
     run = (tmp_path / "run").resolve()
-    assert list(stages) == ["generate", "sft", "label", "rm", "rl", "eval"]
+    assert list(stages) == ["generate", "sft", "label", "rm", "ppo", "eval"]  # each its command's name
+    assert all(s.output == run / s.name for s in stages.values())  # and its folder's
     assert stages["generate"].cfg.input == pc.prompts and stages["generate"].cfg.engine.model == "tiny-random"
     assert stages["sft"].cfg.data == str(run / "generate") and stages["sft"].cfg.model == "tiny-random"
     assert stages["label"].cfg.policy.model == str(run / "sft" / "model")
     assert stages["label"].cfg.labeler.model == "tiny-random"
     assert stages["rm"].cfg.data == str(run / "label") and stages["rm"].cfg.model == str(run / "sft" / "model")
-    rl = stages["rl"].cfg
+    rl = stages["ppo"].cfg
     assert rl.model == str(run / "sft" / "model") and rl.reward.model == str(run / "rm" / "model")
     ev = stages["eval"].cfg
-    assert ev.models == ["base=tiny-random", f"sl-cai={run / 'sft' / 'model'}", f"rl-cai={run / 'rl' / 'model'}"]
+    assert ev.models == ["base=tiny-random", f"sl-cai={run / 'sft' / 'model'}", f"rl-cai={run / 'ppo' / 'model'}"]
     assert ev.baseline == "base" and ev.judge.model == "tiny-random"
     # the stage sections keep their own settings
     assert stages["generate"].cfg.revisions == 1 and rl.ppo.steps == 1
@@ -32,9 +33,12 @@ def test_every_stage_is_wired_to_the_one_before(tmp_path):
     dpo = {s.name: s for s in stage_configs(_load(tmp_path, "rl=dpo"))}
     assert (
         "rm" not in dpo
-        and dpo["rl"].cfg.data == str(run / "label")
-        and type(dpo["rl"].cfg).__name__ == "DPOTrainConfig"
+        and dpo["dpo"].cfg.data == str(run / "label")
+        and dpo["dpo"].output == run / "dpo"
+        and type(dpo["dpo"].cfg).__name__ == "DPOTrainConfig"
+        and dpo["eval"].cfg.models[-1] == f"rl-cai={run / 'dpo' / 'model'}"
     )
+    assert set(dpo["dpo"].produces) == {"dpo_model"} and set(stages["generate"].produces) == {"generate_data"}
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def test_gpu_pipeline_config_validates():
 
     stages = {s.name: s.cfg for s in stage_configs(pc)}
     assert stages["generate"].engine.backend == "vllm" and stages["generate"].input.startswith("s3://")
-    assert stages["rl"].rollout.engine == "vllm" and stages["rl"].data == pc.rl_prompts
+    assert stages["ppo"].rollout.engine == "vllm" and stages["ppo"].data == pc.rl_prompts
     assert stages["eval"].judge.backend == "vllm"
 
 
@@ -73,6 +77,15 @@ def test_redo_and_until_name_a_stage_of_this_pipeline(tmp_path):
     with pytest.raises(ConfigError, match="--until: unknown stage 'train'"):
         run_pipeline(_load(tmp_path), until="train")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_rl_stages_old_name_still_means_it_for_a_release(tmp_path, caplog):
+    """`--until rl` named the RL-CAI stage before each stage had its command's name."""
+    from cai_ray.pipeline.run import run_pipeline
+
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match=r"--redo: unknown stage 'rm'"):
+        run_pipeline(_load(tmp_path, "rl=dpo"), redo="rm", until="rl")  # until=rl is dpo here: accepted
+    assert "stage 'rl' is now 'dpo'" in caplog.text
 
 
 def test_folder_inputs_and_model_weights_are_fingerprinted(tmp_path):

@@ -33,6 +33,7 @@ def test_bad_settings_are_clear_errors(tmp_path, over, match):
 
 
 def test_reward_functions_load_and_fail_clearly(tmp_path):
+    from cai_ray.train.ppo.config import RewardSection
     from cai_ray.train.ppo.reward import RewardError, RewardScorer, load_function
 
     assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
@@ -45,11 +46,10 @@ def test_reward_functions_load_and_fail_clearly(tmp_path):
     ):
         with pytest.raises(RewardError, match=match):
             load_function(spec)
-    rw = {"function": f"{REWARDS}:not_a_list", "length_penalty": 0.0, "clip": None}
     with pytest.raises(RewardError, match="must return numbers"):
-        RewardScorer(rw, "function").score(["a"], [[]], ["x"], [1])
-    rw = {"function": f"{REWARDS}:prefer_ugs", "length_penalty": 0.5, "clip": 1.0}
-    assert RewardScorer(rw, "function").score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [
+        RewardScorer(RewardSection(function=f"{REWARDS}:not_a_list")).score(["a"], [[]], ["x"], [1])
+    rw = RewardSection(function=f"{REWARDS}:prefer_ugs", length_penalty=0.5, clip=1.0)
+    assert RewardScorer(rw).score(["a", "b"], [[], []], ["ugs ugs ugs ugs", "x"], [4, 1]) == [
         1.0,
         -0.5,
     ]  # 4 - 2 clipped to 1; 0 - 0.5
@@ -61,11 +61,11 @@ def test_preference_model_scores_with_the_chat_template(token_rm):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from cai_ray.train.ppo.config import RewardSection
     from cai_ray.train.ppo.reward import RewardScorer
 
-    rw = {"model": str(token_rm), "length_penalty": 0.0, "clip": None}
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question here"}]]
-    got = RewardScorer(rw, "model").score(["a", "b"], prompts, ["hello", "ok"], [1, 1])
+    got = RewardScorer(RewardSection(model=str(token_rm))).score(["a", "b"], prompts, ["hello", "ok"], [1, 1])
     tok = AutoTokenizer.from_pretrained(token_rm)
     model = AutoModelForSequenceClassification.from_pretrained(token_rm).eval()
     for p, r, g in zip(prompts, ["hello", "ok"], got):
@@ -138,5 +138,5 @@ def test_rollout_engines_are_checked():
     from cai_ray.train.ppo.rollout import _until_eos, make_rollout
 
     with pytest.raises(ValueError, match="unknown engine"):
-        make_rollout("tpu", None, None, "cpu", "x", {})
+        make_rollout("tpu", None, None, "cpu", "x", None)
     assert _until_eos([5, 6, 2, 2, 2], 2) == [5, 6, 2] and _until_eos([5, 6], 2) == [5, 6]

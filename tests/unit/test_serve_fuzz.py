@@ -12,24 +12,22 @@ KEY = "fuzz-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def app():
-    from cai_ray.config import load_config, to_dict
+    from cai_ray.config import load_config
     from cai_ray.serve.api import build_app, key_digest
     from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.service import Service
 
-    s = to_dict(
-        load_config(
-            ServeConfig,
-            None,
-            [
-                "policy.model=tiny-random",
-                "policy.dtype=float32",
-                "policy.threads=1",
-                "limits.max_tokens=4",
-                "limits.default_max_tokens=2",
-                "guardrail_principles=1",
-            ],
-        )
+    s = load_config(
+        ServeConfig,
+        None,
+        [
+            "policy.model=tiny-random",
+            "policy.dtype=float32",
+            "policy.threads=1",
+            "limits.max_tokens=4",
+            "limits.default_max_tokens=2",
+            "guardrail_principles=1",
+        ],
     )
     return build_app(Service(s), s, key_digest(KEY))
 

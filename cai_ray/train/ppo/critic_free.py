@@ -12,7 +12,6 @@ rewarded. TRL computes the KL to the reference (the initial policy) itself (``pp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from cai_ray.train import harness
 
@@ -23,20 +22,19 @@ class RewardFunction:
     """TRL reward function: conversational prompts and completions in, our scores out. The
     scorer (and its model) is built on first use, in the worker."""
 
-    def __init__(self, c: dict[str, Any]):
-        self.c = c
+    def __init__(self, job: harness.WorkerJob):
+        self.job = job
         self.scorer = None
-        self.kind = c["reward"]["kind"]
+        self.kind = job.cfg.reward.kind
         self.__name__ = f"reward_{self.kind}"  # TRL logs rewards/<name>/mean
 
     def __call__(self, prompts, completions, completion_ids=None, id=None, reference=None, **_):
         from cai_ray.train.ppo.reward import RewardScorer
 
         if self.scorer is None:
-            rw, kind = self.c["reward"], self.kind
-            cuda, _ = harness.precision(self.c)
+            cuda, _ = harness.precision(self.job)
             self.scorer = RewardScorer(
-                rw, kind, device="cuda" if cuda else "cpu", seed=self.c["seed"], reference_answer=None
+                self.job.cfg.reward, self.job.base_dir, device="cuda" if cuda else "cpu", seed=self.job.cfg.seed
             )
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         msgs = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
@@ -45,34 +43,34 @@ class RewardFunction:
         return self.scorer.score(ids, msgs, texts, lengths, reference)
 
 
-def build(c: dict[str, Any], work: Path, callbacks: list | None = None):
+def build(job: harness.WorkerJob, work: Path, callbacks: list | None = None):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    tok, model = load_base(c)
-    ppo, ro = c["ppo"], c["rollout"]
-    args_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if c["kind"] == "grpo" else (RLOOConfig, RLOOTrainer)
-    c = {**c, "max_steps": ppo["steps"]}
+    tok, model = load_base(job)
+    ppo, ro = job.cfg.ppo, job.cfg.rollout
+    args_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if job.kind == "grpo" else (RLOOConfig, RLOOTrainer)
     args = harness.training_args(
         args_cls,
-        c,
+        job,
         work,
-        num_generations=ppo["group_size"],
-        max_completion_length=ro["max_new_tokens"],
-        temperature=ro["temperature"],
-        top_p=ro["top_p"],
-        beta=ppo["kl_coef"],
-        epsilon=ppo["clip_range"],
-        num_iterations=ppo["ppo_epochs"],
-        generation_batch_size=ppo["rollout_batch"] * ppo["group_size"],
+        max_steps=ppo.steps,
+        num_generations=ppo.group_size,
+        max_completion_length=ro.max_new_tokens,
+        temperature=ro.temperature,
+        top_p=ro.top_p,
+        beta=ppo.kl_coef,
+        epsilon=ppo.clip_range,
+        num_iterations=ppo.ppo_epochs,
+        generation_batch_size=ppo.rollout_batch * ppo.group_size,
     )
-    rows = [{"prompt": r["prompt"], "id": r["id"], "reference": r["reference"] or ""} for r in c["rows"]]
+    rows = [{"prompt": r["prompt"], "id": r["id"], "reference": r["reference"] or ""} for r in job.rows]
     return trainer_cls(
         model=model,
-        reward_funcs=[RewardFunction(c)],
+        reward_funcs=[RewardFunction(job)],
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
         callbacks=callbacks or [],
-        peft_config=harness.lora_config(c, "CAUSAL_LM"),
+        peft_config=harness.lora_config(job, "CAUSAL_LM"),
     )

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -102,29 +101,17 @@ def train_rl(cfg) -> dict[str, Any]:
     if r.kind == "function":
         load_function(r.function)  # a missing file or name fails here, before any worker starts
     plain = {name: to_dict(getattr(cfg, name)) for name in ("reward", "rollout", "ppo", "monitor")}
-    # the workers get the reward source resolved, and the driver's working dir for relative files
-    settings = {"algo": cfg.algo, **plain, "reward": {**plain["reward"], "kind": r.kind, "base_dir": os.getcwd()}}
     fingerprint = {"algo": cfg.algo, **plain}
     fingerprint["ppo"] = {k: v for k, v in plain["ppo"].items() if k != "steps"}  # steps may grow on resume
-    if cfg.algo == "ppo":
-        return harness.run(
-            "ppo",
-            cfg,
-            rows,
-            rejects,
-            loop=ppo_loop,
-            loop_extra=settings,
-            fingerprint_extra=fingerprint,
-            manifest_extra={"reward": reward_info},
-        )
     return harness.run(
-        cfg.algo,
+        cfg.algo,  # ppo runs its own loop; grpo/rloo TRL's trainers in the harness's
         cfg,
         rows,
         rejects,
-        loop_extra=settings,
+        loop=ppo_loop if cfg.algo == "ppo" else None,
+        stage="ppo",  # the command, `train ppo`, whatever the algorithm (the manifest's config says which)
         fingerprint_extra=fingerprint,
-        manifest_extra={"reward": reward_info},
+        manifest_extra={"reward": reward_info, "algo": cfg.algo},
     )
 
 
@@ -144,17 +131,17 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def ds_config(c: dict[str, Any], micro_batch: int, world: int, frozen: bool = False) -> dict[str, Any]:
+def ds_config(job: harness.WorkerJob, micro_batch: int, world: int, frozen: bool = False) -> dict[str, Any]:
     """A concrete DeepSpeed config (no HF Trainer fills "auto" here): ZeRO stage, batch, precision.
     A frozen model gets ZeRO-3 partitioning when training uses ZeRO-3, else none."""
     from cai_ray.train.zero import zero_config
 
-    _, bf16 = harness.precision(c)
-    stage = c["zero"]
+    _, bf16 = harness.precision(job)
+    stage = job.cfg.zero
     if frozen:
         zero = {"stage": 3 if stage == 3 else 0}
     else:
-        zero = (zero_config(stage, c["offload"]) or {"zero_optimization": {"stage": 0}})["zero_optimization"]
+        zero = (zero_config(stage, job.cfg.offload) or {"zero_optimization": {"stage": 0}})["zero_optimization"]
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -170,7 +157,7 @@ def ds_config(c: dict[str, Any], micro_batch: int, world: int, frozen: bool = Fa
 class Worker:
     """One Ray Train worker's models and the step; ``ppo_loop`` drives it."""
 
-    def __init__(self, c: dict[str, Any]):
+    def __init__(self, job: harness.WorkerJob):
         import deepspeed
         import ray.train
         import torch
@@ -180,10 +167,10 @@ class Worker:
         from cai_ray.train.ppo.reward import RewardScorer
         from cai_ray.train.ppo.rollout import make_rollout
 
-        self.c = c
+        self.job = job
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        cuda, bf16 = harness.precision(c)
+        cuda, bf16 = harness.precision(job)
         if cuda:
             from ray.train.torch import get_device
 
@@ -191,19 +178,19 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        torch.manual_seed(c["seed"])
-        path = resolve_model(c["model"])
+        torch.manual_seed(job.cfg.seed)
+        path = resolve_model(job.cfg.model)
         self.tok = AutoTokenizer.from_pretrained(path)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
-        rw = c["reward"]
-        kind = self.reward_kind = rw["kind"]
-        mb, lr = c["per_worker_batch_size"], c["learning_rate"]
+        rw = job.cfg.reward
+        kind = self.reward_kind = rw.kind
+        mb, lr = job.cfg.optim.per_worker_batch_size, job.cfg.optim.learning_rate
 
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         policy.generation_config.pad_token_id = self.tok.pad_token_id
-        value_path = resolve_model(rw["model"]) if kind == "model" else path
+        value_path = resolve_model(rw.model) if kind == "model" else path
         value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=self.dtype)
         value.config.pad_token_id = self.tok.pad_token_id
         if kind != "model":
@@ -214,30 +201,30 @@ class Worker:
         self.policy, *_ = deepspeed.initialize(
             model=policy,
             optimizer=torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0),
-            config=ds_config(c, mb, self.world),
+            config=ds_config(job, mb, self.world),
         )
         self.value, *_ = deepspeed.initialize(
             model=value,
-            optimizer=torch.optim.AdamW(value.parameters(), lr=c["ppo"]["value_learning_rate"], weight_decay=0.0),
-            config=ds_config(c, mb, self.world),
+            optimizer=torch.optim.AdamW(value.parameters(), lr=job.cfg.ppo.value_learning_rate, weight_decay=0.0),
+            config=ds_config(job, mb, self.world),
         )
-        if c["zero"] == 3:
-            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config(c, mb, self.world, frozen=True))
+        if job.cfg.zero == 3:
+            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config(job, mb, self.world, frozen=True))
             self.ref.eval()
         else:
             self.ref = ref.to(self.device)
-        self.rollout = make_rollout(c["rollout"]["engine"], self.policy.module, self.tok, str(self.device), path, c)
+        self.rollout = make_rollout(job.cfg.rollout.engine, self.policy.module, self.tok, str(self.device), path, job)
         self.scorer = RewardScorer(
-            rw, kind, device=str(self.device), seed=c["seed"], reference_answer=self.reference_answers
+            rw, job.base_dir, device=str(self.device), seed=job.cfg.seed, reference_answer=self.reference_answers
         )
         from cai_ray.core.rl_math import AdaptiveKL
         from cai_ray.train.ppo.monitors import load_probes
 
-        self.kl = AdaptiveKL(c["ppo"]["kl_coef"], c["ppo"]["adaptive_kl"], c["ppo"]["kl_horizon"])
-        self.probes = load_probes(c["monitor"]["probe"])
-        rows = c["rows"]
+        self.kl = AdaptiveKL(job.cfg.ppo.kl_coef, job.cfg.ppo.adaptive_kl, job.cfg.ppo.kl_horizon)
+        self.probes = load_probes(job.cfg.monitor.probe)
+        rows = job.rows
         self.rows = rows[self.rank :: self.world] or rows  # every worker needs prompts, even with few rows
-        self.per_worker = c["ppo"]["rollout_batch"] // self.world
+        self.per_worker = job.cfg.ppo.rollout_batch // self.world
         self.step = 0
         self.history: list[dict] = []
 
@@ -255,7 +242,7 @@ class Worker:
         import torch
 
         out = model(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).logits
-        logits = out[:, p_len - 1 : -1].float() / self.c["rollout"]["temperature"]
+        logits = out[:, p_len - 1 : -1].float() / self.job.cfg.rollout.temperature
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
         return (logp, logits) if with_logits else logp
 
@@ -267,7 +254,7 @@ class Worker:
         return self._value_head(m)(h).squeeze(-1)[:, p_len - 1 : -1].float()
 
     def _chunks(self, n: int):
-        mb = self.c["per_worker_batch_size"]
+        mb = self.job.cfg.optim.per_worker_batch_size
         return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
 
     def reference_answers(self, prompts: list[list[dict]]) -> list[str]:
@@ -284,7 +271,7 @@ class Worker:
                     input_ids=ids,
                     attention_mask=attn,
                     do_sample=False,
-                    max_new_tokens=self.c["rollout"]["max_new_tokens"],
+                    max_new_tokens=self.job.cfg.rollout.max_new_tokens,
                     pad_token_id=self.tok.pad_token_id,
                 )
             out += self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)
@@ -307,7 +294,7 @@ class Worker:
         for j in range(step * k, step * k + k):
             epoch, i = divmod(j, n)
             order = list(range(n))
-            random.Random(f"{self.c['seed']}:{self.rank}:{epoch}").shuffle(order)
+            random.Random(f"{self.job['seed']}:{self.rank}:{epoch}").shuffle(order)
             out.append(self.rows[order[i]])
         return out
 
@@ -316,17 +303,17 @@ class Worker:
 
         from cai_ray.core import rl_math as m
 
-        c, ppo, ph = self.c, self.c["ppo"], Phases()
+        job, ppo, ph = self.job, self.job.cfg.ppo, Phases()
         rows = self.batch_rows(step)
         prompts = [_encode(self.tok, r["prompt"]) for r in rows]
 
         with ph("rollout"):
             responses = self.rollout.generate(
                 prompts,
-                c["rollout"]["max_new_tokens"],
-                c["rollout"]["temperature"],
-                c["rollout"]["top_p"],
-                seed=hash((c["seed"], step, self.rank)) % 2**31,
+                job.cfg.rollout.max_new_tokens,
+                job.cfg.rollout.temperature,
+                job.cfg.rollout.top_p,
+                seed=hash((job.cfg.seed, step, self.rank)) % 2**31,
             )
             responses = [r or [self.tok.eos_token_id] for r in responses]  # an empty answer still ends
             p_ids, p_attn, p_len = self._left_pad(prompts)
@@ -360,11 +347,11 @@ class Worker:
                 )
                 old_values = torch.cat([self.values_of(ids[s], attn[s], p_len) for s in self._chunks(len(rows))])
             with ph("advantages"):
-                kl = m.kl_per_token(old_logp, ref_logp, ppo["kl_estimator"]) * mask
+                kl = m.kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
                 beta = self.kl.value
                 rewards = m.token_rewards(scores, kl, beta, mask)
-                adv, returns = m.gae(rewards, old_values, mask, ppo["gamma"], ppo["lam"])
-                if ppo["whiten_advantages"]:
+                adv, returns = m.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+                if ppo.whiten_advantages:
                     adv = self._whiten_all(adv, mask)
 
         with ph("update"):
@@ -377,14 +364,14 @@ class Worker:
                 old_values,
                 adv,
                 returns,
-                train_policy=step >= ppo["critic_warmup_steps"],
+                train_policy=step >= ppo.critic_warmup_steps,
             )
         sync_check = {}
         if not self.rollout.shares_weights:
             with ph("sync"):
-                sync_check = self.sync_rollout(prompts[:SYNC_CHECK_PROMPTS] if c["rollout"]["check_sync"] else None)
+                sync_check = self.sync_rollout(prompts[:SYNC_CHECK_PROMPTS] if job.cfg.rollout.check_sync else None)
         seq_kl = (kl.sum(1)).mean().item()
-        self.kl.update(self._mean_all(seq_kl), ppo["rollout_batch"])
+        self.kl.update(self._mean_all(seq_kl), ppo.rollout_batch)
 
         local = {
             "reward": scores.mean().item(),
@@ -408,9 +395,9 @@ class Worker:
         all_texts = self._gather(texts)
         from cai_ray.train.ppo.monitors import top_ngram_share
 
-        metrics["top_ngram_share"] = top_ngram_share(all_texts, c["monitor"]["ngram"], c["monitor"]["top_ngrams"])
-        last = step + 1 == ppo["steps"]
-        if (step + 1) % c["monitor"]["every"] == 0 or step == 0 or last:
+        metrics["top_ngram_share"] = top_ngram_share(all_texts, job.cfg.monitor.ngram, job.cfg.monitor.top_ngrams)
+        last = step + 1 == ppo.steps
+        if (step + 1) % job.cfg.monitor.every == 0 or step == 0 or last:
             with ph("monitor"):
                 metrics["probe_refusal_rate"] = self.probe_refusal_rate()
         metrics["seconds"] = {k: round(v, 4) for k, v in ph.seconds.items()}
@@ -425,26 +412,26 @@ class Worker:
 
         from cai_ray.core import rl_math as m
 
-        ppo = self.c["ppo"]
+        ppo = self.job.cfg.ppo
         sums: dict[str, float] = {}
         n = 0
-        gen = torch.Generator().manual_seed(self.c["seed"])
-        for _ in range(ppo["ppo_epochs"]):
+        gen = torch.Generator().manual_seed(self.job.cfg.seed)
+        for _ in range(ppo.ppo_epochs):
             order = torch.randperm(ids.shape[0], generator=gen).to(self.device)
             for sl in self._chunks(ids.shape[0]):
                 idx = order[sl]
                 mb_mask = mask[idx]
                 logp, logits = self.logprobs(self.policy, ids[idx], attn[idx], p_len, with_logits=True)
-                pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo["clip_range"])
+                pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo.clip_range)
                 if train_policy:
                     self.policy.backward(pl)
                     self.policy.step()
                 v = self.values_of(ids[idx], attn[idx], p_len)
-                vl, vst = m.value_loss(v, old_values[idx], returns[idx], mb_mask, ppo["value_clip"])
+                vl, vst = m.value_loss(v, old_values[idx], returns[idx], mb_mask, ppo.value_clip)
                 self.value.backward(vl)
                 self.value.step()
                 with torch.no_grad():
-                    ent = m.masked_mean(m.entropy_from_logits(logits * self.c["rollout"]["temperature"]), mb_mask)
+                    ent = m.masked_mean(m.entropy_from_logits(logits * self.job.cfg.rollout.temperature), mb_mask)
                 for k, x in (
                     ("policy_loss", pl),
                     ("value_loss", vl),
@@ -465,9 +452,9 @@ class Worker:
         — a sync that silently fails leaves vLLM sampling from the old policy."""
         from cai_ray.train.ppo.rollout import gathered_params
 
-        n = self.c["rollout"]["max_new_tokens"]
+        n = self.job.cfg.rollout.max_new_tokens
         before = self.rollout.greedy(check, n) if check else None
-        self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
+        self.rollout.sync(gathered_params(self.policy.module, self.job.cfg.zero))
         if not check:
             return {}
         after, own = self.rollout.greedy(check, n), self.greedy_ids(check, n)
@@ -515,7 +502,7 @@ class Worker:
                     input_ids=ids,
                     attention_mask=attn,
                     do_sample=False,
-                    max_new_tokens=self.c["monitor"]["probe_max_new_tokens"],
+                    max_new_tokens=self.job.cfg.monitor.probe_max_new_tokens,
                     pad_token_id=self.tok.pad_token_id,
                 )
             module.train()
@@ -577,12 +564,12 @@ class Worker:
         if not self.rollout.shares_weights:
             from cai_ray.train.ppo.rollout import gathered_params
 
-            self.rollout.sync(gathered_params(self.policy.module, self.c["zero"]))
+            self.rollout.sync(gathered_params(self.policy.module, self.job.cfg.zero))
 
     def save_models(self, out: Path) -> None:
         """OUTPUT/model (the policy) and OUTPUT/value as plain HF folders; ZeRO-3 gathers first."""
         for engine, name in ((self.policy, "model"), (self.value, "value")):
-            if self.c["zero"] == 3:
+            if self.job.cfg.zero == 3:
                 state = engine._zero3_consolidated_16bit_state_dict()
             else:
                 state = engine.module.state_dict()
@@ -591,21 +578,22 @@ class Worker:
                 self.tok.save_pretrained(str(out / name))
 
 
-def ppo_loop(c: dict[str, Any]) -> None:
+def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:
     """Ray Train worker function: build the four models, restore the last checkpoint (a
     restarted worker or a re-run), then run the steps."""
     import ray.train
     from ray.train import Checkpoint
 
-    w = Worker(c)
-    out = Path(c["output"])
+    job = config["job"]
+    w = Worker(job)
+    out = Path(job.output)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             w.restore(Path(d))
         log.info("resumed at step %d", w.step)
     resumed_at = w.step
-    steps, every = c["ppo"]["steps"], c["every_steps"]
+    steps, every = job.cfg.ppo.steps, job.cfg.checkpoint.every_steps
     t0 = time.perf_counter()
     for step in range(w.step, steps):
         metrics = w.run_step(step)
@@ -613,7 +601,7 @@ def ppo_loop(c: dict[str, Any]) -> None:
         w.history.append(metrics)
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         if w.rank == 0:
-            _write_progress(out, w.history, c)
+            _write_progress(out, w.history, job)
             log.info(
                 "step %d/%d reward %.4f kl %.4f entropy %.3f clipfrac %.3f",
                 w.step,
@@ -634,7 +622,7 @@ def ppo_loop(c: dict[str, Any]) -> None:
     seconds = time.perf_counter() - t0
     w.save_models(out)
     if w.rank == 0:
-        _write_progress(out, w.history, c)
+        _write_progress(out, w.history, job)
         last = w.history[-1] if w.history else {}
         summary = {
             "global_step": w.step,
@@ -650,7 +638,7 @@ def ppo_loop(c: dict[str, Any]) -> None:
             "samples": str(out / "samples.jsonl"),
         }
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-        harness.publish(c, out)
+        harness.publish(job, out)
 
 
 HEADLINE = (
@@ -680,7 +668,7 @@ def _mean_seconds(history: list[dict]) -> dict[str, float] | None:
     return {k: round(v / len(history), 4) for k, v in total.items()}
 
 
-def _write_progress(out: Path, history: list[dict], c: dict[str, Any]) -> None:
+def _write_progress(out: Path, history: list[dict], job: harness.WorkerJob) -> None:
     """metrics so far (steps.jsonl), the plot and the samples: a user watches a run here."""
     with open(out / "steps.jsonl", "w") as f:
         f.writelines(json.dumps({k: v for k, v in h.items() if k != "samples"}) + "\n" for h in history)

@@ -16,7 +16,10 @@ import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cai_ray.train.ppo.config import RewardSection
 
 Messages = list[dict[str, str]]
 
@@ -61,18 +64,20 @@ def load_function(spec: str, base: str | None = None) -> Callable:
 
 
 class RewardScorer:
-    """Scores responses from plain config values (``c["reward"]``, the RewardSection as a dict)."""
+    """Scores responses as a ``RewardSection`` says (its ``kind``: the source in use).
+    ``base_dir``: where relative files it names are when they are not here (the driver's
+    working dir, for Ray workers that run elsewhere)."""
 
     def __init__(
         self,
-        reward: dict[str, Any],
-        kind: str,
+        reward: RewardSection,
+        base_dir: str = "",
         device: str = "cpu",
         seed: int = 0,
         reference_answer: Callable[[list[Messages]], list[str]] | None = None,
     ):
         self.r = reward
-        self.kind = kind
+        self.kind = kind = reward.kind
         self.device = device
         self.calls = 0
         self.invalid = 0  # d-RLAIF comparisons the labeler could not score (reward 0.5 given, counted)
@@ -82,7 +87,7 @@ class RewardScorer:
 
             from cai_ray.models import resolve_model
 
-            path = resolve_model(reward["model"])
+            path = resolve_model(reward.model)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -95,17 +100,15 @@ class RewardScorer:
             self.model.requires_grad_(False)
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         elif kind == "function":
-            self.fn = load_function(reward["function"], reward.get("base_dir"))
+            self.fn = load_function(reward.function, base_dir)
         elif kind == "labeler":
             from cai_ray.core.constitution import load_constitution
             from cai_ray.core.labeler import Labeler, LabelSettings
             from cai_ray.engine import engine_from_section
 
-            engine = engine_from_section(reward["labeler"])
-            settings = LabelSettings.of(reward["method"], seed)
-            self.labeler = Labeler(
-                engine, load_constitution(local_path(reward["constitution"], reward.get("base_dir"))), settings
-            )
+            engine = engine_from_section(reward.labeler)
+            settings = LabelSettings.of(reward.method, seed)
+            self.labeler = Labeler(engine, load_constitution(local_path(reward.constitution, base_dir)), settings)
             self.reference_answer = reference_answer
             self._references: dict[str, str] = {}
         else:
@@ -130,9 +133,9 @@ class RewardScorer:
             raw = self._score_labeler(ids, prompts, responses, references)
         out = []
         for s, n in zip(raw, lengths):
-            s = s - self.r["length_penalty"] * n
-            if self.r["clip"] is not None:
-                s = max(-self.r["clip"], min(self.r["clip"], s))
+            s = s - self.r.length_penalty * n
+            if self.r.clip is not None:
+                s = max(-self.r.clip, min(self.r.clip, s))
             out.append(s)
         return out
 
@@ -156,20 +159,20 @@ class RewardScorer:
         try:
             got = [float(x) for x in got]
         except (TypeError, ValueError) as e:
-            raise RewardError(f"reward.function {self.r['function']} must return numbers, got {got!r:.200}") from e
+            raise RewardError(f"reward.function {self.r.function} must return numbers, got {got!r:.200}") from e
         if len(got) != len(responses):
             raise RewardError(
-                f"reward.function {self.r['function']} returned {len(got)} scores for {len(responses)} responses"
+                f"reward.function {self.r.function} returned {len(got)} scores for {len(responses)} responses"
             )
         bad = [x for x in got if not math.isfinite(x)]
         if bad:
-            raise RewardError(f"reward.function {self.r['function']} returned non-finite scores: {bad[:3]}")
+            raise RewardError(f"reward.function {self.r.function} returned non-finite scores: {bad[:3]}")
         return got
 
     def _score_labeler(
         self, ids: list[str], prompts: list[Messages], responses: list[str], references: list[str | None] | None
     ) -> list[float]:
-        if self.r["reference"] == "field":
+        if self.r.reference == "field":
             refs = list(references or [None] * len(ids))
             missing = [i for i, x in zip(ids, refs) if not x]
             if missing:

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from cai_ray.train.harness import WorkerJob
 
 
 class RolloutEngine(Protocol):
@@ -189,19 +192,19 @@ def gathered_params(module, zero_stage: int) -> Iterator[tuple[str, Any]]:
             yield name, p.data.detach()
 
 
-def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, c: dict[str, Any]) -> RolloutEngine:
+def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, job: WorkerJob) -> RolloutEngine:
     if kind == "hf":
         return HFRollout(module, tokenizer, device)
     if kind == "vllm":
         from cai_ray.train.harness import precision
 
-        r = c["rollout"]
+        r = job.cfg.rollout
         return VLLMRollout(
             model_path,
             r["gpu_memory_utilization"],
-            c["max_length"],
-            c["seed"],
-            dtype="bfloat16" if precision(c)[1] else "float32",
+            job.cfg.optim.max_length,
+            job.cfg.seed,
+            dtype="bfloat16" if precision(job)[1] else "float32",
             enforce_eager=r["enforce_eager"],
         )
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (hf | vllm)")
