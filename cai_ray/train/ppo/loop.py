@@ -294,7 +294,7 @@ class Worker:
         for j in range(step * k, step * k + k):
             epoch, i = divmod(j, n)
             order = list(range(n))
-            random.Random(f"{self.job['seed']}:{self.rank}:{epoch}").shuffle(order)
+            random.Random(f"{self.job.cfg.seed}:{self.rank}:{epoch}").shuffle(order)
             out.append(self.rows[order[i]])
         return out
 
