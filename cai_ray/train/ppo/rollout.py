@@ -201,11 +201,11 @@ def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, job
         r = job.cfg.rollout
         return VLLMRollout(
             model_path,
-            r["gpu_memory_utilization"],
+            r.gpu_memory_utilization,
             job.cfg.optim.max_length,
             job.cfg.seed,
             dtype="bfloat16" if precision(job)[1] else "float32",
-            enforce_eager=r["enforce_eager"],
+            enforce_eager=r.enforce_eager,
         )
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (hf | vllm)")
 
