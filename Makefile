@@ -37,7 +37,7 @@ demo: setup
 	$(BIN)/python jobs/demo.py
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # the unit tests: no Ray, no S3, no model bigger than tiny-random; under a minute on 2 cores
 test-fast: setup
