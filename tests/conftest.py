@@ -17,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL = ROOT / "constitutions" / "general.yaml"
+# the most the suite holds on disk at once (a SmolLM2 training test's checkpoints), measured
+PEAK_DISK_GB = 8
+
+
+def pytest_report_header(config):
+    """Free disk where the tests write: a full disk fails a training test deep into the run
+    (Ray Train's checkpoint copy), so say up front when there is too little."""
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    line = f"disk: {free:.1f} GiB free in {tempfile.gettempdir()} (the suite needs about {PEAK_DISK_GB} GiB)"
+    return line if free >= PEAK_DISK_GB else f"{line}\nWARNING: too little disk; training tests will fail"
 
 
 @pytest.fixture(scope="session")
