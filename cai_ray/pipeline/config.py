@@ -35,6 +35,11 @@ class PipelineConfig:
     )
     seed: int = setting(0, "seed of every stage")
     ray_address: str | None = setting(None, "join this Ray cluster; default: start a local one")
+    prune_checkpoints: bool = setting(
+        False,
+        "delete a training stage's Ray Train checkpoints (STAGE/ray: weights and optimiser states, several times "
+        "the model's size) once it finished and wrote its model; that stage can then not be continued to more steps",
+    )
     generate: dict[str, Any] = _section(
         "`cai-ray generate` keys (input, output, constitution, seed: set by the pipeline)"
     )

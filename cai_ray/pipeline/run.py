@@ -450,6 +450,8 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None
                 manifest=str(stage.output / "manifest.json"),
                 summary=_summary(stage.name, manifest),
             )
+            if pc.prune_checkpoints:
+                rec.update(_prune_checkpoints(stage))
         rec.update(
             output=str(stage.output),
             inputs=stage.inputs,
@@ -473,6 +475,25 @@ def run_pipeline(pc, redo: str | None = None, until: str | None = None, say=None
     state["finished"] = runtime.now()
     runtime.write_json_atomic(path, state)
     return state
+
+
+def _prune_checkpoints(stage: Stage) -> dict[str, Any]:
+    """``prune_checkpoints``: a finished training stage's Ray Train checkpoints go (its model,
+    metrics and manifest stay); the manifest says so. Checkpoints kept elsewhere
+    (``checkpoint.storage``) are the user's and stay."""
+    ckpt = getattr(stage.cfg, "checkpoint", None)
+    folder = stage.output / "ray"
+    if ckpt is None or ckpt.storage or not folder.is_dir():
+        return {}
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    shutil.rmtree(folder)
+    note = f"pruned by the pipeline (prune_checkpoints): {folder}, {size / 2**30:.2f} GiB"
+    log.info("pipeline: stage %s: %s", stage.name, note)
+    m = stage.output / "manifest.json"
+    from cai_ray import runtime
+
+    runtime.write_json_atomic(m, {**json.loads(m.read_text()), "checkpoint": None, "checkpoints": note})
+    return {"checkpoints": note}
 
 
 def _upstream(stage: Stage, stages: list[Stage]) -> list[str]:

@@ -78,6 +78,10 @@ def test_pipeline_end_to_end_resumes_after_a_crash_and_skips_finished_stages(ray
         assert manifest["status"] == "finished" and manifest["stage"] == name  # one name: stage, folder, manifest
         assert Path(rec["output"]).name == name
     assert state["stages"]["label"]["constitution_sha256"] == state["constitution"]["sha256"]
+    # the demo prunes: each trainer's Ray Train checkpoints went once it finished, its model stayed
+    for name in ("sft", "rm", "ppo"):
+        assert not (run / name / "ray").exists() and (run / name / "model" / "config.json").exists(), name
+        assert "pruned" in state["stages"][name]["checkpoints"], name
     assert state["stages"]["label"]["model"] == "tiny-random"
     assert (run / "ppo" / "model" / "config.json").exists() and (run / "eval" / "report.html").exists()
     m = json.loads((run / "eval" / "metrics.json").read_text())
@@ -130,4 +134,5 @@ def test_pipeline_with_smollm2_on_a_few_prompts_and_the_cli(ray_local, tmp_path,
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert list(state["stages"]) == ["generate", "sft", "label", "dpo", "eval"]
     assert state["stages"]["generate"]["model"] == "smollm2"
+    assert not (tmp_path / "run" / "sft" / "ray").exists() and not (tmp_path / "run" / "dpo" / "ray").exists()
     _artifacts_linked(state)

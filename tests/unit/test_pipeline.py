@@ -140,3 +140,29 @@ print("TAIL=" + tail(Path({str(log)!r}), 1))
     text = log.read_text()
     for line in ("noise from a library", "a warning", "worker log", "worker err"):
         assert line in text
+
+
+def test_prune_checkpoints_removes_a_finished_trainers_ray_folder_and_says_so(tmp_path):
+    """The demo prunes: a training stage's OUTPUT/ray goes, its model and manifest stay and the
+    manifest names what went. Checkpoints in the user's own storage and stages that do not
+    train are left alone."""
+    import json
+
+    from cai_ray.pipeline.run import _prune_checkpoints, stage_configs
+
+    stages = {s.name: s for s in stage_configs(_load(tmp_path))}
+    for s in stages.values():
+        (s.output / "ray" / "ckpt").mkdir(parents=True)
+        (s.output / "ray" / "ckpt" / "optim.pt").write_bytes(b"x" * 4096)
+        (s.output / "model").mkdir()
+        (s.output / "manifest.json").write_text(json.dumps({"status": "finished", "checkpoint": "ray/ckpt"}))
+    rec = _prune_checkpoints(stages["sft"])
+    sft = stages["sft"].output
+    assert not (sft / "ray").exists() and (sft / "model").is_dir()
+    m = json.loads((sft / "manifest.json").read_text())
+    assert m["status"] == "finished" and m["checkpoint"] is None
+    assert m["checkpoints"] == rec["checkpoints"] and "pruned" in rec["checkpoints"]
+    assert _prune_checkpoints(stages["generate"]) == {} and (stages["generate"].output / "ray").is_dir()
+    own = {s.name: s for s in stage_configs(_load(tmp_path, f"rm.checkpoint.storage={tmp_path / 'mine'}"))}["rm"]
+    assert _prune_checkpoints(own) == {} and (own.output / "ray" / "ckpt" / "optim.pt").exists()
+    assert _prune_checkpoints(stages["sft"]) == {}  # nothing left to prune: a re-run is a no-op
