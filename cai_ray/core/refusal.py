@@ -30,10 +30,6 @@ def is_refusal(text: str) -> bool:
     return bool(_RE.search(text[:HEAD_CHARS]))
 
 
-def refusal_rate(texts: list[str]) -> float | None:
-    return sum(map(is_refusal, texts)) / len(texts) if texts else None
-
-
 # ordinary requests, a few of which sound edgy but are harmless (a model that refuses them is
 # becoming evasive)
 BENIGN_PROBES = (

@@ -30,15 +30,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance over the masked positions."""
-    n = mask.sum()
-    if n < 2:
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-    mean = masked_mean(x, mask)
-    return masked_sum((x - mean) ** 2, mask) / (n - 1)
-
-
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(π‖π_ref) from the sampled tokens' log-probabilities under
     the policy and the reference. With r = logπ - logπ_ref: k1 = r (unbiased, can be

@@ -37,7 +37,7 @@ def test_reward_functions_load_and_fail_clearly(tmp_path):
     from cai_ray.train.ppo.reward import RewardError, RewardScorer, load_function
 
     assert load_function(f"{REWARDS}:prefer_ugs")([], ["ugs x ugs", "no"]) == [2.0, 0.0]
-    assert load_function("cai_ray.core.refusal:refusal_rate")(["I'm sorry, I can't help"]) == 1.0
+    assert load_function("cai_ray.core.refusal:is_refusal")("I'm sorry, I can't help") is True
     assert load_function("data/rewards.py:prefer_ugs", base=str(REWARDS.parent.parent))
     for spec, match in (
         (f"{tmp_path}/none.py:f", "not found"),
