@@ -87,6 +87,27 @@ def special_token_pattern(tokenizer) -> re.Pattern:
     return re.compile("|".join(map(re.escape, names)))
 
 
+def neutralise(text: str, tokenizer) -> str:
+    """``text`` with every special token of ``tokenizer`` (``<|im_end|>``, ``<end_of_turn>``,
+    ``<file_sep>``...) broken by a word joiner after its first character, so data can never
+    become turn markup: a chat template's text is tokenised with special-token parsing, and
+    a prompt or answer holding ``<|im_end|><|im_start|>`` would otherwise forge turns. Use
+    the tokenizer that will tokenise the text (a reward model's may differ from the policy's)."""
+    return _break_special(text, special_token_pattern(tokenizer))
+
+
+def neutralise_messages(messages: list[Message], tokenizer) -> list[Message]:
+    """Copies of ``messages`` with each content ``neutralise``d for ``tokenizer``."""
+    special = special_token_pattern(tokenizer)
+    return [{**m, "content": _break_special(m["content"], special)} for m in messages]
+
+
+def _break_special(text: str, special: re.Pattern) -> str:
+    if not special.pattern:
+        return text
+    return special.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+
 class ChatTemplate:
     """Chat template → token ids, shared by the backends that hold a HF tokenizer.
 
@@ -96,29 +117,58 @@ class ChatTemplate:
     tokenizer: object
 
     def neutralise(self, text: str) -> str:
-        """``text`` with every special token of *this* tokenizer (``<|im_end|>``,
-        ``<end_of_turn>``, ``<file_sep>``...) broken by a word joiner after its first
-        character, so data can never become turn markup: the templated text is tokenised
-        with special-token parsing, and a prompt or answer holding ``<|im_end|><|im_start|>``
-        would otherwise forge turns (in critique and revision prompts, the labeler's
+        """``neutralise(text, self.tokenizer)``, the pattern built once per engine: every
+        engine prompt goes through it (critique and revision prompts, the labeler's
         comparisons, the guardrail)."""
         pattern = getattr(self, "_special_pattern", None)
         if pattern is None:
             pattern = self._special_pattern = special_token_pattern(self.tokenizer)
-        return pattern.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text) if pattern.pattern else text
+        return _break_special(text, pattern)
 
-    def _encode(self, conv: list[Message]) -> list[int]:
+    def _text(self, conv: list[Message]) -> str:
         if not conv:
             raise ValueError("empty conversation")
         conv = [{**m, "content": self.neutralise(m["content"])} for m in conv]
         continue_final = conv[-1]["role"] == "assistant"
-        text = self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(
             list(conv),
             tokenize=False,
             add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
         )
+
+    def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, conv: list[Message]) -> list[int]:
+        return self._ids(self._text(conv))
+
+    def choice_continuations(self, conv: list[Message], choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+        """(context ids, each choice's ids after them): the choices as this tokenizer
+        continues ``conv``'s templated text, ids(text + choice) past ids(text).
+
+        A choice is never tokenised alone: SentencePiece (Llama-2, Mistral, Gemma) makes "A"
+        alone ``▁A``, while after "The answer is: (" the model writes a bare ``A``; scoring
+        ``▁A`` would read a token the model never continues with. When a tokenizer merges the
+        text's end with a choice ("(" + "A" → "(A"), the context is cut back to the ids every
+        choice's tokenization shares, and each choice is scored with the re-tokenized tail:
+        P(tail + choice | context), comparable across choices because the context is one."""
+        if len(choices) < 2:
+            raise ValueError("choice_logprobs needs at least two choices")
+        text = self._text(conv)
+        prompt = self._ids(text)
+        full = [self._ids(text + c) for c in choices]
+        shared = len(prompt)
+        for ids in full:
+            shared = next((i for i, (a, b) in enumerate(zip(prompt[:shared], ids)) if a != b), min(shared, len(ids)))
+        conts = [ids[shared:] for ids in full]
+        if any(not ids for ids in conts):
+            raise ValueError(f"a choice tokenizes to nothing: {choices!r}")
+        if len({tuple(ids) for ids in conts}) < len(conts):
+            raise ValueError(f"two choices tokenize the same: {choices!r}")
+        if not shared:
+            raise ValueError(f"the choices {choices!r} re-tokenize the whole prompt: nothing to score them after")
+        return prompt[:shared], conts
 
     def token_counts(self, convs: list[list[Message]]) -> list[int]:
         return [len(self._encode(c)) for c in convs]

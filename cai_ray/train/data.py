@@ -11,7 +11,9 @@ it sits in its file, and a held-out split by id keeps duplicates on one side.
 A row that cannot be used is not dropped: it becomes a reject ``{source, line, id, reason,
 raw}`` that the job writes to ``OUTPUT/rejects.jsonl`` and counts in the manifest. Rows longer
 than ``optim.max_length`` tokens are rejects too: the trainers would otherwise truncate them
-(SFT) or filter them out without a word (TRL's reward and DPO trainers).
+(SFT) or filter them out without a word (TRL's reward and DPO trainers). Once the tokenizer is
+known, special-token markup in the contents is neutralised (``neutralise_rows``) before
+lengths are counted: TRL's trainers would read it as real turns.
 """
 
 from __future__ import annotations
@@ -96,7 +98,23 @@ def pref_row(r: Row) -> tuple[Row | None, str | None]:
     }, None
 
 
-# -- lengths, mixing, splits ----------------------------------------------------------------
+# -- tokenizer-bound steps: markup, lengths --------------------------------------------------
+def neutralise_rows(rows: list[Row], tokenizer, parts: tuple[str, ...]) -> tuple[list[Row], int]:
+    """``rows`` with the contents of ``prompt`` and each of ``parts`` neutralised for
+    ``tokenizer`` (engine.neutralise), and how many rows held special-token markup. TRL's
+    trainers tokenise the rows' chat template with special-token parsing: an
+    ``<|im_end|><|im_start|>`` in the data would otherwise train forged turns. Run before
+    ``reject_long``, so lengths are those of what is trained."""
+    from cai_ray.engine import neutralise_messages
+
+    out, changed = [], 0
+    for row in rows:
+        new = {**row, **{k: neutralise_messages(row[k], tokenizer) for k in ("prompt", *parts)}}
+        changed += any(new[k] != row[k] for k in ("prompt", *parts))
+        out.append(new)
+    return out, changed
+
+
 def reject_long(rows: list[Row], tokenizer, max_length: int, parts: tuple[str, ...]) -> tuple[list[Row], list[Reject]]:
     """Rows whose ``prompt`` + each of ``parts`` fits ``max_length`` tokens (chat template
     applied, as the trainers do); the others become rejects naming their length."""
@@ -125,6 +143,7 @@ def _n_tokens(tokenizer, messages: list[dict]) -> int:
     return len(ids)
 
 
+# -- mixing, splits -------------------------------------------------------------------------
 def mix_in(rows: list[Row], extra: list[Row], ratio: float, seed: int) -> tuple[list[Row], dict[str, Any]]:
     """``rows`` plus helpfulness rows making up ``ratio`` of the result, drawn without
     replacement (the file is repeated only when it is too small, and that is reported)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import pref_row, reject_long
+from cai_ray.train.data import neutralise_rows, pref_row, reject_long
 
 load_base = harness.load_causal_lm
 
@@ -54,6 +54,14 @@ def train_dpo(cfg) -> dict[str, Any]:
 
     rows, rejects = load_rows(cfg.data, pref_row)
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    rows, neutralised = neutralise_rows(rows, tok, ("chosen", "rejected"))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
     settings = {"beta": cfg.beta, "loss_type": cfg.loss_type, "label_smoothing": cfg.label_smoothing}
-    return harness.run("dpo", cfg, rows, rejects + long_rows, fingerprint_extra=settings)
+    return harness.run(
+        "dpo",
+        cfg,
+        rows,
+        rejects + long_rows,
+        fingerprint_extra=settings,
+        manifest_extra={"neutralised_rows": neutralised},
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import TrainDataError, pref_row, reject_long, split
+from cai_ray.train.data import TrainDataError, neutralise_rows, pref_row, reject_long, split
 
 
 @dataclass(frozen=True)
@@ -120,15 +120,19 @@ def after_save(job: harness.WorkerJob, model_dir: Path, out: Path) -> dict[str, 
 
 
 def score_pairs(model_dir: str, rows: list[dict], use_gpu: bool = False) -> list[float]:
-    """r(prompt + chosen) - r(prompt + rejected) for each pair, from a saved preference model."""
+    """r(prompt + chosen) - r(prompt + rejected) for each pair, from a saved preference model
+    (contents neutralised for its tokenizer, as in training and in RL scoring)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_ray.engine import neutralise_messages
 
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
 
     def reward(messages):
+        messages = neutralise_messages(messages, tok)
         ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
         with torch.no_grad():
             return model(**{k: v.to(device) for k, v in ids.items()}).logits[0, 0].float().item()
@@ -185,6 +189,7 @@ def train_rm(cfg) -> dict[str, Any]:
         )
     soft = cfg.targets == "soft" or (cfg.targets == "auto" and with_p == len(rows))
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    rows, neutralised = neutralise_rows(rows, tok, ("chosen", "rejected"))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
     train, held_out = split(rows, cfg.eval_fraction, cfg.seed)
     if not train:
@@ -197,5 +202,9 @@ def train_rm(cfg) -> dict[str, Any]:
         rejects + long_rows,
         extra=HeldOut(soft, tuple(held_out)),
         fingerprint_extra=targets,
-        manifest_extra={**targets, "split": {"train": len(train), "held_out": len(held_out)}},
+        manifest_extra={
+            **targets,
+            "split": {"train": len(train), "held_out": len(held_out)},
+            "neutralised_rows": neutralised,
+        },
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import mix_in, reject_long, sft_row
+from cai_ray.train.data import mix_in, neutralise_rows, reject_long, sft_row
 
 load_base = harness.load_causal_lm
 
@@ -65,5 +65,6 @@ def train_sft(cfg) -> dict[str, Any]:
             **info,
         }
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    rows, extra["neutralised_rows"] = neutralise_rows(rows, tok, ("completion",))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("completion",))
     return harness.run("sft", cfg, rows, rejects + long_rows, fingerprint_extra={"mix": cfg.mix}, manifest_extra=extra)
