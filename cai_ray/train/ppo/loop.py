@@ -47,12 +47,16 @@ SAMPLES_PER_STEP = 4  # responses written to samples.jsonl per step (rank 0's fi
 # -- rows -----------------------------------------------------------------------------------
 def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     """Usable prompt rows and rejects (malformed, too long for prompt + response, no reference
-    where d-RLAIF needs one)."""
+    where d-RLAIF needs one). Prompt contents are ``neutralise``d for the policy's tokenizer:
+    TRL's GRPO/RLOO trainers tokenise these rows themselves, with special-token parsing."""
+    from cai_ray.engine import neutralise_messages
+
     rows, rejects = load_rows(cfg.data, prompt_row)
     room = cfg.optim.max_length - cfg.rollout.max_new_tokens
     keep = []
     for row in rows:
-        n = len(_encode(tokenizer, row["prompt"]))
+        prompt = neutralise_messages(row["prompt"], tokenizer)
+        n = len(_encode(tokenizer, prompt))
         why = None
         if n > room:
             why = (
@@ -64,13 +68,30 @@ def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
         if why:
             rejects.append(reject("data", None, {"id": row["id"], **row}, why))
         else:
-            keep.append(row)
+            keep.append({**row, "prompt": prompt})
     return keep, rejects
 
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for the policy; the contents are neutralised, since the templated text is
+    tokenised with special-token parsing and a prompt holding ``<|im_end|>`` would forge turns."""
+    from cai_ray.engine import neutralise_messages
+
+    messages = neutralise_messages(messages, tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def collective_device(own):
+    """Where a tensor handed to a collective must live: NCCL (Ray Train's backend on GPUs)
+    takes GPU tensors only and refuses CPU ones at the first reduction; gloo (CPU) takes CPU
+    tensors. ``own`` is this rank's training device."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device(own)
+    return torch.device("cpu")
 
 
 # -- the job --------------------------------------------------------------------------------
@@ -142,7 +163,7 @@ def ds_config(job: harness.WorkerJob, micro_batch: int, world: int, frozen: bool
         zero = {"stage": 3 if stage == 3 else 0}
     else:
         zero = (zero_config(stage, job.cfg.offload) or {"zero_optimization": {"stage": 0}})["zero_optimization"]
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * world,
@@ -152,6 +173,12 @@ def ds_config(job: harness.WorkerJob, micro_batch: int, world: int, frozen: bool
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if "offload_optimizer" in zero:
+        # the optimizer is ours (torch AdamW, passed to deepspeed.initialize): DeepSpeed
+        # refuses a client optimizer with offload unless told to accept it. Its own CPU Adam
+        # would be faster but JIT-compiles an extension on every new machine.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 class Worker:
@@ -208,14 +235,19 @@ class Worker:
             optimizer=torch.optim.AdamW(value.parameters(), lr=job.cfg.ppo.value_learning_rate, weight_decay=0.0),
             config=ds_config(job, mb, self.world),
         )
-        if job.cfg.zero == 3:
-            self.ref, *_ = deepspeed.initialize(model=ref, config=ds_config(job, mb, self.world, frozen=True))
-            self.ref.eval()
-        else:
-            self.ref = ref.to(self.device)
+        self.ref = self._frozen(ref) if job.cfg.zero == 3 else ref.to(self.device)
+        from cai_ray.train.ppo.rollout import synced_generation
+
+        self.synced_generation = synced_generation(job.cfg.zero)
         self.rollout = make_rollout(job.cfg.rollout.engine, self.policy.module, self.tok, str(self.device), path, job)
         self.scorer = RewardScorer(
-            rw, job.base_dir, device=str(self.device), seed=job.cfg.seed, reference_answer=self.reference_answers
+            rw,
+            job.base_dir,
+            device=str(self.device),
+            seed=job.cfg.seed,
+            reference_answer=self.reference_answers,
+            dtype=self.dtype,
+            prepare=self._frozen if job.cfg.zero == 3 else None,
         )
         from cai_ray.core.rl_math import AdaptiveKL
         from cai_ray.train.ppo.monitors import load_probes
@@ -227,6 +259,16 @@ class Worker:
         self.per_worker = job.cfg.ppo.rollout_batch // self.world
         self.step = 0
         self.history: list[dict] = []
+
+    def _frozen(self, model):
+        """A frozen model partitioned like the trained ones (ZeRO-3: each rank holds a shard;
+        every forward gathers it, so every rank must run the same forwards)."""
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(
+            model=model, config=ds_config(self.job, self.job.cfg.optim.per_worker_batch_size, self.world, frozen=True)
+        )
+        return engine.eval()
 
     @staticmethod
     def _value_head(model):
@@ -241,8 +283,12 @@ class Worker:
         asked, the response logits (for entropy)."""
         import torch
 
-        out = model(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn)).logits
-        logits = out[:, p_len - 1 : -1].float() / self.job.cfg.rollout.temperature
+        # logits for the response positions only (and the last prompt token, which predicts the
+        # first response token): [batch, response, vocab] instead of [batch, prompt + response,
+        # vocab] — with a 150k vocabulary the prompt's logits alone can outweigh the model
+        keep = ids.shape[1] - p_len + 1
+        out = model(input_ids=ids, attention_mask=attn, position_ids=self._positions(attn), logits_to_keep=keep).logits
+        logits = out[:, :-1].float() / self.job.cfg.rollout.temperature
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
         return (logp, logits) if with_logits else logp
 
@@ -259,23 +305,21 @@ class Worker:
 
     def reference_answers(self, prompts: list[list[dict]]) -> list[str]:
         """d-RLAIF reference answers: the frozen reference policy's greedy answers."""
-        import torch
-
         module = self.ref.module if hasattr(self.ref, "module") else self.ref
         out = []
         for sl in self._chunks(len(prompts)):
             enc = [_encode(self.tok, p) for p in prompts[sl]]
-            ids, attn, width = self._left_pad(enc)
-            with torch.no_grad():
-                gen = module.generate(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    do_sample=False,
-                    max_new_tokens=self.job.cfg.rollout.max_new_tokens,
-                    pad_token_id=self.tok.pad_token_id,
-                )
-            out += self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+            ids = self._generate(module, enc, self.job.cfg.rollout.max_new_tokens)
+            out += self.tok.batch_decode(ids, skip_special_tokens=True)
         return out
+
+    def _generate(self, module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy response ids of ``module`` (ranks kept in step under ZeRO-3)."""
+        from cai_ray.train.ppo.rollout import generate_ids
+
+        return generate_ids(
+            module, self.tok, prompts, self.device, max_new_tokens=max_new_tokens, synced=self.synced_generation
+        )
 
     def _left_pad(self, seqs: list[list[int]]):
         import torch
@@ -324,6 +368,7 @@ class Worker:
             ids = torch.cat([p_ids, r_ids], 1)
             attn = torch.cat([p_attn, mask.long()], 1)
             texts = self.tok.batch_decode(responses, skip_special_tokens=True)
+            self.rollout.sleep()  # a colocated vLLM frees its KV cache (and weights) for the update
 
         with ph("score"):
             scores = torch.tensor(
@@ -465,48 +510,24 @@ class Worker:
 
     def greedy_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """The training policy's greedy response ids (up to and including EOS)."""
-        import torch
-
-        from cai_ray.train.ppo.rollout import _until_eos
-
-        ids, attn, width = self._left_pad(prompts)
-        module = self.policy.module
-        module.eval()
-        with torch.no_grad():
-            gen = module.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tok.pad_token_id,
-                eos_token_id=self.tok.eos_token_id,
-            )
-        module.train()
-        return [_until_eos(row, self.tok.eos_token_id) for row in gen[:, width:].tolist()]
+        return self._generate(self.policy.module, prompts, max_new_tokens)
 
     def probe_refusal_rate(self) -> float | None:
         """Share of the benign probes (greedy answers, split over the workers) that are refusals."""
-        import torch
-
         from cai_ray.core.refusal import is_refusal
 
         mine = self.probes[self.rank :: self.world]
         flags: list[bool] = []
+        if self.synced_generation and not mine:
+            # a rank without probes still runs the ZeRO-3 forwards the others' generation needs
+            mine = self.probes[:1]
+            keep = 0
+        else:
+            keep = len(mine)
         if mine:
             enc = [_encode(self.tok, [{"role": "user", "content": p}]) for p in mine]
-            ids, attn, width = self._left_pad(enc)
-            module = self.policy.module
-            module.eval()
-            with torch.no_grad():
-                gen = module.generate(
-                    input_ids=ids,
-                    attention_mask=attn,
-                    do_sample=False,
-                    max_new_tokens=self.job.cfg.monitor.probe_max_new_tokens,
-                    pad_token_id=self.tok.pad_token_id,
-                )
-            module.train()
-            flags = [is_refusal(t) for t in self.tok.batch_decode(gen[:, width:], skip_special_tokens=True)]
+            gen = self._generate(self.policy.module, enc, self.job.cfg.monitor.probe_max_new_tokens)
+            flags = [is_refusal(t) for t in self.tok.batch_decode(gen, skip_special_tokens=True)][:keep]
         every = self._gather(flags)
         return sum(every) / len(every) if every else None
 
@@ -515,10 +536,11 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device(self.device))
+        dist.all_reduce(t)
+        return t.cpu().tolist()
 
     def _mean_all(self, x: float) -> float:
         return self._all_sum([x])[0] / self.world

@@ -63,6 +63,17 @@ def load_function(spec: str, base: str | None = None) -> Callable:
     return fn
 
 
+def preference_text(tokenizer, prompt: Messages, response: str) -> str:
+    """The preference model's input: prompt + response through its chat template, every
+    content neutralised for its tokenizer. The policy can spell ``<|im_end|>`` out of
+    ordinary tokens; decoded and re-tokenised with special-token parsing it would become the
+    real token and end the answer where the policy chose (a reward hack)."""
+    from cai_ray.engine import neutralise_messages
+
+    conv = neutralise_messages(prompt + [{"role": "assistant", "content": response}], tokenizer)
+    return tokenizer.apply_chat_template(conv, tokenize=False)
+
+
 class RewardScorer:
     """Scores responses as a ``RewardSection`` says (its ``kind``: the source in use).
     ``base_dir``: where relative files it names are when they are not here (the driver's
@@ -75,7 +86,12 @@ class RewardScorer:
         device: str = "cpu",
         seed: int = 0,
         reference_answer: Callable[[list[Messages]], list[str]] | None = None,
+        dtype=None,
+        prepare: Callable | None = None,
     ):
+        """``dtype``: the preference model's (the trainer's precision; default float32).
+        ``prepare``: what places it (PPO under ZeRO-3 partitions it across the ranks like its
+        own models); default: the whole model on ``device``."""
         self.r = reward
         self.kind = kind = reward.kind
         self.device = device
@@ -92,13 +108,11 @@ class RewardScorer:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.tokenizer.padding_side = "right"
-            self.model = (
-                AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-                .to(device)
-                .eval()
-            )
-            self.model.requires_grad_(False)
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype or torch.float32
+            ).requires_grad_(False)
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.model = prepare(model) if prepare else model.to(device).eval()
         elif kind == "function":
             self.fn = load_function(reward.function, base_dir)
         elif kind == "labeler":
@@ -142,10 +156,7 @@ class RewardScorer:
     def _score_model(self, prompts: list[Messages], responses: list[str], batch: int = 16) -> list[float]:
         import torch
 
-        texts = [
-            self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-            for p, r in zip(prompts, responses)
-        ]
+        texts = [preference_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
         for i in range(0, len(texts), batch):
             enc = self.tokenizer(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)

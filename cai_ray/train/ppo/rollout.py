@@ -38,47 +38,106 @@ class RolloutEngine(Protocol):
 
     def sync(self, named_params: Iterable[tuple[str, Any]]) -> None: ...
 
+    def sleep(self) -> None:
+        """Free what the engine holds while the trainer updates (wake() or the next call restores)."""
+
+    def wake(self) -> None: ...
+
+
+def generate_ids(
+    module,
+    tokenizer,
+    prompts: list[list[int]],
+    device,
+    *,
+    max_new_tokens: int,
+    synced: bool,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> list[list[int]]:
+    """Response ids of a training module (left-padded batch; sampled at ``temperature``, greedy
+    when it is None), each up to and including its EOS. ``synced`` keeps this rank running
+    forward passes until every rank's answers have ended: under ZeRO-3 each forward gathers
+    the partitioned weights from all ranks, so a rank whose answers end first and stops would
+    leave the others waiting in an all-gather (a hang, or ranks out of step). transformers
+    only turns it on by itself when an HF DeepSpeed config is active, which
+    ``deepspeed.initialize`` does not create."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = (
+        dict(do_sample=False)
+        if temperature is None
+        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                synced_gpus=synced,
+                **sampling,
+            )
+    finally:
+        module.train(was_training)
+    return [_until_eos(row, eos) for row in out[:, width:].tolist()]
+
+
+def synced_generation(zero_stage: int) -> bool:
+    """Whether generation must keep ranks in step (ZeRO-3 across more than one rank)."""
+    import torch.distributed as dist
+
+    return zero_stage == 3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 
 class HFRollout:
     """``generate`` of the training module itself (DeepSpeed's ZeRO-3 hooks gather the
-    partitioned weights layer by layer during the forward passes)."""
+    partitioned weights layer by layer during the forward passes, every rank in step)."""
 
     shares_weights = True
 
-    def __init__(self, module, tokenizer, device: str):
+    def __init__(self, module, tokenizer, device: str, synced: bool = False):
         self.module = module
         self.tokenizer = tokenizer
         self.device = device
+        self.synced = synced
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[list[int]]:
-        import torch
-
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        torch.manual_seed(seed)
-        was_training = self.module.training
-        self.module.eval()
-        with torch.no_grad():
-            out = self.module.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        self.module.train(was_training)
-        return [_until_eos(row, self.tokenizer.eos_token_id) for row in out[:, width:].tolist()]
+        return generate_ids(
+            self.module,
+            self.tokenizer,
+            prompts,
+            self.device,
+            max_new_tokens=max_new_tokens,
+            synced=self.synced,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
 
     def sync(self, named_params: Iterable[tuple[str, Any]]) -> None:
         """Nothing to move: the next rollout samples from the updated weights."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the rollout is the training model."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
 
 
 class VLLMRollout:
@@ -87,8 +146,8 @@ class VLLMRollout:
 
     In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the model lives here, so
     ``LLM.collective_rpc("reload_weights")`` hands each gathered tensor to vLLM's in-place
-    reload without copying it to another process; vLLM joins the worker's existing process group
-    (Ray Train's) as its world, one engine per rank. Greedy/sampled text comes from vLLM's
+    reload without copying it to another process, one engine per rank, on the rank's own device
+    (``colocated_args``; checked after start-up). Greedy/sampled text comes from vLLM's
     kernels, the log-probs of the PPO loss from the training model."""
 
     shares_weights = False
@@ -101,6 +160,8 @@ class VLLMRollout:
         seed: int,
         dtype: str = "auto",
         enforce_eager: bool = True,
+        device: str | None = None,
+        check_sync: bool = False,
     ):
         import torch
 
@@ -130,14 +191,34 @@ class VLLMRollout:
             prefix_cache=True,
             max_num_seqs=None,
         )
+        kw.update(colocated_args(on_cpu(), check_sync))
+        self.sleep_level = (1 if check_sync else 2) if kw.get("enable_sleep_mode") else 0
         self.llm = vllm.LLM(**kw)
+        if device is not None:
+            check_device(self.llm, device)
+        self.asleep = False
         self.syncs = 0
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory while the trainer updates (vLLM's sleep mode, GPUs
+        only): the KV cache, and at level 2 the weights too, since the next sync rewrites
+        them all. Level 1 (weights kept in host memory) when ``rollout.check_sync`` compares
+        answers from before the sync. A no-op where vLLM has no sleep mode (CPU)."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[list[int]]:
         from vllm import SamplingParams
 
+        self.wake()
         # one seed per prompt: a prompt's sample does not depend on its batch neighbours
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
@@ -152,6 +233,7 @@ class VLLMRollout:
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from vllm import SamplingParams
 
+        self.wake()
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
             SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
@@ -165,11 +247,46 @@ class VLLMRollout:
         processed into the kernels' layout again — on CPU the linear weights are repacked
         after loading, so a plain ``model.load_weights`` finds no loader on them). Then the
         cached prefixes go: their KV was computed with the old weights."""
+        self.wake()
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": named_params, "is_checkpoint_format": True}
         )
         self.llm.reset_prefix_cache()
         self.syncs += 1
+
+
+def colocated_args(cpu: bool, check_sync: bool) -> dict[str, Any]:
+    """vLLM settings for an engine that shares its process (and GPU) with a training rank.
+
+    On GPUs, vLLM's default single-process executor takes ``cuda:0`` and makes it the
+    process's current device, so on a multi-GPU node every rank's engine would land on GPU 0
+    and move its trainer there too. vLLM's ``external_launcher`` executor (its documented way
+    to run one engine per torchrun-style rank, as verl does for colocated rollouts) takes the
+    rank's device from ``LOCAL_RANK``, which Ray Train sets, and joins the existing process
+    group. Sleep mode lets the engine free its memory while the trainer updates. The CPU
+    build has neither: the default executor (the tested path) and no sleep."""
+    if cpu:
+        return {}
+    return {"distributed_executor_backend": "external_launcher", "enable_sleep_mode": True}
+
+
+def _worker_device(worker) -> str:
+    return str(worker.device)
+
+
+def check_device(llm, device: str) -> None:
+    """Refuse an engine that is not on its trainer's device (``LLM.collective_rpc`` asks
+    vLLM's worker; no private attribute is read)."""
+    import torch
+
+    got = llm.collective_rpc(_worker_device)
+    if any(torch.device(d) != torch.device(device) for d in got):
+        raise RuntimeError(
+            f"the colocated vLLM rollout engine is on {got}, its trainer on {device}: "
+            "each rank's engine must share its trainer's device (check LOCAL_RANK and CUDA_VISIBLE_DEVICES)"
+        )
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # vLLM's worker init set it: make sure it is ours
 
 
 def _tied_embeddings(model_path: str) -> bool:
@@ -194,7 +311,7 @@ def gathered_params(module, zero_stage: int) -> Iterator[tuple[str, Any]]:
 
 def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, job: WorkerJob) -> RolloutEngine:
     if kind == "hf":
-        return HFRollout(module, tokenizer, device)
+        return HFRollout(module, tokenizer, device, synced=synced_generation(job.cfg.zero))
     if kind == "vllm":
         from cai_ray.train.harness import precision
 
@@ -206,6 +323,8 @@ def make_rollout(kind: str, module, tokenizer, device: str, model_path: str, job
             job.cfg.seed,
             dtype="bfloat16" if precision(job)[1] else "float32",
             enforce_eager=r.enforce_eager,
+            device=device,
+            check_sync=r.check_sync,
         )
     raise ValueError(f"rollout.engine: unknown engine {kind!r} (hf | vllm)")
 
