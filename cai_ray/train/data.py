@@ -165,11 +165,15 @@ def mix_in(rows: list[Row], extra: list[Row], ratio: float, seed: int) -> tuple[
 
 
 def split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """(train, held out): a row is held out by a seeded hash of its id, so the split does not
-    depend on row order or on how many rows came before it."""
+    """(train, held out) by prompt: a row is held out by a seeded hash of its prompt, so every
+    pair of one prompt lands on the same side. The label step makes several pairs per prompt
+    from k answers, sharing answers between them; split by pair id, a held-out pair's answers
+    were trained on through its siblings and the held-out accuracy read high. The split does
+    not depend on row order or on how many rows came before it."""
+    from cai_ray.batch.readers import conversation_id
 
     def held(row: Row) -> bool:
-        h = hashlib.sha256(f"{seed}:{row['id']}".encode()).digest()
+        h = hashlib.sha256(f"{seed}:{conversation_id(row['prompt'])}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
     train = [r for r in rows if not held(r)]

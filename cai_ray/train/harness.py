@@ -192,7 +192,20 @@ def train_loop(config: dict[str, WorkerJob]) -> None:
                 metrics.update(module.after_save(job, model_dir, out))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         publish(job, out)
+    drop_scratch(out, rank)
     ray.train.report({"global_step": trainer.state.global_step, "train_loss": result.training_loss})
+
+
+def drop_scratch(out: Path, rank: int) -> None:
+    """Each rank removes its own scratch (``_work/rankN``: HF checkpoints, the resume copy)
+    when training ends. The driver's cleanup only reaches its own node: on a cluster with an
+    object-store output, the other nodes' ranks would leave their checkpoints on local disk."""
+    work = out / "_work"
+    shutil.rmtree(work / f"rank{rank}", ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(work / "adapter", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.rmdir()  # the last rank out removes the folder (fails while others still use it)
 
 
 # what the driver writes itself (and the scratch that never leaves a worker)
@@ -296,6 +309,9 @@ def run(
         base_model=model_info(cfg.model),
         **(manifest_extra or {}),
     )
+    storage, run_name = checkpoint_home(kind, cfg.checkpoint.storage, where)
+    claim_checkpoints(storage, run_name, where.address(), fingerprint)
+    manifest["checkpoints"] = f"{storage.rstrip('/')}/{run_name}"
     where.write_json("manifest.json", manifest)  # "running"
 
     runtime.init_ray(cfg.ray_address)
@@ -309,11 +325,14 @@ def run(
             "job": WorkerJob(kind, cfg, tuple(rows), str(out), use_gpu, store and store.uri, extra, os.getcwd())
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            num_workers=cfg.scaling.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=kind,
-            storage_path=cfg.checkpoint.storage or where.address("ray"),
+            name=run_name,
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
         ),
@@ -364,6 +383,45 @@ def fingerprint_of(kind: str, config: dict[str, Any], data_sha256: str, extra: d
         **{k: o[k] for k in ("learning_rate", "per_worker_batch_size", "grad_accum", "max_length", "dtype")},
         **extra,
     }
+
+
+OWNER = "cai_ray_run.json"  # in a run's checkpoint folder: which output the checkpoints belong to
+
+
+def checkpoint_home(kind: str, storage: str | None, where) -> tuple[str, str]:
+    """(Ray Train storage path, run name). Ray Train resumes whatever run of that name it
+    finds in that storage, so the name must belong to this output: in the output's own
+    ``ray/`` folder the trainer's kind is enough; in a shared ``checkpoint.storage`` (every
+    GPU config sets one) the name carries a hash of the output, or a second run with another
+    output would resume the first one and, had it finished, hand back its model."""
+    import hashlib
+
+    if not storage:
+        return where.address("ray"), kind
+    return storage, f"{kind}-{hashlib.sha256(where.address().encode()).hexdigest()[:12]}"
+
+
+def claim_checkpoints(storage: str, name: str, output: str, fingerprint: dict[str, Any]) -> None:
+    """Refuse checkpoints that another run wrote (their owner file names another output),
+    else record this run as their owner before any worker looks for a checkpoint."""
+    from cai_ray.batch.storage import Store
+
+    home = Store(storage).child(name)
+    if home.exists(OWNER):
+        owner = home.read_json(OWNER)
+        if owner.get("output") != output:
+            raise ValueError(
+                f"checkpoints in {home.address()} belong to another run (output {owner.get('output')}); "
+                f"this run (output {output}) would resume them. Use another checkpoint.storage, or delete them."
+            )
+        theirs = owner.get("fingerprint") or {}
+        changed = sorted(k for k in {*theirs, *fingerprint} if theirs.get(k) != fingerprint.get(k))
+        if changed:
+            raise ValueError(
+                f"checkpoints in {home.address()} were written with other settings ({', '.join(changed)}); "
+                "re-running would resume them. Use a new --output, or delete them."
+            )
+    home.write_json(OWNER, {"output": output, "fingerprint": fingerprint})
 
 
 def refuse_mixed_run(out, fingerprint: dict[str, Any]) -> None:

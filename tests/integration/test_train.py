@@ -228,3 +228,24 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert m["metrics"]["resumed_from"] and m["metrics"]["global_step"] == 40
     steps = [p["step"] for p in json.loads((tmp_path / "out" / "metrics.json").read_text())["loss_curve"]]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_runs_sharing_a_checkpoint_storage_train_independently(ray_local, tmp_path):
+    """Every GPU config sets one ``checkpoint.storage``: a second run with another output and
+    other data must train from its base model, not resume (and, the first one being
+    finished, return) the first run's model."""
+    from cai_ray.train.sft import train_sft
+
+    shared = tmp_path / "ray-train"
+    over = {"checkpoint.storage": shared, "optim.max_steps": 3, "checkpoint.every_steps": 3}
+    over.update({"scaling.workers": 1, "scaling.cpus_per_worker": 1.0})
+    manifests = {}
+    for name, rows in (("a", MEMORISE[:4]), ("b", MEMORISE[4:])):
+        data = _write(tmp_path / f"{name}.jsonl", rows)
+        manifests[name] = train_sft(_cfg(SFTTrainConfig, tmp_path, data, output=tmp_path / name, **over))
+    for name, m in manifests.items():
+        assert m["metrics"]["global_step"] == 3 and not m["metrics"]["resumed_from"], name
+        assert m["checkpoints"].startswith(str(shared))
+    assert manifests["a"]["checkpoints"] != manifests["b"]["checkpoints"]
+    weights = [(tmp_path / n / "model" / "model.safetensors").read_bytes() for n in "ab"]
+    assert weights[0] != weights[1]
