@@ -248,6 +248,7 @@ class Worker:
             reference_answer=self.reference_answers,
             dtype=self.dtype,
             prepare=self._frozen if job.cfg.zero == 3 else None,
+            cache_references=not self.synced_generation,
         )
         from cai_ray.core.rl_math import AdaptiveKL
         from cai_ray.train.ppo.monitors import load_probes

@@ -88,10 +88,14 @@ class RewardScorer:
         reference_answer: Callable[[list[Messages]], list[str]] | None = None,
         dtype=None,
         prepare: Callable | None = None,
+        cache_references: bool = True,
     ):
         """``dtype``: the preference model's (the trainer's precision; default float32).
         ``prepare``: what places it (PPO under ZeRO-3 partitions it across the ranks like its
-        own models); default: the whole model on ``device``."""
+        own models); default: the whole model on ``device``. ``cache_references``: keep each
+        prompt's d-RLAIF reference answer; off when generating one takes every rank in step
+        (ZeRO-3), since ranks whose prompts are cached would skip the generation the others
+        wait in."""
         self.r = reward
         self.kind = kind = reward.kind
         self.device = device
@@ -125,6 +129,7 @@ class RewardScorer:
             self.labeler = Labeler(engine, load_constitution(local_path(reward.constitution, base_dir)), settings)
             self.reference_answer = reference_answer
             self._references: dict[str, str] = {}
+            self.cache_references = cache_references
         else:
             raise RewardError(f"unknown reward source {kind!r}")
 
@@ -189,6 +194,8 @@ class RewardScorer:
             if missing:
                 raise RewardError(f"reward.reference=field, but prompt rows {missing[:5]} have no 'reference'")
         else:
+            if not self.cache_references:
+                self._references = {}
             todo = [(i, p) for i, p in zip(ids, prompts) if i not in self._references]
             if todo:
                 for (i, _), text in zip(todo, self.reference_answer([p for _, p in todo])):
