@@ -106,6 +106,12 @@ class Labeler:
             )
         return m
 
+    @property
+    def budget(self) -> int:
+        """Tokens a comparison needs after its prompt (``context.context_overflow``'s budget):
+        the choice; with CoT, the reasoning, then "The answer is: (" and the choice."""
+        return self.s.cot_max_new_tokens + 8 if self.s.cot else 1
+
     def orders(self) -> tuple[str, ...]:
         return ("AB", "BA") if self.s.both_orders else ("AB",)
 

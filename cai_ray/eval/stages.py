@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from cai_ray.core import eval_math, prompts
 from cai_ray.core.constitution import Constitution, Principle
+from cai_ray.core.context import context_overflow
 from cai_ray.core.label_math import soft_label
 from cai_ray.core.types import Sampling
 
@@ -65,9 +66,11 @@ class FittingJudge:
 
         limit = getattr(self.engine, "context_length", None)
         counts = self.engine.token_counts(convs) if limit and hasattr(self.engine, "token_counts") else [0] * len(convs)
-        fits = [i for i, n in enumerate(counts) if n < limit] if limit else list(range(len(convs)))
+        # the budget: the one choice token scored after the conversation
+        why = [context_overflow("the judge", n, 1, limit) for n in counts]
+        fits = [i for i, w in enumerate(why) if w is None]
         scored = self.engine.choice_logprobs([convs[i] for i in fits], choices) if fits else []
-        out: list = [Unscored(f"{n} tokens: longer than the judge's context ({limit})") for n in counts]
+        out: list = [Unscored(w) if w else None for w in why]
         for i, lp in zip(fits, scored):
             out[i] = lp
         return out
@@ -149,11 +152,7 @@ class AnswerWorker(_Worker):
         if limit and todo:
             budget = self.sampling.max_new_tokens
             for i, tokens in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
-                if tokens + budget > limit:
-                    reasons[i] = (
-                        f"prompt too long for the model: {tokens} prompt tokens + {budget} answer "
-                        f"tokens > context length {limit}"
-                    )
+                reasons[i] = context_overflow("the model", tokens, budget, limit)
             todo = [i for i in todo if reasons[i] is None]
         answers: list[str | None] = [None] * n
 

@@ -22,6 +22,7 @@ from cai_ray.batch.records import SL_OUTPUT_COLUMNS, SL_SCHEMA, append_message
 from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures, raise_if_all_failed, with_reasons
 from cai_ray.core import prompts
 from cai_ray.core.constitution import Constitution, load_constitution
+from cai_ray.core.context import context_overflow
 from cai_ray.core.seeds import batch_seed
 from cai_ray.engine import Sampling, load_engine
 
@@ -159,17 +160,12 @@ class SLWorker:
         convs_all = batch["prompt_messages"].to_pylist()
         todo = [i for i in range(n) if reasons[i] is None]
 
-        # Reject prompts the model cannot hold: template + prompt + every generation budget.
-        n_gen = 3 if self.critique else 2
-        budget = n_gen * self.sampling.max_new_tokens + self.overhead
+        # Reject prompts the model cannot hold: the revision prompt (template + prompt) and
+        # every answer, critique and revision generated into it.
+        budget = (3 if self.critique else 2) * self.sampling.max_new_tokens
         counts = self.engine.token_counts([convs_all[i] for i in todo]) if todo else []
         for i, tokens in zip(todo, counts):
-            if tokens + budget > self.engine.context_length:
-                reasons[i] = (
-                    f"prompt too long for the model: {tokens} prompt tokens + {self.overhead} "
-                    f"template tokens + {budget - self.overhead} generation budget > context "
-                    f"length {self.engine.context_length}"
-                )
+            reasons[i] = context_overflow("the model", tokens + self.overhead, budget, self.engine.context_length)
         todo = [i for i in todo if reasons[i] is None]
 
         init, steps, final = [None] * n, [None] * n, [None] * n

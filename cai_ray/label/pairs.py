@@ -23,6 +23,7 @@ import pyarrow as pa
 from cai_ray.batch.readers import bad_text
 from cai_ray.batch.records import PAIR_SCHEMA
 from cai_ray.batch.stage import engine_threads
+from cai_ray.core.context import context_overflow
 from cai_ray.core.seeds import batch_seed
 from cai_ray.engine import load_engine
 
@@ -144,13 +145,9 @@ class PairSampler:
         given_b = batch["response_b"].to_pylist()
         todo = [i for i in range(batch.num_rows) if reasons[i] is None and given_a[i] is None]
         convs = batch["prompt_messages"].to_pylist() if todo else []
-        budget = self.sampling.max_new_tokens
+        budget, ctx = self.sampling.max_new_tokens, self.engine.context_length
         for i, n in zip(todo, self.engine.token_counts([convs[i] for i in todo])):
-            if n + budget > self.engine.context_length:
-                reasons[i] = (
-                    f"prompt too long for the policy: {n} prompt tokens + {budget} generation "
-                    f"budget > context length {self.engine.context_length}"
-                )
+            reasons[i] = context_overflow("the policy", n, budget, ctx)
         todo = [i for i in todo if reasons[i] is None]
         answers: dict[int, list[str]] = {}
         tokens_before = getattr(self.engine, "tokens_generated", 0)

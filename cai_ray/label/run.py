@@ -32,6 +32,7 @@ from cai_ray.batch.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_mes
 from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures
 from cai_ray.core import label_math, prompts
 from cai_ray.core.constitution import Constitution, load_constitution
+from cai_ray.core.context import context_overflow
 from cai_ray.core.labeler import PAIR_LABEL_COLUMNS, Labeler, LabelSettings, PairLabel
 from cai_ray.engine import Sampling, load_engine
 from cai_ray.plots import reliability_diagram
@@ -85,8 +86,7 @@ class LabelWorker:
             self.labeler.shots, [prompts.user("x")], "y", "z", longest, cot=self.labeler.s.cot
         )
         with_template, bare = eng.token_counts([full, [prompts.user("x y z")]])
-        budget = self.labeler.s.cot_max_new_tokens + 8 if self.labeler.s.cot else 2
-        return with_template - bare + budget + 8
+        return with_template - bare + 8  # + a margin for merges at message boundaries
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
@@ -100,12 +100,11 @@ class LabelWorker:
         unlabelled: dict[int, str] = {}
         if todo:
             probe = [convs_all[i] + [prompts.assistant(a_all[i]), prompts.user(b_all[i])] for i in todo]
+            budget = self.labeler.budget
             for i, tokens in zip(todo, eng.token_counts(probe)):
-                if tokens + self.overhead > eng.context_length:
-                    unlabelled[i] = (
-                        f"invalid: comparison too long for the labeler: about {tokens + self.overhead} "
-                        f"tokens > context length {eng.context_length}"
-                    )
+                why = context_overflow("the labeler", tokens + self.overhead, budget, eng.context_length)
+                if why:
+                    unlabelled[i] = f"invalid: {why}"
         go = [i for i in todo if i not in unlabelled]
         results = (
             isolate_failures(

@@ -8,7 +8,9 @@ Bad input is a 4xx with an OpenAI-style error body naming the problem, never a 5
 errors, too many or too long messages, ``max_tokens`` above the server's limit, prompts
 (the guardrail's critique and revision prompts included) longer than the model's context,
 unknown or repeated principles, seeds out of range; an engine failing on one request fails
-that request only.
+that request only. A pair too long for the labeler is a 200 with ``invalid`` saying which
+comparison and how long (as the label step marks it). The engine itself failing (out of
+memory, dead) is a 503 with Retry-After: the request was fine, a retry may succeed.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_ray.core.context import context_overflow
 from cai_ray.engine import Sampling
 from cai_ray.serve.config import ServeConfig
-from cai_ray.serve.service import RequestError
+from cai_ray.serve.service import RETRY_AFTER_S, EngineDown, RequestError
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
 
@@ -183,6 +186,13 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
     async def request_error(request: Request, exc: RequestError):
         return error(400, str(exc))
 
+    @app.exception_handler(EngineDown)
+    async def engine_down(request: Request, exc: EngineDown):
+        """The engine failed, not the request (Service.failure decides): retry later."""
+        resp = error(503, str(exc), "server_error")
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
@@ -230,12 +240,9 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
 
     async def check_context(msgs: list[dict], max_tokens: int) -> int:
         [n] = await service.count_tokens([msgs])
-        if n + max_tokens > service.policy.context_length:
-            raise HTTPException(
-                400,
-                f"prompt of {n} tokens + max_tokens {max_tokens} exceeds the model's "
-                f"context of {service.policy.context_length} tokens",
-            )
+        why = context_overflow("the model", n, max_tokens, service.policy.context_length)
+        if why:
+            raise HTTPException(400, why)
         return n
 
     def principle_ids(ids: list[str]) -> None:

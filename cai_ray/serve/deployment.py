@@ -18,7 +18,7 @@ from ray import serve
 
 from cai_ray.engine import Sampling
 from cai_ray.serve.config import ServeConfig
-from cai_ray.serve.service import RequestError, Service, answer_batch
+from cai_ray.serve.service import Service, answer_batch
 
 log = logging.getLogger(__name__)
 APP_NAME = "cai-ray"
@@ -46,12 +46,12 @@ class CAIServer(Service):
         if self.async_engine:  # vLLM batches continuously across requests itself
             return await super().generate(messages, sampling)
         out = await self._batched((messages, sampling))
-        if isinstance(out, RequestError):
-            raise out
+        if isinstance(out, Exception):
+            raise await self.failure(out) from out
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, items: list[tuple[list[dict], Sampling]]) -> list[str | RequestError]:
+    async def _batched(self, items: list[tuple[list[dict], Sampling]]) -> list[str | Exception]:
         return await answer_batch(lambda convs, s: self._run(self.policy.generate, convs, s), items)
 
 

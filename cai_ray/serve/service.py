@@ -13,13 +13,36 @@ from typing import Any
 
 from cai_ray.core import prompts
 from cai_ray.core.constitution import load_constitution
-from cai_ray.core.labeler import Labeler, LabelSettings
+from cai_ray.core.context import context_overflow
+from cai_ray.core.labeler import Labeler, LabelSettings, PairLabel
 from cai_ray.engine import Sampling, engine_from_section
 from cai_ray.serve.config import ServeConfig
 
 
 class RequestError(ValueError):
     """This one request cannot be answered (the client's to fix): a 400 for it alone."""
+
+
+RETRY_AFTER_S = 10  # a 503's Retry-After: memory frees as requests finish; Serve replaces a dead replica
+HEALTH_CHECK_TIMEOUT_S = 10
+# Failures of the engine itself, whatever the request: matched by class name (anywhere in
+# the exception's MRO) so neither torch nor vLLM is imported to recognise them.
+ENGINE_DOWN_TYPES = frozenset({"OutOfMemoryError", "MemoryError", "EngineDeadError"})
+ENGINE_DOWN_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+class EngineDown(RuntimeError):
+    """The engine cannot answer any request now (out of memory, its process died): a 503
+    with Retry-After, not a 400 — the request was fine and a retry may succeed."""
+
+
+def engine_down(e: BaseException) -> bool:
+    """Whether ``e`` is the engine failing rather than the request: out of memory
+    (torch.OutOfMemoryError, "CUDA out of memory", MemoryError) or a dead vLLM engine
+    (EngineDeadError)."""
+    if isinstance(e, EngineDown) or {c.__name__ for c in type(e).__mro__} & ENGINE_DOWN_TYPES:
+        return True
+    return any(m in str(e).lower() for m in ENGINE_DOWN_MESSAGES)
 
 
 class Service:
@@ -75,6 +98,25 @@ class Service:
             if check is not None:
                 check()
 
+    async def failure(self, e: Exception) -> RequestError | EngineDown:
+        """What a request is told when the engine raised ``e`` on it — the one place engine
+        errors become statuses: EngineDown (503, retry) when the engine itself failed (out of
+        memory, dead, or its health check fails now), else RequestError (400, this request
+        alone: the batch it was in has been retried without it)."""
+        if isinstance(e, RequestError | EngineDown):
+            return e
+        down = engine_down(e)
+        if not down:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.check_health), HEALTH_CHECK_TIMEOUT_S)
+            except Exception as health:  # noqa: BLE001 - a failing or hanging health check: the engine is down
+                e, down = health, True
+        if down:
+            return EngineDown(
+                f"the engine cannot answer any request right now ({type(e).__name__}: {e}); retry in {RETRY_AFTER_S} s"
+            )
+        return RequestError(f"the engine could not answer this request: {type(e).__name__}: {e}")
+
     async def check_critique_room(
         self, messages: list[dict], response: str | None, principles: list, max_tokens: int
     ) -> None:
@@ -92,13 +134,15 @@ class Service:
         draft = max_tokens if response is None else 0
         ctx = self.policy.context_length
         for i, p in enumerate(principles):
-            need = max(counts[2 * i] + draft + max_tokens, counts[2 * i + 1] + draft + 2 * max_tokens)
-            if need > ctx:
-                raise RequestError(
-                    f"the critique and revision prompts for principle {p.id!r} (the constitution's few-shot "
-                    f"examples + this conversation + max_tokens {max_tokens} per step) need {need} tokens; "
-                    f"the model's context is {ctx}: send a shorter conversation or a smaller max_tokens"
-                )
+            # generated into each prompt: the draft (if not given), then the critique, then the revision
+            for step, n, budget in (
+                ("critique", counts[2 * i], draft + max_tokens),
+                ("revision", counts[2 * i + 1], draft + 2 * max_tokens),
+            ):
+                who = f"the model (the {step} prompt for principle {p.id!r}: few-shot examples + this conversation)"
+                why = context_overflow(who, n, budget, ctx)
+                if why:
+                    raise RequestError(why)
 
     def guard_principles(self, key: str) -> list:
         return self.constitution.sample_distinct(key, self.settings.guardrail_principles, self.settings.seed)
@@ -110,10 +154,8 @@ class Service:
             if self.async_engine:
                 return await self.policy.on_engine(self.policy.agenerate(messages, sampling))
             [text] = await self._run(self.policy.generate, [messages], sampling)
-        except (RequestError, asyncio.CancelledError):
-            raise
-        except Exception as e:  # the engine's reason, for this request only
-            raise RequestError(f"the engine could not answer this request: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise await self.failure(e) from e
         return text
 
     @property
@@ -155,11 +197,28 @@ class Service:
     async def label(
         self, messages: list[dict], response_a: str, response_b: str, principle_ids: list[str] | None
     ) -> dict[str, Any]:
+        """The pair's label; a pair with a comparison longer than the labeler's context is
+        not scored: ``invalid`` says which comparison and by how much (as the label step marks
+        such a row), and the answer is still a 200, so a client labelling many pairs (the
+        ``openai`` engine's ``label_pairs``) keeps the others' labels."""
         principles = [self.constitution.principle(p) for p in principle_ids] if principle_ids else None
         pair_id = pair_key(messages, response_a, response_b)
-        [lab] = await self._run(
-            self.labeler.label, [pair_id], [messages], [response_a], [response_b], [principles] if principles else None
-        )
+        too_long = await self.label_overflow(pair_id, messages, response_a, response_b, principles)
+        if too_long:
+            pids = [p.id for p in self.labeler.principles_for(pair_id, principles)]
+            lab = PairLabel(None, None, None, None, pids, None, None, None, too_long)
+        else:
+            try:
+                [lab] = await self._run(
+                    self.labeler.label,
+                    [pair_id],
+                    [messages],
+                    [response_a],
+                    [response_b],
+                    [principles] if principles else None,
+                )
+            except Exception as e:
+                raise await self.failure(e) from e
         return {
             "p_a": lab.p_a,
             "p_ab": lab.p_ab,
@@ -173,6 +232,23 @@ class Service:
             "labeler": self.labeler_name,
             "template_sha256": self.labeler.template_sha256,
         }
+
+    async def label_overflow(self, pair_id: str, messages, response_a: str, response_b: str, principles) -> str | None:
+        """Why the first of the pair's comparisons (principle x order, the few-shot prompt the
+        labeler scores) that does not fit the labeler's context does not, or None: counted
+        exactly, with the labeler's generation budget."""
+        comps = self.labeler.comparisons_for(pair_id, messages, response_a, response_b, principles)
+        convs = [m for _, _, m in comps]
+        if self.labeler_engine is self.policy:
+            counts = await self.count_tokens(convs)
+        else:
+            counts = await self._run(self.labeler_engine.token_counts, convs)
+        ctx = self.labeler_engine.context_length
+        for (p, order, _), n in zip(comps, counts):
+            why = context_overflow(f"the labeler (principle {p.id!r}, order {order})", n, self.labeler.budget, ctx)
+            if why:
+                return why
+        return None
 
     def info(self) -> dict[str, Any]:
         """What a client needs to use this server as an engine (``backend: openai``)."""
@@ -189,12 +265,13 @@ class Service:
         }
 
 
-async def answer_batch(generate, items: list[tuple[list[dict], Sampling]]) -> list[str | RequestError]:
+async def answer_batch(generate, items: list[tuple[list[dict], Sampling]]) -> list[str | Exception]:
     """Answers for a batch of (conversation, sampling) requests, in request order: one engine
     call (``await generate(convs, sampling)``) per distinct sampling setting. When a call
-    fails, its requests are retried one at a time, so only the culprit gets an error (a
-    RequestError in its place) and the others their answers."""
-    out: list[str | RequestError | None] = [None] * len(items)
+    fails, its requests are retried one at a time, so only the culprit gets an error (the
+    exception it raised alone, in its place; ``Service.failure`` says what it means) and the
+    others their answers."""
+    out: list[str | Exception | None] = [None] * len(items)
     groups: dict[Sampling, list[int]] = {}
     for i, (_, s) in enumerate(items):
         groups.setdefault(s, []).append(i)
@@ -207,7 +284,7 @@ async def answer_batch(generate, items: list[tuple[list[dict], Sampling]]) -> li
                 try:
                     [text] = await generate([items[i][0]], s)
                 except Exception as e:
-                    text = RequestError(f"the engine could not answer this request: {type(e).__name__}: {e}")
+                    text = e
                 texts.append(text)
         for i, t in zip(idx, texts):
             out[i] = t

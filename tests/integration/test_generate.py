@@ -54,7 +54,8 @@ def test_rows_are_accounted_for_and_rejects_explained(ray_local, tiny_model, tmp
     assert by_line[7]["reason"].startswith("invalid JSON") and by_line[7]["raw"] == "{broken json"
     assert by_line[8]["reason"] == "empty prompt"
     assert "must be a string" in by_line[9]["reason"]
-    assert "prompt too long for the model" in by_line[10]["reason"]
+    long = by_line[10]["reason"]
+    assert long.startswith("too long for the model: ") and long.endswith("to generate > context length 1024")
     assert "duplicate id" in by_line[11]["reason"] and ":1)" in by_line[11]["reason"]
     assert all(r["source"] == str(inp.resolve()) for r in rejects)
 

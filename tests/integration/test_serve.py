@@ -168,13 +168,17 @@ def test_seeds_principles_and_the_critique_context_are_checked_up_front(client):
         headers=AUTH,
         json={"prompt": long, "response": long, "principle_id": "honesty", "max_tokens": 32},
     )
-    assert r.status_code == 400 and f"the model's context is {ctx}" in r.text, r.text
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and message.startswith("too long for the model (the critique prompt"), r.text
+    assert message.endswith(f"+ 32 to generate > context length {ctx}"), message
     r = c.post(
         "/v1/chat/completions",
         headers=AUTH,
         json={"messages": [{"role": "user", "content": long}], "cai_guardrail": True, "max_tokens": 32},
     )
-    assert r.status_code == 400 and "critique and revision prompts" in r.text, r.text
+    message = r.json()["error"]["message"]  # the draft (32) is generated into both prompts too
+    assert r.status_code == 400 and message.startswith("too long for the model (the "), r.text
+    assert "prompt for principle" in message and message.endswith(f"to generate > context length {ctx}"), message
 
 
 def test_an_enforced_guardrail_cannot_be_switched_off_by_a_client(client, settings):
@@ -214,6 +218,69 @@ def test_label_route_equals_the_batch_labeler(client):
     assert got["principle_ids"] == want.principle_ids == body["principle_ids"]
     assert got["p_a"] == pytest.approx(want.p_a, abs=1e-6) and got["p_ab"] == pytest.approx(want.p_ab, abs=1e-6)
     assert got["p_ba"] == pytest.approx(want.p_ba, abs=1e-6) and 0 < got["p_a"] < 1
+
+
+def test_a_pair_too_long_for_the_labeler_is_invalid_with_the_reason_not_a_500_or_a_score(client, monkeypatch):
+    """An answer within the character limit whose comparison (few-shot prompt + both answers)
+    is over the labeler's context: 200 with ``invalid`` naming the comparison and its length
+    (as the label step marks such a row), nothing scored (hf used to score past the context
+    and vLLM to raise, a 500)."""
+    c, service = client
+    scored = []
+    real = service.labeler_engine.choice_logprobs
+    monkeypatch.setattr(service.labeler_engine, "choice_logprobs", lambda *a: scored.append(1) or real(*a))
+    ctx = service.labeler_engine.context_length
+    long = "".join(chr(0x4E00 + i * 37 % 2000) for i in range(1990))  # 1,990 characters, a token or more each
+    body = {"prompt": "Say it in Chinese.", "response_a": long, "response_b": "No.", "principle_ids": ["honesty"]}
+    r = c.post("/v1/label", headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["p_a"] is None and got["p_ab"] is None and got["principle_ids"] == ["honesty"]
+    assert got["invalid"].startswith("too long for the labeler (principle 'honesty', order AB): "), got
+    assert got["invalid"].endswith(f"prompt tokens + 1 to generate > context length {ctx}"), got
+    assert not scored
+
+
+def test_an_engine_out_of_memory_or_dead_is_a_503_to_retry_and_a_refused_request_stays_a_400(client, monkeypatch):
+    """The engine failing (torch's OutOfMemoryError, vLLM's EngineDeadError) is not the
+    request's fault: 503 with Retry-After and "retry", on chat and on /v1/label; an error on
+    this request alone, with a healthy engine, is still its 400."""
+    import torch
+
+    c, service = client
+
+    class EngineDeadError(Exception):  # vLLM's name (matched by name: vLLM is not imported)
+        pass
+
+    chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "cai_guardrail": False}
+    pair = {"prompt": "q", "response_a": "a", "response_b": "b"}
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), EngineDeadError("dead")):
+
+        def boom(*args, exc=exc, **kw):
+            raise exc
+
+        async def aboom(*args, exc=exc, **kw):
+            raise exc
+
+        monkeypatch.setattr(service.policy, "generate", boom)
+        monkeypatch.setattr(service.policy, "agenerate", aboom, raising=False)  # vLLM's per-request path
+        monkeypatch.setattr(service.labeler_engine, "choice_logprobs", boom)
+        for path, body in (("/v1/chat/completions", chat), ("/v1/label", pair)):
+            r = c.post(path, headers=AUTH, json=body)
+            message = r.json()["error"]["message"]
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), (path, r.status_code, r.text)
+            assert "retry" in message and type(exc).__name__ in message, message
+
+    def refuse(*args, **kw):
+        raise ValueError("this prompt breaks the sampler")
+
+    async def arefuse(*args, **kw):
+        refuse()
+
+    monkeypatch.setattr(service.policy, "generate", refuse)
+    monkeypatch.setattr(service.policy, "agenerate", arefuse, raising=False)
+    r = c.post("/v1/chat/completions", headers=AUTH, json=chat)
+    assert r.status_code == 400 and "this prompt breaks the sampler" in r.json()["error"]["message"], r.text
 
 
 def test_guardrail_and_critique_return_their_trace(client):

@@ -65,7 +65,7 @@ def test_generate_on_vllm_accounts_rejects_and_resumes_deterministically(ray_loc
     assert (c["read"], c["written"], c["rejected"]) == (12, 8, 4)
     reasons = {r["line"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
     assert reasons[9].startswith("invalid JSON") and reasons[10] == "empty prompt"
-    assert "prompt too long for the model" in reasons[11] and "duplicate id" in reasons[12]
+    assert "too long for the model: " in reasons[11] and "duplicate id" in reasons[12]
     first = {r["id"]: r for r in rows(out)}
     assert len(first) == 8 and m["model"]["name"] == "tiny-random-wide"
     assert m["config"]["engine"]["backend"] == "vllm" and m["timing"]["tokens_generated"] > 0

@@ -180,7 +180,8 @@ def test_a_judgement_longer_than_the_judges_context_is_unscored_not_a_crash():
     )
     out = judge.choice_logprobs([short, long, short], prompts.CHOICES)
     assert out[0] == out[2] and not isinstance(out[0], Unscored)
-    assert isinstance(out[1], Unscored) and "longer than the judge's context (1024)" in out[1].reason
+    assert isinstance(out[1], Unscored) and out[1].reason.startswith("too long for the judge: ")
+    assert out[1].reason.endswith("prompt tokens + 1 to generate > context length 1024")
 
 
 def test_an_empty_or_missing_category_is_uncategorised_not_a_reject():
@@ -275,7 +276,8 @@ def test_one_bad_eval_row_is_that_rows_reject_not_the_batchs(tmp_path):
     by = {r["id"]: r for r in out}
     assert by["ok"]["reject_reason"] is None and isinstance(by["ok"]["answer"], str)
     assert by["ok2"]["answer"] is not None
-    assert by["long"]["answer"] is None and "prompt too long for the model" in by["long"]["reject_reason"]
+    assert by["long"]["answer"] is None and "too long for the model: " in by["long"]["reject_reason"]
+    assert "+ 200 to generate > context length 1024" in by["long"]["reject_reason"]
 
     task = {"kind": "yes_no", "options": ["yes", "no"], "questions": ["Does it refuse?"], "answer": "No."}
     tasks = [

@@ -125,3 +125,27 @@ def test_generation_keeps_ranks_in_step_only_under_zero3(monkeypatch):
     assert synced_generation(3) and not synced_generation(2)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 1)
     assert not synced_generation(3)
+
+
+def test_rl_prompts_that_leave_no_room_to_answer_are_rejected_by_the_one_rule(tmp_path, tiny_model):
+    """A prompt plus ``rollout.max_new_tokens`` must fit ``optim.max_length`` (what the trainer
+    holds): the boundary is inclusive and the reason is the one every step gives."""
+    import json
+
+    from support.ppo import _cfg
+    from transformers import AutoTokenizer
+
+    from cai_ray.train.ppo.loop import _encode, prompt_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = len(_encode(tok, [{"role": "user", "content": "x"}]))
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{n}", "prompt": "x" + " x" * n}) + "\n" for n in (0, 1)))
+    # room for exactly the one-word prompt and its 4 new tokens
+    cfg = _cfg(tmp_path, data, **{"optim.max_length": base + 4})
+    keep, rejects = prompt_rows(cfg, tok)
+    assert [r["id"] for r in keep] == ["r0"]
+    assert [r["id"] for r in rejects] == ["r1"]
+    assert rejects[0]["reason"].startswith("too long for the policy: ") and f"> context length {base + 4}" in (
+        rejects[0]["reason"]
+    )

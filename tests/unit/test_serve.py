@@ -13,7 +13,7 @@ def test_one_failing_request_fails_alone_in_its_batch():
     answers, in request order."""
     import asyncio
 
-    from cai_ray.serve.service import RequestError, answer_batch
+    from cai_ray.serve.service import answer_batch
 
     calls = []
 
@@ -30,7 +30,7 @@ def test_one_failing_request_fails_alone_in_its_batch():
     ]
     out = asyncio.run(answer_batch(generate, items))
     assert out[0] == "A" and out[2] == "C" and out[3] == "D"
-    assert isinstance(out[1], RequestError) and "seed out of range" in str(out[1])
+    assert isinstance(out[1], ValueError) and "seed out of range" in str(out[1])
     assert calls == [3, 1, 1, 1, 1]  # greedy group, its three retries, the sampled group
 
 
@@ -45,3 +45,44 @@ def test_serve_config_guards():
         load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0"])
     assert not load_config(ServeConfig, None, ["auth=false", "host=0.0.0.0", "insecure_public=true"]).auth
     assert not load_config(ServeConfig, None, ["auth=false"]).auth  # loopback
+
+
+def test_engine_failures_are_503s_and_the_rest_stay_this_requests_400():
+    """Service.failure, the one place an engine's exception becomes a status: out of memory
+    (torch's OutOfMemoryError, a "CUDA out of memory" RuntimeError), a dead vLLM engine
+    (EngineDeadError), or any error while the engine's health check fails → EngineDown (503,
+    retry); anything else is this request's RequestError (400)."""
+    import asyncio
+
+    import torch
+
+    from cai_ray.serve.service import EngineDown, RequestError, Service
+
+    class EngineDeadError(Exception):  # vLLM's, matched by name (vLLM is not imported)
+        pass
+
+    class Engine:
+        dead = False
+
+        def check_health(self):
+            if self.dead:
+                raise RuntimeError("the vLLM engine died: EngineCore process exited")
+
+    service = object.__new__(Service)  # only its engines: failure() needs no model
+    service.policy = service.labeler_engine = Engine()
+
+    def told(e):
+        return asyncio.run(service.failure(e))
+
+    for e in (
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        EngineDeadError("EngineCore encountered an issue"),
+    ):
+        got = told(e)
+        assert isinstance(got, EngineDown) and "retry" in str(got) and type(e).__name__ in str(got), got
+    bad = told(ValueError("seed out of range"))
+    assert isinstance(bad, RequestError) and "seed out of range" in str(bad)
+    service.policy.dead = True  # an odd error, and the engine now fails its health check
+    got = told(RuntimeError("stream closed"))
+    assert isinstance(got, EngineDown) and "the vLLM engine died" in str(got)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.batch.readers import load_rows, prompt_row, reject
+from cai_ray.core.context import context_overflow
 from cai_ray.train import harness
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,13 @@ def prompt_rows(cfg, tokenizer) -> tuple[list[dict], list[dict]]:
     from cai_ray.engine import neutralise_messages
 
     rows, rejects = load_rows(cfg.data, prompt_row)
-    room = cfg.optim.max_length - cfg.rollout.max_new_tokens
     keep = []
     for row in rows:
         prompt = neutralise_messages(row["prompt"], tokenizer)
         n = len(_encode(tokenizer, prompt))
-        why = None
-        if n > room:
-            why = (
-                f"prompt is {n} tokens; optim.max_length ({cfg.optim.max_length}) - rollout.max_new_tokens "
-                f"({cfg.rollout.max_new_tokens}) leaves {room}"
-            )
-        elif cfg.reward.kind == "labeler" and cfg.reward.reference == "field" and not row["reference"]:
+        # optim.max_length is what the trainer holds: prompt + response
+        why = context_overflow("the policy", n, cfg.rollout.max_new_tokens, cfg.optim.max_length)
+        if not why and cfg.reward.kind == "labeler" and cfg.reward.reference == "field" and not row["reference"]:
             why = "reward.reference=field, but the row has no 'reference' answer"
         if why:
             rejects.append(reject("data", None, {"id": row["id"], **row}, why))
