@@ -146,6 +146,7 @@ def test_rl_prompts_that_leave_no_room_to_answer_are_rejected_by_the_one_rule(tm
     keep, rejects = prompt_rows(cfg, tok)
     assert [r["id"] for r in keep] == ["r0"]
     assert [r["id"] for r in rejects] == ["r1"]
-    assert rejects[0]["reason"].startswith("too long for the policy: ") and f"> context length {base + 4}" in (
-        rejects[0]["reason"]
+    assert (
+        rejects[0]["reason"].startswith("too long for the policy: ")
+        and f"> context length {base + 4}" in (rejects[0]["reason"])
     )
