@@ -265,7 +265,8 @@ class Worker:
         engine, *_ = deepspeed.initialize(
             model=model, config=ds_config(self.job, self.job.cfg.optim.per_worker_batch_size, self.world, frozen=True)
         )
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+        return engine
 
     @staticmethod
     def _value_head(model):
@@ -605,7 +606,7 @@ def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:
 
     job = config["job"]
     w = Worker(job)
-    out = Path(job.output)
+    out = job.folder()
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
