@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench gpu-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,15 @@ format: setup
 
 bench: setup
 	$(BIN)/python jobs/bench/sl_throughput.py
+
+# One GPU machine checked end to end in under 8 minutes (jobs/bench/gpu_smoke.py): tests/gpu, the
+# pipeline on tiny-random with every stage on the GPU, serve on 0.5 GPU; a table of step, result,
+# seconds and peak GPU memory. Runs in the `make setup` venv, or where there is none, through the
+# GPU kit (.gpu-kit/ from ../shared/gpu-kit/build.sh, as on the lent offline machine).
+# Flags: make gpu-smoke ARGS="--device cpu"  (the same steps on CPU, tiny sizes)
+GPU_KIT := $(if $(wildcard $(BIN)/python),,$(wildcard .gpu-kit/run.sh))
+gpu-smoke: $(if $(GPU_KIT),,setup)
+	$(if $(GPU_KIT),bash .gpu-kit/run.sh python3,$(BIN)/python) jobs/bench/gpu_smoke.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache
