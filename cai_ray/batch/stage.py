@@ -398,6 +398,7 @@ def run_stage(run: StageRun) -> dict[str, Any]:
 def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
     import ray
     from ray.data import DataContext
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from cai_ray import runtime
     from cai_ray.batch.ledger import Ledger
@@ -419,7 +420,11 @@ def _run_stage(run: StageRun, out: Store) -> dict[str, Any]:
     check_resources(run.pools, read_pool.task_cpus, cfg.ray_address)
     clean_partial(out, run.folders)
     done = existing_ids(out, run.id_column, run.folders)
-    ledger = ray.remote(num_cpus=0)(Ledger).remote(done)
+    # On the driver's node: the GCS places an actor on any node, and a ledger lost with a
+    # worker node takes the row accounting with it (found with two nodes: the data finished,
+    # then `ledger.report` raised ActorUnavailableError). The driver's node ending ends the job anyway.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ledger = ray.remote(num_cpus=0)(Ledger).options(scheduling_strategy=here).remote(done)
     if len(done):
         log.info("resuming: %d input rows already done in %s", len(done), out)
 

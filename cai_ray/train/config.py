@@ -7,16 +7,28 @@ from dataclasses import dataclass, field
 
 from cai_ray.config import ConfigError, positive, setting
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
+
 
 @dataclass(frozen=True)
 class ScalingSection:
     workers: int = setting(1, "Ray Train workers (one process each; a GPU each when use_gpu)")
     use_gpu: bool | None = setting(None, "null = use GPUs when the cluster has them")
     cpus_per_worker: float = setting(1.0, "CPUs reserved per worker")
+    placement_strategy: str = setting(
+        "PACK",
+        "where the workers go (Ray placement group): PACK = as few nodes as fit | SPREAD = across nodes "
+        "| STRICT_SPREAD = one per node | STRICT_PACK = all on one node",
+    )
 
     def validate(self, where: str) -> None:
         positive(where, "workers", self.workers)
         positive(where, "cpus_per_worker", self.cpus_per_worker)
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"{where}.placement_strategy: must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                f"got {self.placement_strategy!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,18 @@ class WorkerJob:
     kind: str  # sft | rm | dpo | ppo | grpo | rloo
     cfg: Any  # the trainer's config: SFTTrainConfig, RMTrainConfig, DPOTrainConfig, RLTrainConfig
     rows: tuple[dict[str, Any], ...]  # the training rows (validated by the driver)
-    output: str  # this machine's output folder (a staging folder when the output is an object store)
+    output: str  # the driver's output folder (its staging folder when the output is an object store): see folder()
     use_gpu: bool
     store: str | None = None  # the object-store output rank 0 publishes to
     extra: Any = None  # the trainer's own frozen facts (the preference model's held-out pairs)
     base_dir: str = ""  # the driver's working dir: relative files the config names, for workers running elsewhere
     rank: int = 0
+
+    def folder(self) -> Path:
+        """Where this worker writes. With an object-store output, the staging folder of the
+        node it runs on, under that node's own temp dir: the driver's path need not exist or
+        be writable there (a worker node's TMPDIR is often a scratch volume of its own)."""
+        return staging_folder(self.cfg.output) if self.store else Path(self.output)
 
 
 TITLES = {
@@ -158,7 +164,8 @@ def train_loop(config: dict[str, WorkerJob]) -> None:
 
     module = importlib.import_module(MODULES.get(job.kind, f"cai_ray.train.{job.kind}"))
     rank = ray.train.get_context().get_world_rank()
-    work = Path(job.output) / "_work" / f"rank{rank}"
+    out = job.folder()
+    work = out / "_work" / f"rank{rank}"
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -173,7 +180,6 @@ def train_loop(config: dict[str, WorkerJob]) -> None:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    out = Path(job.output)
     model_dir = save_model(trainer, job, out, module)
     if rank == 0:
         history = [h for h in trainer.state.log_history if "loss" in h]
@@ -221,6 +227,10 @@ def publish(job: WorkerJob, out: Path) -> None:
         from cai_ray.batch.storage import Store
 
         Store(job.store).upload_folder(out, skip=DRIVER_FILES, skip_dirs=SCRATCH)
+        # the store holds them now: rank 0's node keeps no model copy per run on local disk
+        for p in out.iterdir():
+            if p.name not in DRIVER_FILES and p.name not in SCRATCH:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def staging_folder(uri: str) -> Path:
@@ -358,6 +368,7 @@ def run(
     )
     if store:
         store.write_bytes("loss.png", (out / "loss.png").read_bytes())
+        (out / "loss.png").unlink()
     where.write_json("manifest.json", manifest)  # last: "finished" means everything is there
     return manifest
 

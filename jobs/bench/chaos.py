@@ -12,6 +12,18 @@ or LabelWorker) every --every seconds. Once about a third of the output is writt
 SIGKILLs the driver instead; the Ray processes the dead driver leaves behind are stopped
 (`ray stop --force`: this benchmark owns the machine) and the command is run again, with the
 killer still at work, until it finishes. The input holds --bad malformed rows as well.
+
+    python jobs/bench/chaos.py --nodes 2 --stages sl --prompts 200       # a worker node lost mid-run
+    python jobs/bench/chaos.py --nodes 2 --stages label --prompts 1000   # labels are quicker: more rows
+
+With ``--nodes 2`` the stage runs on two Ray nodes of this machine (tests/support/nodes.py: a
+token-authenticated head and a worker node with its own CPUs, temp dir, TMPDIR and model
+cache), with one engine actor per node. Once the worker node's actor is up and the first rows
+are written, the worker node is lost: its raylet, object store and every process it started
+are SIGKILLed at once (a machine losing power). The job goes on on the head alone. Printed:
+the same exactly-once figures, and the time against a clean run on the same two nodes. A run
+whose rows were all written before the worker node's actor was up is refused (give it more
+rows). Only this benchmark's own Ray processes are stopped.
 """
 
 from __future__ import annotations
@@ -172,6 +184,54 @@ def run_chaos(stage: str, inp: Path, out: Path, n_good: int, every: float) -> di
     return {"wall_s": time.perf_counter() - t0, "runs": attempts, "kills": kills}
 
 
+def run_two_nodes(stage: str, inp: Path, tmp: Path, n_good: int) -> dict:
+    """A clean run and a run that loses the worker node, on the same head + worker node."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.nodes import TwoNodes
+
+    nodes = TwoNodes()
+    try:
+        nodes.up()
+        nodes.on_worker_node("tiny-random")  # its own model cache, built before either run is timed
+        join = [f"ray_address={nodes.address}"]
+        t = time.perf_counter()
+        clean = subprocess.run(
+            command(stage, inp, tmp / f"{stage}-2n-clean") + join,
+            env=nodes.env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            cwd=ROOT,
+        )
+        if clean.returncode != 0:
+            raise RuntimeError(f"{stage}: the clean two-node run failed: {clean.stderr[-3000:]}")
+        clean_s = time.perf_counter() - t
+        out = tmp / f"{stage}-2n-lost"
+        log = tmp / f"{stage}-2n-lost.log"
+        lost = nodes.lose_worker_mid_run(
+            command(stage, inp, out) + join, ACTOR[stage], lambda: rows_written(out), n_good, log, ROOT
+        )
+        if lost["rc"] != 0:
+            raise RuntimeError(f"{stage}: the run that lost the worker node failed: {log.read_text()[-3000:]}")
+        seen = lost["seen"]
+        mine = [a for a in seen if ACTOR[stage] in a["class"]]
+        on_worker = {a["id"] for a in mine if a["node"] == "worker" and a["state"] == "ALIVE"}
+        return {
+            "clean_wall_s": clean_s,
+            "wall_s": lost["wall_s"],
+            "killed_at_s": lost["killed_at_s"],
+            "rows_at_kill": lost["rows_at_kill"],
+            # the worker node's engine actor: restarted by Ray, and up again on the head before the end
+            "worker_actor_restarted": any(a["id"] in on_worker and a["state"] == "RESTARTING" for a in mine),
+            "worker_actor_back_on_head": any(
+                a["id"] in on_worker and a["state"] == "ALIVE" and a["node"] == "head" for a in mine
+            ),
+            "ledger_on_head": all(a["node"] == "head" for a in seen if a["class"] == "Ledger"),
+        }
+    finally:
+        nodes.down()
+
+
 def check(stage: str, out: Path, input_lines: int) -> dict:
     from cai_ray.batch.stage import read_output
 
@@ -199,6 +259,7 @@ def main() -> None:
     ap.add_argument("--bad", type=int, default=40, help="malformed rows mixed into the input")
     ap.add_argument("--every", type=float, default=6.0, help="seconds between kills (randomised ±50%%)")
     ap.add_argument("--stages", nargs="+", choices=["sl", "label"], default=["sl", "label"])
+    ap.add_argument("--nodes", type=int, choices=[1, 2], default=1, help="2 = lose a worker node mid-run (above)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -207,6 +268,23 @@ def main() -> None:
         for stage in args.stages:
             inp = Path(tmp) / f"{stage}.jsonl"
             lines = write_input(inp, stage, args.prompts, args.bad)
+            if args.nodes == 2:
+                lost = run_two_nodes(stage, inp, Path(tmp), args.prompts)
+                res = {**check(stage, Path(tmp) / f"{stage}-2n-lost", lines), **lost}
+                res["lost_vs_clean_time"] = lost["wall_s"] / lost["clean_wall_s"]
+                results[stage] = res
+                print(
+                    f"[chaos {stage}, 2 nodes] {lines} input rows ({args.bad} malformed): read {res['read']} = "
+                    f"written {res['written']} + rejected {res['rejected']}: {'yes' if res['accounted'] else 'NO'}; "
+                    f"duplicates {res['duplicates']}, missing {res['missing']}; worker node lost "
+                    f"{lost['killed_at_s']:.0f} s into the run ({lost['rows_at_kill']} rows written); its engine "
+                    f"actor restarted: {'yes' if lost['worker_actor_restarted'] else 'no'}, seen up again on the head "
+                    f"before the end (1 s polls): {'yes' if lost['worker_actor_back_on_head'] else 'no'}; ledger on the head: "
+                    f"{'yes' if lost['ledger_on_head'] else 'NO'}; {lost['wall_s']:.0f} s vs "
+                    f"{lost['clean_wall_s']:.0f} s clean on two nodes ({res['lost_vs_clean_time']:.2f}x)",
+                    flush=True,
+                )
+                continue
             clean_s = run_clean(stage, inp, Path(tmp) / f"{stage}-clean")
             chaos = run_chaos(stage, inp, Path(tmp) / f"{stage}-chaos", args.prompts, args.every)
             res = {**check(stage, Path(tmp) / f"{stage}-chaos", lines), **chaos, "clean_wall_s": clean_s}
