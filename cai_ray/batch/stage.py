@@ -315,17 +315,24 @@ def check_resources(pools: list[Pool], task_cpus: float, ray_address: str | None
                 log.warning("%s; waiting for the autoscaler to add nodes", msg)
 
 
-def actor_pool_args(pool_cfg) -> dict[str, Any]:
-    """map_batches arguments for an engine actor pool."""
+def actor_pool_args(pool_cfg, backend: str | None = None) -> dict[str, Any]:
+    """map_batches arguments for an engine actor pool of ``backend``."""
     from ray.data import ActorPoolStrategy
 
-    return dict(
+    args: dict[str, Any] = dict(
         batch_size=pool_cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=pool_cfg.min_actors, max_size=pool_cfg.max_actors),
         num_cpus=pool_cfg.cpus_per_actor,
         num_gpus=pool_cfg.gpus_per_actor or None,
     )
+    if backend == "vllm":
+        # Ray SIGKILLs an ending actor's child processes before any of the actor's own code
+        # runs (Ray Data's teardown included): vLLM's engine core died under a live client,
+        # logging EngineDeadError and resource-tracker KeyError tracebacks at the end of
+        # every successful job. The engine stops its processes itself (VLLMEngine.__del__).
+        args["runtime_env"] = {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "0"}}
+    return args
 
 
 def actor_engine_kwargs(engine_cfg) -> dict[str, Any]:

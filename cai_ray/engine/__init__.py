@@ -137,11 +137,11 @@ class ChatTemplate:
             continue_final_message=continue_final,
         )
 
-    def _ids(self, text: str) -> list[int]:
+    def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _encode(self, conv: list[Message]) -> list[int]:
-        return self._ids(self._text(conv))
+        return self._tokenize(self._text(conv))
 
     def choice_continuations(self, conv: list[Message], choices: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """(context ids, each choice's ids after them): the choices as this tokenizer
@@ -152,12 +152,14 @@ class ChatTemplate:
         ``▁A`` would read a token the model never continues with. When a tokenizer merges the
         text's end with a choice ("(" + "A" → "(A"), the context is cut back to the ids every
         choice's tokenization shares, and each choice is scored with the re-tokenized tail:
-        P(tail + choice | context), comparable across choices because the context is one."""
+        P(tail + choice | context), comparable across choices because the context is one.
+        The whole text, not its last message alone: only in context is a tokenization sure
+        (one more tokenization per choice: +1.6 ms on a 544-token comparison, SmolLM2's)."""
         if len(choices) < 2:
             raise ValueError("choice_logprobs needs at least two choices")
         text = self._text(conv)
-        prompt = self._ids(text)
-        full = [self._ids(text + c) for c in choices]
+        prompt = self._tokenize(text)
+        full = [self._tokenize(text + c) for c in choices]
         shared = len(prompt)
         for ids in full:
             shared = next((i for i, (a, b) in enumerate(zip(prompt[:shared], ids)) if a != b), min(shared, len(ids)))

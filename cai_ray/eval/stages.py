@@ -314,7 +314,7 @@ def run(kind: str, job: SubJob, fingerprint, manifest_extra, pool_key: str, pool
         return ds.map_batches(
             worker,
             fn_constructor_kwargs={**kwargs, "ledger": ledger, "max_actors": pool_cfg.max_actors},
-            **actor_pool_args(pool_cfg),
+            **actor_pool_args(pool_cfg, backend),
         )
 
     redo_if_changed(job.output, fingerprint, kind)

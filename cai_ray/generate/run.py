@@ -248,7 +248,7 @@ def generate(cfg) -> dict[str, Any]:
                 max_actors=pool.max_actors,
                 async_chains=cfg.async_chains,
             ),
-            **actor_pool_args(pool),
+            **actor_pool_args(pool, cfg.engine.backend),
         )
 
     return run_stage(

@@ -322,7 +322,7 @@ def label(cfg) -> dict[str, Any]:
                     ledger=ledger,
                     max_actors=cfg.policy_pool.max_actors,
                 ),
-                **actor_pool_args(cfg.policy_pool),
+                **actor_pool_args(cfg.policy_pool, cfg.policy.backend),
             )
         return ds.map_batches(
             LabelWorker,
@@ -336,7 +336,7 @@ def label(cfg) -> dict[str, Any]:
                 ledger=ledger,
                 max_actors=cfg.labeler_pool.max_actors,
             ),
-            **actor_pool_args(cfg.labeler_pool),
+            **actor_pool_args(cfg.labeler_pool, cfg.labeler.backend),
         )
 
     def finish(out: Path, manifest: dict[str, Any]) -> None:

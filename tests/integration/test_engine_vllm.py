@@ -1,6 +1,7 @@
 """The vllm engine on this machine (vLLM's CPU build): the same answers and choice
 probabilities as the hf engine on the same model, per-request seeds, one forward per
-single-token choice. One engine for the whole module (~25 s to start)."""
+single-token choice. One engine for the whole module (~25 s to start); the
+SentencePiece-tokenizer test and the script-on-stdin test start one of their own."""
 
 import asyncio
 import math
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from cai_ray.core import prompts
-from cai_ray.engine import Sampling, Unscored, load_engine
+from cai_ray.engine import Sampling, Unscored, load_engine, normalise_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +134,84 @@ def test_engine_coroutines_run_from_another_event_loop(vllm_engine):
         return await asyncio.gather(*(vllm_engine.on_engine(vllm_engine.agenerate(c, GREEDY)) for c in _convs(3)))
 
     assert asyncio.run(replica()) == vllm_engine.generate(_convs(3), GREEDY)
+
+
+def test_sentencepiece_choices_are_scored_alike_on_hf_and_vllm(tmp_path, general_constitution):
+    """SentencePiece (Llama-2, Mistral, Gemma) makes "A" alone ``▁A``, while the model
+    continues "The answer is: (" with a bare ``A``. On labeler comparisons both backends
+    score the bare tokens (the probabilities of a plain forward at the tokenizer's own
+    continuation) and agree; so do "C" / "D", which this tokenizer merges with "(" unlike
+    each other (``▁(C`` but ``▁(`` ``D``). Its own engine: a second ~30 s start."""
+    import torch
+    from support.sentencepiece_model import build
+
+    path = build(tmp_path / "sp-llama", merged=("▁(C",))
+    hf = load_engine("hf", model=path, dtype="float32", threads=2)
+    ids = lambda text: hf.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    p0, p1 = general_constitution.principles[:2]
+    kind, rude = "a kind answer", "a rude answer"
+    convs = [
+        prompts.comparison_messages([], [prompts.user(f"Tell me about item {i}.")], a, b, p)
+        for i, (a, b, p) in enumerate([(kind, rude, p0), (kind, rude, p1), (rude, kind, p0)])
+    ]
+    want = []
+    for conv in convs:
+        text = hf.tokenizer.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+        prompt, *full = [ids(text + c) for c in ("", *prompts.CHOICES)]
+        assert all(f[:-1] == prompt for f in full)
+        own = [f[-1] for f in full]
+        assert own != [t for c in prompts.CHOICES for t in ids(c)]  # the case: a choice alone is another token
+        with torch.inference_mode():
+            logp = torch.log_softmax(hf.model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        want.append([math.exp(x) for x in normalise_logprobs([float(logp[t]) for t in own])])
+    vllm_engine = load_engine("vllm", model=path, dtype="float32", threads=2)
+    try:
+        for choices in (prompts.CHOICES, ("C", "D")):
+            v = vllm_engine.choice_logprobs(convs, choices)
+            h = hf.choice_logprobs(convs, choices)
+            for rv, rh in zip(v, h):
+                assert not isinstance(rv, Unscored)
+                assert [math.exp(x) for x in rv] == pytest.approx([math.exp(x) for x in rh], abs=PROB_TOLERANCE)
+            if choices == prompts.CHOICES:
+                for rv, w in zip(v, want):
+                    assert [math.exp(x) for x in rv] == pytest.approx(w, abs=PROB_TOLERANCE)
+    finally:
+        vllm_engine.shutdown()
+
+
+STDIN_SCRIPT = """
+import json, sys
+import psutil
+from cai_ray.engine import Sampling, load_engine
+
+class Holder:  # as a stage's worker holds its engine
+    def __init__(self):
+        self.engine = load_engine("vllm", model=sys.argv[1], dtype="float32", threads=1)
+
+holder = Holder()
+answer = holder.engine.generate([[{"role": "user", "content": "Hi"}]], Sampling(temperature=0, max_new_tokens=24))
+engine = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+del holder  # the engine goes with its holder, and its processes with it
+alive = [p.pid for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+print("RESULT", json.dumps({"answer": answer, "engine_processes": len(engine), "alive_after_del": alive}))
+"""
+
+
+def test_vllm_runs_from_a_script_on_stdin_and_stops_with_its_holder(hf_engine, tmp_path):
+    """``python -`` (a script on stdin) names its main module "<stdin>": vLLM's spawned
+    engine core re-ran that path and died (FileNotFoundError). Dropping the engine's holder
+    stops its processes there and then, and the run logs no traceback (vLLM's shutdown
+    reported its own engine core's exit as an EngineDeadError)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-", MODEL], input=STDIN_SCRIPT, capture_output=True, text=True, cwd=tmp_path, timeout=400
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["answer"] == hf_engine.generate([[prompts.user("Hi")]], GREEDY)
+    assert out["engine_processes"] >= 1 and out["alive_after_del"] == []
+    for noise in ("Traceback", "EngineDeadError", "KeyError"):
+        assert noise not in r.stderr + r.stdout, (r.stderr + r.stdout)[-3000:]

@@ -48,7 +48,42 @@ def rows(out, folder="data"):
     return [r for f in files for r in pq.read_table(f).to_pylist()]
 
 
+SL_ACTOR = "MapWorker(MapBatches(SLWorker))"
+
+
+def _actor_logs(name: str) -> dict[Path, int]:
+    """{log file: pid} of the Ray workers that ran actor ``name`` in this session: each
+    worker's stdout and stderr, which name the actor (":actor_name:") before its output."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return {
+        f: int(f.stem.rsplit("-", 1)[1])
+        for f in logs.glob("worker-*")
+        if f.suffix in (".out", ".err") and f":actor_name:{name}\n" in f.read_text(errors="replace")
+    }
+
+
+def assert_quiet_exits(started_before: dict[Path, int], name: str = SL_ACTOR) -> None:
+    """The engine actors started since ``started_before`` end with their pool, and their
+    logs hold no traceback: a successful job used to end with vLLM's EngineDeadError and
+    the resource tracker's KeyError tracebacks (Ray killed the engine core under its client)."""
+    import psutil
+
+    logs = {f: pid for f, pid in _actor_logs(name).items() if f not in started_before}
+    assert logs, f"no {name} actor logs found"
+    deadline = time.time() + 120
+    while any(psutil.pid_exists(pid) for pid in logs.values()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(pid) for pid in logs.values()), "an engine actor outlived its pool"
+    for f in logs:
+        text = f.read_text(errors="replace")
+        for noise in ("Traceback", "EngineDeadError", "KeyError"):
+            assert noise not in text, f"{f.name}:\n{text[-3000:]}"
+
+
 def test_generate_on_vllm_accounts_rejects_and_resumes_deterministically(ray_local, tmp_path):
+    started_before = _actor_logs(SL_ACTOR)
     inp = write_prompts(
         tmp_path / "in.jsonl",
         8,
@@ -87,6 +122,7 @@ def test_generate_on_vllm_accounts_rejects_and_resumes_deterministically(ray_loc
             first[rid]["init_response"],
             first[rid]["steps"],
         )
+    assert_quiet_exits(started_before)
 
 
 def _busy_actor_pids(name):

@@ -187,3 +187,68 @@ def test_choice_logprobs_with_a_shared_prefix_equal_the_plain_forward(tiny_model
     multi = shared.choice_logprobs(convs[:2], choices)
     for m, w in zip(multi, plain.choice_logprobs(convs[:2], choices)):
         assert m == pytest.approx(w, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_engine(tmp_path_factory):
+    """A tiny Llama with a SentencePiece-style tokenizer that also merges "(" with "C"."""
+    from support.sentencepiece_model import build
+
+    path = build(tmp_path_factory.mktemp("sp-llama"), merged=("▁(C",))
+    return load_engine("hf", model=path, dtype="float32", threads=2)
+
+
+def _own_continuation(tokenizer, conv, choice):
+    """(prompt ids, ids of prompt text + choice): what the tokenizer itself makes of them."""
+    text = tokenizer.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return ids(text), ids(text + choice)
+
+
+def test_choices_are_scored_as_the_tokenizer_continues_the_prompt(sentencepiece_engine):
+    """SentencePiece makes "A" alone ``▁A``; after "The answer is: (" the model writes a bare
+    ``A``. The labeler's scores are those of the bare tokens (a plain forward's log-softmax
+    at them), not of ``▁A`` / ``▁B``."""
+    import torch
+
+    from cai_ray.core import prompts
+
+    e = sentencepiece_engine
+    convs = [c + [prompts.assistant(prompts.ANSWER_PREFIX)] for c in CONVS[:3]]
+    got = e.choice_logprobs(convs, prompts.CHOICES)
+    alone = [e.tokenizer(c, add_special_tokens=False)["input_ids"] for c in prompts.CHOICES]
+    for conv, row in zip(convs, got):
+        own = []
+        for choice in prompts.CHOICES:
+            prompt, full = _own_continuation(e.tokenizer, conv, choice)
+            assert full[: len(prompt)] == prompt and len(full) == len(prompt) + 1
+            own.append(full[-1])
+        assert [[t] for t in own] != alone  # the case this test is about
+        with torch.inference_mode():
+            logp = torch.log_softmax(e.model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        assert row == pytest.approx(normalise_logprobs([float(logp[t]) for t in own]), abs=1e-5)
+        assert row != pytest.approx(normalise_logprobs([float(logp[t]) for [t] in alone]), abs=1e-3)
+        assert e.choice_continuations(conv, prompts.CHOICES) == (prompt, [[t] for t in own])
+
+
+def test_a_choice_merged_with_the_prompts_end_is_scored_from_the_shared_context(sentencepiece_engine):
+    """This tokenizer makes "(" + "C" one token (``▁(C``) but "(" + "D" two: both choices
+    are scored after the ids they share (the prompt without its last token), as
+    P(▁(C) vs P(▁() · P(D | ▁(): the probabilities of the two texts."""
+    import torch
+
+    from cai_ray.core import prompts
+
+    e = sentencepiece_engine
+    conv = CONVS[0] + [prompts.assistant(prompts.ANSWER_PREFIX)]
+    prompt, with_c = _own_continuation(e.tokenizer, conv, "C")
+    _, with_d = _own_continuation(e.tokenizer, conv, "D")
+    context = prompt[:-1]
+    assert with_c[:-1] == with_d[:-2] == context and with_d[:-1] == prompt
+    assert e.tokenizer.convert_ids_to_tokens(with_c[-1:] + with_d[-2:]) == ["▁(C", "▁(", "D"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(e.model(torch.tensor([with_d])).logits[0].float(), -1)
+    n = len(context)
+    want = [float(logp[n - 1, with_c[-1]]), float(logp[n - 1, with_d[-2]] + logp[n, with_d[-1]])]
+    assert e.choice_logprobs([conv], ("C", "D"))[0] == pytest.approx(normalise_logprobs(want), abs=1e-5)
+    assert e.choice_continuations(conv, ("C", "D")) == (context, [with_c[-1:], with_d[-2:]])
