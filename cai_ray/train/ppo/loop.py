@@ -320,13 +320,9 @@ class Worker:
         )
 
     def _left_pad(self, seqs: list[list[int]]):
-        import torch
+        from cai_ray.train.ppo.rollout import left_pad
 
-        pad = self.tok.pad_token_id
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
-        attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
-        return ids, attn, width
+        return left_pad(seqs, self.tok.pad_token_id, self.device)
 
     # -- one step -----------------------------------------------------------------------------
     def batch_rows(self, step: int) -> list[dict]:

@@ -68,9 +68,7 @@ def generate_ids(
 
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, attn, width = left_pad(prompts, pad, device)
     sampling = (
         dict(do_sample=False)
         if temperature is None
@@ -94,6 +92,17 @@ def generate_ids(
     finally:
         module.train(was_training)
     return [_until_eos(row, eos) for row in out[:, width:].tolist()]
+
+
+def left_pad(seqs: list[list[int]], pad: int, device):
+    """(ids, attention mask, width) of ``seqs`` padded on the left to the longest: the batch
+    layout of generation and of the PPO loss's forward passes."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, attn, width
 
 
 def synced_generation(zero_stage: int) -> bool:
