@@ -83,21 +83,56 @@ def gae(
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (to minimise) and its diagnostics: the share of tokens where
-    the clip was active, and an estimate of KL(π_old‖π) over the update."""
+    the clip was active, and an estimate of KL(π_old‖π) over the update.
+
+    ``weights``: per-token importance weights for responses sampled by another policy than
+    π_old (``behaviour_weights``): the surrogate's ratio is π/π_old, clipped as usual, and each
+    token's term is multiplied by the weight (the decoupled PPO objective of asynchronous RL:
+    π/π_behaviour = π/π_old · π_old/π_behaviour, the clip on the first factor, the truncation on
+    the second)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = masked_mean(per_token, mask)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         "ratio": masked_mean(ratio, mask),
     }
     return loss, stats
+
+
+def behaviour_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance weights min(π_old/π_behaviour, cap) per token (no gradient), for
+    responses sampled by the rollout engine's policy π_behaviour while π_old is the trainer's
+    policy at the start of the update: a stale policy version in async mode, and numerical
+    differences of the engine's kernels in any mode. Truncation bounds the variance a rare
+    token with a tiny behaviour probability would add (Espeholt et al. 2018, IMPALA's ρ̄)."""
+    with torch.no_grad():
+        w = torch.exp(old_logp - behaviour_logp)
+        truncated = (w > cap).to(w.dtype)
+        w = w.clamp(max=cap) * mask
+        stats = {
+            "is_weight_mean": masked_mean(w, mask),
+            "is_truncated": masked_mean(truncated, mask),
+            # KL(π_behaviour‖π_old) estimated on the behaviour policy's own samples
+            "behaviour_kl": masked_mean(behaviour_logp - old_logp, mask),
+        }
+    return w, stats
 
 
 def value_loss(

@@ -231,3 +231,31 @@ def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tm
         assert step["seconds"]["sync"] > 0
     m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 3}))
     assert m2["metrics"]["resumed_from"] == 2 and _history(tmp_path / "out")[-1]["sync_greedy_match"] == 1.0
+
+
+# -- rollouts from a pool of engine actors ------------------------------------------------------------
+POOL = {"rollout.placement": "pool", "rollout.cpus_per_engine": 1.0, "scaling.cpus_per_worker": 1.0}
+
+
+def test_async_ppo_from_an_engine_pool_is_one_version_behind_syncs_and_resumes(ray_local, tmp_path):
+    """ppo.mode=async with one hf engine actor beside the trainer: every batch after the first
+    was sampled by the previous policy version (staleness 1, never more), carries behaviour
+    log-probs (importance weights near 1 for a one-step lag), the weights reach the engine after
+    every update (its greedy answers equal the trainer's), and a re-run continues the step
+    count and the policy version."""
+    from cai_ray.train.ppo.loop import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    over = {**POOL, "ppo.mode": "async", "rollout.check_sync": "true", "ppo.steps": 3, "checkpoint.every_steps": 3}
+    m = train_rl(_cfg(tmp_path, data, **over))
+    h = _history(tmp_path / "out")
+    assert m["metrics"]["global_step"] == 3
+    assert [x["staleness"] for x in h] == [0.0, 1.0, 1.0], h
+    assert [x["policy_version"] for x in h] == [1, 2, 3]
+    for x in h:
+        assert x["sync_greedy_match"] == 1.0 and x["sync_bytes"] > 0 and x["seconds"]["sync"] > 0
+        assert 0.5 < x["is_weight_mean"] <= 2.0 and x["regenerated_stale"] == 0
+    m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 5}))
+    h = _history(tmp_path / "out")
+    assert m2["metrics"]["resumed_from"] == 3 and [x["step"] for x in h] == [1, 2, 3, 4, 5]
+    assert [x["policy_version"] for x in h[3:]] == [4, 5] and h[3]["staleness"] == 0.0 and h[4]["staleness"] == 1.0

@@ -89,9 +89,25 @@ class RewardSection:
 class RolloutSection:
     engine: str = setting(
         "hf",
-        "hf: generate with the training weights in the worker (no copy, no sync) | vllm: a "
-        "colocated vLLM engine per worker, weights pushed into it after every update (GPU, or vLLM's CPU build)",
+        "hf: transformers generate (colocated: with the training weights themselves, no copy, no "
+        "sync) | vllm: vLLM (GPU, or vLLM's CPU build), weights pushed into it after every update",
     )
+    placement: str = setting(
+        "colocated",
+        "colocated: each trainer rank samples in its own process, then trains (never overlapping) | "
+        "pool: rollout.pool_engines engine actors on resources of their own (needed by ppo.mode=async)",
+    )
+    pool_engines: int = setting(1, "pool: engine actors (trainer rank r sends its prompts to engine r mod N)")
+    cpus_per_engine: float = setting(
+        1.0, "pool: CPUs per engine actor (its threads); on GPUs each engine also takes a GPU"
+    )
+    sync_bucket_mb: float = setting(
+        64.0, "pool: weights travel to the engines in buckets of this size (MiB), at most two in flight"
+    )
+    sync_timeout_s: float = setting(
+        300.0, "pool: deadline for every call to an engine (a bucket, a batch): past it the step fails with the reason"
+    )
+    start_timeout_s: float = setting(600.0, "pool: deadline for the engines to load their models")
     max_new_tokens: int = setting(128, "tokens per sampled response")
     temperature: float = setting(1.0, "sampling temperature (log-probabilities are taken at the same temperature)")
     top_p: float = setting(1.0, "nucleus sampling mass (1 = the exact policy distribution)")
@@ -106,6 +122,10 @@ class RolloutSection:
     def validate(self, where: str) -> None:
         if self.engine not in ("hf", "vllm"):
             raise ConfigError(f"{where}.engine: must be hf or vllm, got {self.engine!r}")
+        if self.placement not in ("colocated", "pool"):
+            raise ConfigError(f"{where}.placement: must be colocated or pool, got {self.placement!r}")
+        for key in ("pool_engines", "cpus_per_engine", "sync_bucket_mb", "sync_timeout_s", "start_timeout_s"):
+            positive(where, key, getattr(self, key))
         positive(where, "max_new_tokens", self.max_new_tokens)
         if self.temperature < GREEDY_TEMPERATURE:
             raise ConfigError(f"{where}.temperature: must be >= {GREEDY_TEMPERATURE} (RL samples; it cannot be greedy)")
@@ -138,6 +158,20 @@ class PPOSection:
     kl_estimator: str = setting("k1", "per-token KL estimator: k1 (log ratio) | k2 | k3")
     whiten_advantages: bool = setting(True, "normalise advantages over the batch (all workers)")
     value_learning_rate: float = setting(1e-5, "learning rate of the value model (optim.learning_rate is the policy's)")
+    mode: str = setting(
+        "sync",
+        "sync: each step samples with the current policy, then trains | async (needs "
+        "rollout.placement=pool): the engines sample the next batches while the trainers update, "
+        "at most max_staleness policy versions behind; the loss corrects for the lag",
+    )
+    max_staleness: int = setting(
+        1, "async: a batch sampled by a policy more than this many updates old is never trained on (sampled again)"
+    )
+    is_cap: float = setting(
+        2.0,
+        "pool rollouts: the per-token importance weight π_old/π_behaviour (the engine's sampling "
+        "policy) is truncated at this value (truncated importance sampling)",
+    )
     critic_warmup_steps: int = setting(
         0,
         "first steps train the value model only (a value model fresh from the preference "
@@ -160,6 +194,12 @@ class PPOSection:
             positive(where, "adaptive_kl", self.adaptive_kl)
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"{where}.kl_estimator: must be k1, k2 or k3")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"{where}.mode: must be sync or async, got {self.mode!r}")
+        if self.max_staleness < 1:
+            raise ConfigError(f"{where}.max_staleness: must be >= 1 (ppo.mode=sync trains on-policy)")
+        if self.is_cap < 1:
+            raise ConfigError(f"{where}.is_cap: must be >= 1")
         if self.critic_warmup_steps < 0 or self.critic_warmup_steps >= self.steps:
             raise ConfigError(f"{where}.critic_warmup_steps: must be in [0, steps)")
 
@@ -217,6 +257,13 @@ class RLTrainConfig(TrainConfig):
                 "reward.reference: grpo/rloo score the labeler against the rows' reference answers; "
                 "set reward.reference=field (reference answers from the reference policy are PPO's)"
             )
+        if self.ppo.mode == "async" and self.rollout.placement != "pool":
+            raise ConfigError(
+                "ppo.mode=async needs rollout.placement=pool: the engines must run beside the "
+                "trainers, on resources of their own, for sampling and training to overlap"
+            )
+        if self.algo != "ppo" and (self.rollout.placement != "colocated" or self.ppo.mode != "sync"):
+            raise ConfigError("rollout.placement=pool and ppo.mode=async: PPO only (grpo/rloo run TRL's own loop)")
         if self.algo != "ppo" and self.rollout.engine != "hf":
             raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
         if self.lora.enabled and self.algo == "ppo":

@@ -78,6 +78,12 @@ def _encode(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _bf16():
+    import torch
+
+    return torch.bfloat16
+
+
 def collective_device(own):
     """Where a tensor handed to a collective must live: NCCL (Ray Train's backend on GPUs)
     takes GPU tensors only and refuses CPU ones at the first reduction; gloo (CPU) takes CPU
@@ -235,7 +241,15 @@ class Worker:
         from cai_ray.train.ppo.rollout import synced_generation
 
         self.synced_generation = synced_generation(job.cfg.zero)
-        self.rollout = make_rollout(job.cfg.rollout.engine, self.policy.module, self.tok, str(self.device), path, job)
+        self.version = 0  # policy version: updates applied (the rollout engines' weights carry it)
+        self.pooled = job.cfg.rollout.placement == "pool"
+        if self.pooled:
+            self.rollout = None
+            self.source = self._start_pool(path)
+        else:
+            self.rollout = make_rollout(
+                job.cfg.rollout.engine, self.policy.module, self.tok, str(self.device), path, job
+            )
         self.scorer = RewardScorer(
             rw,
             job.base_dir,
@@ -256,6 +270,61 @@ class Worker:
         self.per_worker = job.cfg.ppo.rollout_batch // self.world
         self.step = 0
         self.history: list[dict] = []
+
+    def _start_pool(self, path: str):
+        """Rank 0 starts the engine actors; every rank gets their handles (a broadcast)."""
+        import torch.distributed as dist
+
+        from cai_ray.train.ppo.pool import RolloutSource, start_pool
+
+        job, r = self.job, self.job.cfg.rollout
+        handles = None
+        if self.rank == 0:
+            dtype = "bfloat16" if self.dtype == _bf16() else "float32"
+            handles = start_pool(r, path, dtype, job.cfg.optim.max_length, job.cfg.seed, bool(job.use_gpu))
+        if self.world > 1:
+            box = [handles]
+            dist.broadcast_object_list(box, src=0)
+            handles = box[0]
+        self.pool_handles = handles
+        return RolloutSource(
+            handles, self.rank, job.cfg.ppo.mode, job.cfg.ppo.max_staleness, r.sync_timeout_s, self._submit
+        )
+
+    def _submit(self, engine, step: int):
+        """Ask ``engine`` for this rank's batch ``step`` (an ObjectRef)."""
+        r = self.job.cfg.rollout
+        prompts = [_encode(self.tok, row["prompt"]) for row in self.batch_rows(step)]
+        return engine.generate.remote(prompts, r.max_new_tokens, r.temperature, r.top_p, self._seed(step))
+
+    def _seed(self, step: int) -> int:
+        return hash((self.job.cfg.seed, step, self.rank)) % 2**31
+
+    def push_weights(self) -> dict[str, float]:
+        """The policy (version ``self.version``) into every pool engine; every rank takes part
+        (ZeRO-3 gathers), rank 0 sends; ranks leave together."""
+        from cai_ray.train.ppo.pool import push_weights
+        from cai_ray.train.ppo.rollout import gathered_params
+
+        r = self.job.cfg.rollout
+        stats = push_weights(
+            self.pool_handles,
+            gathered_params(self.policy.module, self.job.cfg.zero),
+            self.version,
+            r.sync_bucket_mb,
+            r.sync_timeout_s,
+            sender=self.rank == 0,
+        )
+        self._all_sum([0.0])  # a barrier: no rank samples again before the engines hold the new weights
+        return stats
+
+    def close(self) -> None:
+        """Stop the pool's engines (they would otherwise live until this worker's process ends)."""
+        if self.pooled and self.rank == 0:
+            import ray
+
+            for h in self.pool_handles:
+                ray.kill(h)
 
     def _frozen(self, model):
         """A frozen model partitioned like the trained ones (ZeRO-3: each rank holds a shard;
@@ -345,14 +414,30 @@ class Worker:
         rows = self.batch_rows(step)
         prompts = [_encode(self.tok, r["prompt"]) for r in rows]
 
+        t_step = time.perf_counter()
+        pool_info: dict[str, float] = {}
+        behaviour = None
         with ph("rollout"):
-            responses = self.rollout.generate(
-                prompts,
-                job.cfg.rollout.max_new_tokens,
-                job.cfg.rollout.temperature,
-                job.cfg.rollout.top_p,
-                seed=hash((job.cfg.seed, step, self.rank)) % 2**31,
-            )
+            if self.pooled:
+                got = self.source.next(step, self.version)
+                self.source.prefetch(step, ppo.steps)  # async: the next batches sample while this one trains
+                responses, behaviour = got.responses, got.logprobs
+                pool_info = {
+                    "staleness": float(self.version - got.version),
+                    "rollout_engine_seconds": got.seconds,
+                    "rollout_wait_seconds": got.waited,
+                    "regenerated_stale": float(got.regenerated),
+                }
+            else:
+                responses = self.rollout.generate(
+                    prompts,
+                    job.cfg.rollout.max_new_tokens,
+                    job.cfg.rollout.temperature,
+                    job.cfg.rollout.top_p,
+                    seed=self._seed(step),
+                )
+            if behaviour is not None:  # an empty answer gets EOS below: no behaviour log-prob for it
+                behaviour = [lp if r else [] for r, lp in zip(responses, behaviour)]
             responses = [r or [self.tok.eos_token_id] for r in responses]  # an empty answer still ends
             p_ids, p_attn, p_len = self._left_pad(prompts)
             t_len = max(len(r) for r in responses)
@@ -362,7 +447,8 @@ class Worker:
             ids = torch.cat([p_ids, r_ids], 1)
             attn = torch.cat([p_attn, mask.long()], 1)
             texts = self.tok.batch_decode(responses, skip_special_tokens=True)
-            self.rollout.sleep()  # a colocated vLLM frees its KV cache (and weights) for the update
+            if self.rollout is not None:
+                self.rollout.sleep()  # a colocated vLLM frees its KV cache (and weights) for the update
 
         with ph("score"):
             scores = torch.tensor(
@@ -392,6 +478,17 @@ class Worker:
                 adv, returns = m.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
                 if ppo.whiten_advantages:
                     adv = self._whiten_all(adv, mask)
+                is_weights, is_stats = None, {}
+                if behaviour is not None:
+                    b = torch.tensor(
+                        [lp + [0.0] * (t_len - len(lp)) for lp in behaviour], device=self.device, dtype=old_logp.dtype
+                    )
+                    known = torch.tensor(
+                        [[1.0] * len(lp) + [0.0] * (t_len - len(lp)) for lp in behaviour], device=self.device
+                    ).bool()
+                    b = torch.where(known, b, old_logp)  # no behaviour log-prob: weight 1
+                    is_weights, st = m.behaviour_weights(old_logp, b, mask, ppo.is_cap)
+                    is_stats = {k: v.item() for k, v in st.items()}
 
         with ph("update"):
             stats = self.update(
@@ -404,11 +501,19 @@ class Worker:
                 adv,
                 returns,
                 train_policy=step >= ppo.critic_warmup_steps,
+                is_weights=is_weights,
             )
+        self.version += 1
         sync_check = {}
-        if not self.rollout.shares_weights:
+        check = prompts[:SYNC_CHECK_PROMPTS] if job.cfg.rollout.check_sync else None
+        if self.pooled:
             with ph("sync"):
-                sync_check = self.sync_rollout(prompts[:SYNC_CHECK_PROMPTS] if job.cfg.rollout.check_sync else None)
+                sync_stats = self.push_weights()
+                if check:
+                    sync_check = self.pool_sync_check(check)
+        elif not self.rollout.shares_weights:
+            with ph("sync"):
+                sync_check = self.sync_rollout(check)
         seq_kl = (kl.sum(1)).mean().item()
         self.kl.update(self._mean_all(seq_kl), ppo.rollout_batch)
 
@@ -426,9 +531,15 @@ class Worker:
             "return_mean": m.masked_mean(returns, mask).item(),
             "ended_share": sum(1 for r in responses if r[-1] == self.tok.eos_token_id) / len(responses),
             **sync_check,
+            **is_stats,
+            **pool_info,
         }
         metrics = {k: self._mean_all(v) for k, v in local.items()}
-        metrics.update(step=step + 1, kl_coef=beta, reward_std=self._std_all(scores))
+        metrics.update(step=step + 1, kl_coef=beta, reward_std=self._std_all(scores), policy_version=self.version)
+        if self.pooled:
+            metrics["staleness_max"] = self._max_all(pool_info["staleness"])
+            for k in ("sync_bytes", "sync_buckets", "sync_seconds"):
+                metrics[k] = self._sum_all(sync_stats.get(k, 0.0))  # rank 0 sends
         if self.reward_kind == "labeler":
             metrics["labeler_invalid"] = self._sum_all(self.scorer.invalid)
         all_texts = self._gather(texts)
@@ -440,13 +551,16 @@ class Worker:
             with ph("monitor"):
                 metrics["probe_refusal_rate"] = self.probe_refusal_rate()
         metrics["seconds"] = {k: round(v, 4) for k, v in ph.seconds.items()}
+        metrics["step_seconds"] = round(time.perf_counter() - t_step, 4)
         metrics["samples"] = [
             {"prompt": r["prompt"][-1]["content"], "response": t, "score": s}
             for r, t, s in zip(rows, texts, scores.tolist())
         ][:SAMPLES_PER_STEP]
         return metrics
 
-    def update(self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool) -> dict:
+    def update(
+        self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool, is_weights=None
+    ) -> dict:
         import torch
 
         from cai_ray.core import rl_math as m
@@ -461,7 +575,8 @@ class Worker:
                 idx = order[sl]
                 mb_mask = mask[idx]
                 logp, logits = self.logprobs(self.policy, ids[idx], attn[idx], p_len, with_logits=True)
-                pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo.clip_range)
+                w = None if is_weights is None else is_weights[idx]
+                pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo.clip_range, weights=w)
                 if train_policy:
                     self.policy.backward(pl)
                     self.policy.step()
@@ -501,6 +616,19 @@ class Worker:
             "sync_greedy_match": sum(a == o for a, o in zip(after, own)) / len(check),
             "sync_greedy_changed": sum(a != b for a, b in zip(after, before)) / len(check),
         }
+
+    def pool_sync_check(self, check: list[list[int]]) -> dict[str, float]:
+        """After a push: this rank's engine's greedy answers against the training policy's own
+        (``sync_greedy_match``, 1.0 = every answer token for token)."""
+        import ray
+
+        from cai_ray.train.ppo.pool import _get
+
+        n = self.job.cfg.rollout.max_new_tokens
+        ref = self.source.engine.greedy.remote(check, n)
+        own = self.greedy_ids(check, n)
+        after = _get(ray, [ref], self.job.cfg.rollout.sync_timeout_s, "the rollout engine's greedy check")[0]
+        return {"sync_greedy_match": sum(a == o for a, o in zip(after, own)) / len(check)}
 
     def greedy_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """The training policy's greedy response ids (up to and including EOS)."""
@@ -542,6 +670,9 @@ class Worker:
     def _sum_all(self, x: float) -> float:
         return self._all_sum([x])[0]
 
+    def _max_all(self, x: float) -> float:
+        return max(self._gather([x]))
+
     def _std_all(self, scores) -> float:
         n, s, s2 = self._all_sum([scores.numel(), scores.sum().item(), (scores**2).sum().item()])
         return math.sqrt(max(s2 / n - (s / n) ** 2, 0.0))
@@ -567,17 +698,34 @@ class Worker:
         self.policy.save_checkpoint(str(d), tag="policy", save_latest=False)
         self.value.save_checkpoint(str(d), tag="value", save_latest=False)
         if self.rank == 0:
-            (d / "loop_state.json").write_text(
-                json.dumps({"step": self.step, "kl": self.kl.state_dict(), "history": self.history})
-            )
+            state = {
+                "step": self.step,
+                "policy_version": self.version,
+                # batch_rows(step) is a function of the step: the position says where the next one starts
+                "data_position": {"rows_per_worker": len(self.rows), "next_row": self.step * self.per_worker},
+                "kl": self.kl.state_dict(),
+                "history": self.history,
+            }
+            (d / "loop_state.json").write_text(json.dumps(state))
 
     def restore(self, d: Path) -> None:
         self.policy.load_checkpoint(str(d), tag="policy")
         self.value.load_checkpoint(str(d), tag="value")
         state = json.loads((d / "loop_state.json").read_text())
         self.step, self.history = state["step"], state["history"]
+        self.version = state.get("policy_version", self.step)
+        position = state.get("data_position")
+        if position and position["rows_per_worker"] != len(self.rows):
+            log.warning(
+                "the checkpoint's data had %d prompts per worker, this run's has %d: the prompt order differs from here on",
+                position["rows_per_worker"],
+                len(self.rows),
+            )
         self.kl.load_state_dict(state["kl"])
-        if not self.rollout.shares_weights:
+        if self.pooled:
+            self.source.drop_inflight()  # batches sampled before the restart are not this state's
+            self.push_weights()
+        elif not self.rollout.shares_weights:
             from cai_ray.train.ppo.rollout import gathered_params
 
             self.rollout.sync(gathered_params(self.policy.module, self.job.cfg.zero))
@@ -636,6 +784,7 @@ def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:
         else:
             ray.train.report(report)
     seconds = time.perf_counter() - t0
+    w.close()
     w.save_models(out)
     if w.rank == 0:
         _write_progress(out, w.history, job)
