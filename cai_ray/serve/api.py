@@ -1,25 +1,31 @@
-"""The HTTP surface: OpenAI-compatible chat, /v1/label, /v1/critique, /healthz.
+"""The HTTP surface: OpenAI-compatible chat, /v1/label, /v1/critique, the reward routes
+(/v1/reward, OpenRLHF's /v1/reward/openrlhf, vLLM's /classify), /healthz.
 
-Every route but /healthz needs ``Authorization: Bearer <key>`` (compared in constant time
-against the key's SHA-256; the key itself is never stored or logged), checked by the
-outermost middleware before a byte of the body is read; the same middleware counts the body
-as it arrives (``Content-Length`` or chunked) and answers 413 past ``limits.max_body_bytes``.
-Bad input is a 4xx with an OpenAI-style error body naming the problem, never a 500: schema
-errors, too many or too long messages, ``max_tokens`` above the server's limit, prompts
-(the guardrail's critique and revision prompts included) longer than the model's context,
-unknown or repeated principles, seeds out of range; an engine failing on one request fails
-that request only. A pair too long for the labeler is a 200 with ``invalid`` saying which
-comparison and how long (as the label step marks it). The engine itself failing (out of
-memory, dead) is a 503 with Retry-After: the request was fine, a retry may succeed.
+Every route but /healthz needs ``Authorization: Bearer <key>`` — or HTTP Basic with the key as
+the password, which is what clients that only take a URL send for ``http://user:KEY@host/...``
+(OpenRLHF's aiohttp, requests) — compared in constant time against the key's SHA-256 (the
+key itself is never stored or logged), checked by the outermost middleware before a byte of
+the body is read; the same middleware counts the body as it arrives (``Content-Length`` or
+chunked) and answers 413 past ``limits.max_body_bytes``. Bad input is a 4xx with an
+OpenAI-style error body naming the problem, never a 500: schema errors, too many or too long
+messages, ``max_tokens`` above the server's limit, prompts (the guardrail's critique and
+revision prompts included) longer than the model's context, unknown or repeated principles,
+seeds out of range; an engine failing on one request fails that request only. A pair too
+long for the labeler is a 200 with ``invalid`` saying which comparison and how long (as the
+label step marks it). The engine itself failing (out of memory, dead) is a 503 with
+Retry-After: the request was fine, a retry may succeed.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -28,8 +34,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_ray.core.context import context_overflow
+from cai_ray.core.label_math import sigmoid
 from cai_ray.engine import Sampling
 from cai_ray.serve.config import ServeConfig
+from cai_ray.serve.reward import RewardItem
 from cai_ray.serve.service import RETRY_AFTER_S, EngineDown, RequestError
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
@@ -83,6 +91,46 @@ class CritiqueRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
 
 
+class RewardRequestItem(BaseModel):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    response: str
+    reference: str | None = Field(None, description="labeler scorer: the answer to beat (default: the policy's)")
+
+
+Scorer = Literal["model", "labeler"]
+
+
+class RewardRequest(BaseModel):
+    """POST /v1/reward: ours (what cai_ray.reward_client sends)."""
+
+    items: list[RewardRequestItem] = Field(min_length=1)
+    scorer: Scorer | None = None
+
+
+class OpenRLHFRewardRequest(BaseModel):
+    """What OpenRLHF's SingleTurnAgentExecutor._fetch_rewards_via_http posts to
+    ``--reward.remote_url``: ``query`` = prompt + response (decoded with special tokens),
+    ``prompts`` = the prompt strings, ``labels`` = the dataset's ``--data.label_key`` ("" without one)."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: list[str]
+    prompts: list[str] | None = None
+    labels: list[str | None] | None = None
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's /classify, text form: what verl's reward loop posts for a discriminative reward
+    model (``{"model", "input", "activation": false}``); ``use_activation`` is vLLM's newer name."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[str]
+    activation: bool | None = None
+    use_activation: bool | None = None
+    add_special_tokens: bool = True
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -92,11 +140,21 @@ def key_digest(key: str) -> str:
 
 
 def key_ok(header: str, key_sha256: str) -> bool:
+    """``Bearer KEY``, or ``Basic base64(user:KEY)`` (any user name): the form an HTTP client
+    sends for a URL with credentials in it, for trainers that take a reward URL and nothing else."""
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), key_sha256)
+    scheme, token = scheme.lower(), token.strip()
+    if scheme == "basic":
+        try:
+            token = base64.b64decode(token, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme != "bearer":
+        return False
+    return hmac.compare_digest(key_digest(token), key_sha256)
 
 
-UNAUTHORISED = "missing or wrong API key (Authorization: Bearer <key>)"
+UNAUTHORISED = "missing or wrong API key (Authorization: Bearer <key>, or Basic with the key as password)"
 OPEN_PATHS = frozenset({"/healthz"})
 
 
@@ -255,6 +313,124 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
         repeated = sorted({p for p in ids if ids.count(p) > 1})
         if repeated:
             raise HTTPException(400, f"principle ids repeated: {repeated}; give each at most once")
+
+    # -- rewards (serve/reward.py; docs/serving.md "Reward service for OpenRLHF, verl and TRL") --
+    def scorer_of(asked: str | None) -> str:
+        scorer = asked or settings.reward.default_scorer
+        if scorer == "model" and service.rewards.model is None:
+            raise HTTPException(
+                400, "this server has no preference model (start it with reward.model=FOLDER); the labeler scores"
+            )
+        return scorer
+
+    def item_count(n: int) -> None:
+        if n > settings.reward.max_items:
+            raise HTTPException(
+                400, f"{n} items; this server scores at most {settings.reward.max_items} per request (reward.max_items)"
+            )
+
+    def check_length(name: str, text: str) -> None:
+        """A response may be empty (a policy can answer nothing; it is scored), not too long."""
+        if len(text) > limits.max_message_chars:
+            raise HTTPException(400, f"'{name}' has {len(text)} characters; the limit is {limits.max_message_chars}")
+
+    @contextmanager
+    def item(where: str):
+        """A 400 about one item names it."""
+        try:
+            yield
+        except HTTPException as e:
+            raise HTTPException(e.status_code, f"{where}: {e.detail}") from e
+
+    async def rewards_of(items: list[RewardItem], scorer: str) -> tuple[list[float], list[str | None]]:
+        if scorer == "model":
+            scores, _ = await service.rewards.by_model([service.rewards.model_text(it) for it in items])
+            return scores, [None] * len(items)
+        return await service.rewards.by_labeler(items)
+
+    @app.post("/v1/reward", dependencies=[Depends(authorised)])
+    async def reward(req: RewardRequest):
+        """Items (prompt or messages, response[, reference]) → one score each."""
+        item_count(len(req.items))
+        scorer = scorer_of(req.scorer)
+        items = []
+        for i, it in enumerate(req.items):
+            with item(f"items[{i}]"):
+                msgs = conversation(it.prompt, it.messages)
+                check_length("response", it.response)
+                check_length("reference", it.reference or "")
+            items.append(RewardItem(msgs, it.response, it.reference or None))
+        scores, invalid = await rewards_of(items, scorer)
+        return {"scores": scores, "invalid": invalid, "scorer": scorer, "scored_by": service.rewards.scored_by(scorer)}
+
+    @app.post("/v1/reward/openrlhf", dependencies=[Depends(authorised)])
+    async def openrlhf_reward(req: OpenRLHFRewardRequest, scorer: Scorer | None = None):
+        """OpenRLHF's body in, the keys OpenRLHF reads out: ``rewards`` (the advantage's),
+        ``scores`` (dynamic filtering; the same numbers, as OpenRLHF's own serve_rm sends) and
+        ``extra_logs`` (one number per item each, logged). ``?scorer=`` picks the scorer."""
+        n = len(req.query)
+        item_count(n)
+        for name, values in (("prompts", req.prompts), ("labels", req.labels)):
+            if values is not None and len(values) != n:
+                raise HTTPException(400, f"'{name}' has {len(values)} items and 'query' {n}: give one per query")
+        scorer = scorer_of(scorer)
+        if not n:  # OpenRLHF shards a batch over its reward URLs: one query and two URLs send one empty
+            return {"rewards": [], "scores": [], "extra_logs": {"cai_unscored": []}}
+        if scorer == "model":
+            # the query is already prompt + response in the policy's chat template: scored as
+            # sent, as OpenRLHF's own reward server does
+            scores, _ = await service.rewards.by_model(req.query)
+            invalid = [None] * n
+        else:
+            if req.prompts is None:
+                raise HTTPException(400, "the labeler needs 'prompts' to tell each query's prompt from its response")
+            items = []
+            for i, (query, prompt) in enumerate(zip(req.query, req.prompts)):
+                if not query.startswith(prompt):
+                    raise HTTPException(400, f"query[{i}] does not start with prompts[{i}]: cannot find the response")
+                label = req.labels[i] if req.labels is not None else None
+                it = service.rewards.openrlhf_item(prompt, query[len(prompt) :], label)
+                with item(f"query[{i}]"):
+                    check_messages(it.messages)
+                    check_length("response", it.response)
+                    check_length("label", it.reference or "")
+                items.append(it)
+            scores, invalid = await service.rewards.by_labeler(items)
+        return {
+            "rewards": scores,
+            "scores": scores,
+            "extra_logs": {"cai_unscored": [float(x is not None) for x in invalid]},
+        }
+
+    @app.post("/classify", dependencies=[Depends(authorised)])
+    async def classify(req: ClassifyRequest):
+        """vLLM's classification response over the preference model: ``data[i].probs[0]`` is
+        σ(r) (vLLM's default activation), or r itself with ``activation: false`` (what verl
+        sends, reading ``data[-1]["probs"][-1]``). ``model`` is not checked: verl sends its own path."""
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise HTTPException(400, "'input' is empty")
+        item_count(len(texts))
+        scorer_of("model")
+        scores, counts = await service.rewards.by_model(texts, add_special_tokens=req.add_special_tokens)
+        activation = next((a for a in (req.use_activation, req.activation) if a is not None), True)
+        tokens = sum(counts)
+        return {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": service.rewards.model.name,
+            "data": [
+                {
+                    "index": i,
+                    "label": service.rewards.model.label,
+                    "probs": [sigmoid(s) if activation else s],
+                    "num_classes": 1,
+                }
+                for i, s in enumerate(scores)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
 
     @app.get("/healthz")
     async def healthz():

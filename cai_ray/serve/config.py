@@ -54,6 +54,46 @@ class ServeScaling:
             raise ConfigError(f"{where}: batch_wait_timeout_s and gpus_per_replica must be >= 0")
 
 
+REWARD_SCORERS = ("auto", "model", "labeler")
+
+
+@dataclass(frozen=True)
+class ServeReward:
+    """The reward routes (/v1/reward, /v1/reward/openrlhf, /classify): what scores a response."""
+
+    model: str = setting(
+        "", "preference model for the reward routes (`cai-ray train rm` OUTPUT/model, or an alias); '' = none"
+    )
+    scorer: str = setting(
+        "auto",
+        "what scores a reward request that does not choose: model (the preference model's r(prompt + response)) | "
+        "labeler (d-RLAIF: the labeler's probability that the response beats a reference answer) | auto (model "
+        "when reward.model is set, else labeler)",
+    )
+    max_items: int = setting(256, "items per reward request (more: 400)")
+    batch_size: int = setting(16, "items per preference-model forward pass or labeler call")
+    reference_max_tokens: int = setting(
+        128,
+        "labeler scorer, item without a reference: token budget of the policy's greedy reference answer "
+        "(at most limits.max_tokens)",
+    )
+
+    def validate(self, where: str) -> None:
+        for k in ("max_items", "batch_size", "reference_max_tokens"):
+            positive(where, k, getattr(self, k))
+        if self.scorer not in REWARD_SCORERS:
+            raise ConfigError(f"{where}.scorer: one of {', '.join(REWARD_SCORERS)}, got {self.scorer!r}")
+        if self.scorer == "model" and not self.model:
+            raise ConfigError(f"{where}.scorer: model needs {where}.model (a preference model folder)")
+
+    @property
+    def default_scorer(self) -> str:
+        """The scorer of a request that names none: ``auto`` resolved."""
+        if self.scorer == "auto":
+            return "model" if self.model else "labeler"
+        return self.scorer
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -92,6 +132,10 @@ class ServeConfig:
     seed: int = setting(0, "seeds principle sampling")
     ray_address: str | None = setting(None, "join this Ray cluster; default: start a local one")
     limits: ServeLimits = field(default_factory=ServeLimits, metadata={"help": "input limits"})
+    reward: ServeReward = field(
+        default_factory=ServeReward,
+        metadata={"help": "the reward routes for other trainers (OpenRLHF, verl, TRL): docs/serving.md"},
+    )
     scaling: ServeScaling = field(default_factory=ServeScaling, metadata={"help": "replicas, batching, backpressure"})
 
     def validate(self) -> None:
@@ -111,4 +155,5 @@ class ServeConfig:
             )
         self.method.validate("method")
         self.limits.validate("limits")
+        self.reward.validate("reward")
         self.scaling.validate("scaling")

@@ -1,6 +1,7 @@
 """What the server does, without HTTP or Ray: chat (with the optional constitutional
-guardrail), labels and critiques, on the same engines and the same label math as the batch
-stages. The Ray Serve deployment subclasses it to batch chat calls; tests use it directly.
+guardrail), labels, critiques and rewards (``serve/reward.py``), on the same engines and the
+same label math as the batch stages. The Ray Serve deployment subclasses it to batch chat
+calls; tests use it directly.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class Service:
         make_counter = getattr(self.policy, "counter", None)
         self._counter = make_counter() if make_counter else None
         self._count_lock = threading.Lock()
+        from cai_ray.serve.reward import Rewards  # (it builds on this module's errors)
+
+        self.rewards = Rewards(self, settings.reward)
 
     async def _run(self, fn, *args):
         if self.async_engine:
@@ -262,6 +266,10 @@ class Service:
             "context_length": self.policy.context_length,
             "principles": [p.id for p in self.constitution.principles],
             "label_method": self.labeler.method(),
+            "reward": {
+                "scorer": self.settings.reward.default_scorer,
+                "model": self.rewards.model.name if self.rewards.model else None,
+            },
         }
 
 
