@@ -25,6 +25,13 @@ from cai_ray.config import ConfigError
         ({"ppo.critic_warmup_steps": 3}, "critic_warmup_steps"),
         ({"ppo.clip_rnage": 0.1}, "clip_range"),
         ({"algo": "grpo", "reward.function": None, "reward.labeler.model": "tiny-random"}, "reward.reference=field"),
+        ({"ppo.mode": "async"}, "needs rollout.placement=pool"),
+        ({"ppo.mode": "later"}, "sync or async"),
+        ({"ppo.max_staleness": 0, "ppo.mode": "async", "rollout.placement": "pool"}, "max_staleness: must be >= 1"),
+        ({"rollout.placement": "remote"}, "colocated or pool"),
+        ({"rollout.sync_timeout_s": 0}, "sync_timeout_s"),
+        ({"ppo.is_cap": 0.5}, "is_cap"),
+        ({"algo": "grpo", "rollout.placement": "pool", "ppo.group_size": 2}, "PPO only"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path, over, match):

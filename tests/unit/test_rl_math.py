@@ -125,3 +125,26 @@ def test_adaptive_kl_moves_beta_toward_the_target():
     restored = m.AdaptiveKL(0.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value and restored.target == 6.0
+
+
+def test_behaviour_weights_are_truncated_ratios_without_gradient():
+    """w = min(π_old/π_behaviour, cap) per real token: ratios e^0.5, e^-0.5, e^2 (capped at 2)."""
+    old = T([[0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    behaviour = T([[-0.5, 0.5, -2.0, 0.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    w, st = m.behaviour_weights(old, behaviour, mask, cap=2.0)
+    assert close(w, [[math.exp(0.5), math.exp(-0.5), 2.0, 0.0]]) and not w.requires_grad
+    assert close(st["is_truncated"], 1 / 3)
+    assert close(st["behaviour_kl"], (-0.5 + 0.5 - 2.0) / 3)
+
+
+def test_importance_weights_scale_each_tokens_clipped_term():
+    """With weights, each token's clipped term is multiplied by its weight; weights of 1 change nothing."""
+    logp, old = T([[0.1, -0.1]]), T([[0.0, 0.0]])
+    adv, mask = T([[1.0, -1.0]]), T([[1.0, 1.0]])
+    plain, _ = m.policy_loss(logp, old, adv, mask, 0.2)
+    ones, _ = m.policy_loss(logp, old, adv, mask, 0.2, weights=T([[1.0, 1.0]]))
+    half, _ = m.policy_loss(logp, old, adv, mask, 0.2, weights=T([[0.5, 2.0]]))
+    r = math.exp(0.1), math.exp(-0.1)
+    assert close(plain, ones)
+    assert close(half, (-1.0 * r[0] * 0.5 + 1.0 * r[1] * 2.0) / 2)

@@ -38,13 +38,18 @@ class WeightSyncTimeout(RuntimeError):
 
 def buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
     """(name, tensor) pairs grouped into buckets of about ``bucket_bytes`` (a tensor larger
-    than a bucket travels alone). Each tensor is moved to the CPU: the object store holds
-    host memory."""
+    than a bucket travels alone). Each tensor is moved to the CPU (the object store holds host
+    memory) and owns its storage."""
     out: list[tuple[str, Any]] = []
     size = 0
     for name, t in named:
         t = t.detach().to("cpu")
         n = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() > n:
+            # a view into a larger buffer (ZeRO-1/2 keep parameters in flat buffers): pickling it
+            # would copy the whole buffer, once per parameter (measured: 1.5-2 s instead of 0.1 s
+            # for a 49 MB model); a copy of its own travels alone
+            t = t.clone()
         if out and size + n > bucket_bytes:
             yield out
             out, size = [], 0
