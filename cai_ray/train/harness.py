@@ -140,19 +140,27 @@ def single_process_loading():
 
 def lora_config(job: WorkerJob, task_type: str):
     """peft LoraConfig from the ``lora`` section, or None when LoRA is off."""
-    lora = job.cfg.lora
-    if not lora.enabled:
+    settings = lora_dict(job)
+    if settings is None:
         return None
     from peft import LoraConfig
 
+    return LoraConfig(task_type=task_type, **settings)
+
+
+def lora_dict(job: WorkerJob) -> dict | None:
+    """The ``lora`` section as plain settings for a process that builds its own adapter (a
+    rollout engine): rank, alpha, dropout, target modules."""
+    lora = job.cfg.lora
+    if not lora.enabled:
+        return None
     targets = lora.target_modules
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        task_type=task_type,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-    )
+    return {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+    }
 
 
 def train_loop(config: dict[str, WorkerJob]) -> None:

@@ -51,7 +51,7 @@ def test_ppo_learns_to_prefer_a_token_with_bounded_kl(ray_local, tmp_path):
 
 
 # -- the trainer end to end ----------------------------------------------------------------------
-def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tmp_path, token_rm):
+def test_ppo_two_workers_zero3_lora_preference_model_resume_and_outputs(ray_local, tmp_path, token_rm):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from cai_ray.train.ppo.loop import train_rl
@@ -66,6 +66,8 @@ def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tm
         "ppo.adaptive_kl": 0.5,
         "reward.length_penalty": 0.01,
         "monitor.every": 5,
+        "lora.enabled": "true",  # adapters partitioned with the rest; OUTPUT/model merged from the gathered state
+        "lora.r": 4,
     }
     m = train_rl(_cfg(tmp_path, data, **over))
     out = tmp_path / "out"
@@ -92,7 +94,8 @@ def test_ppo_two_workers_zero3_preference_model_resume_and_outputs(ray_local, tm
     assert h[-1]["kl_coef"] != h[0]["kl_coef"]  # adaptive
     assert (out / "ppo.png").stat().st_size > 10_000 and len((out / "steps.jsonl").read_text().splitlines()) == 3
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 2  # rank 0 samples 2 prompts a step
-    AutoModelForCausalLM.from_pretrained(out / "model")  # plain HF folders, gathered from ZeRO-3 shards
+    policy = AutoModelForCausalLM.from_pretrained(out / "model")  # plain HF folders, gathered from ZeRO-3 shards
+    assert not any("lora" in n for n, _ in policy.named_parameters())  # the adapters merged in
     AutoModelForSequenceClassification.from_pretrained(out / "value")
 
     # the same command with more steps continues from the step-3 checkpoint
@@ -301,3 +304,36 @@ def test_vllm_pool_takes_zero3_weights_through_vllms_weight_transfer_api(ray_loc
         assert x["sync_buckets"] > 1 and x["sync_bytes"] > 1e6 and x["staleness_max"] <= 1
         assert x["is_weight_mean"] > 0
     assert [x["staleness"] for x in h] == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_lora_ppo_sends_only_the_adapter_to_a_vllm_pool(ray_local, tmp_path):
+    """lora.enabled: the policy trains adapters only; each sync carries the adapters (a small
+    share of the model's bytes) and vLLM serves them as a LoRARequest whose greedy answers equal
+    the trainer's; OUTPUT/model is the base with the adapters merged in."""
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.train.ppo.loop import train_rl
+
+    over = {
+        **POOL,
+        "ppo.mode": "async",
+        "model": "tiny-random-wide",
+        "rollout.engine": "vllm",
+        "lora.enabled": "true",
+        "lora.r": 4,
+        "lora.dropout": 0.0,
+        "rollout.check_sync": "true",
+        "ppo.steps": 2,
+        "optim.learning_rate": 0.05,
+        "rollout.max_new_tokens": 6,
+        "reward.function": f"{REWARDS}:by_length",
+    }
+    m = train_rl(_cfg(tmp_path, _prompts(tmp_path / "p.jsonl"), **over))
+    h = _history(tmp_path / "out")
+    assert m["metrics"]["global_step"] == 2
+    for x in h:
+        assert x["sync_greedy_match"] == 1.0, {k: v for k, v in x.items() if k != "samples"}
+        assert 0 < x["sync_bytes"] < 0.05 * 49e6  # the adapters, not the 49 MB model
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -266,5 +266,13 @@ class RLTrainConfig(TrainConfig):
             raise ConfigError("rollout.placement=pool and ppo.mode=async: PPO only (grpo/rloo run TRL's own loop)")
         if self.algo != "ppo" and self.rollout.engine != "hf":
             raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
-        if self.lora.enabled and self.algo == "ppo":
-            raise ConfigError("lora: not supported by the PPO trainer yet (grpo/rloo take it)")
+        if (
+            self.lora.enabled
+            and self.algo == "ppo"
+            and self.rollout.engine == "vllm"
+            and self.rollout.placement != "pool"
+        ):
+            raise ConfigError(
+                "lora with rollout.engine=vllm needs rollout.placement=pool (the adapter reaches the "
+                "pool's vLLM engines as a LoRARequest; the colocated engine takes full weights only)"
+            )

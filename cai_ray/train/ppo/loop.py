@@ -219,6 +219,13 @@ class Worker:
 
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         policy.generation_config.pad_token_id = self.tok.pad_token_id
+        self.lora = harness.lora_config(job, "CAUSAL_LM")
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            # adapters only: the base weights are frozen, the optimizer holds the adapters' state,
+            # and only the adapters travel to the rollout engines
+            policy = get_peft_model(policy, self.lora)
         value_path = resolve_model(rw.model) if kind == "model" else path
         value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=self.dtype)
         value.config.pad_token_id = self.tok.pad_token_id
@@ -229,7 +236,7 @@ class Worker:
 
         self.policy, *_ = deepspeed.initialize(
             model=policy,
-            optimizer=torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0),
+            optimizer=torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0),
             config=ds_config(job, mb, self.world),
         )
         self.value, *_ = deepspeed.initialize(
@@ -281,7 +288,8 @@ class Worker:
         handles = None
         if self.rank == 0:
             dtype = "bfloat16" if self.dtype == _bf16() else "float32"
-            handles = start_pool(r, path, dtype, job.cfg.optim.max_length, job.cfg.seed, bool(job.use_gpu))
+            lora = None if self.lora is None else harness.lora_dict(job)
+            handles = start_pool(r, path, dtype, job.cfg.optim.max_length, job.cfg.seed, bool(job.use_gpu), lora)
         if self.world > 1:
             box = [handles]
             dist.broadcast_object_list(box, src=0)
@@ -309,7 +317,7 @@ class Worker:
         r = self.job.cfg.rollout
         stats = push_weights(
             self.pool_handles,
-            gathered_params(self.policy.module, self.job.cfg.zero),
+            gathered_params(self.policy.module, self.job.cfg.zero, adapters_only=self.lora is not None),
             self.version,
             r.sync_bucket_mb,
             r.sync_timeout_s,
@@ -731,15 +739,41 @@ class Worker:
             self.rollout.sync(gathered_params(self.policy.module, self.job.cfg.zero))
 
     def save_models(self, out: Path) -> None:
-        """OUTPUT/model (the policy) and OUTPUT/value as plain HF folders; ZeRO-3 gathers first."""
+        """OUTPUT/model (the policy) and OUTPUT/value as plain HF folders; ZeRO-3 gathers first.
+        With LoRA, OUTPUT/model is the base with the adapters merged in (``lora.merge``, the
+        default), or the adapter alone."""
         for engine, name in ((self.policy, "model"), (self.value, "value")):
             if self.job.cfg.zero == 3:
                 state = engine._zero3_consolidated_16bit_state_dict()
             else:
                 state = engine.module.state_dict()
-            if self.rank == 0:
+            if self.rank != 0:
+                continue
+            if name == "model" and self.lora is not None:
+                self._save_lora(state, out / name)
+            else:
                 engine.module.save_pretrained(str(out / name), state_dict=state)
-                self.tok.save_pretrained(str(out / name))
+            self.tok.save_pretrained(str(out / name))
+
+    def _save_lora(self, state: dict, folder: Path) -> None:
+        """The trained adapters from ``state`` (the policy's whole state, gathered) on a fresh
+        copy of the base, merged or not: the training engine itself stays as it is."""
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from cai_ray.models import resolve_model
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(self.job.cfg.model), dtype=self.dtype)
+        fresh = get_peft_model(base, self.lora)
+        missing, unexpected = fresh.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+        if unexpected or any("lora_" in k for k in missing):
+            raise RuntimeError(
+                f"the policy's adapters do not fit a fresh copy: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        if self.job.cfg.lora.merge:
+            fresh.merge_and_unload().save_pretrained(str(folder))
+        else:
+            fresh.save_pretrained(str(folder))
 
 
 def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:

@@ -55,7 +55,9 @@ class EngineActor:
     """One rollout engine in a Ray actor of its own (``ray.remote`` is applied in ``start_pool``
     with the resources the config asks for). ``kind``: vllm (vLLM's offline ``LLM``; weights
     through vLLM's weight-transfer API) or hf (transformers ``generate``; weights through
-    ``load_state_dict``)."""
+    ``load_state_dict``). With ``lora`` (peft settings) the engine holds the base weights and
+    receives the policy's adapters only: vLLM serves them as a ``LoRARequest`` (a new adapter id
+    per policy version, written to this actor's own temp folder), hf as a peft model."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class EngineActor:
         threads: int,
         gpu_mem: float,
         enforce_eager: bool,
+        lora: dict | None = None,
     ):
         import os
 
@@ -75,14 +78,16 @@ class EngineActor:
         self.kind = kind
         self.version = 0
         self.updating = False
+        self.lora = lora
+        self.lora_request = None  # vllm + lora: the adapter of the current version (None: the base, = version 0)
+        self.adapter: dict[str, Any] = {}
         if kind == "vllm":
             from cai_ray.engine.vllm import _import_vllm, cpu_env, engine_args, on_cpu
             from cai_ray.train.ppo.transfer import BACKEND, register_vllm_backend
 
             vllm = _import_vllm()
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
-                "0"  # the engine in this process: tensors are handed over, not copied
-            )
+            # the engine in this process: tensors are handed over, not copied again
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             if on_cpu():
                 cpu_env(threads, None)
             register_vllm_backend()
@@ -97,9 +102,13 @@ class EngineActor:
                 prefix_cache=True,
                 max_num_seqs=None,
             )
-            kw["weight_transfer_config"] = {"backend": BACKEND}
+            if lora:
+                kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora["r"]), max_loras=1)
+            else:
+                kw["weight_transfer_config"] = {"backend": BACKEND}
             self.llm = vllm.LLM(**kw)
-            self.llm.init_weight_transfer_engine({"init_info": {}})
+            if not lora:
+                self.llm.init_weight_transfer_engine({"init_info": {}})
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,9 +117,14 @@ class EngineActor:
             self.tok = AutoTokenizer.from_pretrained(model_path)
             if self.tok.pad_token is None:
                 self.tok.pad_token = self.tok.eos_token
-            self.model = AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32
-            ).to(self.device)
+            )
+            if lora:
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+            self.model = model.to(self.device)
             self.model.eval().requires_grad_(False)
 
     def ready(self) -> int:
@@ -134,6 +148,7 @@ class EngineActor:
                     for i in range(len(prompts))
                 ],
                 use_tqdm=False,
+                lora_request=self.lora_request,
             )
             responses = [list(o.outputs[0].token_ids) for o in outs]
             logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
@@ -183,6 +198,7 @@ class EngineActor:
                 [{"prompt_token_ids": p} for p in prompts],
                 SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
                 use_tqdm=False,
+                lora_request=self.lora_request,
             )
             return [list(o.outputs[0].token_ids) for o in outs]
         from cai_ray.train.ppo.rollout import generate_ids
@@ -191,15 +207,18 @@ class EngineActor:
 
     # -- weights (one update: start, receive × buckets, finish) --
     def start_update(self) -> None:
-        if self.kind == "vllm":
+        if self.kind == "vllm" and not self.lora:
             self.llm.start_weight_update()
+        self.adapter = {}
         self.updating = True
 
     def receive(self, bucket: list[tuple[str, Any]]) -> int:
         """One bucket of (name, tensor) pairs, fetched from the object store by Ray."""
         if not self.updating:
             raise RuntimeError("receive() outside a weight update (start_update first)")
-        if self.kind == "vllm":
+        if self.kind == "vllm" and self.lora:
+            self.adapter.update(bucket)  # written out whole at finish_update
+        elif self.kind == "vllm":
             self.llm.update_weights({"update_info": {"weights": bucket}})
         else:
             missing = [n for n, _ in bucket if n not in self._names()]
@@ -214,18 +233,72 @@ class EngineActor:
         return self._name_set
 
     def finish_update(self, version: int) -> int:
-        if self.kind == "vllm":
+        if self.kind == "vllm" and self.lora:
+            self._load_adapter(version)
+        elif self.kind == "vllm":
             self.llm.finish_weight_update(str(version))
             self.llm.reset_prefix_cache()  # cached prefixes' KV came from the old weights
         self.updating = False
         self.version = version
         return version
 
+    def _load_adapter(self, version: int) -> None:
+        """The received adapter as a peft folder in this actor's temp dir, served from now on
+        under a new LoRA id (vLLM caches adapters by id; the previous folder goes)."""
+        import json
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not hasattr(self, "adapter_root"):
+            self.adapter_root = Path(tempfile.mkdtemp(prefix="cai-ray-adapter-"))
+        folder = self.adapter_root / f"v{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # peft's names carry the adapter's name (".default."); its saved files do not
+        state = {k.replace(".default.", "."): v.contiguous() for k, v in self.adapter.items()}
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        targets = self.lora["target_modules"]
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.lora["r"],
+            "lora_alpha": self.lora["lora_alpha"],
+            "lora_dropout": self.lora["lora_dropout"],
+            "target_modules": sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
+            if targets == "all-linear"
+            else targets,
+            "bias": "none",
+            "fan_in_fan_out": False,
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        old = self.lora_request
+        self.lora_request = LoRARequest(f"policy-v{version}", version, str(folder))
+        self.adapter = {}
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's LoRAConfig.max_lora_rank choices
+
+
+def vllm_lora_rank(r: int) -> int:
+    """vLLM's smallest allowed max_lora_rank that holds rank ``r``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"lora.r={r}: vLLM serves adapters of rank {VLLM_LORA_RANKS[-1]} at most")
+
 
 # -- the trainer's side ------------------------------------------------------------------------------
-def start_pool(r, model_path: str, dtype: str, max_model_len: int, seed: int, use_gpu: bool) -> list:
+def start_pool(
+    r, model_path: str, dtype: str, max_model_len: int, seed: int, use_gpu: bool, lora: dict | None = None
+) -> list:
     """``r.pool_engines`` engine actors (``r`` is the RolloutSection); returns their handles
-    once every engine has loaded its model."""
+    once every engine has loaded its model. ``lora``: peft settings (adapters only travel)."""
     import ray
 
     threads = max(1, int(r.cpus_per_engine))
@@ -234,7 +307,15 @@ def start_pool(r, model_path: str, dtype: str, max_model_len: int, seed: int, us
     )
     handles = [
         actor.remote(
-            r.engine, model_path, dtype, max_model_len, seed + i, threads, r.gpu_memory_utilization, r.enforce_eager
+            r.engine,
+            model_path,
+            dtype,
+            max_model_len,
+            seed + i,
+            threads,
+            r.gpu_memory_utilization,
+            r.enforce_eager,
+            lora,
         )
         for i in range(r.pool_engines)
     ]

@@ -306,11 +306,14 @@ def _tied_embeddings(model_path: str) -> bool:
     return cfg.exists() and bool(json.loads(cfg.read_text()).get("tie_word_embeddings", False))
 
 
-def gathered_params(module, zero_stage: int) -> Iterator[tuple[str, Any]]:
-    """(name, full tensor) of every parameter, gathered one at a time under ZeRO-3."""
+def gathered_params(module, zero_stage: int, adapters_only: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, full tensor) of every parameter (or of the LoRA adapters' only), gathered one at
+    a time under ZeRO-3."""
     import deepspeed
 
     for name, p in module.named_parameters():
+        if adapters_only and "lora_" not in name:
+            continue
         if zero_stage == 3:
             with deepspeed.zero.GatheredParameters([p]):
                 yield name, p.data.detach().clone()
