@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "under DeepSpeed ZeRO; --algo grpo|rloo runs TRL's GRPOTrainer/RLOOTrainer with the same "
         "reward. Per step: metrics (reward, KL, entropy, clip fraction, value loss, length, phase "
         "times) in steps.jsonl and ppo.png, Goodhart monitors (top n-gram share, refusal rate on "
-        "benign probes), sampled answers in samples.jsonl; OUTPUT/value holds the value model.",
+        "benign probes), sampled answers in samples.jsonl; OUTPUT/value holds the value model. "
+        "--async samples from a pool of engine actors beside the trainers while they update "
+        "(rollout.placement=pool ppo.mode=async; ppo.max_staleness bounds the lag); lora.enabled=true "
+        "trains adapters and sends only them to the rollout engines.",
         "prompts: JSONL/Parquet with prompt or messages [, reference]",
         data_flag="--prompts",
         model_flag="--policy",
@@ -194,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward-model", dest="reward.model", metavar="RM_DIR", help="preference model folder (train rm OUTPUT/model)"
     )
     ppo.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="RL algorithm (default ppo)")
+    ppo.add_argument(
+        "--async",
+        dest="async_rollouts",
+        action="store_true",
+        help="asynchronous PPO: rollout.placement=pool ppo.mode=async (the engines sample while the trainers update)",
+    )
     ppo.add_argument(
         "--kl-coef",
         type=float,
@@ -225,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_config_epilog(ServeConfig),
         description="Start a Ray Serve app: POST /v1/chat/completions (OpenAI schema, streaming), "
-        "GET /v1/models, POST /v1/label (soft label, both orders), POST /v1/critique, GET /healthz. "
+        "GET /v1/models, POST /v1/label (soft label, both orders), POST /v1/critique, the reward "
+        "service (POST /v1/reward, /v1/reward/openrlhf for OpenRLHF's --reward.remote_url, /classify "
+        "in vLLM's shape; reward.model=RM_DIR adds the preference model), GET /healthz. "
         "Every model route needs 'Authorization: Bearer KEY' (KEY from $CAI_RAY_API_KEY or "
         "--api-key-file). Binds 127.0.0.1 unless --host says otherwise. Runs until Ctrl-C.",
     )
@@ -348,7 +359,18 @@ def _train_parser(
     return p
 
 
-_NOT_FLAGS = ("command", "config", "overrides", "log_level", "actors", "clamp", "trainer", "redo", "until")
+_NOT_FLAGS = (
+    "command",
+    "config",
+    "overrides",
+    "log_level",
+    "actors",
+    "clamp",
+    "trainer",
+    "redo",
+    "until",
+    "async_rollouts",
+)
 
 
 def _load(cls, args, pool_key: str):
@@ -360,6 +382,8 @@ def _load(cls, args, pool_key: str):
         flags[f"{pool_key}.min_actors"], flags[f"{pool_key}.max_actors"] = args.actors
     if getattr(args, "clamp", None):
         flags["method.clamp_low"], flags["method.clamp_high"] = args.clamp
+    if getattr(args, "async_rollouts", False):
+        flags["rollout.placement"], flags["ppo.mode"] = "pool", "async"
     try:
         return load_config(cls, args.config, args.overrides, flags)
     except ConfigError as e:

@@ -1,6 +1,7 @@
 """Seconds per PPO step, side by side in one run: colocated sync, disaggregated sync and async.
 
-    python jobs/bench/ppo_step.py                          # ~8 min on 2 cores: the three modes, vLLM rollouts
+    python jobs/bench/ppo_step.py                          # ~6 min on 2 cores: the four modes, vLLM rollouts
+    python jobs/bench/ppo_step.py --rollout-batch 2 --minibatch 2 --max-new-tokens 160   # generation-heavy
     python jobs/bench/ppo_step.py --modes colocated --engine hf --models tiny-random --steps 8
 
 Runs the real trainer (`cai-ray train ppo`, DeepSpeed ZeRO-2 on CPU) against a preference
@@ -13,10 +14,14 @@ matter for timing), with the per-step times the trainer records itself. The mode
                ppo.mode=sync): each side waits while the other works
     async      the same placement, ppo.mode=async (max_staleness 1): the engine samples batch t+1
                while the trainer updates on batch t
+    async-lora async with lora.enabled (rank 16, all linear layers): only the adapters travel
+               (vLLM: a LoRARequest per policy version)
 
 Printed per mode: seconds per step (wall, step start to step end), steps/s, the share of the
 step the trainer waits for its batch, the share the engine is idle (neither sampling nor taking
-weights), and the weight sync's bytes and seconds. The first step (warm-up, the benign-probe
+weights), and the weight sync's bytes and seconds (the engine's own time receiving and loading;
+the trainer's wait in the sync phase, which in async mode includes queueing behind the
+generation the engine is running, is in the JSON as sync_wait_seconds). The first step (warm-up, the benign-probe
 monitor) and the last (monitor, checkpoint) are left out of the means. vLLM's CPU build does
 not refresh a tied lm_head on an in-place reload, so the default model is tiny-random-wide
 (head_dim 64, untied).
@@ -38,10 +43,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 PHASES = ("rollout", "sync", "score", "reference", "values", "advantages", "update")
 MODES = {
-    # mode: (placement, ppo.mode)
-    "colocated": ("colocated", "sync"),
-    "sync": ("pool", "sync"),
-    "async": ("pool", "async"),
+    # mode: (placement, ppo.mode, LoRA)
+    "colocated": ("colocated", "sync", False),
+    "sync": ("pool", "sync", False),
+    "async": ("pool", "async", False),
+    "async-lora": ("pool", "async", True),  # the policy trains rank-16 adapters; only they travel
 }
 
 
@@ -69,7 +75,7 @@ def run(model: str, mode: str, args, folder: Path) -> dict:
 
     folder.mkdir(parents=True)
     rm = reward_model(model, folder)
-    placement, ppo_mode = MODES[mode]
+    placement, ppo_mode, lora = MODES[mode]
     cores = multiprocessing.cpu_count()
     # colocated: the trainer holds every core; pool: the cores split between trainer and engine
     trainer_cpus = cores if placement == "colocated" else max(1, cores // 2)
@@ -97,6 +103,8 @@ def run(model: str, mode: str, args, folder: Path) -> dict:
             f"rollout.placement={placement}",
             f"rollout.cpus_per_engine={max(1, cores - trainer_cpus)}",
             f"ppo.mode={ppo_mode}",
+            f"lora.enabled={str(lora).lower()}",
+            "lora.r=16",
         ],
     )
     train_rl(cfg)
@@ -120,12 +128,13 @@ def run(model: str, mode: str, args, folder: Path) -> dict:
         "first_step_seconds": round(history[0]["step_seconds"], 3),
     }
     if placement == "pool":
-        engine_busy = mean(lambda h: h["rollout_engine_seconds"] + h["sync_seconds"])
+        engine_busy = mean(lambda h: h["rollout_engine_seconds"] + h["sync_engine_seconds"])
         out.update(
             trainer_wait_share=round(mean(lambda h: h["rollout_wait_seconds"]) / step, 3),
             engine_idle_share=round(max(0.0, 1 - engine_busy / step), 3),
-            sync_mb=round(mean(lambda h: h["sync_bytes"]) / 2**20, 2),
-            sync_seconds=round(mean(lambda h: h["sync_seconds"]), 3),
+            sync_mb=round(mean(lambda h: h["sync_bytes"]) / 2**20, 3),
+            sync_seconds=round(mean(lambda h: h["sync_engine_seconds"]), 3),  # the engine receiving and loading
+            sync_wait_seconds=round(mean(lambda h: h["sync_seconds"]), 3),  # the trainer's, queueing included
             staleness=round(mean(lambda h: h["staleness"]), 2),
         )
     else:
@@ -135,6 +144,7 @@ def run(model: str, mode: str, args, folder: Path) -> dict:
             engine_idle_share=round(1 - phases["rollout"] / step, 3) if args.engine == "vllm" else None,
             sync_mb=None,
             sync_seconds=round(phases["sync"], 3) if args.engine == "vllm" else None,
+            sync_wait_seconds=round(phases["sync"], 3) if args.engine == "vllm" else None,
             staleness=0.0,
         )
     return out
@@ -143,7 +153,7 @@ def run(model: str, mode: str, args, folder: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny-random-wide", help="comma-separated models")
-    p.add_argument("--modes", default="colocated,sync,async", help="comma-separated: colocated, sync, async")
+    p.add_argument("--modes", default="colocated,sync,async,async-lora", help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--engine", default="vllm", choices=("vllm", "hf"), help="rollout engine in every mode")
     p.add_argument("--steps", type=int, default=8, help="PPO steps per mode (the first and last are not measured)")
     p.add_argument("--rollout-batch", type=int, default=8, help="prompts per step")
@@ -169,12 +179,12 @@ def main() -> None:
         f"\nPPO step: {args.rollout_batch} prompts, {args.max_new_tokens} new tokens max, {args.ppo_epochs} "
         f"epoch(s) of minibatch {args.minibatch}, 1 trainer worker, ZeRO-2, CPU, {args.engine} rollouts"
     )
-    head = f"{'model':<18}{'mode':<11}{'s/step':>8}{'steps/s':>9}{'trainer waits':>15}{'engine idle':>13}{'sync MB':>9}{'sync s':>8}"
+    head = f"{'model':<18}{'mode':<12}{'s/step':>8}{'steps/s':>9}{'trainer waits':>15}{'engine idle':>13}{'sync MB':>9}{'sync s':>8}"
     print(head)
     for r in results:
         idle = "—" if r["engine_idle_share"] is None else f"{r['engine_idle_share']:.1%}"
         print(
-            f"{r['model']:<18}{r['mode']:<11}{r['seconds_per_step']:>8.2f}{r['steps_per_second']:>9.3f}"
+            f"{r['model']:<18}{r['mode']:<12}{r['seconds_per_step']:>8.2f}{r['steps_per_second']:>9.3f}"
             f"{r['trainer_wait_share']:>15.1%}{idle:>13}"
             f"{'—' if r['sync_mb'] is None else r['sync_mb']:>9}{'—' if r['sync_seconds'] is None else r['sync_seconds']:>8}"
         )
@@ -183,6 +193,12 @@ def main() -> None:
         if "async" in by and "sync" in by:
             print(
                 f"{model}: async / disaggregated sync steps/s = {by['async']['steps_per_second'] / by['sync']['steps_per_second']:.2f}"
+            )
+        if "async" in by and "async-lora" in by:
+            a, b = by["async"], by["async-lora"]
+            print(
+                f"{model}: weight sync, full vs adapter: {a['sync_mb']} MB in {a['sync_seconds']} s vs "
+                f"{b['sync_mb']} MB in {b['sync_seconds']} s ({a['sync_mb'] / b['sync_mb']:.0f}x fewer bytes)"
             )
         if "async" in by and "colocated" in by:
             print(

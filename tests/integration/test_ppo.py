@@ -201,7 +201,7 @@ def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tm
     """Two workers at ZeRO-3, each with a colocated vLLM (its CPU build) for rollouts: after
     every update the gathered weights reach vLLM, whose greedy answers then equal the
     training model's own and differ from vLLM's answers before the sync (a high learning
-    rate makes every update visible). A resume syncs the restored weights too."""
+    rate makes every update visible)."""
     from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
@@ -227,8 +227,8 @@ def test_vllm_rollouts_follow_the_policy_after_every_sync_at_zero3(ray_local, tm
         }  # vLLM answers as the updated policy does
         assert step["sync_greedy_changed"] > 0, step  # ... and no longer as the old one did
         assert step["seconds"]["sync"] > 0
-    m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 3}))
-    assert m2["metrics"]["resumed_from"] == 2 and _history(tmp_path / "out")[-1]["sync_greedy_match"] == 1.0
+    # (the re-run that resumed here and synced the restored weights went with issue 27: the
+    # async pool test below resumes through the same Sampler.restore, which syncs either engine)
 
 
 # -- rollouts from a pool of engine actors ------------------------------------------------------------

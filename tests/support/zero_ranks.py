@@ -55,7 +55,7 @@ def generate(path: str) -> dict:
 
 def offload(path: str) -> dict:
     from cai_ray.train.harness import WorkerJob
-    from cai_ray.train.ppo.loop import ds_config
+    from cai_ray.train.ppo.learner import ds_config
 
     losses = {}
     for zero in (2, 3):

@@ -110,3 +110,14 @@ def test_train_data_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["train", "rm", "--data", str(bad), "--output", str(tmp_path / "o"), "--model", "tiny-random"]) == 2
     err = capsys.readouterr().err
     assert "no usable rows" in err and "identical" in err and "invalid JSON" in err
+
+
+def test_train_ppo_async_flag_sets_the_pool_and_the_mode():
+    from cai_ray.cli import _load, build_parser
+    from cai_ray.train.ppo.config import RLTrainConfig
+
+    base = ["train", "ppo", "--prompts", "x.jsonl", "--output", "o", "--reward-model", "rm"]
+    cfg = _load(RLTrainConfig, build_parser().parse_args([*base, "--async"]), "")
+    assert (cfg.rollout.placement, cfg.ppo.mode) == ("pool", "async")
+    cfg = _load(RLTrainConfig, build_parser().parse_args(base), "")
+    assert (cfg.rollout.placement, cfg.ppo.mode) == ("colocated", "sync")

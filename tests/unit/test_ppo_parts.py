@@ -18,7 +18,7 @@ def test_reductions_use_the_collective_backends_device(monkeypatch):
     machine), and on the CPU with gloo."""
     import torch.distributed as dist
 
-    from cai_ray.train.ppo.loop import Worker
+    from cai_ray.train.ppo.ranks import Ranks
 
     seen = []
 
@@ -28,15 +28,14 @@ def test_reductions_use_the_collective_backends_device(monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    w = Worker.__new__(Worker)
-    w.world, w.device = 2, torch.device("meta")
+    w = Ranks(0, 2, torch.device("meta"))
     for backend, want in (("nccl", torch.device("meta")), ("gloo", torch.device("cpu"))):
         monkeypatch.setattr(dist, "get_backend", lambda *a, b=backend: b)
         with pytest.raises(Sentinel):
-            w._mean_all(1.0)
+            w.mean(1.0)
         assert seen[-1] == want, backend
     w.world = 1  # one rank: nothing to reduce, nothing handed to a collective
-    assert w._sum_all(3.0) == 3.0 and len(seen) == 2
+    assert w.sum(3.0) == 3.0 and len(seen) == 2
 
 
 def test_log_probs_come_from_response_logits_only(tiny_model):
@@ -44,7 +43,7 @@ def test_log_probs_come_from_response_logits_only(tiny_model):
     (``logits_to_keep``), and gets exactly what the full-sequence computation gives."""
     from transformers import AutoModelForCausalLM
 
-    from cai_ray.train.ppo.loop import Worker
+    from cai_ray.train.ppo.learner import positions, response_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     asked = []
@@ -55,16 +54,14 @@ def test_log_probs_come_from_response_logits_only(tiny_model):
         return forward(*a, **k)
 
     model.forward = spy
-    w = Worker.__new__(Worker)
-    w.job = SimpleNamespace(cfg=SimpleNamespace(rollout=SimpleNamespace(temperature=0.7)))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (3, 11), generator=g)
     attn = torch.ones_like(ids)
     attn[0, :3] = 0  # a left-padded prompt
     p_len = 7
     with torch.no_grad():
-        logp, logits = w.logprobs(model, ids, attn, p_len, with_logits=True)
-        full = forward(input_ids=ids, attention_mask=attn, position_ids=w._positions(attn)).logits
+        logp, logits = response_logprobs(model, ids, attn, p_len, 0.7, with_logits=True)
+        full = forward(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
     want = torch.log_softmax(full[:, p_len - 1 : -1].float() / 0.7, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
     assert asked == [ids.shape[1] - p_len + 1]
     assert logits.shape == (3, ids.shape[1] - p_len, full.shape[-1])
@@ -83,7 +80,7 @@ def test_offload_lets_deepspeed_take_our_optimizer(zero):
     """PPO hands DeepSpeed a torch AdamW; with offload DeepSpeed refuses a client optimizer
     unless ``zero_force_ds_cpu_optimizer`` is false (tests/integration/test_zero_cpu.py takes
     a real step with it)."""
-    from cai_ray.train.ppo.loop import ds_config
+    from cai_ray.train.ppo.learner import ds_config
 
     on = ds_config(_job(zero, offload=True), 2, 1)
     assert on["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -207,6 +207,7 @@ class EngineActor:
 
     # -- weights (one update: start, receive × buckets, finish) --
     def start_update(self) -> None:
+        self.update_started = time.perf_counter()
         if self.kind == "vllm" and not self.lora:
             self.llm.start_weight_update()
         self.adapter = {}
@@ -232,7 +233,9 @@ class EngineActor:
             self._name_set = set(self.model.state_dict())
         return self._name_set
 
-    def finish_update(self, version: int) -> int:
+    def finish_update(self, version: int) -> float:
+        """Load what arrived as ``version``; returns the seconds the engine spent on this
+        update (from start_update on: receiving and loading, not waiting in its queue)."""
         if self.kind == "vllm" and self.lora:
             self._load_adapter(version)
         elif self.kind == "vllm":
@@ -240,7 +243,7 @@ class EngineActor:
             self.llm.reset_prefix_cache()  # cached prefixes' KV came from the old weights
         self.updating = False
         self.version = version
-        return version
+        return time.perf_counter() - self.update_started
 
     def _load_adapter(self, version: int) -> None:
         """The received adapter as a peft folder in this actor's temp dir, served from now on
@@ -358,13 +361,18 @@ def push_weights(
             _get(ray, pending.pop(0), timeout, f"the rollout engines did not take weight bucket {n - 2}")
     for i, calls in enumerate(pending):
         _get(ray, calls, timeout, f"the rollout engines did not take weight bucket {n - len(pending) + i + 1}")
-    _get(
+    engine_seconds = _get(
         ray,
         [h.finish_update.remote(version) for h in handles],
         timeout,
         "the rollout engines did not finish the weight update",
     )
-    return {"sync_bytes": float(sent), "sync_buckets": float(n), "sync_seconds": time.perf_counter() - t0}
+    return {
+        "sync_bytes": float(sent),
+        "sync_buckets": float(n),
+        "sync_seconds": time.perf_counter() - t0,  # the trainer's wait, queueing behind a generation included
+        "sync_engine_seconds": max(engine_seconds),  # the engines' own time receiving and loading
+    }
 
 
 class RolloutSource:
