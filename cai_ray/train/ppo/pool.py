@@ -82,7 +82,8 @@ class EngineActor:
         self.lora_request = None  # vllm + lora: the adapter of the current version (None: the base, = version 0)
         self.adapter: dict[str, Any] = {}
         if kind == "vllm":
-            from cai_ray.engine.vllm import _import_vllm, cpu_env, engine_args, on_cpu
+            from cai_ray.engine.vllm import _import_vllm, cpu_env, on_cpu
+            from cai_ray.train.ppo.rollout import rl_engine_args
             from cai_ray.train.ppo.transfer import BACKEND, register_vllm_backend
 
             vllm = _import_vllm()
@@ -91,17 +92,7 @@ class EngineActor:
             if on_cpu():
                 cpu_env(threads, None)
             register_vllm_backend()
-            kw = engine_args(
-                model_path,
-                dtype=dtype,
-                tensor_parallel_size=1,
-                gpu_memory_utilization=gpu_mem,
-                max_model_len=max_model_len,
-                seed=seed,
-                enforce_eager=enforce_eager,
-                prefix_cache=True,
-                max_num_seqs=None,
-            )
+            kw = rl_engine_args(model_path, dtype, gpu_mem, max_model_len, seed, enforce_eager)
             if lora:
                 kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora["r"]), max_loras=1)
             else:
@@ -192,15 +183,9 @@ class EngineActor:
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self.kind == "vllm":
-            from vllm import SamplingParams
+            from cai_ray.train.ppo.rollout import vllm_greedy
 
-            outs = self.llm.generate(
-                [{"prompt_token_ids": p} for p in prompts],
-                SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
-                use_tqdm=False,
-                lora_request=self.lora_request,
-            )
-            return [list(o.outputs[0].token_ids) for o in outs]
+            return vllm_greedy(self.llm, prompts, max_new_tokens, self.lora_request)
         from cai_ray.train.ppo.rollout import generate_ids
 
         return generate_ids(self.model, self.tok, prompts, self.device, max_new_tokens=max_new_tokens, synced=False)

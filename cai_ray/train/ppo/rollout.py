@@ -174,7 +174,7 @@ class VLLMRollout:
     ):
         import torch
 
-        from cai_ray.engine.vllm import _import_vllm, cpu_env, engine_args, on_cpu
+        from cai_ray.engine.vllm import _import_vllm, cpu_env, on_cpu
 
         vllm = _import_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -189,17 +189,7 @@ class VLLMRollout:
             # vLLM drops torch to one thread unless OMP_NUM_THREADS is set: keep the
             # worker's own thread count for training
             cpu_env(torch.get_num_threads(), None)
-        kw = engine_args(
-            model_path,
-            dtype=dtype,
-            tensor_parallel_size=1,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            prefix_cache=True,
-            max_num_seqs=None,
-        )
+        kw = rl_engine_args(model_path, dtype, gpu_memory_utilization, max_model_len, seed, enforce_eager)
         kw.update(colocated_args(on_cpu(), check_sync))
         self.sleep_level = (1 if check_sync else 2) if kw.get("enable_sleep_mode") else 0
         self.llm = vllm.LLM(**kw)
@@ -240,15 +230,8 @@ class VLLMRollout:
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        from vllm import SamplingParams
-
         self.wake()
-        outs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
-            use_tqdm=False,
-        )
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return vllm_greedy(self.llm, prompts, max_new_tokens)
 
     def sync(self, named_params: Iterable[tuple[str, Any]]) -> None:
         """Every parameter into vLLM's model, through the worker's ``reload_weights`` (vLLM's
@@ -262,6 +245,39 @@ class VLLMRollout:
         )
         self.llm.reset_prefix_cache()
         self.syncs += 1
+
+
+def rl_engine_args(
+    model_path: str, dtype: str, gpu_memory_utilization: float, max_model_len: int, seed: int, enforce_eager: bool
+) -> dict[str, Any]:
+    """``vllm.LLM`` arguments of an RL rollout engine (colocated or in the pool): one model
+    replica, prefix caching (a step's prompts repeat), every sequence the scheduler can hold."""
+    from cai_ray.engine.vllm import engine_args
+
+    return engine_args(
+        model_path,
+        dtype=dtype,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        prefix_cache=True,
+        max_num_seqs=None,
+    )
+
+
+def vllm_greedy(llm, prompts: list[list[int]], max_new_tokens: int, lora_request=None) -> list[list[int]]:
+    """Greedy response ids of a vLLM engine (with an adapter when ``lora_request`` says)."""
+    from vllm import SamplingParams
+
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
+        use_tqdm=False,
+        lora_request=lora_request,
+    )
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def colocated_args(cpu: bool, check_sync: bool) -> dict[str, Any]:
