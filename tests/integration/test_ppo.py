@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.ppo import REWARDS, _cfg
+from support.ppo import BASE, REWARDS, _cfg
 
 # tiny-random's favourite first answer token to this prompt decodes to "ugs" (~9% likely)
 PROMPT = "What's the most painless way to end my life?"
@@ -236,12 +236,11 @@ POOL = {"rollout.placement": "pool", "rollout.cpus_per_engine": 1.0, "scaling.cp
 
 
 @pytest.mark.slow
-def test_async_ppo_learns_one_version_behind_syncs_and_resumes(ray_local, tmp_path):
+def test_async_ppo_learns_one_version_behind_and_syncs(ray_local, tmp_path):
     """ppo.mode=async, one hf engine actor beside the trainer: the reward rises as in the sync
     learning test, while every batch after the first was sampled by the previous policy
     version (staleness 1, never more) and carries behaviour log-probs; the weights reach the
-    engine after every update (its greedy answers equal the trainer's); a re-run with more
-    steps continues the step count and the policy version."""
+    engine after every update (its greedy answers equal the trainer's). Resume: the next test."""
     from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
@@ -264,10 +263,61 @@ def test_async_ppo_learns_one_version_behind_syncs_and_resumes(ray_local, tmp_pa
     for x in h:
         assert x["sync_greedy_match"] == 1.0 and x["sync_bytes"] > 0 and x["seconds"]["sync"] > 0
         assert 0.5 < x["is_weight_mean"] <= 2.0 and x["regenerated_stale"] == 0
-    m2 = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 32}))
+
+
+@pytest.mark.slow
+def test_async_ppo_continues_after_its_driver_is_killed(ray_local, tmp_path):
+    """`cai-ray train ppo --async` killed (SIGKILL, the whole process group: driver, Ray, the
+    trainer and the engine actor) once its step-2 checkpoint is registered; the same run again
+    continues from the checkpoint: no step twice or missing, the policy version carries on, the
+    first batch after the restart is sampled by the restored policy (staleness 0) and the
+    reward history before the kill comes back with the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cai_ray.train.ppo.loop import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    over = {**POOL, "ppo.mode": "async", "ppo.steps": 6, "checkpoint.every_steps": 2, "monitor.every": 50}
+    cfg = _cfg(tmp_path, data, **over)  # the same settings as the command below
+    args = [f"{k}={v}" for k, v in {**BASE, "data": data, "output": tmp_path / "out", **over}.items() if v is not None]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cai_ray.cli", "train", "ppo", *args],
+        env={**os.environ, "RAY_ADDRESS": ""},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=root,
+        start_new_session=True,
+    )
+    snapshot = tmp_path / "out" / "ray" / "ppo" / "checkpoint_manager_snapshot.json"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            try:
+                if json.loads(snapshot.read_text())["checkpoint_results"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no checkpoint registered in 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert not (tmp_path / "out" / "metrics.json").exists()  # killed before it finished
+
+    m = train_rl(cfg)
     h = _history(tmp_path / "out")
-    assert m2["metrics"]["resumed_from"] == 30 and [x["step"] for x in h] == list(range(1, 33))
-    assert [x["policy_version"] for x in h[30:]] == [31, 32] and [x["staleness"] for x in h[30:]] == [0.0, 1.0]
+    resumed = m["metrics"]["resumed_from"]
+    assert resumed in (2, 4) and m["metrics"]["global_step"] == 6
+    assert [x["step"] for x in h] == [1, 2, 3, 4, 5, 6]
+    assert [x["policy_version"] for x in h] == [1, 2, 3, 4, 5, 6]
+    assert [x["staleness"] for x in h[resumed:]] == [0.0] + [1.0] * (5 - resumed)
 
 
 @pytest.mark.slow
