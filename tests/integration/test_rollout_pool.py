@@ -61,15 +61,17 @@ def test_an_engine_that_never_catches_up_fails_the_step_with_the_reason(ray_loca
 
 
 def test_async_prefetch_stays_within_the_bound_and_the_run(ray_local):
-    _, src = _source(ray_local, [0] * 10, max_staleness=2)
+    engine, src = _source(ray_local, [0] * 10, max_staleness=2)
     src.prefetch(step=0, last=10)
     assert sorted(src.inflight) == [1, 2]  # two batches ahead, no more
     src.inflight.clear()
     src.prefetch(step=8, last=10)
     assert sorted(src.inflight) == [9]  # nothing past the last step
-    _, sync = _source(ray_local, [0], mode="sync")
+    other, sync = _source(ray_local, [0], mode="sync")
     sync.prefetch(step=0, last=10)
     assert not sync.inflight  # sync mode samples each batch when it is needed
+    src.drop_inflight()
+    ray_local.get([engine.count.remote(), other.count.remote()])  # both scheduled before they go
 
 
 def test_a_weight_transfer_that_hangs_times_out_with_a_clear_error(ray_local):
