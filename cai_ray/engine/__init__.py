@@ -102,6 +102,16 @@ def neutralise_messages(messages: list[Message], tokenizer) -> list[Message]:
     return [{**m, "content": _break_special(m["content"], special)} for m in messages]
 
 
+def preference_text(tokenizer, prompt: list[Message], response: str) -> str:
+    """A preference model's input: prompt + response through its chat template, every
+    content neutralised for its tokenizer. A policy can spell ``<|im_end|>`` out of ordinary
+    tokens; decoded and re-tokenised with special-token parsing it would become the real token
+    and end the answer where the policy chose (a reward hack). PPO's model reward and the
+    server's reward routes score the same text."""
+    conv = neutralise_messages(prompt + [{"role": "assistant", "content": response}], tokenizer)
+    return tokenizer.apply_chat_template(conv, tokenize=False)
+
+
 def _break_special(text: str, special: re.Pattern) -> str:
     if not special.pattern:
         return text

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from cai_ray.core.context import context_overflow
-from cai_ray.engine import Sampling, neutralise_messages
+from cai_ray.engine import Sampling, preference_text
 from cai_ray.serve.config import ServeReward
 from cai_ray.serve.service import RequestError, pair_key
 
@@ -62,11 +62,8 @@ class PreferenceModel:
         self.lock = threading.Lock()
 
     def text(self, messages: list[dict], response: str) -> str:
-        """prompt + response through the chat template, contents neutralised for the tokenizer
-        (the twin of train.ppo.reward.preference_text, which a step may not import: a policy
-        that spells ``<|im_end|>`` out of ordinary tokens must not end its answer early)."""
-        conv = neutralise_messages(messages + [{"role": "assistant", "content": response}], self.tokenizer)
-        return self.tokenizer.apply_chat_template(conv, tokenize=False)
+        """prompt + response as PPO's model reward scores it (``engine.preference_text``)."""
+        return preference_text(self.tokenizer, messages, response)
 
     def token_counts(self, texts: list[str], add_special_tokens: bool) -> list[int]:
         enc = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]

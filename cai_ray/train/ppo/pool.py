@@ -81,6 +81,8 @@ class EngineActor:
         self.lora = lora
         self.lora_request = None  # vllm + lora: the adapter of the current version (None: the base, = version 0)
         self.adapter: dict[str, Any] = {}
+        self.adapter_root = None  # vllm + lora: this actor's folder of adapter versions
+        self._name_set: set[str] | None = None  # hf: the model's parameter names
         if kind == "vllm":
             from cai_ray.engine.vllm import _import_vllm, cpu_env, on_cpu
             from cai_ray.train.ppo.rollout import rl_engine_args
@@ -214,7 +216,7 @@ class EngineActor:
         return bucket_bytes(bucket)
 
     def _names(self) -> set[str]:
-        if not hasattr(self, "_name_set"):
+        if self._name_set is None:
             self._name_set = set(self.model.state_dict())
         return self._name_set
 
@@ -241,7 +243,7 @@ class EngineActor:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        if not hasattr(self, "adapter_root"):
+        if self.adapter_root is None:
             self.adapter_root = Path(tempfile.mkdtemp(prefix="cai-ray-adapter-"))
         folder = self.adapter_root / f"v{version}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -307,12 +309,14 @@ def start_pool(
         )
         for i in range(r.pool_engines)
     ]
-    _get(ray, [h.ready.remote() for h in handles], r.start_timeout_s, "the rollout engines did not start")
+    get_within([h.ready.remote() for h in handles], r.start_timeout_s, "the rollout engines did not start")
     return handles
 
 
-def _get(ray, refs, timeout: float, what: str):
+def get_within(refs, timeout: float, what: str):
     """ray.get with a deadline and a message that says what was waited for."""
+    import ray
+
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
     if pending:
         raise WeightSyncTimeout(f"{what} within {timeout:g} s ({len(pending)} of {len(refs)} calls pending)")
@@ -333,7 +337,7 @@ def push_weights(
         for _ in named:
             pass
         return {}
-    _get(ray, [h.start_update.remote() for h in handles], timeout, "the rollout engines did not start a weight update")
+    get_within([h.start_update.remote() for h in handles], timeout, "the rollout engines did not start a weight update")
     sent = n = 0
     pending: list = []
     for bucket in buckets(named, int(bucket_mb * 2**20)):
@@ -343,11 +347,10 @@ def push_weights(
         n += 1
         del bucket, ref
         if len(pending) > 2:
-            _get(ray, pending.pop(0), timeout, f"the rollout engines did not take weight bucket {n - 2}")
+            get_within(pending.pop(0), timeout, f"the rollout engines did not take weight bucket {n - 2}")
     for i, calls in enumerate(pending):
-        _get(ray, calls, timeout, f"the rollout engines did not take weight bucket {n - len(pending) + i + 1}")
-    engine_seconds = _get(
-        ray,
+        get_within(calls, timeout, f"the rollout engines did not take weight bucket {n - len(pending) + i + 1}")
+    engine_seconds = get_within(
         [h.finish_update.remote(version) for h in handles],
         timeout,
         "the rollout engines did not finish the weight update",
@@ -385,13 +388,12 @@ class RolloutSource:
     def next(self, step: int, version: int) -> Rollout:
         """Batch ``step``, sampled by a policy at most ``max_staleness`` versions behind
         ``version`` (a staler one is dropped and sampled again with the engine's current weights)."""
-        import ray
 
         t0 = time.perf_counter()
         regenerated = 0
         ref = self.inflight.pop(step, None) or self._submit(self.engine, step)
         while True:
-            out = _get(ray, [ref], self.timeout, f"the rollout engine did not return batch {step}")[0]
+            out = get_within([ref], self.timeout, f"the rollout engine did not return batch {step}")[0]
             lag = version - out["version"]
             if lag <= self.max_staleness:
                 break

@@ -63,17 +63,6 @@ def load_function(spec: str, base: str | None = None) -> Callable:
     return fn
 
 
-def preference_text(tokenizer, prompt: Messages, response: str) -> str:
-    """The preference model's input: prompt + response through its chat template, every
-    content neutralised for its tokenizer. The policy can spell ``<|im_end|>`` out of
-    ordinary tokens; decoded and re-tokenised with special-token parsing it would become the
-    real token and end the answer where the policy chose (a reward hack)."""
-    from cai_ray.engine import neutralise_messages
-
-    conv = neutralise_messages(prompt + [{"role": "assistant", "content": response}], tokenizer)
-    return tokenizer.apply_chat_template(conv, tokenize=False)
-
-
 class RewardScorer:
     """Scores responses as a ``RewardSection`` says (its ``kind``: the source in use).
     ``base_dir``: where relative files it names are when they are not here (the driver's
@@ -160,6 +149,8 @@ class RewardScorer:
 
     def _score_model(self, prompts: list[Messages], responses: list[str], batch: int = 16) -> list[float]:
         import torch
+
+        from cai_ray.engine import preference_text
 
         texts = [preference_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []

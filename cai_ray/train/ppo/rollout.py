@@ -11,8 +11,9 @@ copy and must receive every update before the next rollout (``vllm``):
                         (``deepspeed.zero.GatheredParameters``) just before it is handed over,
                         so no rank ever holds the whole model twice. A colocated vLLM loads them
                         with vLLM's in-place ``reload_weights`` (``LLM.collective_rpc``, the
-                        checkpoint loader run again on the new tensors); a remote vLLM server would receive them
-                        through an NCCL group (OpenRLHF's design) — not built.
+                        checkpoint loader run again on the new tensors). Engines in other
+                        processes (``rollout.placement=pool``) get buckets through the object
+                        store: pool.py, transfer.py.
 
 Both return, for each prompt, the response ids up to and including EOS (when it came) and no
 padding; the PPO loop pads and masks.

@@ -123,13 +123,11 @@ class Sampler:
         out: dict[str, Any] = {k: 0.0 for k in ("sync_bytes", "sync_buckets", "sync_seconds", "sync_engine_seconds")}
         out.update(self.push(version))
         if check:
-            import ray
-
-            from cai_ray.train.ppo.pool import _get
+            from cai_ray.train.ppo.pool import get_within
 
             ref = self.source.engine.greedy.remote(check, n)
             own = self.learner.greedy_ids(check, n)
-            after = _get(ray, [ref], self.job.cfg.rollout.sync_timeout_s, "the rollout engine's greedy check")[0]
+            after = get_within([ref], self.job.cfg.rollout.sync_timeout_s, "the rollout engine's greedy check")[0]
             out["sync_greedy_match"] = sum(a == o for a, o in zip(after, own)) / len(check)
         return out
 
