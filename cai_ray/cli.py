@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "function (reward.function=FILE.py:NAME) or the AI labeler comparing each answer with a "
         "reference answer (d-RLAIF: reward.labeler.model=MODEL). PPO runs ours (value model from the "
         "preference model, GAE, clipped losses, KL penalty fixed or adaptive) on Ray Train workers "
-        "under DeepSpeed ZeRO; --algo grpo|rloo runs TRL's GRPOTrainer/RLOOTrainer with the same "
-        "reward. Per step: metrics (reward, KL, entropy, clip fraction, value loss, length, phase "
+        "under DeepSpeed ZeRO; --algo grpo|rloo (critic-free: ppo.group_size answers per prompt are the "
+        "baseline) runs in the same loop with --async or rollout.placement=pool, else through TRL's "
+        "GRPOTrainer/RLOOTrainer, with the same reward. Per step: metrics (reward, KL, entropy, clip fraction, value loss, length, phase "
         "times) in steps.jsonl and ppo.png, Goodhart monitors (top n-gram share, refusal rate on "
         "benign probes), sampled answers in samples.jsonl; OUTPUT/value holds the value model. "
         "--async samples from a pool of engine actors beside the trainers while they update "
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--async",
         dest="async_rollouts",
         action="store_true",
-        help="asynchronous PPO: rollout.placement=pool ppo.mode=async (the engines sample while the trainers update)",
+        help="asynchronous RL (PPO, GRPO, RLOO): rollout.placement=pool ppo.mode=async (the engines sample while the trainers update)",
     )
     ppo.add_argument(
         "--kl-coef",

@@ -8,6 +8,8 @@ every function below ignores what comes after a sequence ended:
     GAE                δ_t = r_t + γ·V_{t+1}·m_{t+1} - V_t,   A_t = δ_t + γλ·m_{t+1}·A_{t+1}
     policy loss        max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)),  ρ = exp(logπ - logπ_old)
     value loss         ½·max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²)
+    critic-free        one advantage per response from the k responses to its prompt:
+                       GRPO (r - mean)/(std + ε), RLOO r - mean of the other k-1
 
 References: Ziegler et al. 2019 (per-token KL penalty, adaptive β), Schulman et al. 2017
 (PPO, GAE 2016), Schulman's note "Approximating KL divergence" (k1/k2/k3), Ahmadian et
@@ -133,6 +135,30 @@ def behaviour_weights(
             "behaviour_kl": masked_mean(behaviour_logp - old_logp, mask),
         }
     return w, stats
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6) -> torch.Tensor:
+    """One advantage per response for the critic-free algorithms: ``scores`` holds groups of
+    ``group_size`` consecutive responses to the same prompt, and each response is compared with
+    the others of its group instead of a learned value.
+
+    grpo   (r - mean(group)) / (std(group) + eps)      (Shao et al. 2024; std with n-1)
+    rloo   r - mean(the other k-1 of its group)        (Ahmadian et al. 2024) = k/(k-1)·(r - mean)
+
+    A group whose scores are all equal has advantage 0 everywhere: it teaches nothing."""
+    if group_size < 2:
+        raise ValueError("a group baseline needs at least 2 responses per prompt")
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not form groups of {group_size}")
+    g = scores.float().view(-1, group_size)
+    mean = g.mean(1, keepdim=True)
+    if kind == "grpo":
+        adv = (g - mean) / (g.std(1, keepdim=True) + eps)
+    elif kind == "rloo":
+        adv = (g - mean) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown critic-free algorithm {kind!r}; expected grpo or rloo")
+    return adv.reshape(-1)
 
 
 def value_loss(

@@ -1,4 +1,4 @@
-"""RL-CAI trainers (PPO ours, GRPO/RLOO through TRL) on Ray Train + DeepSpeed with tiny-random:
+"""RL-CAI trainers (PPO, and GRPO/RLOO in our loop or through TRL) on Ray Train + DeepSpeed with tiny-random:
 learning is real, ZeRO-2 and -3 with two workers, resume, every reward source, metrics and
 monitors on disk, and bad settings or reward functions are clear errors."""
 
@@ -266,6 +266,74 @@ def test_async_ppo_learns_one_version_behind_and_syncs(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_grpo_learns_in_the_same_loop_without_a_value_model(ray_local, tmp_path):
+    """GRPO on the pool, async: 4 prompts × 4 answers per step, each answer's advantage from its
+    group, the KL a loss term; the reward rises on the same task as PPO's with the same lag
+    bound, and no value model is built or written."""
+    from cai_ray.train.ppo.loop import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    over = {
+        **POOL,
+        **LEARNING,
+        "algo": "grpo",
+        "ppo.mode": "async",
+        "ppo.group_size": 4,
+        "ppo.rollout_batch": 4,
+        "checkpoint.every_steps": 30,
+        "monitor.every": 30,
+    }
+    m = train_rl(_cfg(tmp_path, data, **over))
+    h = _history(tmp_path / "out")
+    assert m["loop"] == "cai-ray" and m["metrics"]["global_step"] == 30
+    first = sum(x["reward"] for x in h[:10]) / 10
+    last = sum(x["reward"] for x in h[-10:]) / 10
+    assert last >= first + 0.2, (first, last)
+    assert [x["staleness"] for x in h] == [0.0] + [1.0] * 29
+    for x in h:
+        assert "value_loss" not in x and x["kl_loss"] >= 0 and 0 <= x["flat_groups"] <= 1
+    assert any(x["group_reward_std"] > 0 for x in h)
+    assert (tmp_path / "out" / "model" / "config.json").exists() and not (tmp_path / "out" / "value").exists()
+
+
+def test_rloo_with_lora_on_the_pool_syncs_adapters_and_resumes_without_a_value_model(ray_local, tmp_path):
+    """RLOO in our loop, sync, on an hf engine actor, training LoRA adapters: only the adapters
+    travel and the engine answers as the trainer after each sync; a re-run with more steps
+    resumes from the checkpoint (the policy alone: no value model is saved or restored)."""
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.models import resolve_model
+    from cai_ray.train.ppo.loop import train_rl
+
+    data = _prompts(tmp_path / "p.jsonl")
+    over = {
+        **POOL,
+        "algo": "rloo",
+        "ppo.group_size": 2,
+        "ppo.rollout_batch": 2,
+        "lora.enabled": "true",
+        "lora.r": 4,
+        "lora.dropout": 0.0,
+        "rollout.check_sync": "true",
+        "optim.learning_rate": 0.05,
+        "ppo.steps": 3,
+    }
+    m = train_rl(_cfg(tmp_path, data, **over))
+    assert m["loop"] == "cai-ray" and m["metrics"]["global_step"] == 3
+    full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random")).parameters())
+    for x in _history(tmp_path / "out"):
+        assert x["sync_greedy_match"] == 1.0 and 0 < x["sync_bytes"] < 0.05 * full, x
+        assert "value_loss" not in x and "kl_loss" not in x  # RLOO: the KL is in the score
+    m = train_rl(_cfg(tmp_path, data, **{**over, "ppo.steps": 4}))
+    h = _history(tmp_path / "out")
+    assert m["metrics"]["resumed_from"] == 3 and [x["step"] for x in h] == [1, 2, 3, 4]
+    assert [x["policy_version"] for x in h] == [1, 2, 3, 4]
+    assert not (tmp_path / "out" / "value").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+@pytest.mark.slow
 def test_async_ppo_continues_after_its_driver_is_killed(ray_local, tmp_path):
     """`cai-ray train ppo --async` killed (SIGKILL, the whole process group: driver, Ray, the
     trainer and the engine actor) once its step-2 checkpoint is registered; the same run again
@@ -281,7 +349,10 @@ def test_async_ppo_continues_after_its_driver_is_killed(ray_local, tmp_path):
     from cai_ray.train.ppo.loop import train_rl
 
     data = _prompts(tmp_path / "p.jsonl")
-    over = {**POOL, "ppo.mode": "async", "ppo.steps": 6, "checkpoint.every_steps": 2, "monitor.every": 50}
+    # 12 steps of ~0.5 s: the run must still be going when its first checkpoint is seen (Ray
+    # Train's controller registers it at its next poll, up to 2 s later)
+    steps = 12
+    over = {**POOL, "ppo.mode": "async", "ppo.steps": steps, "checkpoint.every_steps": 2, "monitor.every": 50}
     cfg = _cfg(tmp_path, data, **over)  # the same settings as the command below
     args = [f"{k}={v}" for k, v in {**BASE, "data": data, "output": tmp_path / "out", **over}.items() if v is not None]
     root = Path(__file__).resolve().parents[2]
@@ -314,10 +385,10 @@ def test_async_ppo_continues_after_its_driver_is_killed(ray_local, tmp_path):
     m = train_rl(cfg)
     h = _history(tmp_path / "out")
     resumed = m["metrics"]["resumed_from"]
-    assert resumed in (2, 4) and m["metrics"]["global_step"] == 6
-    assert [x["step"] for x in h] == [1, 2, 3, 4, 5, 6]
-    assert [x["policy_version"] for x in h] == [1, 2, 3, 4, 5, 6]
-    assert [x["staleness"] for x in h[resumed:]] == [0.0] + [1.0] * (5 - resumed)
+    assert resumed in range(2, steps, 2) and m["metrics"]["global_step"] == steps
+    assert [x["step"] for x in h] == list(range(1, steps + 1))
+    assert [x["policy_version"] for x in h] == list(range(1, steps + 1))
+    assert [x["staleness"] for x in h[resumed:]] == [0.0] + [1.0] * (steps - 1 - resumed)
 
 
 @pytest.mark.slow

@@ -113,3 +113,98 @@ def test_a_parameter_viewing_a_flat_buffer_travels_without_the_buffer():
     params = [(f"p{i}", flat[i * 1000 : (i + 1) * 1000]) for i in range(10)]
     (bucket,) = buckets(iter(params), 2**30)
     assert len(pickle.dumps(bucket)) < 100_000  # 10 × 4 kB, not 10 × 400 kB
+
+
+# -- the NCCL path (collective.py): what runs without a GPU ------------------------------------------
+class RecordingEngine:
+    """A fake engine actor recording the NCCL handshake's calls (no NCCL here: control flow only)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init_transfer(self, info):
+        self.calls.append(("init", info["rank_offset"], info["world_size"]))
+
+    def start_update(self):
+        self.calls.append(("start",))
+
+    def receive_broadcast(self, info):
+        self.calls.append(("receive", tuple(info["names"])))
+
+    def finish_update(self, version):
+        self.calls.append(("finish", version))
+        return 0.25
+
+    def log(self):
+        return self.calls
+
+
+def test_the_nccl_client_gives_each_engine_its_rank_and_the_round_its_version(ray_local):
+    """vLLM's trainer engine names the first engine's NCCL rank; engine i must join at
+    rank_offset + i (two engines at one rank would deadlock the group's rendezvous)."""
+    from cai_ray.train.ppo.collective import PoolSyncClient
+
+    engines = [ray_local.remote(RecordingEngine).remote() for _ in range(2)]
+    client = PoolSyncClient(engines, timeout=30)
+    client.init_weight_transfer_engine({"rank_offset": 1, "world_size": 3, "master_port": 1})
+    client.version = 7
+    client.start_weight_update()
+    client.update_weights({"names": ["w"], "dtype_names": ["float32"], "shapes": [[2]]})
+    client.finish_weight_update()
+    logs = ray_local.get([e.log.remote() for e in engines])
+    assert [log[0] for log in logs] == [("init", 1, 3), ("init", 2, 3)]
+    for log in logs:
+        assert log[1:] == [("start",), ("receive", ("w",)), ("finish", 7)]
+    assert client.engine_seconds == 0.25
+
+
+def test_an_nccl_round_that_never_returns_becomes_a_timeout():
+    """A broadcast to a dead engine never returns (NCCL has no deadline): the trainer waits
+    rollout.sync_timeout_s, then fails the step with the reason."""
+    import threading
+
+    from cai_ray.train.ppo.collective import within
+    from cai_ray.train.ppo.transfer import WeightSyncTimeout
+
+    never = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncTimeout, match=r"policy version 3 within 0.5 s"):
+        within(never.wait, 0.5, "the NCCL weight transfer of policy version 3")
+    assert time.monotonic() - t0 < 5
+    assert within(lambda: 42, 5, "x") == 42
+    with pytest.raises(KeyError):
+        within(lambda: {}["missing"], 5, "x")  # the round's own error, in the trainer's thread
+
+
+def test_the_policy_source_declares_what_it_yields_as_vllms_sender_checks():
+    """vLLM's NCCL sender sizes the engines' receive buffers from metadata() and sends what
+    iteration yields; its own check (_checked_iter) must pass over our source, and the bytes
+    counted are the parameters' bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from cai_ray.models import resolve_model
+    from cai_ray.train.ppo.collective import metadata_bytes, policy_source
+    from cai_ray.train.ppo.rollout import gathered_params
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random"), dtype=torch.bfloat16)
+    source = policy_source(model.named_parameters, lambda: gathered_params(model, zero_stage=2))
+    meta = source.metadata()
+    sent = list(NCCLTrainerWeightTransferEngine._checked_iter(source, meta))
+    assert len(sent) == len(meta) == len(list(model.parameters()))
+    assert metadata_bytes(meta) == sum(p.numel() * 2 for p in model.parameters())
+    # a source that skips a parameter is caught before anything is sent
+    short = policy_source(model.named_parameters, lambda: list(gathered_params(model, zero_stage=2))[1:])
+    with pytest.raises(ValueError, match="disagrees|declared"):
+        list(NCCLTrainerWeightTransferEngine._checked_iter(short, short.metadata()))
+
+
+def test_auto_transfer_is_nccl_only_where_it_applies():
+    from cai_ray.train.ppo.transfer import transfer_kind
+
+    assert transfer_kind("auto", "vllm", lora=False, use_gpu=True) == "nccl"
+    assert transfer_kind("auto", "vllm", lora=True, use_gpu=True) == "objstore"  # adapters are small
+    assert transfer_kind("auto", "vllm", lora=False, use_gpu=False) == "objstore"
+    assert transfer_kind("auto", "hf", lora=False, use_gpu=True) == "objstore"
+    assert transfer_kind("objstore", "vllm", lora=False, use_gpu=True) == "objstore"

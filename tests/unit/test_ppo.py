@@ -29,9 +29,16 @@ from cai_ray.config import ConfigError
         ({"ppo.mode": "later"}, "sync or async"),
         ({"ppo.max_staleness": 0, "ppo.mode": "async", "rollout.placement": "pool"}, "max_staleness: must be >= 1"),
         ({"rollout.placement": "remote"}, "colocated or pool"),
+        ({"rollout.transfer": "rdma"}, "auto, objstore, nccl"),
+        ({"rollout.transfer": "nccl"}, "vLLM engines only"),
+        (
+            {"rollout.transfer": "nccl", "rollout.engine": "vllm", "rollout.placement": "pool", "lora.enabled": "true"},
+            "full weights only",
+        ),
         ({"rollout.sync_timeout_s": 0}, "sync_timeout_s"),
         ({"ppo.is_cap": 0.5}, "is_cap"),
-        ({"algo": "grpo", "rollout.placement": "pool", "ppo.group_size": 2}, "PPO only"),
+        ({"algo": "grpo", "rollout.engine": "vllm"}, "rollout.placement=pool samples them on vllm"),
+        ({"algo": "rloo", "rollout.placement": "pool", "ppo.critic_warmup_steps": 1}, "no value model"),
     ],
 )
 def test_bad_settings_are_clear_errors(tmp_path, over, match):

@@ -148,3 +148,19 @@ def test_importance_weights_scale_each_tokens_clipped_term():
     r = math.exp(0.1), math.exp(-0.1)
     assert close(plain, ones)
     assert close(half, (-1.0 * r[0] * 0.5 + 1.0 * r[1] * 2.0) / 2)
+
+
+def test_group_baselines_of_grpo_and_rloo_on_hand_computed_groups():
+    """Two groups of three answers. RLOO: r - mean of the other two; GRPO: (r - mean)/std (n-1).
+    A group whose answers scored alike has advantage 0 (no signal, no division by 0)."""
+    scores = T([1.0, 2.0, 6.0, 4.0, 4.0, 4.0])
+    assert close(m.group_advantages(scores, 3, "rloo"), [1 - 4, 2 - 3.5, 6 - 1.5, 0, 0, 0])
+    std = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    assert close(m.group_advantages(scores, 3, "grpo"), [-2 / std, -1 / std, 3 / std, 0, 0, 0], tol=1e-5)
+    # the groups are consecutive: the same scores in groups of two give other baselines
+    assert close(m.group_advantages(scores, 2, "rloo"), [-1, 1, 2, -2, 0, 0])
+    for bad, match in ((dict(group_size=4), "groups of 4"), (dict(group_size=1), "at least 2")):
+        with pytest.raises(ValueError, match=match):
+            m.group_advantages(scores, kind="grpo", **bad)
+    with pytest.raises(ValueError, match="grpo or rloo"):
+        m.group_advantages(scores, 3, "ppo")

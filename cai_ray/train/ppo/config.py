@@ -104,6 +104,12 @@ class RolloutSection:
     sync_bucket_mb: float = setting(
         64.0, "pool: weights travel to the engines in buckets of this size (MiB), at most two in flight"
     )
+    transfer: str = setting(
+        "auto",
+        "pool: how weights reach the engines: objstore (buckets through Ray's object store) | nccl "
+        "(GPU to GPU through vLLM's NCCL weight-transfer backend; vllm engines, full weights) | "
+        "auto: nccl on GPUs with vllm and no LoRA, else objstore",
+    )
     sync_timeout_s: float = setting(
         300.0, "pool: deadline for every call to an engine (a bucket, a batch): past it the step fails with the reason"
     )
@@ -124,6 +130,12 @@ class RolloutSection:
             raise ConfigError(f"{where}.engine: must be hf or vllm, got {self.engine!r}")
         if self.placement not in ("colocated", "pool"):
             raise ConfigError(f"{where}.placement: must be colocated or pool, got {self.placement!r}")
+        from cai_ray.train.ppo.transfer import TRANSFERS
+
+        if self.transfer not in TRANSFERS:
+            raise ConfigError(f"{where}.transfer: must be one of {', '.join(TRANSFERS)}, got {self.transfer!r}")
+        if self.transfer == "nccl" and self.engine != "vllm":
+            raise ConfigError(f"{where}.transfer=nccl: vLLM engines only (rollout.engine=vllm)")
         for key in ("pool_engines", "cpus_per_engine", "sync_bucket_mb", "sync_timeout_s", "start_timeout_s"):
             positive(where, key, getattr(self, key))
         positive(where, "max_new_tokens", self.max_new_tokens)
@@ -222,7 +234,8 @@ class MonitorSection:
 @dataclass(frozen=True)
 class RLTrainConfig(TrainConfig):
     """`cai-ray train ppo`: RL-CAI, the policy optimised against the preference model (or another reward)
-    with a KL penalty to the SFT policy: PPO (ours, value model + GAE) or GRPO/RLOO (TRL)."""
+    with a KL penalty to the SFT policy: PPO (value model + GAE) or GRPO/RLOO (critic-free: ours on
+    the pool, TRL's colocated)."""
 
     data: str = setting(
         "",
@@ -230,7 +243,11 @@ class RLTrainConfig(TrainConfig):
         "[, reference for d-RLAIF], or a folder of them",
     )
     model: str = setting("smollm2", "the policy to optimise (the SFT output); also the frozen reference")
-    algo: str = setting("ppo", "ppo (clipped policy + value model, GAE) | grpo | rloo (TRL, critic-free)")
+    algo: str = setting(
+        "ppo",
+        "ppo (clipped policy + value model, GAE) | grpo | rloo (critic-free: ppo.group_size answers per "
+        "prompt are the baseline; with rollout.placement=pool our loop, sync or async; colocated, TRL's trainers)",
+    )
     reward: RewardSection = field(default_factory=RewardSection, metadata={"help": "where the reward comes from"})
     rollout: RolloutSection = field(default_factory=RolloutSection, metadata={"help": "sampling the responses"})
     ppo: PPOSection = field(default_factory=PPOSection, metadata={"help": "the RL algorithm"})
@@ -252,20 +269,29 @@ class RLTrainConfig(TrainConfig):
                 f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) must be below optim.max_length "
                 f"({self.optim.max_length}), which bounds prompt + response"
             )
-        if self.algo != "ppo" and self.reward.kind == "labeler" and self.reward.reference == "policy":
+        trl = self.algo != "ppo" and self.rollout.placement == "colocated"  # TRL's GRPO/RLOO trainers
+        if trl and self.reward.kind == "labeler" and self.reward.reference == "policy":
             raise ConfigError(
-                "reward.reference: grpo/rloo score the labeler against the rows' reference answers; "
-                "set reward.reference=field (reference answers from the reference policy are PPO's)"
+                "reward.reference: grpo/rloo through TRL (rollout.placement=colocated) score the labeler "
+                "against the rows' reference answers; set reward.reference=field, or rollout.placement=pool"
             )
         if self.ppo.mode == "async" and self.rollout.placement != "pool":
             raise ConfigError(
                 "ppo.mode=async needs rollout.placement=pool: the engines must run beside the "
                 "trainers, on resources of their own, for sampling and training to overlap"
             )
-        if self.algo != "ppo" and (self.rollout.placement != "colocated" or self.ppo.mode != "sync"):
-            raise ConfigError("rollout.placement=pool and ppo.mode=async: PPO only (grpo/rloo run TRL's own loop)")
-        if self.algo != "ppo" and self.rollout.engine != "hf":
-            raise ConfigError("rollout.engine: grpo/rloo generate through TRL; only hf is wired for them")
+        if trl and self.rollout.engine != "hf":
+            raise ConfigError(
+                "rollout.engine: colocated grpo/rloo generate through TRL, where only hf is wired; "
+                "rollout.placement=pool samples them on vllm engine actors"
+            )
+        if self.algo != "ppo" and self.ppo.critic_warmup_steps:
+            raise ConfigError(f"ppo.critic_warmup_steps: {self.algo} has no value model to warm up")
+        if self.rollout.transfer == "nccl" and self.lora.enabled:
+            raise ConfigError(
+                "rollout.transfer=nccl: full weights only; LoRA adapters (small) travel through the "
+                "object store (rollout.transfer=objstore or auto)"
+            )
         if (
             self.lora.enabled
             and self.algo == "ppo"

@@ -1,4 +1,6 @@
-"""GRPO and RLOO (critic-free RL) through TRL's trainers, under the same Ray Train + DeepSpeed harness.
+"""GRPO and RLOO (critic-free RL) through TRL's trainers, under the same Ray Train + DeepSpeed harness:
+the colocated placement. With ``rollout.placement=pool`` (sync or async) they run PPO's own loop
+instead (``loop.py``: group advantages, no value model).
 
     prompts ─► harness: TorchTrainer(N workers) ─► GRPOTrainer | RLOOTrainer(policy, reward_funcs=[ours])
                                                       └► OUTPUT/model, metrics.json (TRL's log: reward, kl, ...)

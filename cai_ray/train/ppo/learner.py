@@ -5,7 +5,8 @@ Four models per worker (OpenRLHF's layout): policy and value train under DeepSpe
 -3, own optimizers); the reference (here) and the reward model (``reward.RewardScorer``) are
 frozen, partitioned too under ZeRO-3. The value model starts from the preference model (its
 score head predicts returns), or, with a reward function or the labeler, from the policy with
-a zero head. With ``lora`` the policy trains adapters only (peft).
+a zero head. With ``lora`` the policy trains adapters only (peft). GRPO and RLOO (``algo``) have
+no value model: their baseline is the other answers to the same prompt.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Learner:
         rw = job.cfg.reward
         mb, lr = job.cfg.optim.per_worker_batch_size, job.cfg.optim.learning_rate
 
+        self.critic = job.cfg.algo == "ppo"  # grpo/rloo: no value model
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         policy.generation_config.pad_token_id = tok.pad_token_id
         self.lora = harness.lora_config(job, "CAUSAL_LM")
@@ -92,12 +94,6 @@ class Learner:
             # adapters only: the base weights are frozen, the optimizer holds the adapters' state,
             # and only the adapters travel to the rollout engines
             policy = get_peft_model(policy, self.lora)
-        value_path = resolve_model(rw.model) if rw.kind == "model" else path
-        value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
-        value.config.pad_token_id = tok.pad_token_id
-        if rw.kind != "model":
-            with torch.no_grad():
-                value_head(value).weight.zero_()  # a fresh head: V = 0 until it learns returns
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
 
         self.policy, *_ = deepspeed.initialize(
@@ -105,11 +101,19 @@ class Learner:
             optimizer=torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0),
             config=ds_config(job, mb, world),
         )
-        self.value, *_ = deepspeed.initialize(
-            model=value,
-            optimizer=torch.optim.AdamW(value.parameters(), lr=job.cfg.ppo.value_learning_rate, weight_decay=0.0),
-            config=ds_config(job, mb, world),
-        )
+        self.value = None
+        if self.critic:
+            value_path = resolve_model(rw.model) if rw.kind == "model" else path
+            value = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
+            value.config.pad_token_id = tok.pad_token_id
+            if rw.kind != "model":
+                with torch.no_grad():
+                    value_head(value).weight.zero_()  # a fresh head: V = 0 until it learns returns
+            self.value, *_ = deepspeed.initialize(
+                model=value,
+                optimizer=torch.optim.AdamW(value.parameters(), lr=job.cfg.ppo.value_learning_rate, weight_decay=0.0),
+                config=ds_config(job, mb, world),
+            )
         self.ref = self.frozen(ref) if job.cfg.zero == 3 else ref.to(device)
         self.synced_generation = synced_generation(job.cfg.zero)
 
@@ -147,12 +151,15 @@ class Learner:
             return torch.cat([self.logprobs(self.ref, ids[s], attn[s], p_len) for s in self.chunks(ids.shape[0])])
 
     def old_logprobs_and_values(self, ids, attn, p_len: int):
-        """π_old's log-probs (the policy as the update starts) and the value model's values."""
+        """π_old's log-probs (the policy as the update starts) and the value model's values
+        (None without a value model)."""
         import torch
 
         n = ids.shape[0]
         with torch.no_grad():
             old = torch.cat([self.logprobs(self.policy, ids[s], attn[s], p_len) for s in self.chunks(n)])
+            if not self.critic:
+                return old, None
             values = torch.cat([self.values_of(ids[s], attn[s], p_len) for s in self.chunks(n)])
         return old, values
 
@@ -185,10 +192,24 @@ class Learner:
 
     # -- the update --------------------------------------------------------------------------
     def update(
-        self, ids, attn, p_len, mask, old_logp, old_values, adv, returns, train_policy: bool, is_weights=None
+        self,
+        ids,
+        attn,
+        p_len,
+        mask,
+        old_logp,
+        old_values,
+        adv,
+        returns,
+        train_policy: bool,
+        is_weights=None,
+        ref_logp=None,
+        kl_coef: float = 0.0,
     ) -> dict:
         """``ppo_epochs`` × minibatches: the clipped policy loss (times the importance weights
-        of responses another policy sampled) and the clipped value loss."""
+        of responses another policy sampled) and, with a value model, the clipped value loss.
+        ``ref_logp`` (GRPO): the KL to the reference is a loss term, ``kl_coef``·k3, instead of
+        a reward penalty."""
         import torch
 
         from cai_ray.core import rl_math as m
@@ -205,41 +226,47 @@ class Learner:
                 logp, logits = self.logprobs(self.policy, ids[idx], attn[idx], p_len, with_logits=True)
                 w = None if is_weights is None else is_weights[idx]
                 pl, st = m.policy_loss(logp, old_logp[idx], adv[idx], mb_mask, ppo.clip_range, weights=w)
+                parts = [("policy_loss", pl), ("clipfrac", st["clipfrac"]), ("approx_kl", st["approx_kl"])]
+                loss = pl
+                if ref_logp is not None:
+                    kl_loss = m.masked_mean(m.kl_per_token(logp, ref_logp[idx], "k3"), mb_mask)
+                    loss = pl + kl_coef * kl_loss
+                    parts.append(("kl_loss", kl_loss))
                 if train_policy:
-                    self.policy.backward(pl)
+                    self.policy.backward(loss)
                     self.policy.step()
-                v = self.values_of(ids[idx], attn[idx], p_len)
-                vl, vst = m.value_loss(v, old_values[idx], returns[idx], mb_mask, ppo.value_clip)
-                self.value.backward(vl)
-                self.value.step()
+                if self.critic:
+                    v = self.values_of(ids[idx], attn[idx], p_len)
+                    vl, vst = m.value_loss(v, old_values[idx], returns[idx], mb_mask, ppo.value_clip)
+                    self.value.backward(vl)
+                    self.value.step()
+                    parts += [("value_loss", vl), ("vf_clipfrac", vst["vf_clipfrac"])]
                 with torch.no_grad():
                     ent = m.masked_mean(m.entropy_from_logits(logits * self.job.cfg.rollout.temperature), mb_mask)
-                for k, x in (
-                    ("policy_loss", pl),
-                    ("value_loss", vl),
-                    ("entropy", ent),
-                    ("clipfrac", st["clipfrac"]),
-                    ("approx_kl", st["approx_kl"]),
-                    ("vf_clipfrac", vst["vf_clipfrac"]),
-                ):
+                for k, x in parts + [("entropy", ent)]:
                     sums[k] = sums.get(k, 0.0) + float(x.detach())
                 n += 1
         return {k: v / n for k, v in sums.items()}
 
     # -- checkpoints and outputs -------------------------------------------------------------
+    def engines(self) -> list[tuple[Any, str]]:
+        """(DeepSpeed engine, name) of the trained models: the policy, and the value model if any."""
+        return [(self.policy, "policy")] + ([(self.value, "value")] if self.critic else [])
+
     def save(self, d: Path) -> None:
-        self.policy.save_checkpoint(str(d), tag="policy", save_latest=False)
-        self.value.save_checkpoint(str(d), tag="value", save_latest=False)
+        for engine, tag in self.engines():
+            engine.save_checkpoint(str(d), tag=tag, save_latest=False)
 
     def restore(self, d: Path) -> None:
-        self.policy.load_checkpoint(str(d), tag="policy")
-        self.value.load_checkpoint(str(d), tag="value")
+        for engine, tag in self.engines():
+            engine.load_checkpoint(str(d), tag=tag)
 
     def save_models(self, out: Path) -> None:
-        """OUTPUT/model (the policy) and OUTPUT/value as plain HF folders; ZeRO-3 gathers first.
-        With LoRA, OUTPUT/model is the base with the adapters merged in (``lora.merge``, the
-        default), or the adapter alone."""
-        for engine, name in ((self.policy, "model"), (self.value, "value")):
+        """OUTPUT/model (the policy) and OUTPUT/value (PPO) as plain HF folders; ZeRO-3 gathers
+        first. With LoRA, OUTPUT/model is the base with the adapters merged in (``lora.merge``,
+        the default), or the adapter alone."""
+        for engine, tag in self.engines():
+            name = "model" if tag == "policy" else tag
             if self.job.cfg.zero == 3:
                 state = engine._zero3_consolidated_16bit_state_dict()
             else:

@@ -20,6 +20,12 @@ Four models per worker (OpenRLHF's layout): policy and value train under DeepSpe
 ZeRO-3). The value model starts from the preference model (its score head predicts returns),
 or, with a reward function or the labeler, from the policy with a zero head. Responses end at
 their first EOS (kept, it is a real action); everything after it is masked.
+
+GRPO and RLOO (``algo``) run this loop too when they sample from the pool
+(``rollout.placement=pool``, sync or async): ``ppo.group_size`` answers per prompt, no value
+model, one advantage per answer from its group (``rl_math.group_advantages``); GRPO keeps the
+KL to the reference as a loss term (k3), RLOO subtracts it from the score. Colocated, they run
+TRL's trainers (``critic_free.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 PHASES = ("rollout", "score", "reference", "values", "advantages", "update", "sync", "monitor", "checkpoint")
 SYNC_CHECK_PROMPTS = 4  # prompts per worker whose greedy answers check a weight sync
 SAMPLES_PER_STEP = 4  # responses written to samples.jsonl per step (rank 0's first ones)
+PLOT_EVERY_S = 30.0  # ppo.png is redrawn at most this often (a draw costs ~0.7 s of CPU), and at the end
+# Ray Train's report waits until its controller has taken the previous one, which it polls every
+# 2 s: a report per step capped short steps at one per 2 s. Steps without a checkpoint report
+# at most this often (the metrics themselves are in steps.jsonl every step).
+REPORT_EVERY_S = 10.0
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -78,8 +89,13 @@ def _encode(tokenizer, messages: list[dict]) -> list[int]:
 
 
 # -- the job --------------------------------------------------------------------------------
+def ours(cfg) -> bool:
+    """Whether this loop runs the algorithm: PPO always, GRPO/RLOO when they sample from the pool."""
+    return cfg.algo == "ppo" or cfg.rollout.placement == "pool"
+
+
 def train_rl(cfg) -> dict[str, Any]:
-    """Run RL as an ``RLTrainConfig`` says (PPO here; GRPO/RLOO through TRL); returns the manifest."""
+    """Run RL as an ``RLTrainConfig`` says (this loop, or TRL's GRPO/RLOO); returns the manifest."""
     from transformers import AutoTokenizer
 
     from cai_ray.config import to_dict
@@ -108,14 +124,14 @@ def train_rl(cfg) -> dict[str, Any]:
     fingerprint = {"algo": cfg.algo, **plain}
     fingerprint["ppo"] = {k: v for k, v in plain["ppo"].items() if k != "steps"}  # steps may grow on resume
     return harness.run(
-        cfg.algo,  # ppo runs its own loop; grpo/rloo TRL's trainers in the harness's
+        cfg.algo,  # this loop, or (grpo/rloo colocated) TRL's trainers in the harness's
         cfg,
         rows,
         rejects,
-        loop=ppo_loop if cfg.algo == "ppo" else None,
+        loop=ppo_loop if ours(cfg) else None,
         stage="ppo",  # the command, `train ppo`, whatever the algorithm (the manifest's config says which)
         fingerprint_extra=fingerprint,
-        manifest_extra={"reward": reward_info, "algo": cfg.algo},
+        manifest_extra={"reward": reward_info, "algo": cfg.algo, "loop": "cai-ray" if ours(cfg) else "trl"},
     )
 
 
@@ -178,6 +194,8 @@ class Worker:
         rows = job.rows
         self.rows = rows[self.rank :: self.world] or rows  # every worker needs prompts, even with few rows
         self.per_worker = job.cfg.ppo.rollout_batch // self.world
+        self.algo = job.cfg.algo
+        self.group = 1 if self.algo == "ppo" else job.cfg.ppo.group_size  # answers per prompt
 
         self.ranks = Ranks(self.rank, self.world, self.device)
         self.learner = Learner(job, self.tok, self.device, self.dtype, self.world, self.rank, path)
@@ -207,14 +225,15 @@ class Worker:
 
     # -- one step -----------------------------------------------------------------------------
     def batch_rows(self, step: int) -> list[dict]:
-        """This worker's prompts for ``step``: its shard, in a seeded order per pass."""
+        """This worker's prompts for ``step``: its shard, in a seeded order per pass; GRPO/RLOO
+        repeat each one ``group_size`` times in a row (a group)."""
         n, k = len(self.rows), self.per_worker
         out = []
         for j in range(step * k, step * k + k):
             epoch, i = divmod(j, n)
             order = list(range(n))
             random.Random(f"{self.job.cfg.seed}:{self.rank}:{epoch}").shuffle(order)
-            out.append(self.rows[order[i]])
+            out += [self.rows[order[i]]] * self.group
         return out
 
     def prompts(self, step: int) -> list[list[int]]:
@@ -264,13 +283,24 @@ class Worker:
             ref_logp = learner.reference_logprobs(ids, attn, p_len)
         with ph("values"):
             old_logp, old_values = learner.old_logprobs_and_values(ids, attn, p_len)
+        group_stats: dict[str, float] = {}
         with torch.no_grad(), ph("advantages"):
-            kl = m.kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
             beta = self.kl.value
-            rewards = m.token_rewards(scores, kl, beta, mask)
-            adv, returns = m.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
-            if ppo.whiten_advantages:
-                adv = ranks.whiten(adv, mask)
+            kl = m.kl_per_token(old_logp, ref_logp, ppo.kl_estimator) * mask
+            if self.group == 1:  # PPO: KL in the per-token reward, GAE on the value model's values
+                rewards = m.token_rewards(scores, kl, beta, mask)
+                adv, returns = m.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+                if ppo.whiten_advantages:
+                    adv = ranks.whiten(adv, mask)
+            else:  # GRPO/RLOO: the group is the baseline; every token of an answer gets its advantage
+                seq = scores - beta * kl.sum(1) if self.algo == "rloo" else scores  # GRPO: k3 KL in the loss
+                adv = m.group_advantages(seq, self.group, self.algo)[:, None] * mask
+                returns = None
+                flat = scores.view(-1, self.group)
+                group_stats = {
+                    "group_reward_std": flat.std(1).mean().item(),
+                    "flat_groups": (flat.std(1) == 0).float().mean().item(),  # no signal in these
+                }
             is_weights, is_stats = None, {}
             if behaviour is not None:
                 b = torch.tensor(
@@ -295,6 +325,8 @@ class Worker:
                 returns,
                 train_policy=step >= ppo.critic_warmup_steps,
                 is_weights=is_weights,
+                ref_logp=ref_logp if self.algo == "grpo" else None,
+                kl_coef=beta,
             )
         self.version += 1
         synced: dict[str, float] = {}
@@ -310,19 +342,17 @@ class Worker:
         local = {
             "reward": scores.mean().item(),
             "kl": seq_kl,
-            "entropy": stats["entropy"],
-            "clipfrac": stats["clipfrac"],
-            "approx_kl": stats["approx_kl"],
-            "policy_loss": stats["policy_loss"],
-            "value_loss": stats["value_loss"],
-            "vf_clipfrac": stats["vf_clipfrac"],
+            **stats,  # policy_loss, clipfrac, approx_kl, entropy; value_loss, vf_clipfrac (PPO); kl_loss (GRPO)
             "response_length": mask.sum(1).mean().item(),
-            "value_mean": m.masked_mean(old_values, mask).item(),
-            "return_mean": m.masked_mean(returns, mask).item(),
             "ended_share": sum(1 for r in responses if r[-1] == self.tok.eos_token_id) / len(responses),
+            **group_stats,
             **{k: v for k, v in synced.items() if k.startswith("sync_greedy")},
             **is_stats,
         }
+        if old_values is not None:
+            local.update(
+                value_mean=m.masked_mean(old_values, mask).item(), return_mean=m.masked_mean(returns, mask).item()
+            )
         if pooled:
             local.update(
                 staleness=float(self.version - 1 - got.version),
@@ -426,13 +456,16 @@ def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:
     resumed_at = w.step
     steps, every = job.cfg.ppo.steps, job.cfg.checkpoint.every_steps
     t0 = time.perf_counter()
+    plotted = reported = t0
     for step in range(w.step, steps):
         metrics = w.run_step(step)
         w.step = step + 1
         w.history.append(metrics)
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         if w.rank == 0:
-            _write_progress(out, w.history, job)
+            plot = time.perf_counter() - plotted >= PLOT_EVERY_S
+            _write_progress(out, w.history, job, plot=plot)
+            plotted = time.perf_counter() if plot else plotted
             log.info(
                 "step %d/%d reward %.4f kl %.4f entropy %.3f clipfrac %.3f",
                 w.step,
@@ -448,8 +481,10 @@ def ppo_loop(config: dict[str, harness.WorkerJob]) -> None:
                 w.save(Path(d))
                 metrics["seconds"]["checkpoint"] = round(time.perf_counter() - ph, 4)
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
-        else:
+            reported = time.perf_counter()
+        elif time.perf_counter() - reported >= REPORT_EVERY_S:
             ray.train.report(report)
+            reported = time.perf_counter()
     seconds = time.perf_counter() - t0
     w.close()
     w.save_models(out)
@@ -500,14 +535,15 @@ def _mean_seconds(history: list[dict]) -> dict[str, float] | None:
     return {k: round(v / len(history), 4) for k, v in total.items()}
 
 
-def _write_progress(out: Path, history: list[dict], job: harness.WorkerJob) -> None:
-    """metrics so far (steps.jsonl), the plot and the samples: a user watches a run here."""
+def _write_progress(out: Path, history: list[dict], job: harness.WorkerJob, plot: bool = True) -> None:
+    """metrics so far (steps.jsonl), the samples and (``plot``) the plot: a user watches a run here."""
     with open(out / "steps.jsonl", "w") as f:
         f.writelines(json.dumps({k: v for k, v in h.items() if k != "samples"}) + "\n" for h in history)
     with open(out / "samples.jsonl", "w") as f:
         for h in history:
             f.writelines(json.dumps({"step": h["step"], **s}) + "\n" for s in h["samples"])
-    plot_ppo(history, out / "ppo.png")
+    if plot:
+        plot_ppo(history, out / "ppo.png")
 
 
 def plot_ppo(history: list[dict], path: Path) -> None:

@@ -57,7 +57,10 @@ class EngineActor:
     through vLLM's weight-transfer API) or hf (transformers ``generate``; weights through
     ``load_state_dict``). With ``lora`` (peft settings) the engine holds the base weights and
     receives the policy's adapters only: vLLM serves them as a ``LoRARequest`` (a new adapter id
-    per policy version, written to this actor's own temp folder), hf as a peft model."""
+    per policy version, written to this actor's own temp folder), hf as a peft model.
+    ``transfer``: objstore (buckets arrive through Ray's object store, ``receive``) or nccl
+    (vLLM's own NCCL backend: ``init_transfer`` joins the group, ``receive_broadcast`` takes
+    a round; see collective.py)."""
 
     def __init__(
         self,
@@ -70,6 +73,7 @@ class EngineActor:
         gpu_mem: float,
         enforce_eager: bool,
         lora: dict | None = None,
+        transfer: str = "objstore",
     ):
         import os
 
@@ -98,9 +102,9 @@ class EngineActor:
             if lora:
                 kw.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora["r"]), max_loras=1)
             else:
-                kw["weight_transfer_config"] = {"backend": BACKEND}
+                kw["weight_transfer_config"] = {"backend": "nccl" if transfer == "nccl" else BACKEND}
             self.llm = vllm.LLM(**kw)
-            if not lora:
+            if not lora and transfer != "nccl":  # nccl: the trainer opens the group (init_transfer)
                 self.llm.init_weight_transfer_engine({"init_info": {}})
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,6 +219,17 @@ class EngineActor:
             self.model.load_state_dict(dict(bucket), strict=False)
         return bucket_bytes(bucket)
 
+    def init_transfer(self, init_info: dict) -> None:
+        """nccl: join the trainer's NCCL group (blocks until every member has arrived)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_broadcast(self, update_info: dict) -> None:
+        """nccl: receive one round's broadcast (names, dtypes, shapes in ``update_info``) and
+        load it; runs while the trainer sends."""
+        if not self.updating:
+            raise RuntimeError("receive_broadcast() outside a weight update (start_update first)")
+        self.llm.update_weights({"update_info": update_info})
+
     def _names(self) -> set[str]:
         if self._name_set is None:
             self._name_set = set(self.model.state_dict())
@@ -285,10 +300,18 @@ def vllm_lora_rank(r: int) -> int:
 
 # -- the trainer's side ------------------------------------------------------------------------------
 def start_pool(
-    r, model_path: str, dtype: str, max_model_len: int, seed: int, use_gpu: bool, lora: dict | None = None
+    r,
+    model_path: str,
+    dtype: str,
+    max_model_len: int,
+    seed: int,
+    use_gpu: bool,
+    lora: dict | None = None,
+    transfer: str = "objstore",
 ) -> list:
     """``r.pool_engines`` engine actors (``r`` is the RolloutSection); returns their handles
-    once every engine has loaded its model. ``lora``: peft settings (adapters only travel)."""
+    once every engine has loaded its model. ``lora``: peft settings (adapters only travel);
+    ``transfer``: objstore | nccl (``transfer_kind``)."""
     import ray
 
     threads = max(1, int(r.cpus_per_engine))
@@ -306,6 +329,7 @@ def start_pool(
             r.gpu_memory_utilization,
             r.enforce_eager,
             lora,
+            transfer,
         )
         for i in range(r.pool_engines)
     ]

@@ -5,7 +5,8 @@ weights to wherever an engine keeps its own copy. The sync and async loops share
                                   training weights, vllm holds a copy synced in-process)
     rollout.placement=pool        the pool's engine actors (pool.py): behaviour log-probs and the
                                   sampling policy's version come back with every batch; weights
-                                  travel through the object store (transfer.py)
+                                  travel through the object store (transfer.py) or, on GPUs with
+                                  vLLM, over NCCL (collective.py)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Sampler:
         self.engine = None
         self.handles: list = []
         self.source = None
+        self.nccl = None  # collective.NcclPush, built at the first push with rollout.transfer=nccl
         if self.pooled:
             self._start_pool(path)
         else:
@@ -53,11 +55,16 @@ class Sampler:
         from cai_ray.train.ppo.pool import RolloutSource, start_pool
 
         job, r = self.job, self.job.cfg.rollout
+        from cai_ray.train.ppo.transfer import transfer_kind
+
+        lora = harness.lora_dict(job)
+        self.transfer = transfer_kind(r.transfer, r.engine, lora is not None, bool(job.use_gpu))
         handles = None
         if self.ranks.rank == 0:
             dtype = "bfloat16" if self.learner.dtype == torch.bfloat16 else "float32"
-            lora = harness.lora_dict(job)
-            handles = start_pool(r, path, dtype, job.cfg.optim.max_length, job.cfg.seed, bool(job.use_gpu), lora)
+            handles = start_pool(
+                r, path, dtype, job.cfg.optim.max_length, job.cfg.seed, bool(job.use_gpu), lora, self.transfer
+            )
         self.handles = self.ranks.broadcast(handles)
         self.source = RolloutSource(
             self.handles, self.ranks.rank, job.cfg.ppo.mode, job.cfg.ppo.max_staleness, r.sync_timeout_s, self._submit
@@ -74,6 +81,17 @@ class Sampler:
         from cai_ray.train.ppo.pool import push_weights
 
         r = self.job.cfg.rollout
+        if self.transfer == "nccl":
+            if self.nccl is None:
+                from cai_ray.train.ppo.collective import NcclPush
+
+                module = self.learner.policy.module
+                self.nccl = NcclPush(
+                    self.handles, self.ranks.rank, r.sync_timeout_s, module.named_parameters, self.learner.weights
+                )
+            stats = self.nccl.push(version)
+            self.ranks.barrier()
+            return stats
         stats = push_weights(
             self.handles,
             self.learner.weights(),
@@ -141,6 +159,8 @@ class Sampler:
 
     def close(self) -> None:
         """Stop the pool's engines (they would otherwise live until this worker's process ends)."""
+        if self.nccl is not None:
+            self.nccl.close()
         if self.pooled and self.ranks.rank == 0:
             import ray
 

@@ -18,6 +18,9 @@ object store), loaded with the same layerwise reload lifecycle vLLM's IPC and NC
 use (``initialize_layerwise_reload`` / ``model.load_weights`` / ``finalize_layerwise_reload``).
 No private attribute of vLLM is read.
 
+On GPUs with vLLM engines and full weights, ``rollout.transfer: auto`` moves the weights over
+NCCL instead, through vLLM's own NCCL backend and trainer engine (collective.py).
+
 Every transfer has a deadline (``WeightSyncTimeout``): a rollout engine that died or hangs
 fails the step with a message, never a silent wait (NCCL broadcasts without a timeout are the
 most reported RL hang in OpenRLHF's and verl's trackers).
@@ -30,6 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BACKEND = "cai_ray_objstore"
+TRANSFERS = ("auto", "objstore", "nccl")
+
+
+def transfer_kind(setting: str, engine: str, lora: bool, use_gpu: bool) -> str:
+    """objstore | nccl: ``rollout.transfer``, or for ``auto`` NCCL where it applies (GPUs,
+    vLLM engines, full weights; collective.py) and the object store elsewhere."""
+    if setting != "auto":
+        return setting
+    return "nccl" if use_gpu and engine == "vllm" and not lora else "objstore"
 
 
 class WeightSyncTimeout(RuntimeError):
