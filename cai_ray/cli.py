@@ -254,6 +254,53 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     srv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    rv = sub.add_parser(
+        "review",
+        help="a page where people label the pairs the AI labeler is least sure of (HRLAIF)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a review page over OUTPUT/review/queue.jsonl (the pairs `cai-ray label` queued because "
+        "the AI labeler was unsure: its two orders disagree, its margin is small, its principles disagree, or it "
+        "gave no label). The page shows one pair at a time, most unsure first: the prompt, answers A and B side by "
+        "side, the principles asked, the AI's lean and why it is unsure, and the progress. Each pair handed to a "
+        "reviewer is leased to them (--lease-minutes) so two reviewers never label the same pair at once; when "
+        "every pair has a label the page offers second opinions on pairs others labelled. Binds 127.0.0.1 unless "
+        "--host says otherwise; runs until Ctrl-C.",
+        epilog="keys on the page:\n"
+        "  a or 1  A is better        b or 2  B is better        t or 3  tie\n"
+        "  s       skip (off your list; others still see it)     u or Backspace  undo your last label\n"
+        "\n"
+        "files (in OUTPUT/review/):\n"
+        "  queue.jsonl   the pairs to review (read; re-read when `cai-ray label` rewrites it)\n"
+        "  labels.jsonl  every label and undo, appended and fsynced before the page is answered: stopping the\n"
+        "                browser or the server loses nothing, and a restarted server reads it back\n"
+        "  server.log    the server's log\n"
+        "\n"
+        "auth: the page asks for a user name and a password: the user name is your reviewer name (it goes into\n"
+        "labels.jsonl), the password is the key ($CAI_RAY_API_KEY or --api-key-file, >= 16 characters). Scripts\n"
+        "may send 'Authorization: Bearer KEY' with a reviewer query or JSON field instead. /healthz is open.\n"
+        "\n"
+        "example:\n"
+        "  export CAI_RAY_API_KEY=$(openssl rand -hex 16)\n"
+        "  cai-ray review out/label              # then open http://127.0.0.1:8900/",
+    )
+    rv.add_argument("output", metavar="OUTPUT", help="a `cai-ray label` output folder (with review/queue.jsonl)")
+    rv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    rv.add_argument("--port", type=int, default=8900, help="HTTP port (default 8900)")
+    rv.add_argument("--api-key-file", metavar="FILE", help="file holding the key (default: $CAI_RAY_API_KEY)")
+    rv.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=10.0,
+        metavar="M",
+        help="how long a pair shown to one reviewer is held from the others (default 10; renewed on each visit)",
+    )
+    rv.add_argument(
+        "--no-auth",
+        action="store_false",
+        dest="auth",
+        help="no key (127.0.0.1 only): reviewers still give their name as the user name",
+    )
+
     ev = sub.add_parser(
         "eval",
         help="evaluate models: harmlessness, over-refusal, helpfulness win-rate, Elo; report.html",
@@ -458,6 +505,21 @@ def cmd_label(args) -> int:
         f"labeler: mean margin {_fmt(q['mean_margin'])}, position-consistent {_fmt(q['position_consistent_share'])}, "
         f"position bias (P(first shown)) {_fmt(q['position_bias'])}"
     )
+    if manifest.get("labels_by_constitution"):
+        print(f"{'constitution':<32}{'labels':>8}{'kept':>7}{'margin':>8}{'consistent':>11}{'bias':>7}")
+        for cid, c in manifest["labels_by_constitution"].items():
+            print(
+                f"{cid:<32}{c['labels']:>8}{c['kept']:>7}{_fmt(c['mean_margin']):>8}"
+                f"{_fmt(c['position_consistent_share']):>11}{_fmt(c['position_bias']):>7}"
+            )
+    if manifest.get("review"):
+        r = manifest["review"]
+        print(f"review queue: {r['queued']} unsure labels for people in {r['queue']} (cai-ray review {cfg.output})")
+        if r.get("agreement") and r["agreement"]["kappa"] is not None:
+            a = r["agreement"]
+            print(
+                f"AI vs people on {a['compared']} reviewed pairs: agreement {_fmt(a['agreement'])}, kappa {_fmt(a['kappa'])} {a['kappa_ci']}"
+            )
     if "gold" in manifest:
         g = manifest["gold"]
         print(
@@ -530,6 +592,12 @@ def cmd_serve(args) -> int:
     print(f"serving {cfg.policy.model} at {url}  (OpenAI base_url {url}/v1; Ctrl-C stops)", flush=True)
     wait_forever()
     return 0
+
+
+def cmd_review(args) -> int:
+    from cai_ray.review.server import run
+
+    return run(args.output, args.host, args.port, args.api_key_file, args.lease_minutes, args.auth)
 
 
 def cmd_eval(args) -> int:
@@ -628,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "review":
+        return cmd_review(args)
     if args.command == "eval":
         return cmd_eval(args)
     if args.command == "pipeline":

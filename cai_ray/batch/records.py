@@ -76,6 +76,7 @@ LABEL_FIELDS = PAIR_FIELDS + [
     pa.field("p_chosen", pa.float64()),  # max(p_a, 1 - p_a)
     pa.field("labeler", pa.string()),
     pa.field("template_sha256", pa.string()),
+    pa.field("constitution", pa.string()),  # name@sha256[:12] of the constitution that labelled it
     pa.field("filter_reason", pa.string()),  # null = kept (data/); else filtered/ with why
 ]
 LABEL_SCHEMA = pa.schema(LABEL_FIELDS)

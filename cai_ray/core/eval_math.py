@@ -152,6 +152,43 @@ def kappa_ci(
     return [float(lo), float(hi)]
 
 
+def cohen_kappa(a: Sequence, b: Sequence) -> float | None:
+    """Cohen's kappa between two raters' labels of the same items, any categories: (observed
+    agreement - chance agreement) / (1 - chance); None where chance agreement is 1 (both
+    raters constant on the same category: agreement says nothing)."""
+    if len(a) != len(b):
+        raise ValueError(f"cohen_kappa of {len(a)} and {len(b)} labels")
+    n = len(a)
+    if not n:
+        return None
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    cats = set(a) | set(b)
+    chance = sum((list(a).count(c) / n) * (list(b).count(c) / n) for c in cats)
+    if chance >= 1.0:
+        return None
+    return (observed - chance) / (1.0 - chance)
+
+
+def cohen_kappa_ci(
+    a: Sequence, b: Sequence, n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
+) -> list[float] | None:
+    """Percentile bootstrap interval of ``cohen_kappa`` over the items (resamples where kappa
+    is undefined are left out)."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"cohen_kappa_ci of {len(a)} and {len(b)} labels")
+    if not a:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    kappas = [k for row in idx if (k := cohen_kappa([a[i] for i in row], [b[i] for i in row])) is not None]
+    if not kappas:
+        return None
+    lo, hi = np.quantile(kappas, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
 def paired_difference(
     a: Sequence[float], b: Sequence[float], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
 ) -> dict[str, float | bool | None]:

@@ -33,6 +33,28 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
+class ReviewConfig:
+    fraction: float = setting(
+        0.05, "at most this share of the pairs goes to review/queue.jsonl for people (0 = no queue)"
+    )
+    max_rows: int = setting(1000, "and at most this many")
+    margin: float = setting(0.1, "a label with |p_a - 0.5| below this is unsure (a reason to review it)")
+    spread: float = setting(
+        0.15, "a label whose principles' probabilities vary by a standard deviation above this is unsure"
+    )
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError(f"{where}.fraction: must be in [0, 1], got {self.fraction}")
+        if self.max_rows < 0:
+            raise ConfigError(f"{where}.max_rows: must be >= 0, got {self.max_rows}")
+        if not 0 <= self.margin <= 0.5:
+            raise ConfigError(f"{where}.margin: must be in [0, 0.5], got {self.margin}")
+        if not 0 <= self.spread <= 0.5:
+            raise ConfigError(f"{where}.spread: must be in [0, 0.5], got {self.spread}")
+
+
+@dataclass(frozen=True)
 class LabelConfig:
     """`cai-ray label`: RL-CAI preference labels (RLAIF) from an AI labeler."""
 
@@ -50,6 +72,14 @@ class LabelConfig:
     )
     constitution: str = setting(
         "constitutions/general.yaml", "constitution YAML file (comparison questions and examples)"
+    )
+    constitution_field: str | None = setting(
+        None,
+        "several constitutions in one run: the row field (e.g. category) whose value picks a row's "
+        "constitution from `constitutions`; rows with another value (or none) take `constitution`",
+    )
+    constitutions: str | None = setting(
+        None, "with constitution_field: VALUE=FILE pairs, comma-separated (e.g. cyber=constitutions/cyber.yaml)"
     )
     gold: str | None = setting(
         None,
@@ -76,6 +106,10 @@ class LabelConfig:
         },
     )
     filter: FilterConfig = field(default_factory=FilterConfig, metadata={"help": "which labelled pairs are kept"})
+    review: ReviewConfig = field(
+        default_factory=ReviewConfig,
+        metadata={"help": "the labels the AI is least sure of, queued for people (review/; `cai-ray review`)"},
+    )
     policy_pool: PoolConfig = field(
         default_factory=lambda: PoolConfig(cpus_per_actor=0.5),
         metadata={"help": "actor pool of the policy (sampling)"},
@@ -100,7 +134,12 @@ class LabelConfig:
             raise ConfigError(
                 "gold: the gold-set check writes to a local output folder; not with an object-store output"
             )
-        for name in ("sampling", "pairs", "labeler", "method", "filter", "labeler_pool", "inputs", "outputs"):
+        if bool(self.constitution_field) != bool(self.constitutions):
+            raise ConfigError(
+                "constitution_field and constitutions go together: the row field, and VALUE=FILE pairs for its values"
+            )
+        constitution_map(self.constitutions)  # a malformed mapping fails here
+        for name in ("sampling", "pairs", "labeler", "method", "filter", "review", "labeler_pool", "inputs", "outputs"):
             getattr(self, name).validate(name)
         if self.samples_answers:
             self.policy.validate("policy")
@@ -111,3 +150,18 @@ class LabelConfig:
             )
         for eng, pool in (("policy", "policy_pool"), ("labeler", "labeler_pool")):
             getattr(self, eng).check_gpus(f"{pool}.gpus_per_actor", getattr(self, pool).gpus_per_actor)
+
+
+def constitution_map(spec: str | None) -> dict[str, str]:
+    """``VALUE=FILE,VALUE=FILE`` → {value: file}."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        value, sep, path = part.partition("=")
+        if not sep or not value.strip() or not path.strip():
+            raise ConfigError(f"constitutions: expected VALUE=FILE pairs, comma-separated; got {part.strip()!r}")
+        if value.strip() in out:
+            raise ConfigError(f"constitutions: {value.strip()!r} is mapped twice")
+        out[value.strip()] = path.strip()
+    return out

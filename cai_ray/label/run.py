@@ -54,14 +54,42 @@ def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) 
     return None
 
 
+def constitution_id(c: Constitution) -> str:
+    """What a label row records of its constitution: its name and the start of its hash."""
+    return f"{c.name}@{c.sha256[:12]}"
+
+
+class ConstitutionRouter:
+    """Which constitution labels a row: ``by[value]`` for a row whose ``field`` (in its meta:
+    e.g. category) has that value, else the default. One constitution when ``field`` is None."""
+
+    def __init__(self, default: Constitution, field: str | None = None, by: dict[str, Constitution] | None = None):
+        self.default, self.field, self.by = default, field, dict(by or {})
+
+    @property
+    def all(self) -> list[Constitution]:
+        out = [self.default]
+        for c in self.by.values():
+            if c.sha256 not in {x.sha256 for x in out}:
+                out.append(c)
+        return out
+
+    def of(self, meta: str | None) -> Constitution:
+        if self.field is None or not meta:
+            return self.default
+        value = json.loads(meta).get(self.field)
+        return self.by.get(str(value), self.default) if value is not None else self.default
+
+
 class LabelWorker:
-    """Labeler actor: PAIR_SCHEMA table in, LABEL_SCHEMA table out."""
+    """Labeler actor: PAIR_SCHEMA table in, LABEL_SCHEMA table out. ``constitution`` is one
+    Constitution or a ConstitutionRouter (a constitution per value of a row field)."""
 
     def __init__(
         self,
         backend: str,
         engine_kwargs: dict[str, Any],
-        constitution: Constitution,
+        constitution: Constitution | ConstitutionRouter,
         settings: LabelSettings,
         min_margin: float,
         drop_inconsistent: bool,
@@ -70,21 +98,21 @@ class LabelWorker:
     ):
         start = time.perf_counter()
         engine = load_engine(backend, **engine_threads(backend, engine_kwargs, max_actors))
-        self.labeler = Labeler(engine, constitution, settings)
+        self.router = constitution if isinstance(constitution, ConstitutionRouter) else ConstitutionRouter(constitution)
+        self.labelers = {c.sha256: Labeler(engine, c, settings) for c in self.router.all}
+        self.labeler = self.labelers[self.router.default.sha256]
         self.min_margin, self.drop_inconsistent = min_margin, drop_inconsistent
         self.ledger = ledger
-        self.overhead = self._template_overhead()
+        self.overhead = max(self._template_overhead(lab) for lab in self.labelers.values())
         if ledger is not None:
             ledger.add_engine_stats.remote(model_load_s=time.perf_counter() - start, actors_started=1)
 
-    def _template_overhead(self) -> int:
+    def _template_overhead(self, labeler: Labeler) -> int:
         """Tokens a comparison adds around (prompt + both responses): few-shot turns, the
         longest question, markup; measured once, so rows are counted without the shots."""
-        eng = self.labeler.engine
-        longest = max(self.labeler.constitution.principles, key=lambda p: len(p.comparison_question))
-        full = prompts.comparison_messages(
-            self.labeler.shots, [prompts.user("x")], "y", "z", longest, cot=self.labeler.s.cot
-        )
+        eng = labeler.engine
+        longest = max(labeler.constitution.principles, key=lambda p: len(p.comparison_question))
+        full = prompts.comparison_messages(labeler.shots, [prompts.user("x")], "y", "z", longest, cot=labeler.s.cot)
         with_template, bare = eng.token_counts([full, [prompts.user("x y z")]])
         return with_template - bare + 8  # + a margin for merges at message boundaries
 
@@ -96,6 +124,8 @@ class LabelWorker:
         ids = batch["id"].to_pylist()
         convs_all = batch["prompt_messages"].to_pylist()
         a_all, b_all = batch["response_a"].to_pylist(), batch["response_b"].to_pylist()
+        metas = batch["meta"].to_pylist()
+        labeler_of = [self.labelers[self.router.of(m).sha256] for m in metas]
         eng = self.labeler.engine
         unlabelled: dict[int, str] = {}
         if todo:
@@ -106,31 +136,34 @@ class LabelWorker:
                 if why:
                     unlabelled[i] = f"invalid: {why}"
         go = [i for i in todo if i not in unlabelled]
-        results = (
-            isolate_failures(
-                lambda rows: self.labeler.label(
+        by_row: dict[int, Any] = {}
+        for lab in self.labelers.values():  # each constitution labels its own rows
+            mine = [i for i in go if labeler_of[i] is lab]
+            if not mine:
+                continue
+            results = isolate_failures(
+                lambda rows, lab=lab: lab.label(
                     [ids[i] for i in rows],
                     [convs_all[i] for i in rows],
                     [a_all[i] for i in rows],
                     [b_all[i] for i in rows],
                 ),
-                go,
+                mine,
             )
-            if go
-            else []
-        )
-        for i, r in zip(go, results):
-            if isinstance(r, BaseException):
-                unlabelled[i] = f"invalid: {failure_reason('pair', r)}"
-        by_row = dict(zip(go, results))
+            for i, r in zip(mine, results):
+                if isinstance(r, BaseException):
+                    unlabelled[i] = f"invalid: {failure_reason('pair', r)}"
+                by_row[i] = r
 
         cols: dict[str, list] = {
-            k: [None] * n for k in (*PAIR_LABEL_COLUMNS, "p_chosen", "filter_reason", "labeler", "template_sha256")
+            k: [None] * n
+            for k in (*PAIR_LABEL_COLUMNS, "p_chosen", "filter_reason", "labeler", "template_sha256", "constitution")
         }
         chosen_text, rejected_text, has_choice = [None] * n, [None] * n, [False] * n
         for i in todo:
             cols["labeler"][i] = eng.model_name
-            cols["template_sha256"][i] = self.labeler.template_sha256
+            cols["template_sha256"][i] = labeler_of[i].template_sha256
+            cols["constitution"][i] = constitution_id(labeler_of[i].constitution)
             if i in unlabelled:
                 cols["filter_reason"][i] = unlabelled[i]
                 continue
@@ -157,20 +190,46 @@ class LabelWorker:
             self.ledger.add_engine_stats.remote(
                 engine_s=time.perf_counter() - t0,
                 labeler_s=time.perf_counter() - t0,
-                comparisons=self.labeler.comparisons,
+                comparisons=sum(lab.comparisons for lab in self.labelers.values()),
             )
-            self.labeler.comparisons = 0
+            for lab in self.labelers.values():
+                lab.comparisons = 0
         return out.select(LABEL_SCHEMA.names)
 
 
+def review_queue(out, router: ConstitutionRouter, review) -> dict[str, Any]:
+    """review/queue.jsonl: the labels the AI is least sure of, for people (cai_ray/review)."""
+    from cai_ray.batch.stage import read_output
+    from cai_ray.batch.storage import as_store
+    from cai_ray.review.queue import COLUMNS, write_queue
+
+    table = read_output(out, COLUMNS, ("data", "filtered"))
+    rows = table.to_pylist() if table is not None else []
+    return write_queue(as_store(out), rows, {constitution_id(c): c for c in router.all}, review)
+
+
 # -- quality ----------------------------------------------------------------------------------
-def label_quality(out: Path) -> dict[str, Any]:
-    """Labeler figures over the whole output (data/ and filtered/), so a resumed run reports
-    the same numbers as a single one."""
+def label_quality_by_constitution(out) -> dict[str, dict[str, Any]]:
+    """``label_quality`` per constitution (the rows' ``constitution`` id), side by side."""
     from cai_ray.batch.stage import read_output
 
-    table = read_output(out, ["p_a", "p_ab", "p_ba", "position_consistent", "filter_reason"], ("data", "filtered"))
+    cols = ["p_a", "p_ab", "p_ba", "position_consistent", "filter_reason", "constitution"]
+    table = read_output(out, cols, ("data", "filtered"))
     rows = table.to_pylist() if table is not None else []
+    return {
+        c: label_quality(out, [r for r in rows if r["constitution"] == c])
+        for c in sorted({r["constitution"] for r in rows})
+    }
+
+
+def label_quality(out, rows: list[dict] | None = None) -> dict[str, Any]:
+    """Labeler figures over the whole output (data/ and filtered/), so a resumed run reports
+    the same numbers as a single one; or over ``rows`` when given."""
+    from cai_ray.batch.stage import read_output
+
+    if rows is None:
+        table = read_output(out, ["p_a", "p_ab", "p_ba", "position_consistent", "filter_reason"], ("data", "filtered"))
+        rows = table.to_pylist() if table is not None else []
     labelled = [r for r in rows if r["p_a"] is not None]
     both = [r for r in labelled if r["p_ba"] is not None]
     kinds: dict[str, int] = {}
@@ -267,11 +326,25 @@ def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
 
 
 # -- the job ----------------------------------------------------------------------------------
-def label_fingerprint(config: dict[str, Any], constitution: Constitution) -> dict[str, Any]:
+def load_router(cfg) -> ConstitutionRouter:
+    """The run's constitutions: ``constitution``, and with ``constitution_field`` one per value."""
+    from cai_ray.label.config import constitution_map
+
+    by = {v: load_constitution(f) for v, f in constitution_map(cfg.constitutions).items()}
+    return ConstitutionRouter(load_constitution(cfg.constitution), cfg.constitution_field, by)
+
+
+def label_fingerprint(config: dict[str, Any], constitution: Constitution, router=None) -> dict[str, Any]:
     return {
         "policy": config["policy"]["model"] or None,
         "labeler": config["labeler"]["model"],
         "constitution_sha256": constitution.sha256,
+        # several constitutions: which field picks them and each value's (a changed file redoes the run)
+        **(
+            {"constitution_field": router.field, "constitutions": {v: c.sha256 for v, c in sorted(router.by.items())}}
+            if router is not None and router.field
+            else {}
+        ),
         "seed": config["seed"],
         "sampling": config["sampling"] if config["policy"]["model"] else None,
         "pairs": config["pairs"] if config["policy"]["model"] else None,
@@ -296,7 +369,8 @@ def label(cfg) -> dict[str, Any]:
     from cai_ray.models import model_info
 
     config = to_dict(cfg)
-    constitution = load_constitution(cfg.constitution)
+    router = load_router(cfg)
+    constitution = router.default
     if cfg.gold:
         list_input_files(cfg.gold)  # a missing gold file fails before the run, not after it
     settings = settings_from(cfg)
@@ -329,7 +403,7 @@ def label(cfg) -> dict[str, Any]:
             fn_constructor_kwargs=dict(
                 backend=cfg.labeler.backend,
                 engine_kwargs=actor_engine_kwargs(cfg.labeler),
-                constitution=constitution,
+                constitution=router,
                 settings=settings,
                 min_margin=cfg.filter.min_margin,
                 drop_inconsistent=cfg.filter.drop_inconsistent,
@@ -341,6 +415,10 @@ def label(cfg) -> dict[str, Any]:
 
     def finish(out: Path, manifest: dict[str, Any]) -> None:
         manifest["labels"] = label_quality(out)
+        if router.field:
+            manifest["labels_by_constitution"] = label_quality_by_constitution(out)
+        if cfg.review.fraction > 0 and cfg.review.max_rows > 0:
+            manifest["review"] = review_queue(out, router, cfg.review)
         t = manifest["timing"]
         if t["wall_s"]:
             # share of the run's wall time the labeler actors spent inside their engine calls
@@ -351,8 +429,17 @@ def label(cfg) -> dict[str, Any]:
         kind="label",
         cfg=cfg,
         config=config,
-        fingerprint=label_fingerprint(config, constitution),
-        manifest_extra=dict(constitution=constitution.summary(), models=models, template_sha256=template),
+        fingerprint=label_fingerprint(config, constitution, router),
+        manifest_extra=dict(
+            constitution=constitution.summary(),
+            **(
+                {"constitutions": {v: c.summary() for v, c in router.by.items()}, "constitution_field": router.field}
+                if router.field
+                else {}
+            ),
+            models=models,
+            template_sha256=template,
+        ),
         pools=pools,
         read_pool=cfg.labeler_pool,
         build=build,

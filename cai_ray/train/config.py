@@ -169,6 +169,11 @@ class RMTrainConfig(TrainConfig):
         "Bradley-Terry on chosen > rejected | auto: soft when the rows carry p_chosen",
     )
     eval_fraction: float = setting(0.1, "share of pairs held out (seeded by pair id) for accuracy and calibration")
+    human_labels: str = setting(
+        "auto",
+        "people's labels (`cai-ray review`) that take precedence over the AI's for the same pair: "
+        "auto = the data folder's review/ when it has labels | a label run's output folder | none",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -205,6 +210,11 @@ class DPOTrainConfig(TrainConfig):
     beta: float = setting(0.1, "DPO temperature: how far the policy may move from the reference model")
     loss_type: str = setting("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust | ...")
     label_smoothing: float = setting(0.0, "conservative DPO: assumed share of wrong labels (sigmoid loss only)")
+    human_labels: str = setting(
+        "auto",
+        "people's labels (`cai-ray review`) that take precedence over the AI's for the same pair: "
+        "auto = the data folder's review/ when it has labels | a label run's output folder | none",
+    )
 
     def validate(self) -> None:
         super().validate()

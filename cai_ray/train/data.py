@@ -98,6 +98,73 @@ def pref_row(r: Row) -> tuple[Row | None, str | None]:
     }, None
 
 
+# -- human labels (HRLAIF) --------------------------------------------------------------------
+def human_label_folder(data: str, setting: str):
+    """The label run's output whose review/ holds people's labels, or None: ``setting`` is
+    auto (``data`` itself when it is such a folder), none, or a folder."""
+    from pathlib import Path
+
+    if setting == "none":
+        return None
+    folder = Path(data) if setting == "auto" else Path(setting)
+    has = (folder / "review" / "labels.jsonl").is_file()
+    if setting != "auto" and not has:
+        raise TrainDataError(f"human_labels: {folder} has no review/labels.jsonl (`cai-ray review` writes it)")
+    return folder if has else None
+
+
+def with_human_labels(rows: list[Row], data: str, setting: str, ties: bool) -> tuple[list[Row], dict[str, Any]]:
+    """``rows`` with people's labels taking precedence over the AI's for the same pair (hard
+    labels: A better 1, B better 0, a tie 0.5; several reviewers averaged): the pair's chosen,
+    rejected and p_chosen come from the people, and a reviewed pair the AI's filter had dropped
+    comes back from the review queue. ``ties``: whether the trainer can take p_chosen = 0.5
+    (soft targets); otherwise a tied pair is left out and counted. Returns the rows and the
+    manifest's figures (how many labels came from people)."""
+    from cai_ray.review.agreement import ai_vs_human
+    from cai_ray.review.store import human_labels, read_queue
+
+    folder = human_label_folder(data, setting)
+    if folder is None:
+        return rows, {"pairs": 0}
+    humans = human_labels(folder)
+    queue = {q["pair_id"]: q for q in read_queue(folder)}
+    index = {r["id"]: i for i, r in enumerate(rows)}
+    out = list(rows)
+    counts = {"pairs": 0, "overrode_ai": 0, "added": 0, "flipped": 0, "ties_left_out": 0, "not_in_queue": 0}
+    dropped: set[int] = set()
+    for pid, h in sorted(humans.items()):
+        q = queue.get(pid)
+        if q is None:  # a label for a pair this queue never held (another run's): not used
+            counts["not_in_queue"] += 1
+            continue
+        p = h["p_a"]
+        if p == 0.5 and not ties:
+            counts["ties_left_out"] += 1
+            if pid in index:
+                dropped.add(index[pid])
+            continue
+        a = {"role": "assistant", "content": q["response_a"]}
+        b = {"role": "assistant", "content": q["response_b"]}
+        row = {
+            "id": pid,
+            "prompt": q["prompt"],
+            "chosen": [a if p >= 0.5 else b],
+            "rejected": [b if p >= 0.5 else a],
+            "p_chosen": max(p, 1 - p),
+        }
+        counts["pairs"] += 1
+        if pid in index:
+            old = out[index[pid]]
+            counts["overrode_ai"] += 1
+            counts["flipped"] += old["chosen"][-1]["content"] != row["chosen"][0]["content"]
+            out[index[pid]] = {**old, **row, "prompt": old["prompt"]}
+        else:
+            counts["added"] += 1
+            out.append(row)
+    out = [r for i, r in enumerate(out) if i not in dropped]
+    return out, {**counts, "source": str(folder), "agreement": ai_vs_human(folder)}
+
+
 # -- tokenizer-bound steps: markup, lengths --------------------------------------------------
 def neutralise_rows(rows: list[Row], tokenizer, parts: tuple[str, ...]) -> tuple[list[Row], int]:
     """``rows`` with the contents of ``prompt`` and each of ``parts`` neutralised for

@@ -16,7 +16,7 @@ from typing import Any
 
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import neutralise_rows, pref_row, reject_long
+from cai_ray.train.data import neutralise_rows, pref_row, reject_long, with_human_labels
 
 load_base = harness.load_causal_lm
 
@@ -53,6 +53,7 @@ def train_dpo(cfg) -> dict[str, Any]:
     from cai_ray.models import resolve_model
 
     rows, rejects = load_rows(cfg.data, pref_row)
+    rows, human = with_human_labels(rows, cfg.data, cfg.human_labels, ties=False)  # DPO cannot take a tie
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     rows, neutralised = neutralise_rows(rows, tok, ("chosen", "rejected"))
     rows, long_rows = reject_long(rows, tok, cfg.optim.max_length, ("chosen", "rejected"))
@@ -63,5 +64,5 @@ def train_dpo(cfg) -> dict[str, Any]:
         rows,
         rejects + long_rows,
         fingerprint_extra=settings,
-        manifest_extra={"neutralised_rows": neutralised},
+        manifest_extra={"neutralised_rows": neutralised, "human_labels": human},
     )

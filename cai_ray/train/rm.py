@@ -18,7 +18,7 @@ from typing import Any
 
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
-from cai_ray.train.data import TrainDataError, neutralise_rows, pref_row, reject_long, split
+from cai_ray.train.data import TrainDataError, neutralise_rows, pref_row, reject_long, split, with_human_labels
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,8 @@ def train_rm(cfg) -> dict[str, Any]:
     from cai_ray.models import resolve_model
 
     rows, rejects = load_rows(cfg.data, pref_row)
+    # people's labels (a tie is p_chosen 0.5: only soft targets can take one)
+    rows, human = with_human_labels(rows, cfg.data, cfg.human_labels, ties=cfg.targets != "hard")
     with_p = sum(1 for r in rows if r["p_chosen"] is not None)
     if cfg.targets == "soft" and with_p < len(rows):
         raise TrainDataError(
@@ -206,5 +208,6 @@ def train_rm(cfg) -> dict[str, Any]:
             **targets,
             "split": {"train": len(train), "held_out": len(held_out)},
             "neutralised_rows": neutralised,
+            "human_labels": human,
         },
     )

@@ -117,6 +117,8 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
                 "pairs.samples": 3,
                 "filter.min_margin": 0.05,
                 "filter.drop_inconsistent": "true",
+                "review.fraction": 0.5,
+                "review.margin": 0.05,
             },
         )
     )
@@ -133,6 +135,24 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
     for r in held:
         assert r["filter_reason"].startswith(("low margin", "position-inconsistent"))
     assert m["timing"]["policy_s"] > 0 and m["models"]["policy"]["name"] == "tiny-random"
+    # the review queue (HRLAIF): the unsure labels, most unsure first, at most half the pairs,
+    # with what a person needs to judge them
+    from cai_ray.review.store import read_queue
+
+    queue = read_queue(out)
+    unsure = {r["id"] for r in kept + held if not r["position_consistent"] or abs(r["p_a"] - 0.5) < 0.05}
+    cap = -(-(len(kept) + len(held)) // 2)
+    assert len(queue) == min(cap, len(unsure)) == m["review"]["queued"] and unsure, (unsure, m["review"])
+    assert {q["pair_id"] for q in queue} <= unsure
+    by_id = {r["id"]: r for r in kept + held}
+    for q in queue:
+        r = by_id[q["pair_id"]]
+        assert q["response_a"] == r["response_a"] and q["prompt"] == r["prompt_messages"] and q["p_a"] == r["p_a"]
+        assert q["principles"][0]["id"] == r["principle_ids"][0] and q["principles"][0]["question"]
+        assert q["reasons"] and q["kept"] == (r["filter_reason"] is None)
+    assert [(len(q["reasons"]), q["uncertainty"]) for q in queue] == sorted(
+        ((len(q["reasons"]), q["uncertainty"]) for q in queue), reverse=True
+    )
 
 
 def test_gold_accuracy_calibration_and_reliability_diagram(ray_local, tmp_path):
@@ -211,3 +231,47 @@ def test_a_prompt_whose_pairs_were_only_partly_written_is_redone_whole(ray_local
     ids = sorted(r["id"] for r in _rows(out) + _rows(out, "filtered"))
     assert ids == sorted(r["id"] for r in rows) and len(set(ids)) == len(ids)
     assert again["counts"]["written_this_run"] == 1 and again["counts"]["written"] == 4
+
+
+def test_several_constitutions_in_one_run_by_a_row_field(ray_local, tmp_path):
+    """constitution_field=setting: rows whose setting is "tutor" are labelled against the tutor
+    constitution, the others against the default; each row records its constitution, the
+    manifest compares them side by side, and the review queue shows each row's own principles."""
+    from cai_ray.core.constitution import load_constitution
+    from cai_ray.label.run import constitution_id, label
+    from cai_ray.review.store import read_queue
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"p{i}",
+                    "prompt": f"question {i}?",
+                    "response_a": f"answer {i} one",
+                    "response_b": f"answer {i} two",
+                    **({"setting": "tutor"} if i % 2 else {}),
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
+    over = {"constitution_field": "setting", "constitutions": "tutor=constitutions/tutor.yaml", "review.fraction": 1.0}
+    over["review.margin"] = 0.5  # every label is "unsure": the queue holds them all
+    m = label(_cfg(tmp_path, src, **over))
+    general, tutor = load_constitution("constitutions/general.yaml"), load_constitution("constitutions/tutor.yaml")
+    gid, tid = constitution_id(general), constitution_id(tutor)
+    rows = {r["id"]: r for r in _rows(tmp_path / "out") + _rows(tmp_path / "out", "filtered")}
+    assert {i: r["constitution"] for i, r in rows.items()} == {f"p{i}": (tid if i % 2 else gid) for i in range(6)}
+    tutor_ids = {p.id for p in tutor.principles}
+    for r in rows.values():
+        assert (set(r["principle_ids"]) <= tutor_ids) == (r["constitution"] == tid)
+    assert sorted(m["labels_by_constitution"]) == sorted([gid, tid])
+    assert all(v["labels"] == 3 for v in m["labels_by_constitution"].values())
+    assert m["fingerprint"]["constitutions"] == {"tutor": tutor.sha256}
+    for q in read_queue(tmp_path / "out"):
+        own = tutor if q["constitution"] == tid else general
+        assert q["principles"][0]["question"] == own.principle(q["principles"][0]["id"]).comparison_question
+    with pytest.raises(Exception, match="go together"):
+        _cfg(tmp_path, src, constitution_field="setting")
