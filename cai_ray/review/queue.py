@@ -17,19 +17,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from cai_ray.core.labeler import PAIR_LABEL_COLUMNS
+
+# what the queue reads of the label output: the pair, the AI's label (core.labeler's columns,
+# without the CoT reasoning) and why it was filtered
 COLUMNS = [
     "id",
     "prompt_id",
     "prompt_messages",
     "response_a",
     "response_b",
-    "p_a",
-    "p_ab",
-    "p_ba",
-    "position_consistent",
-    "principle_ids",
-    "p_ab_by_principle",
-    "p_ba_by_principle",
+    *(c for c in PAIR_LABEL_COLUMNS if c != "reasoning"),
     "filter_reason",
     "constitution",
 ]

@@ -11,6 +11,7 @@ no value model: their baseline is the other answers to the same prompt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,26 @@ def response_logprobs(model, ids, attn, p_len: int, temperature: float, with_log
     logits = out[:, :-1].float() / temperature
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
     return (logp, logits) if with_logits else logp
+
+
+@dataclass
+class UpdateBatch:
+    """One rank's rollout batch as the update takes it (tensors over [batch, response] unless
+    said): the padded ids and attention (prompt + response), the prompt width, the response
+    mask, π_old's log-probs, the value model's values (None without one), advantages, returns
+    (None without a value model), the importance weights of responses another policy sampled
+    and (GRPO) the reference's log-probs."""
+
+    ids: Any
+    attn: Any
+    p_len: int
+    mask: Any
+    old_logp: Any
+    old_values: Any
+    adv: Any
+    returns: Any
+    is_weights: Any = None
+    ref_logp: Any = None
 
 
 def value_head(model):
@@ -191,30 +212,19 @@ class Learner:
         return gathered_params(self.policy.module, self.job.cfg.zero, adapters_only=self.lora is not None)
 
     # -- the update --------------------------------------------------------------------------
-    def update(
-        self,
-        ids,
-        attn,
-        p_len,
-        mask,
-        old_logp,
-        old_values,
-        adv,
-        returns,
-        train_policy: bool,
-        is_weights=None,
-        ref_logp=None,
-        kl_coef: float = 0.0,
-    ) -> dict:
+    def update(self, b: UpdateBatch, train_policy: bool, kl_coef: float = 0.0) -> dict:
         """``ppo_epochs`` × minibatches: the clipped policy loss (times the importance weights
         of responses another policy sampled) and, with a value model, the clipped value loss.
-        ``ref_logp`` (GRPO): the KL to the reference is a loss term, ``kl_coef``·k3, instead of
-        a reward penalty."""
+        ``b.ref_logp`` (GRPO): the KL to the reference is a loss term, ``kl_coef``·k3, instead
+        of a reward penalty."""
         import torch
 
         from cai_ray.core import rl_math as m
 
         ppo = self.job.cfg.ppo
+        ids, attn, p_len, mask = b.ids, b.attn, b.p_len, b.mask
+        old_logp, old_values, adv, returns = b.old_logp, b.old_values, b.adv, b.returns
+        is_weights, ref_logp = b.is_weights, b.ref_logp
         sums: dict[str, float] = {}
         n = 0
         gen = torch.Generator().manual_seed(self.job.cfg.seed)

@@ -314,20 +314,11 @@ class Worker:
                 is_stats = {k: v.item() for k, v in st.items()}
 
         with ph("update"):
-            stats = learner.update(
-                ids,
-                attn,
-                p_len,
-                mask,
-                old_logp,
-                old_values,
-                adv,
-                returns,
-                train_policy=step >= ppo.critic_warmup_steps,
-                is_weights=is_weights,
-                ref_logp=ref_logp if self.algo == "grpo" else None,
-                kl_coef=beta,
-            )
+            from cai_ray.train.ppo.learner import UpdateBatch
+
+            batch = UpdateBatch(ids, attn, p_len, mask, old_logp, old_values, adv, returns, is_weights)
+            batch.ref_logp = ref_logp if self.algo == "grpo" else None
+            stats = learner.update(batch, train_policy=step >= ppo.critic_warmup_steps, kl_coef=beta)
         self.version += 1
         synced: dict[str, float] = {}
         if self.sampler.syncs:
