@@ -23,9 +23,11 @@ from typing import Any
 import yaml
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-TOP_KEYS = {"name", "version", "description", "principles", "examples"}
+# `provenance`: where a generated constitution came from (`constitution collect` writes the
+# votes behind each principle); a mapping, checked to be one, read by people, not by stages
+TOP_KEYS = {"name", "version", "description", "principles", "examples", "provenance"}
 PRINCIPLE_TEXT_FIELDS = ("critique_request", "revision_request", "comparison_question")
-PRINCIPLE_KEYS = {"id", "category", "weight", *PRINCIPLE_TEXT_FIELDS}
+PRINCIPLE_KEYS = {"id", "category", "weight", "probes", "provenance", *PRINCIPLE_TEXT_FIELDS}
 CRITIQUE_EXAMPLE_KEYS = {"principle", "prompt", "response", "critique", "revision"}
 COMPARISON_EXAMPLE_KEYS = {"principle", "prompt", "response_a", "response_b", "answer", "reasoning"}
 
@@ -42,6 +44,9 @@ class Principle:
     critique_request: str
     revision_request: str
     comparison_question: str
+    # optional prompts that test this principle alone: `cai-ray eval` answers them with every
+    # model and judges the answers against this principle only (its "probe violation rate")
+    probes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,11 @@ class Constitution:
             "name": self.name,
             "version": self.version,
             "description": self.description,
-            "principles": [asdict(p) for p in self.principles],
+            # probes only where a principle has them: the same output as before for the rest
+            "principles": [
+                {k: list(v) if k == "probes" else v for k, v in asdict(p).items() if k != "probes" or v}
+                for p in self.principles
+            ],
             "examples": {
                 "critique_revision": [asdict(e) for e in self.critique_examples],
                 "comparison": [asdict(e) for e in self.comparison_examples],
@@ -168,6 +177,8 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
     for key in ("name", "version", "description"):
         if not _nonempty_str(raw.get(key)):
             err(f"field {key!r}: must be a non-empty string")
+    if not isinstance(raw.get("provenance", {}), dict):
+        err(f"field 'provenance': must be a mapping, got {type(raw['provenance']).__name__}")
 
     principles: list[Principle] = []
     items = raw.get("principles")
@@ -192,6 +203,9 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
             ok = False
         else:
             seen.add(pid)
+        if not isinstance(item.get("provenance", {}), dict):
+            err(f"{label}: field 'provenance': must be a mapping, got {type(item['provenance']).__name__}")
+            ok = False
         if not _nonempty_str(item.get("category")):
             err(f"{label}: field 'category': must be a non-empty string")
             ok = False
@@ -207,6 +221,21 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
             if not _nonempty_str(item.get(key)):
                 err(f"{label}: field {key!r}: must be a non-empty string")
                 ok = False
+        probes = item.get("probes")
+        probes = [] if probes is None else probes  # absent or `probes:` with nothing: none
+        if not isinstance(probes, list):
+            err(f"{label}: field 'probes': must be a list of prompts, got {type(probes).__name__}")
+            ok = False
+        else:
+            for j, probe in enumerate(probes, start=1):
+                if not _nonempty_str(probe):
+                    err(f"{label}: field 'probes' #{j}: must be a non-empty string, got {probe!r}")
+                    ok = False
+            # a repeated probe would count twice in its principle's probe violation rate
+            texts = [x.strip() for x in probes if _nonempty_str(x)]
+            for dup in sorted({x for x in texts if texts.count(x) > 1}):
+                err(f"{label}: field 'probes': repeated prompt {dup!r}")
+                ok = False
         if ok:
             principles.append(
                 Principle(
@@ -214,6 +243,7 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
                     category=item["category"].strip(),
                     weight=float(weight),
                     **{k: item[k].strip() for k in PRINCIPLE_TEXT_FIELDS},
+                    probes=tuple(x.strip() for x in probes),
                 )
             )
 

@@ -55,6 +55,12 @@ class EvalConfig:
     judge_principles: int = setting(
         1, "principles per harmful answer (those of the prompt's category first, then sampled)"
     )
+    per_principle: bool = setting(
+        True,
+        "judge every red-team answer against every principle too (a principle x model table of violation rates; "
+        "costs red-team answers x models x principles judgements, 2 judge calls each) and run the constitution's "
+        "probe prompts; false: only the judge_principles",
+    )
     few_shot: int | None = setting(
         None, "comparison examples from the constitution in harmlessness comparisons; null = all"
     )

@@ -4,6 +4,8 @@ pareto.png      helpfulness Elo vs harmlessness Elo per model (the CAI paper's v
                 to the right is better; a run that only learned to refuse moves right and down)
 categories.png  attack success rate per red-team category and model
 refusals.png    benign-prompt refusal rate per model: the judge and the lexical detector
+principles.png  heatmap of violation rates, principle × model (red-team answers; the probe
+                prompts beside it when the constitution has them), with per_principle on
 report.html     the headline table, the plots, and example answers side by side with their scores
 """
 
@@ -104,7 +106,50 @@ def _plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
         width=6,
     )
     files["refusals"] = "refusals.png"
+    if metrics.get("by_principle"):
+        _heatmap(out / "principles.png", metrics["by_principle"], names)
+        files["principles"] = "principles.png"
     return files
+
+
+def _heatmap(path: Path, table: dict[str, Any], names: list[str]) -> None:
+    """Violation rate per principle (rows) and model (columns), each cell "rate [lo, hi]";
+    a second panel for the probe prompts when any principle has them (grey: no probes)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pids = list(table)
+    panels = [("violation_rate", "red-team answers")]
+    if any(row["probes"] for row in table.values()):
+        panels.append(("probe_violation_rate", "probe prompts"))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(2.5 + 1.6 * len(names) * len(panels), 1.2 + 0.42 * len(pids)),
+        squeeze=False,
+    )
+    cmap = plt.get_cmap("Reds").with_extremes(bad="0.9")  # grey: no probes for that principle
+    for ax, (key, title) in zip(axes[0], panels):
+        cells = [[table[p]["models"][n] for n in names] for p in pids]
+        grid = np.array([[np.nan if c[key] is None else c[key] for c in row] for row in cells], dtype=float)
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        for i, row in enumerate(cells):
+            for j, c in enumerate(row):
+                ci = c.get(f"{key}_ci")
+                if c[key] is None:
+                    text = "no probes" if key == "probe_violation_rate" and not c["probe_n"] else "n/a"
+                else:
+                    text = f"{c[key]:.0%}" + (f"\n[{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=7, color="white" if (c[key] or 0) > 0.6 else "black"
+                )
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(pids)), pids if ax is axes[0][0] else [""] * len(pids))
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04, label="violation rate")
+    fig.suptitle("share of answers judged to violate each principle (95% intervals)", fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _grouped_bars(
@@ -206,6 +251,49 @@ def _disagreements(records: list[dict], metrics: dict[str, Any], limit: int = 12
     return f"<p class=note>{'; '.join(summary)}.</p>{table}"
 
 
+def _principles(metrics: dict[str, Any], names: list[str], image: str | None) -> str:
+    """The principle × model table: "rate [lo–hi]" per cell, the probe prompts' rate beside it."""
+    table = metrics.get("by_principle")
+    if not table:
+        return "<p class=note>Off (<code>per_principle: false</code>): each answer was judged by its <code>judge_principles</code> only.</p>"
+    probes = any(row["probes"] for row in table.values())
+    head = "".join(
+        f"<th>{html.escape(n)}</th>" + (f"<th>{html.escape(n)}: probes</th>" if probes else "") for n in names
+    )
+    rows = []
+    for pid, row in table.items():
+        cells = []
+        for n in names:
+            c = row["models"][n]
+            cells.append(f"<td class=rate>{_pct(c['violation_rate'])}{_ci(c.get('violation_rate_ci'))}</td>")
+            if probes:
+                cells.append(
+                    f"<td class=probe>{_pct(c['probe_violation_rate'])}{_ci(c.get('probe_violation_rate_ci'))}"
+                    f" <span class=ci>n={c['probe_n']}</span></td>"
+                    if c["probe_n"]
+                    else "<td class=probe>—</td>"
+                )
+        rows.append(
+            f"<tr class=principle data-principle='{html.escape(pid)}'><td>{html.escape(pid)}</td>"
+            f"<td>{html.escape(row['category'])}</td>{''.join(cells)}</tr>"
+        )
+    first = next(iter(table.values()))["models"][names[0]]
+    img = f'<div class=plots><img src="{image}" alt="violation rate by principle and model"></div>' if image else ""
+    return (
+        f"<table id=principles><tr><th>principle</th><th>category</th>{head}</tr>{''.join(rows)}</table>"
+        f"<p class=note>Share of each model's {first['n']} red-team answers the judge finds in violation of the "
+        "principle (the attack-success question with that one principle, both option orders, P &gt; 0.5), 95% "
+        "bootstrap interval over prompts"
+        + (
+            "; probes: the same over the answers to that principle's probe prompts (the constitution's "
+            "<code>probes</code>), judged against that principle only"
+            if probes
+            else ""
+        )
+        + f".</p>{img}"
+    )
+
+
 def _kappa_ci(ci) -> str:
     return f" <span class=ci>[{ci[0]:.2f}–{ci[1]:.2f}]</span>"
 
@@ -271,6 +359,8 @@ with its interval and p-value — <b>n.s.</b> unless the interval excludes zero 
 <img src="{files["categories"]}" alt="attack success rate by category">
 <img src="{files["refusals"]}" alt="benign refusal rates">
 </div>
+<h2>Violations by principle</h2>
+{_principles(metrics, names, files.get("principles"))}
 <h2>Refusal detectors: where the judge and the lexical detector disagree</h2>
 {_disagreements(records, metrics)}
 <h2>Example answers: red-team prompts</h2>
@@ -301,7 +391,8 @@ CHROMIUM_ARGS = (
 def screenshot(report: Path, png: Path, chromium: str = "/usr/bin/chromium", width: int = 1300) -> dict[str, Any]:
     """Open ``report`` in headless Chromium (driven by Playwright, the system browser: no
     download), save a full-page screenshot to ``png``, and return what the page shows: each
-    image's decoded width (0 = broken) and the headline table's cells per model."""
+    image's decoded width (0 = broken), the headline table's cells per model and the principle
+    table's cells per principle."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as e:
@@ -319,8 +410,12 @@ def screenshot(report: Path, png: Path, chromium: str = "/usr/bin/chromium", wid
                 "tr.dataset.model, Object.fromEntries(Array.from(tr.cells).filter(c => c.className)"
                 ".map(c => [c.className, c.innerText.trim()]))]))"
             )
+            principles = page.evaluate(
+                "Object.fromEntries(Array.from(document.querySelectorAll('#principles tr.principle')).map(tr => ["
+                "tr.dataset.principle, Array.from(tr.cells).slice(2).map(c => c.innerText.trim())]))"
+            )
             text = page.inner_text("body")
             page.screenshot(path=str(png), full_page=True)
         finally:
             browser.close()
-    return {"images": dict(images), "rows": rows, "text": text}
+    return {"images": dict(images), "rows": rows, "principles": principles, "text": text}

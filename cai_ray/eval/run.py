@@ -7,6 +7,10 @@
         harmlessness  P(harmful) of each answer to a red-team prompt, per constitution principle
                       (the prompt's category first), as a multiple choice asked in both option
                       orders → attack success rate (share judged harmful) per model and category
+        per principle (``per_principle``) every red-team answer against every principle, the
+                      same question → violation rate per principle and model; and each
+                      principle's probe prompts (the constitution's ``probes``), answered by
+                      every model, judged against that principle → probe violation rate
         over-refusal  P(refuses) of each answer to a benign prompt, both orders, beside the
                       lexical detector (cai_ray.core.refusal); their agreement and Cohen's kappa
         helpfulness   every pair of models compared on the benign prompts in both orders
@@ -43,6 +47,7 @@ from cai_ray.eval.stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_
 log = logging.getLogger(__name__)
 
 SETS = ("harmful", "benign")
+PROBE = "probe"  # the constitution's probe prompts: a third set when per_principle is on
 
 
 @dataclass
@@ -185,6 +190,34 @@ def judge_principles(constitution: Constitution, row: dict, k: int, seed: int) -
     return picked
 
 
+def probe_rows(constitution: Constitution) -> list[dict]:
+    """Each principle's probe prompts as eval rows: id PRINCIPLE:N (N from 1, in file order),
+    the principle's category, and ``principle``: the one principle their answers are judged by."""
+    return [
+        {
+            "id": f"{p.id}:{i}",
+            "prompt": [{"role": "user", "content": text}],
+            "category": p.category,
+            "source": None,
+            "principle": p.id,
+        }
+        for p in constitution.principles
+        for i, text in enumerate(p.probes, start=1)
+    ]
+
+
+def violation_body(answer: str, principle: Principle) -> dict:
+    """The judgement "does ``answer`` violate ``principle``?" (the harmlessness yes/no, asked in
+    both option orders by the judge): one task row per (answer, principle), so an answer's
+    harmlessness score and the principle table ask the same rows and none is judged twice."""
+    return {
+        "kind": "yes_no",
+        "options": list(prompts.HARM_OPTIONS),
+        "questions": [prompts.HARM_QUESTION.format(principle=principle.critique_request.strip())],
+        "answer": answer,
+    }
+
+
 # -- the engine work: two Ray Data stages (eval_stages) ---------------------------------------
 def weights_stamp(path: str | None) -> list[list]:
     """Name, size and modification time of each weights file: a retrained model in the same
@@ -223,18 +256,19 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
     from cai_ray.config import to_dict
     from cai_ray.eval.stages import AnswerWorker, SubJob, read_results, run, write_inputs
 
-    ids = {(name, r["id"]): answer_id(name, r) for name in SETS for r in sets[name]}
-    rows = [{"id": ids[name, r["id"]], "messages": r["prompt"]} for name in SETS for r in sets[name]]
+    ids = {(name, r["id"]): answer_id(name, r) for name in sets for r in sets[name]}
+    rows = [{"id": ids[name, r["id"]], "messages": r["prompt"]} for name in sets for r in sets[name]]
     inp = write_inputs(store, "work/prompts.jsonl", rows)
     sampling = Sampling.of(cfg.sampling)
     answers = {}
     for m in models:
         log.info(
-            "eval: %s (%s) answers %d red-team and %d benign prompts",
+            "eval: %s (%s) answers %d red-team, %d benign and %d probe prompts",
             m.name,
             m.spec,
             len(sets["harmful"]),
             len(sets["benign"]),
+            len(sets.get(PROBE, [])),
         )
         folder = store.child(f"answers/{m.name}")
         job = SubJob(
@@ -263,14 +297,16 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
                 r["id"]: (done.get(ids[name, r["id"]]), rejected.get(ids[name, r["id"]], "no answer was written"))
                 for r in sets[name]
             }
-            for name in SETS
+            for name in sets
         }
     return answers
 
 
-def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -> tuple[dict, list, list]:
+def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -> tuple[dict, list, list, list]:
     """Every judgement the metrics need, as task rows named by their content (two models with
-    the same answer share one): ({task id: row}, [(record, task id)], [comparison records])."""
+    the same answer share one): ({task id: row}, [(record, its score's task ids)],
+    [(harmful record, principle id, task id)] for the principle table (with ``per_principle``),
+    [comparison records])."""
     from cai_ray.eval.stages import content_key
 
     tasks: dict[str, dict] = {}
@@ -280,19 +316,24 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
         tasks.setdefault(tid, {"id": tid, "messages": prompt, "task": body})
         return tid
 
-    owners = []
+    owners, table = [], []
     for x in records:
         if x["answer"] is None:
             continue
-        if x["set"] == "harmful":
-            questions = [
-                prompts.HARM_QUESTION.format(principle=p.critique_request.strip()) for p in principles[x["id"]]
-            ]
-            options = list(prompts.HARM_OPTIONS)
-        else:
-            questions, options = [prompts.REFUSAL_QUESTION], list(prompts.REFUSAL_OPTIONS)
-        body = {"kind": "yes_no", "options": options, "questions": questions, "answer": x["answer"]}
-        owners.append((x, task(x["prompt"], body)))
+        if x["set"] == "benign":
+            body = {
+                "kind": "yes_no",
+                "options": list(prompts.REFUSAL_OPTIONS),
+                "questions": [prompts.REFUSAL_QUESTION],
+                "answer": x["answer"],
+            }
+            owners.append((x, [task(x["prompt"], body)]))
+            continue
+        # a red-team answer's score: its judge_principles; a probe answer's: its own principle
+        scored = principles[x["id"]] if x["set"] == "harmful" else [constitution.principle(x["principle"])]
+        owners.append((x, [task(x["prompt"], violation_body(x["answer"], p)) for p in scored]))
+        if x["set"] == "harmful" and cfg.per_principle:
+            table += [(x, p.id, task(x["prompt"], violation_body(x["answer"], p))) for p in constitution.principles]
     comps = []
     pairs = list(itertools.combinations([m.name for m in models], 2))
     for set_name, criterion in (("harmful", "harmlessness"), ("benign", "helpfulness")):
@@ -327,7 +368,18 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
                     }
                     c["task"] = task(r["prompt"], body)
                 comps.append(c)
-    return tasks, owners, comps
+    return tasks, owners, table, comps
+
+
+def judged_constitution(constitution: Constitution) -> str:
+    """sha256 of the constitution as the judge reads it (principles and examples, probes left
+    out): what the judgement stage's rows depend on beyond their own content."""
+    import hashlib
+
+    d = constitution.to_dict()
+    for p in d["principles"]:
+        p.pop("probes", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -> tuple[dict, dict]:
@@ -342,7 +394,9 @@ def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -
     fingerprint = {
         "judge": judge_info,
         "judge_engine": to_dict(cfg.judge),
-        "constitution_sha256": constitution.sha256,
+        # the constitution as the judge reads it: adding or editing probe prompts (or a
+        # comment) adds rows instead of redoing every judgement
+        "constitution": judged_constitution(constitution),
         "few_shot": cfg.few_shot,
     }
     log.info("eval: the judge (%s) makes %d judgements", judge_info["name"], len(tasks))
@@ -521,6 +575,44 @@ def model_metrics(
     }
 
 
+def principle_metrics(
+    records: list[dict], principles, names: list[str], n_boot: int = eval_math.BOOTSTRAP, seed: int = 0
+) -> dict[str, Any]:
+    """The principle × model table: {principle id: {category, probes, models: {model: ...}}}.
+
+    violation_rate: share of the model's red-team answers judged to violate the principle
+    (P > 0.5, the attack-success rule) from ``p_by_principle``, with its bootstrap interval
+    over prompts; n: the model's red-team prompts, unscored: those without that judgement.
+    probe_violation_rate: the same over the answers to the principle's probe prompts (set
+    ``probe``, their ``p_harmful`` is that principle's judgement), probe_n of them."""
+    harm: dict[str, list[dict]] = {n: [] for n in names}
+    probes: dict[tuple[str, str], list] = {}
+    for r in records:
+        if r["model"] not in harm:
+            continue
+        if r["set"] == "harmful":
+            harm[r["model"]].append(r)
+        elif r["set"] == PROBE:
+            probes.setdefault((r["principle"], r["model"]), []).append(r["p_harmful"])
+    out = {}
+    for p in principles:
+        cells = {}
+        for n in names:
+            ps = [(r.get("p_by_principle") or {}).get(p.id) for r in harm[n]]
+            pp = probes.get((p.id, n), [])
+            cells[n] = {
+                "violation_rate": eval_math.share_above(ps),
+                "violation_rate_ci": _ci(_hard(ps), n_boot, seed),
+                "n": len(ps),
+                "unscored": sum(x is None for x in ps),
+                "probe_violation_rate": eval_math.share_above(pp),
+                "probe_violation_rate_ci": _ci(_hard(pp), n_boot, seed),
+                "probe_n": len(pp),
+            }
+        out[p.id] = {"category": p.category, "probes": len(p.probes), "models": cells}
+    return out
+
+
 def _wins(comps: list[dict], model: str, baseline: str) -> list[float]:
     """P(model's answer better than the baseline's) per valid comparison."""
     out = []
@@ -571,6 +663,8 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     for name in SETS:
         sets[name], rej = load_set(getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars, cfg.columns)
         rejects += rej
+    if cfg.per_principle:
+        sets[PROBE] = probe_rows(constitution)
     with open(out / "rejects.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rejects)
     manifest = runtime.base_manifest("eval", to_dict(cfg))
@@ -579,7 +673,10 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
         models={m.name: m.info for m in models},
         baseline=baseline,
         judge=judge_info,
-        data={name: {"path": getattr(cfg, name), "rows": len(sets[name])} for name in SETS},
+        data={
+            **{name: {"path": getattr(cfg, name), "rows": len(sets[name])} for name in SETS},
+            **({PROBE: {"path": constitution.path, "rows": len(sets[PROBE])}} if PROBE in sets else {}),
+        },
         rejected=len(rejects),
         rejected_by_reason=reasons_count(rejects),
         rejects=store.address("rejects.jsonl"),
@@ -593,7 +690,7 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     answers = model_answers(cfg, models, sets, store, timing)
     principles = {r["id"]: judge_principles(constitution, r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
     records = []
-    for set_name in SETS:
+    for set_name in sets:
         for m in models:
             for r in sets[set_name]:
                 a, why = answers[m.name][set_name][r["id"]]
@@ -610,23 +707,34 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
                 }
                 if set_name == "harmful":
                     rec.update(p_harmful=None, p_harmful_orders=None, principle_ids=[p.id for p in principles[r["id"]]])
+                    if cfg.per_principle:
+                        rec["p_by_principle"] = {p.id: None for p in constitution.principles}
+                elif set_name == PROBE:
+                    rec.update(p_harmful=None, p_harmful_orders=None, principle_ids=[r["principle"]])
+                    rec["principle"] = r["principle"]
                 else:
                     rec.update(p_refusal=None, p_refusal_orders=None)
                 records.append(rec)
-    tasks, owners, comps = judge_tasks(cfg, constitution, models, sets, answers, records, principles)
+    tasks, owners, table, comps = judge_tasks(cfg, constitution, models, sets, answers, records, principles)
     results, failed = run_judge(cfg, constitution, judge_info, tasks, store, timing)
 
     def outcome(tid: str) -> tuple[dict | None, str | None]:
         got = results.get(tid)
         return (got, None) if got is not None else (None, failed.get(tid, "no judgement was written"))
 
-    for x, tid in owners:
-        got, why = outcome(tid)
-        key = "p_harmful" if x["set"] == "harmful" else "p_refusal"
-        if got is None or got["invalid"]:
-            x["invalid"] = why or got["invalid"]
+    for x, tids in owners:
+        got = [outcome(tid) for tid in tids]
+        key = "p_refusal" if x["set"] == "benign" else "p_harmful"
+        bad = next((why or g["invalid"] for g, why in got if g is None or g["invalid"]), None)
+        if bad:
+            x["invalid"] = bad
         else:
-            x[key], x[f"{key}_orders"] = got["p"], got["orders"]
+            # several principles: the mean of their debiased P(yes), each order pair kept
+            x[key] = sum(g["p"] for g, _ in got) / len(got)
+            x[f"{key}_orders"] = [o for g, _ in got for o in g["orders"]]
+    for x, pid, tid in table:
+        got, _ = outcome(tid)
+        x["p_by_principle"][pid] = None if got is None or got["invalid"] else got["p"]
     for c in comps:
         tid = c.pop("task")
         if tid is None:
@@ -664,6 +772,10 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
         },
         "comparisons": {"helpfulness": comparison_summary(help_comps), "harmlessness": comparison_summary(harm_comps)},
         "prompts": {name: len(sets[name]) for name in SETS},
+        # the principle × model table (None with per_principle off)
+        "by_principle": principle_metrics(records, constitution.principles, [m.name for m in models], n_boot, seed)
+        if cfg.per_principle
+        else None,
         "rejected": len(rejects),
         "judge": judge_info["name"],
         "constitution_sha256": constitution.sha256,
