@@ -595,7 +595,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_review(args) -> int:
-    from cai_ray.review.server import run
+    from cai_ray.serve.review import run
 
     return run(args.output, args.host, args.port, args.api_key_file, args.lease_minutes, args.auth)
 

@@ -198,14 +198,35 @@ class LabelWorker:
 
 
 def review_queue(out, router: ConstitutionRouter, review) -> dict[str, Any]:
-    """review/queue.jsonl: the labels the AI is least sure of, for people (cai_ray/review)."""
+    """review/queue.jsonl: the labels the AI is least sure of, for people (core/review.py;
+    `cai-ray review` serves it). A re-run writes the queue again, keeping every pair people
+    already labelled (their labels, review/labels.jsonl, are never touched), and reports the
+    AI-vs-human agreement so far. Returns the manifest's figures."""
     from cai_ray.batch.stage import read_output
     from cai_ray.batch.storage import as_store
-    from cai_ray.review.queue import COLUMNS, write_queue
+    from cai_ray.core.review import COLUMNS, ai_vs_human, build_queue, human_labels, read_queue
 
+    store = as_store(out)
     table = read_output(out, COLUMNS, ("data", "filtered"))
     rows = table.to_pylist() if table is not None else []
-    return write_queue(as_store(out), rows, {constitution_id(c): c for c in router.all}, review)
+    queue = build_queue(rows, {constitution_id(c): c for c in router.all}, review)
+    labelled = {} if store.remote else human_labels(store.local())  # people review a local folder
+    if labelled:
+        have = {q["pair_id"] for q in queue}
+        queue += [q for q in read_queue(store.local()) if q["pair_id"] in labelled and q["pair_id"] not in have]
+    store.write_jsonl("review/queue.jsonl", queue)
+    counts: dict[str, int] = {}
+    for q in queue:
+        for r in q["reasons"]:
+            kind = r.split(":")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return {
+        "queued": len(queue),
+        "of_pairs": len(rows),
+        "by_reason": counts,
+        "queue": store.address("review/queue.jsonl"),
+        "agreement": ai_vs_human(store.local()) if labelled else None,
+    }
 
 
 # -- quality ----------------------------------------------------------------------------------

@@ -120,8 +120,7 @@ def with_human_labels(rows: list[Row], data: str, setting: str, ties: bool) -> t
     comes back from the review queue. ``ties``: whether the trainer can take p_chosen = 0.5
     (soft targets); otherwise a tied pair is left out and counted. Returns the rows and the
     manifest's figures (how many labels came from people)."""
-    from cai_ray.review.agreement import ai_vs_human
-    from cai_ray.review.store import human_labels, read_queue
+    from cai_ray.core.review import ai_vs_human, human_labels, read_queue
 
     folder = human_label_folder(data, setting)
     if folder is None:

@@ -108,20 +108,15 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(5)))
-    m = label(
-        _cfg(
-            tmp_path,
-            src,
-            **{
-                "policy.model": "tiny-random",
-                "pairs.samples": 3,
-                "filter.min_margin": 0.05,
-                "filter.drop_inconsistent": "true",
-                "review.fraction": 0.5,
-                "review.margin": 0.05,
-            },
-        )
-    )
+    over = {
+        "policy.model": "tiny-random",
+        "pairs.samples": 3,
+        "filter.min_margin": 0.05,
+        "filter.drop_inconsistent": "true",
+        "review.fraction": 0.5,
+        "review.margin": 0.05,
+    }
+    m = label(_cfg(tmp_path, src, **over))
     out = tmp_path / "out"
     kept, held = _rows(out), _rows(out, "filtered")
     assert m["counts"]["read"] == 5 and m["counts"]["written"] + m["counts"]["rejected"] == 5
@@ -137,7 +132,7 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
     assert m["timing"]["policy_s"] > 0 and m["models"]["policy"]["name"] == "tiny-random"
     # the review queue (HRLAIF): the unsure labels, most unsure first, at most half the pairs,
     # with what a person needs to judge them
-    from cai_ray.review.store import read_queue
+    from cai_ray.core.review import read_queue
 
     queue = read_queue(out)
     unsure = {r["id"] for r in kept + held if not r["position_consistent"] or abs(r["p_a"] - 0.5) < 0.05}
@@ -153,6 +148,16 @@ def test_label_stage_samples_pairs_from_a_policy_and_filters(ray_local, tmp_path
     assert [(len(q["reasons"]), q["uncertainty"]) for q in queue] == sorted(
         ((len(q["reasons"]), q["uncertainty"]) for q in queue), reverse=True
     )
+    # a person labels the last queued pair against the AI; a re-run that queues only the most
+    # unsure pair keeps it (the merge reads its answers from the queue) and reports the agreement
+    from cai_ray.core.review import LabelLog
+
+    assert len(queue) >= 2
+    last = queue[-1]
+    LabelLog(out).append("label", last["pair_id"], "ann", "a" if last["p_a"] < 0.5 else "b")
+    again = label(_cfg(tmp_path, src, **{**over, "review.fraction": 0.01}))
+    assert [q["pair_id"] for q in read_queue(out)] == [queue[0]["pair_id"], last["pair_id"]]
+    assert again["review"]["agreement"]["compared"] == 1 and again["review"]["agreement"]["agreement"] == 0.0
 
 
 def test_gold_accuracy_calibration_and_reliability_diagram(ray_local, tmp_path):
@@ -238,8 +243,8 @@ def test_several_constitutions_in_one_run_by_a_row_field(ray_local, tmp_path):
     constitution, the others against the default; each row records its constitution, the
     manifest compares them side by side, and the review queue shows each row's own principles."""
     from cai_ray.core.constitution import load_constitution
+    from cai_ray.core.review import read_queue
     from cai_ray.label.run import constitution_id, label
-    from cai_ray.review.store import read_queue
 
     src = tmp_path / "pairs.jsonl"
     src.write_text(

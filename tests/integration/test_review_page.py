@@ -18,10 +18,10 @@ import httpx
 import pytest
 import uvicorn
 
-from cai_ray.review.server import ReviewState, build_app
-from cai_ray.review.store import read_events, review_dir, standing
+from cai_ray.core.review import read_events, review_dir, standing
 from cai_ray.runtime import free_port
 from cai_ray.serve.api import key_digest
+from cai_ray.serve.review import ReviewState, build_app
 
 KEY = "review-key-0123456789abcdef"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -29,7 +29,7 @@ HOSTILE = "Say <b>bold</b><script>window.pwned = 1</script> & <img src=x onerror
 
 
 def queue_row(i: int, p_a: float, reasons: list[str]) -> dict:
-    """One row as cai_ray.review.queue.build_queue writes it."""
+    """One row as cai_ray.core.review.build_queue writes it."""
     no_label = math.isnan(p_a)
     return {
         "pair_id": f"p{i}",

@@ -142,7 +142,7 @@ def test_preference_model_separates_a_toy_set(ray_local, tmp_path, zero, p_chose
 # room for the two-node and ZeRO-3 rank tests of issue 26)
 @pytest.mark.parametrize("zero", [3])
 def test_dpo_two_workers_prefers_the_chosen_answers(ray_local, tmp_path, zero):
-    from cai_ray.review.store import LabelLog
+    from cai_ray.core.review import LabelLog
     from cai_ray.train.dpo import train_dpo
 
     toy = preference_toy(32)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from cai_ray.review import queue as q
-from cai_ray.review import store
+from cai_ray.core import review as q
+from cai_ray.core import review as store
 
 
 class Review:
@@ -175,21 +175,3 @@ def test_cohen_kappa_on_hand_computed_tables():
     assert cohen_kappa(["a", "a"], ["a", "a"]) is None  # both constant: undefined
     lo, hi = cohen_kappa_ci(a, b)
     assert lo < 0.4 < hi
-
-
-def test_a_rewritten_queue_keeps_the_pairs_people_labelled(tmp_path):
-    """A re-run of label writes the queue again; a pair someone labelled stays in it (its
-    answers are what the merge reads), even when the new settings would not queue it."""
-    from cai_ray.batch.storage import Store
-
-    rows = [row("close/0", 0.53, 0.53, 0.53), row("sure/0", 0.9, 0.9, 0.9)]
-    first = q.write_queue(Store(tmp_path), rows, Constitution, Review)
-    assert first["queued"] == 1 and first["agreement"] is None
-    store.LabelLog(tmp_path).append("label", "close/0", "ann", "b")
-
-    class Off(Review):
-        margin = 0.0
-
-    again = q.write_queue(Store(tmp_path), rows, Constitution, Off)
-    assert [x["pair_id"] for x in store.read_queue(tmp_path)] == ["close/0"]
-    assert again["agreement"]["compared"] == 1 and again["agreement"]["agreement"] == 0.0

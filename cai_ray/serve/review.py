@@ -3,7 +3,7 @@
     cai-ray review out/label                       # http://127.0.0.1:8900/, key from $CAI_RAY_API_KEY
 
 Reads OUTPUT/review/queue.jsonl (written by `cai-ray label`), appends every decision to
-OUTPUT/review/labels.jsonl (store.LabelLog: flushed and fsynced before the reply, so a
+OUTPUT/review/labels.jsonl (core/review.py's LabelLog: flushed and fsynced before the reply, so a
 browser or server that stops loses nothing; a restarted server reads the file back) and logs
 to OUTPUT/review/server.log.
 
@@ -41,10 +41,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
-from cai_ray.review.store import LABELS, LabelLog, read_events, read_queue, review_dir, standing
+from cai_ray.core.review import LABELS, LabelLog, read_events, read_queue, review_dir, standing
 from cai_ray.serve.api import UNAUTHORISED, RequestGuard, error, key_digest, key_ok
 
-log = logging.getLogger("cai_ray.review.server")
+log = logging.getLogger("cai_ray.serve.review")
 
 OPEN_PATHS = frozenset({"/", "/healthz"})
 # Basic, not Bearer: a browser answers this challenge with a sign-in dialog, and then sends the
@@ -314,7 +314,7 @@ def log_to_file(path: Path) -> None:
     """This module's and uvicorn's records go to ``path`` only, not the terminal."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("cai_ray.review", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("cai_ray.serve.review", "uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers, logger.propagate = [handler], False
         logger.setLevel(logging.INFO)
