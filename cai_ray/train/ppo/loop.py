@@ -212,7 +212,7 @@ class Worker:
         )
         self.kl = AdaptiveKL(job.cfg.ppo.kl_coef, job.cfg.ppo.adaptive_kl, job.cfg.ppo.kl_horizon)
         self.probes = load_probes(job.cfg.monitor.probe)
-        self.version = 0  # policy version: updates applied (the rollout engines' weights carry it)
+        self.version = 0  # policy version: policy updates applied (the rollout engines' weights carry it)
         self.step = 0
         self.history: list[dict] = []
 
@@ -248,6 +248,7 @@ class Worker:
         job, ppo, ph, learner, ranks = self.job, self.job.cfg.ppo, Phases(), self.learner, self.ranks
         rows = self.batch_rows(step)
         prompts = [_encode(self.tok, r["prompt"]) for r in rows]
+        train_policy = step >= ppo.critic_warmup_steps  # else a critic warm-up step: the value model alone
 
         t_step = time.perf_counter()
         with ph("rollout"):
@@ -318,10 +319,12 @@ class Worker:
 
             batch = UpdateBatch(ids, attn, p_len, mask, old_logp, old_values, adv, returns, is_weights)
             batch.ref_logp = ref_logp if self.algo == "grpo" else None
-            stats = learner.update(batch, train_policy=step >= ppo.critic_warmup_steps, kl_coef=beta)
-        self.version += 1
+            stats = learner.update(batch, train_policy=train_policy, kl_coef=beta)
+        trained_at = self.version  # the trainer's policy version this batch was trained against
+        if train_policy:  # a critic warm-up step leaves the policy, its version and the engines' copy as they are
+            self.version += 1
         synced: dict[str, float] = {}
-        if self.sampler.syncs:
+        if self.sampler.syncs and train_policy:
             with ph("sync"):
                 synced = self.sampler.after_update(
                     self.version, prompts[:SYNC_CHECK_PROMPTS] if job.cfg.rollout.check_sync else None
@@ -346,7 +349,7 @@ class Worker:
             )
         if pooled:
             local.update(
-                staleness=float(self.version - 1 - got.version),
+                staleness=float(trained_at - got.version),
                 rollout_engine_seconds=got.seconds,
                 rollout_wait_seconds=got.waited,
                 regenerated_stale=float(got.regenerated),
