@@ -356,13 +356,48 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sft.optim.epochs=2")
 
-    c = sub.add_parser("constitution", help="validate or show constitution files")
+    c = sub.add_parser("constitution", help="validate, show or collect constitution files")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate", help="check files; exit 1 naming file, principle and field")
     v.add_argument("files", nargs="+")
     s = csub.add_parser("show", help="print a constitution's principles")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="print the parsed file as JSON")
+    co = csub.add_parser(
+        "collect",
+        help="a constitution from a public vote (Polis export): the statements every opinion group agreed with",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Collective Constitutional AI: read statements and votes in the layout of Polis's public\n"
+        "data exports, find opinion groups (PCA + k-means, k by silhouette), keep the statements with\n"
+        "high agreement in every group (group-aware consensus), and write them as principles with\n"
+        "their provenance. The output is checked with the constitution validator before it is\n"
+        "written; exit 2, nothing written, when no statement passes.",
+        epilog="input (header case, spaces, a BOM and extra columns are fine):\n"
+        "  --statements  comments.csv: comment-id, comment-body [, moderated: -1 = moderated out, left out]\n"
+        "  --votes       votes.csv: voter-id, comment-id, vote (1 agree, -1 disagree, 0 pass) [, timestamp];\n"
+        "                a re-vote replaces the earlier vote (by timestamp, else file order).\n"
+        "                Or participants-votes.csv: participant, one column per comment id.\n"
+        "output: FILE (a constitution; principle ids ccai-<comment-id>, weight = consensus score) and\n"
+        "  FILE.rejects.jsonl (every row not used, with its reason)\n\n"
+        "example:\n"
+        "  cai-ray constitution collect --statements comments.csv --votes votes.csv --output constitutions/public.yaml",
+    )
+    co.add_argument("--statements", required=True, metavar="CSV", help="comments.csv of a Polis export")
+    co.add_argument("--votes", required=True, metavar="CSV", help="votes.csv (or participants-votes.csv)")
+    co.add_argument("--output", required=True, metavar="FILE", help="the constitution YAML to write")
+    co.add_argument("--max-groups", type=int, default=5, metavar="K", help="most opinion groups tried (default 5)")
+    co.add_argument("--min-votes", type=int, default=7, metavar="N", help="a voter's votes to be grouped (default 7)")
+    co.add_argument(
+        "--min-agree", type=float, default=0.6, metavar="P", help="P(agree) needed in every group (default 0.6)"
+    )
+    co.add_argument(
+        "--min-group-votes", type=int, default=3, metavar="N", help="votes needed in every group (default 3)"
+    )
+    co.add_argument("--max-principles", type=int, default=20, metavar="N", help="most principles kept (default 20)")
+    co.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    co.add_argument("--name", default="collective", help="constitution name (default collective)")
+    co.add_argument("--version", default="1.0.0", help="constitution version (default 1.0.0)")
+    co.add_argument("--description", help="constitution description (default: says how it was collected)")
     return parser
 
 
@@ -650,6 +685,30 @@ def _fmt(x) -> str:
 def cmd_constitution(args) -> int:
     from cai_ray.core.constitution import ConstitutionError, load_constitution
 
+    if args.action == "collect":
+        from cai_ray.collective.collect import DEFAULT_DESCRIPTION, collect
+        from cai_ray.collective.polis import CollectError
+
+        try:
+            result = collect(
+                args.statements,
+                args.votes,
+                args.output,
+                max_groups=args.max_groups,
+                min_votes=args.min_votes,
+                min_agree=args.min_agree,
+                min_group_votes=args.min_group_votes,
+                max_principles=args.max_principles,
+                seed=args.seed,
+                name=args.name,
+                version=args.version,
+                description=args.description or DEFAULT_DESCRIPTION,
+            )
+        except CollectError as e:
+            print(f"constitution collect: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(result.report()))
+        return 0
     if args.action == "validate":
         failed = 0
         for f in args.files:

@@ -12,7 +12,14 @@ LAYERS = {
     "core": ("cai_ray.core", "cai_ray.plots"),
     "engine": ("cai_ray.engine", "cai_ray.models"),
     "batch": ("cai_ray.batch",),
-    "steps": ("cai_ray.generate", "cai_ray.label", "cai_ray.train", "cai_ray.eval", "cai_ray.serve"),
+    "steps": (
+        "cai_ray.generate",
+        "cai_ray.label",
+        "cai_ray.train",
+        "cai_ray.eval",
+        "cai_ray.serve",
+        "cai_ray.collective",
+    ),
     "entry": ("cai_ray.pipeline", "cai_ray.cli"),
 }
 ORDER = list(LAYERS)
