@@ -306,3 +306,59 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
         path=where,
         sha256=sha256 or hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest(),
     )
+
+
+# -- several constitutions in one run ---------------------------------------------------------------
+def constitution_id(c: Constitution) -> str:
+    """What a row records of its constitution: its name and the start of its hash."""
+    return f"{c.name}@{c.sha256[:12]}"
+
+
+def constitution_map(spec: str | None) -> dict[str, str]:
+    """``VALUE=FILE,VALUE=FILE`` → {value: file}; a malformed spec is a ValueError naming the part."""
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        value, sep, path = part.partition("=")
+        if not sep or not value.strip() or not path.strip():
+            raise ValueError(f"constitutions: expected VALUE=FILE pairs, comma-separated; got {part.strip()!r}")
+        if value.strip() in out:
+            raise ValueError(f"constitutions: {value.strip()!r} is mapped twice")
+        out[value.strip()] = path.strip()
+    return out
+
+
+class ConstitutionRouter:
+    """Which constitution applies to a row: ``by[value]`` for a row whose ``field`` has that
+    value, else the default. One constitution when ``field`` is None."""
+
+    def __init__(self, default: Constitution, field: str | None = None, by: dict[str, Constitution] | None = None):
+        self.default, self.field, self.by = default, field, dict(by or {})
+
+    @classmethod
+    def load(cls, default: str, field: str | None, spec: str | None) -> ConstitutionRouter:
+        """The constitutions of a config: ``default`` (a file), and per value of ``field`` the
+        files of ``spec`` (``VALUE=FILE,...``)."""
+        by = {v: load_constitution(f) for v, f in constitution_map(spec).items()}
+        return cls(load_constitution(default), field, by)
+
+    @property
+    def all(self) -> list[Constitution]:
+        """Every distinct constitution, the default first."""
+        out = [self.default]
+        for c in self.by.values():
+            if c.sha256 not in {x.sha256 for x in out}:
+                out.append(c)
+        return out
+
+    def of_value(self, value: Any) -> Constitution:
+        if self.field is None or value is None:
+            return self.default
+        return self.by.get(str(value), self.default)
+
+    def of_meta(self, meta: str | None) -> Constitution:
+        """The constitution of a batch row whose other fields are the JSON ``meta``."""
+        if self.field is None or not meta:
+            return self.default
+        return self.of_value(json.loads(meta).get(self.field))

@@ -31,6 +31,14 @@ class EvalConfig:
         "comparisons.jsonl, answers/, judgements/, manifest.json",
     )
     constitution: str = setting("constitutions/general.yaml", "constitution whose principles define harm for the judge")
+    constitution_field: str | None = setting(
+        None,
+        "several constitutions in one run: the red-team row field (e.g. category) whose value picks the "
+        "constitution its answers are judged by, from `constitutions`; other rows take `constitution`",
+    )
+    constitutions: str | None = setting(
+        None, "with constitution_field: VALUE=FILE pairs, comma-separated (e.g. minors=constitutions/tutor.yaml)"
+    )
     limit: int | None = setting(None, "evaluate only the first N prompts of each file (smoke runs)")
     columns: str | None = setting(
         None,
@@ -83,6 +91,16 @@ class EvalConfig:
     }
 
     def validate(self) -> None:
+        from cai_ray.core.constitution import constitution_map
+
+        if bool(self.constitution_field) != bool(self.constitutions):
+            raise ConfigError(
+                "constitution_field and constitutions go together: the row field, and VALUE=FILE pairs for its values"
+            )
+        try:
+            constitution_map(self.constitutions)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.models:
             raise ConfigError("models: required (at least one MODEL or NAME=MODEL)")
         for key in ("harmful", "benign", "output"):

@@ -294,6 +294,35 @@ def _principles(metrics: dict[str, Any], names: list[str], image: str | None) ->
     )
 
 
+def _constitutions(metrics: dict[str, Any], names: list[str]) -> str:
+    """Several constitutions in one run: each one's red-team rows side by side (attack success
+    rate per model, with its interval), and the rows that picked it."""
+    table = metrics.get("by_constitution")
+    if not table:
+        return ""
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = []
+    for cid, c in table.items():
+        cells = "".join(
+            f"<td class=rate>{_pct(c['models'][n]['attack_success_rate'])}"
+            f"{_ci(c['models'][n].get('attack_success_rate_ci'))} <span class=ci>n={c['models'][n]['n']}</span></td>"
+            for n in names
+        )
+        values = ", ".join(c["values"]) if c["values"] else "(the default)"
+        rows.append(
+            f"<tr class=constitution data-constitution='{html.escape(cid)}'><td>{html.escape(c['name'])}</td>"
+            f"<td class=path>{html.escape(cid)}</td><td>{html.escape(values)}</td><td>{c['prompts']}</td>{cells}</tr>"
+        )
+    return (
+        "<h2>Constitutions side by side</h2>"
+        f"<table id=constitutions><tr><th>constitution</th><th>id</th><th>rows with</th><th>prompts</th>{head}</tr>"
+        f"{''.join(rows)}</table><p class=note>Attack success rate over the red-team prompts each constitution "
+        "judged (the rows' field picks it), 95% bootstrap interval over prompts; each constitution's own "
+        "principle table is in metrics.json (<code>by_constitution</code>). The table above covers the default "
+        "constitution's rows.</p>"
+    )
+
+
 def _kappa_ci(ci) -> str:
     return f" <span class=ci>[{ci[0]:.2f}–{ci[1]:.2f}]</span>"
 
@@ -361,6 +390,7 @@ with its interval and p-value — <b>n.s.</b> unless the interval excludes zero 
 </div>
 <h2>Violations by principle</h2>
 {_principles(metrics, names, files.get("principles"))}
+{_constitutions(metrics, names)}
 <h2>Refusal detectors: where the judge and the lexical detector disagree</h2>
 {_disagreements(records, metrics)}
 <h2>Example answers: red-team prompts</h2>

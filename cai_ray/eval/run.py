@@ -39,7 +39,7 @@ from typing import Any
 
 from cai_ray.batch.storage import Store, is_uri
 from cai_ray.core import eval_math, prompts
-from cai_ray.core.constitution import Constitution, Principle
+from cai_ray.core.constitution import Constitution, ConstitutionRouter, Principle, constitution_id
 from cai_ray.core.refusal import is_refusal
 from cai_ray.engine import Sampling
 from cai_ray.eval.stages import HELPFULNESS, judge_yes_no  # noqa: F401 - judge_yes_no: its old home
@@ -96,9 +96,10 @@ def map_columns(r: dict, columns: dict[str, str]) -> dict:
     return row
 
 
-def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
+def eval_row(r: dict, columns: dict[str, str] | None = None, keep: str | None = None) -> tuple[dict | None, str | None]:
     """A prompt row (``prompt`` or ``messages`` ending with a user turn, or a common prompt
-    column, or the ``columns`` mapping) with its category and source."""
+    column, or the ``columns`` mapping) with its category and source (and the field ``keep``:
+    the one that picks a row's constitution)."""
     from cai_ray.batch.readers import prompt_row
 
     r = map_columns(r, columns or {})
@@ -115,18 +116,21 @@ def eval_row(r: dict, columns: dict[str, str] | None = None) -> tuple[dict | Non
         out[key] = value.strip() if isinstance(value, str) else value
     if r.get("id") is not None:
         out["id"] = r["id"]  # checked by the one id rule in load_rows (readers.given_id)
+    if keep and keep not in out:
+        value = r.get(keep)
+        out[keep] = None if value is None else str(value)
     return out, None
 
 
 def load_set(
-    path: str, name: str, limit: int | None, max_chars: int, columns: str | None = None
+    path: str, name: str, limit: int | None, max_chars: int, columns: str | None = None, keep: str | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Usable rows of one prompt file (JSONL, CSV or Parquet) and a reject (with its reason)
     for every other row."""
     from cai_ray.batch.readers import load_rows, reject
 
     mapping = parse_columns(columns)
-    rows, rejects = load_rows(path, lambda r: eval_row(r, mapping))
+    rows, rejects = load_rows(path, lambda r: eval_row(r, mapping, keep))
     keep = []
     for row in rows:
         chars = sum(len(m["content"]) for m in row["prompt"])
@@ -302,13 +306,15 @@ def model_answers(cfg, models: list[Model], sets: dict[str, list[dict]], store, 
     return answers
 
 
-def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -> tuple[dict, list, list, list]:
+def judge_tasks(cfg, router, models, sets, answers, records, principles, own) -> tuple[dict, list, list, list]:
     """Every judgement the metrics need, as task rows named by their content (two models with
     the same answer share one): ({task id: row}, [(record, its score's task ids)],
     [(harmful record, principle id, task id)] for the principle table (with ``per_principle``),
-    [comparison records])."""
+    [comparison records]). ``own``: each red-team row's constitution (``router``: all of them;
+    probes come from the default one)."""
     from cai_ray.eval.stages import content_key
 
+    constitution = router.default
     tasks: dict[str, dict] = {}
 
     def task(prompt, body) -> str:
@@ -333,7 +339,7 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
         scored = principles[x["id"]] if x["set"] == "harmful" else [constitution.principle(x["principle"])]
         owners.append((x, [task(x["prompt"], violation_body(x["answer"], p)) for p in scored]))
         if x["set"] == "harmful" and cfg.per_principle:
-            table += [(x, p.id, task(x["prompt"], violation_body(x["answer"], p))) for p in constitution.principles]
+            table += [(x, p.id, task(x["prompt"], violation_body(x["answer"], p))) for p in own[x["id"]].principles]
     comps = []
     pairs = list(itertools.combinations([m.name for m in models], 2))
     for set_name, criterion in (("harmful", "harmlessness"), ("benign", "helpfulness")):
@@ -366,6 +372,8 @@ def judge_tasks(cfg, constitution, models, sets, answers, records, principles) -
                         "answer_b": ans_b,
                         "principle_ids": pids,
                     }
+                    if router.field and set_name == "harmful" and own[r["id"]] is not constitution:
+                        body["constitution"] = own[r["id"]].sha256  # whose principles and examples
                     c["task"] = task(r["prompt"], body)
                 comps.append(c)
     return tasks, owners, table, comps
@@ -382,7 +390,7 @@ def judged_constitution(constitution: Constitution) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -> tuple[dict, dict]:
+def run_judge(cfg, router, judge_info, tasks: dict, store, timing: dict) -> tuple[dict, dict]:
     """Every task judged once (OUTPUT/judgements/: the judge's actor pool of ``judge_pool``),
     resuming what is there: ({task id: result}, {task id: reason})."""
     from cai_ray.batch.stage import actor_engine_kwargs
@@ -396,7 +404,8 @@ def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -
         "judge_engine": to_dict(cfg.judge),
         # the constitution as the judge reads it: adding or editing probe prompts (or a
         # comment) adds rows instead of redoing every judgement
-        "constitution": judged_constitution(constitution),
+        "constitution": judged_constitution(router.default),
+        **({"constitutions": sorted(judged_constitution(c) for c in router.all[1:])} if len(router.all) > 1 else {}),
         "few_shot": cfg.few_shot,
     }
     log.info("eval: the judge (%s) makes %d judgements", judge_info["name"], len(tasks))
@@ -412,7 +421,7 @@ def run_judge(cfg, constitution, judge_info, tasks: dict, store, timing: dict) -
         dict(
             backend=cfg.judge.backend,
             engine_kwargs=actor_engine_kwargs(cfg.judge),
-            constitution=constitution,
+            constitution=router.all,
             few_shot=cfg.few_shot,
             seed=cfg.seed,
         ),
@@ -613,6 +622,34 @@ def principle_metrics(
     return out
 
 
+def constitution_metrics(
+    records: list[dict], router, names: list[str], per_principle: bool, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Each constitution's red-team rows side by side: {constitution id: {name, path, prompts,
+    models: {model: attack success rate, its interval, n}, by_principle (its own table)}}."""
+    out = {}
+    for c in router.all:
+        cid = constitution_id(c)
+        mine = [r for r in records if r["set"] == "harmful" and r.get("constitution") == cid]
+        models = {}
+        for n in names:
+            ps = [r["p_harmful"] for r in mine if r["model"] == n]
+            models[n] = {
+                "attack_success_rate": eval_math.share_above(ps),
+                "attack_success_rate_ci": _ci(_hard(ps), n_boot, seed),
+                "n": len(ps),
+            }
+        out[cid] = {
+            "name": c.name,
+            "path": c.path,
+            "values": sorted(v for v, x in router.by.items() if x.sha256 == c.sha256) or None,
+            "prompts": len({r["id"] for r in mine}),
+            "models": models,
+            "by_principle": principle_metrics(mine, c.principles, names, n_boot, seed) if per_principle else None,
+        }
+    return out
+
+
 def _wins(comps: list[dict], model: str, baseline: str) -> list[float]:
     """P(model's answer better than the baseline's) per valid comparison."""
     out = []
@@ -653,15 +690,17 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     from cai_ray import runtime
     from cai_ray.batch.records import reasons_count
     from cai_ray.config import to_dict
-    from cai_ray.core.constitution import load_constitution
     from cai_ray.eval.report import write_report
 
     t0 = time.perf_counter()
-    constitution = load_constitution(cfg.constitution)
+    router = ConstitutionRouter.load(cfg.constitution, cfg.constitution_field, cfg.constitutions)
+    constitution = router.default
     models, baseline = resolve_models(cfg)
     sets, rejects = {}, []
     for name in SETS:
-        sets[name], rej = load_set(getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars, cfg.columns)
+        sets[name], rej = load_set(
+            getattr(cfg, name), name, cfg.limit, cfg.inputs.max_prompt_chars, cfg.columns, cfg.constitution_field
+        )
         rejects += rej
     if cfg.per_principle:
         sets[PROBE] = probe_rows(constitution)
@@ -670,6 +709,11 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     manifest = runtime.base_manifest("eval", to_dict(cfg))
     manifest.update(
         constitution={"name": constitution.name, "path": constitution.path, "sha256": constitution.sha256},
+        **(
+            {"constitution_field": router.field, "constitutions": {v: c.summary() for v, c in router.by.items()}}
+            if router.field
+            else {}
+        ),
         models={m.name: m.info for m in models},
         baseline=baseline,
         judge=judge_info,
@@ -688,7 +732,9 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     runtime.init_ray(cfg.ray_address)
     timing: dict[str, Any] = {}
     answers = model_answers(cfg, models, sets, store, timing)
-    principles = {r["id"]: judge_principles(constitution, r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
+    # each red-team row is judged by its own constitution (one, unless constitution_field routes them)
+    own = {r["id"]: router.of_value(r.get(router.field)) if router.field else constitution for r in sets["harmful"]}
+    principles = {r["id"]: judge_principles(own[r["id"]], r, cfg.judge_principles, cfg.seed) for r in sets["harmful"]}
     records = []
     for set_name in sets:
         for m in models:
@@ -707,16 +753,17 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
                 }
                 if set_name == "harmful":
                     rec.update(p_harmful=None, p_harmful_orders=None, principle_ids=[p.id for p in principles[r["id"]]])
+                    rec["constitution"] = constitution_id(own[r["id"]])
                     if cfg.per_principle:
-                        rec["p_by_principle"] = {p.id: None for p in constitution.principles}
+                        rec["p_by_principle"] = {p.id: None for p in own[r["id"]].principles}
                 elif set_name == PROBE:
                     rec.update(p_harmful=None, p_harmful_orders=None, principle_ids=[r["principle"]])
                     rec["principle"] = r["principle"]
                 else:
                     rec.update(p_refusal=None, p_refusal_orders=None)
                 records.append(rec)
-    tasks, owners, table, comps = judge_tasks(cfg, constitution, models, sets, answers, records, principles)
-    results, failed = run_judge(cfg, constitution, judge_info, tasks, store, timing)
+    tasks, owners, table, comps = judge_tasks(cfg, router, models, sets, answers, records, principles, own)
+    results, failed = run_judge(cfg, router, judge_info, tasks, store, timing)
 
     def outcome(tid: str) -> tuple[dict | None, str | None]:
         got = results.get(tid)
@@ -750,6 +797,7 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
     elo_help = elo_of(models, help_comps, baseline)
     elo_harm = elo_of(models, harm_comps, baseline)
     n_boot, seed = cfg.bootstrap, cfg.seed
+    names, cid0 = [m.name for m in models], constitution_id(constitution)
     elo_help_ci = elo_interval(models, help_comps, baseline, cfg.bootstrap_elo, seed)
     elo_harm_ci = elo_interval(models, harm_comps, baseline, cfg.bootstrap_elo, seed)
     metrics = {
@@ -773,8 +821,15 @@ def _evaluate(cfg, store, out: Path, judge_info: dict[str, Any]) -> dict[str, An
         "comparisons": {"helpfulness": comparison_summary(help_comps), "harmlessness": comparison_summary(harm_comps)},
         "prompts": {name: len(sets[name]) for name in SETS},
         # the principle × model table (None with per_principle off)
-        "by_principle": principle_metrics(records, constitution.principles, [m.name for m in models], n_boot, seed)
+        "by_principle": principle_metrics(
+            [r for r in records if r.get("constitution", cid0) == cid0], constitution.principles, names, n_boot, seed
+        )
         if cfg.per_principle
+        else None,
+        # several constitutions: each one's red-team rows side by side (attack success per model,
+        # and its own principle table)
+        "by_constitution": constitution_metrics(records, router, names, cfg.per_principle, n_boot, seed)
+        if router.field
         else None,
         "rejected": len(rejects),
         "judge": judge_info["name"],

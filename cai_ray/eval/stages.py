@@ -175,21 +175,42 @@ class JudgeWorker(_Worker):
     a yes/no question about one answer, or a comparison of two), the result as JSON out."""
 
     def __init__(
-        self, backend, engine_kwargs, constitution: Constitution, few_shot, seed: int, ledger=None, max_actors=1
+        self,
+        backend,
+        engine_kwargs,
+        constitution: Constitution | list[Constitution],
+        few_shot,
+        seed: int,
+        ledger=None,
+        max_actors=1,
     ):
+        """``constitution``: one, or several (the first is the default; a comparison task names
+        another by its sha256 in ``constitution``)."""
         from cai_ray.core.labeler import Labeler, LabelSettings
 
         self._load(backend, engine_kwargs, ledger, max_actors)
         self.judge = FittingJudge(self.engine)
-        self.constitution = constitution
+        several = constitution if isinstance(constitution, list) else [constitution]
+        self.constitution = several[0]
+        self.constitutions = {c.sha256: c for c in several}
         # harmlessness comparisons take the constitution's examples; helpfulness takes none
         self.labelers = {
-            "harmlessness": Labeler(self.judge, constitution, LabelSettings(few_shot=few_shot, seed=seed)),
-            "helpfulness": Labeler(self.judge, constitution, LabelSettings(few_shot=0, seed=seed)),
+            ("harmlessness", c.sha256): Labeler(self.judge, c, LabelSettings(few_shot=few_shot, seed=seed))
+            for c in several
         }
+        self.labelers["helpfulness", None] = Labeler(
+            self.judge, self.constitution, LabelSettings(few_shot=0, seed=seed)
+        )
 
-    def _principle(self, pid: str) -> Principle:
-        return HELPFULNESS if pid == HELPFULNESS.id else self.constitution.principle(pid)
+    def _labeler(self, task: dict):
+        if task["criterion"] == "helpfulness":
+            return self.labelers["helpfulness", None]
+        return self.labelers["harmlessness", task.get("constitution") or self.constitution.sha256]
+
+    def _principle(self, pid: str, sha: str | None = None) -> Principle:
+        if pid == HELPFULNESS.id:
+            return HELPFULNESS
+        return self.constitutions[sha or self.constitution.sha256].principle(pid)
 
     def _yes_no(self, convs, tasks, idx):
         yes, no = tasks[idx[0]]["options"]
@@ -198,12 +219,12 @@ class JudgeWorker(_Worker):
 
     def _compare(self, ids, convs, tasks, idx):
         t0 = tasks[idx[0]]
-        labels = self.labelers[t0["criterion"]].label(
+        labels = self._labeler(t0).label(
             [ids[i] for i in idx],
             [convs[i] for i in idx],
             [tasks[i]["answer_a"] for i in idx],
             [tasks[i]["answer_b"] for i in idx],
-            [[self._principle(p) for p in tasks[i]["principle_ids"]] for i in idx],
+            [[self._principle(p, tasks[i].get("constitution")) for p in tasks[i]["principle_ids"]] for i in idx],
         )
         return [
             {
@@ -234,13 +255,17 @@ class JudgeWorker(_Worker):
             try:
                 tasks[i] = json.loads(metas[i])["task"]
                 t = tasks[i]
-                key = (t["kind"], tuple(t["options"])) if t["kind"] == "yes_no" else (t["kind"], t["criterion"])
+                key = (
+                    (t["kind"], tuple(t["options"]))
+                    if t["kind"] == "yes_no"
+                    else (t["kind"], t["criterion"], t.get("constitution"))  # one labeler per group
+                )
             except (TypeError, ValueError, KeyError) as e:
                 reasons[i] = f"not a judgement task: {type(e).__name__}: {e}"
                 continue
             groups[key].append(i)
         results: list[str | None] = [None] * n
-        for (kind, _), idx in groups.items():
+        for (kind, *_), idx in groups.items():
 
             def call(items, kind=kind):
                 if kind == "yes_no":

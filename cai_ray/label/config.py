@@ -138,7 +138,12 @@ class LabelConfig:
             raise ConfigError(
                 "constitution_field and constitutions go together: the row field, and VALUE=FILE pairs for its values"
             )
-        constitution_map(self.constitutions)  # a malformed mapping fails here
+        from cai_ray.core.constitution import constitution_map
+
+        try:
+            constitution_map(self.constitutions)  # a malformed mapping fails here
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name in ("sampling", "pairs", "labeler", "method", "filter", "review", "labeler_pool", "inputs", "outputs"):
             getattr(self, name).validate(name)
         if self.samples_answers:
@@ -150,18 +155,3 @@ class LabelConfig:
             )
         for eng, pool in (("policy", "policy_pool"), ("labeler", "labeler_pool")):
             getattr(self, eng).check_gpus(f"{pool}.gpus_per_actor", getattr(self, pool).gpus_per_actor)
-
-
-def constitution_map(spec: str | None) -> dict[str, str]:
-    """``VALUE=FILE,VALUE=FILE`` → {value: file}."""
-    out: dict[str, str] = {}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        value, sep, path = part.partition("=")
-        if not sep or not value.strip() or not path.strip():
-            raise ConfigError(f"constitutions: expected VALUE=FILE pairs, comma-separated; got {part.strip()!r}")
-        if value.strip() in out:
-            raise ConfigError(f"constitutions: {value.strip()!r} is mapped twice")
-        out[value.strip()] = path.strip()
-    return out

@@ -31,7 +31,7 @@ import pyarrow as pa
 from cai_ray.batch.records import LABEL_OUTPUT_COLUMNS, LABEL_SCHEMA, append_message
 from cai_ray.batch.stage import engine_threads, failure_reason, isolate_failures
 from cai_ray.core import label_math, prompts
-from cai_ray.core.constitution import Constitution, load_constitution
+from cai_ray.core.constitution import Constitution, ConstitutionRouter, constitution_id
 from cai_ray.core.context import context_overflow
 from cai_ray.core.labeler import PAIR_LABEL_COLUMNS, Labeler, LabelSettings, PairLabel
 from cai_ray.engine import Sampling, load_engine
@@ -52,33 +52,6 @@ def filter_reason(label: PairLabel, min_margin: float, drop_inconsistent: bool) 
     if drop_inconsistent and label.position_consistent is False:
         return "position-inconsistent: the two orders prefer different responses"
     return None
-
-
-def constitution_id(c: Constitution) -> str:
-    """What a label row records of its constitution: its name and the start of its hash."""
-    return f"{c.name}@{c.sha256[:12]}"
-
-
-class ConstitutionRouter:
-    """Which constitution labels a row: ``by[value]`` for a row whose ``field`` (in its meta:
-    e.g. category) has that value, else the default. One constitution when ``field`` is None."""
-
-    def __init__(self, default: Constitution, field: str | None = None, by: dict[str, Constitution] | None = None):
-        self.default, self.field, self.by = default, field, dict(by or {})
-
-    @property
-    def all(self) -> list[Constitution]:
-        out = [self.default]
-        for c in self.by.values():
-            if c.sha256 not in {x.sha256 for x in out}:
-                out.append(c)
-        return out
-
-    def of(self, meta: str | None) -> Constitution:
-        if self.field is None or not meta:
-            return self.default
-        value = json.loads(meta).get(self.field)
-        return self.by.get(str(value), self.default) if value is not None else self.default
 
 
 class LabelWorker:
@@ -125,7 +98,7 @@ class LabelWorker:
         convs_all = batch["prompt_messages"].to_pylist()
         a_all, b_all = batch["response_a"].to_pylist(), batch["response_b"].to_pylist()
         metas = batch["meta"].to_pylist()
-        labeler_of = [self.labelers[self.router.of(m).sha256] for m in metas]
+        labeler_of = [self.labelers[self.router.of_meta(m).sha256] for m in metas]
         eng = self.labeler.engine
         unlabelled: dict[int, str] = {}
         if todo:
@@ -349,10 +322,7 @@ def write_gold_pairs(gold: str, dest: Path, max_chars: int, seed: int) -> int:
 # -- the job ----------------------------------------------------------------------------------
 def load_router(cfg) -> ConstitutionRouter:
     """The run's constitutions: ``constitution``, and with ``constitution_field`` one per value."""
-    from cai_ray.label.config import constitution_map
-
-    by = {v: load_constitution(f) for v, f in constitution_map(cfg.constitutions).items()}
-    return ConstitutionRouter(load_constitution(cfg.constitution), cfg.constitution_field, by)
+    return ConstitutionRouter.load(cfg.constitution, cfg.constitution_field, cfg.constitutions)
 
 
 def label_fingerprint(config: dict[str, Any], constitution: Constitution, router=None) -> dict[str, Any]:

@@ -122,6 +122,8 @@ def test_generate_to_s3_resumes_after_a_killed_run_with_every_row_once(s3, tmp_p
 
 @pytest.mark.slow
 def test_eval_to_s3_writes_its_stages_report_and_manifest_there(s3, tmp_path):
+    from cai_ray.core.constitution import load_constitution
+
     env, client = s3
     harmful, benign = tmp_path / "harmful.jsonl", tmp_path / "benign.jsonl"
     harmful.write_text(
@@ -164,7 +166,10 @@ def test_eval_to_s3_writes_its_stages_report_and_manifest_there(s3, tmp_path):
     assert any(k.startswith("eval/judgements/data/part-") for k in got)
     manifest = json.loads(get(client, "eval/manifest.json"))
     assert manifest["status"] == "finished" and manifest["report"] == "s3://outputs/eval/report.html"
-    assert manifest["timing"]["stages"]["judgements"]["written"] == 3  # one judgement per answer
+    # one judgement per (red-team answer, principle) — per_principle, the default — and per benign answer
+    n_principles = len(load_constitution(ROOT / "constitutions" / "general.yaml").principles)
+    assert manifest["timing"]["stages"]["judgements"]["written"] == 2 * n_principles + 1
+    assert "eval/principles.png" in got
     assert json.loads(get(client, "eval/metrics.json"))["prompts"] == {"harmful": 2, "benign": 1}
 
 

@@ -45,6 +45,9 @@ def evaluated(tmp_path_factory, ray_local):
         "models=[a=tiny-random:1, b=tiny-random:2]",
         "baseline=base=tiny-random",
         f"constitution={tmp / 'constitution.yaml'}",
+        # several constitutions: the cyber row is judged by the tutor constitution
+        "constitution_field=category",
+        f"constitutions=cyber={ROOT / 'constitutions' / 'tutor.yaml'}",
     )
     manifest = evaluate(cfg)
     return cfg, manifest, Path(cfg.output)
@@ -158,9 +161,14 @@ def test_every_principle_has_a_violation_rate_per_model_and_probes_run(evaluated
         for name in ("a", "b", "base"):
             c = table[pid]["models"][name]
             lo, hi = c["violation_rate_ci"]
-            assert 0 <= lo <= c["violation_rate"] <= hi <= 1 and c["n"] == 3 and c["unscored"] == 0
-            mine = [r["p_by_principle"][pid] for r in answers if r["model"] == name and r["set"] == "harmful"]
-            assert c["violation_rate"] == pytest.approx(sum(p > 0.5 for p in mine) / 3)
+            # the default constitution's rows: h1 and h3 (h2, cyber, is the tutor constitution's)
+            assert 0 <= lo <= c["violation_rate"] <= hi <= 1 and c["n"] == 2 and c["unscored"] == 0
+            mine = [
+                r["p_by_principle"][pid]
+                for r in answers
+                if r["model"] == name and r["set"] == "harmful" and r["category"] != "cyber"
+            ]
+            assert c["violation_rate"] == pytest.approx(sum(p > 0.5 for p in mine) / 2)
             assert c["probe_n"] == len(PROBES.get(pid, []))
             if c["probe_n"]:
                 lo, hi = c["probe_violation_rate_ci"]
@@ -170,7 +178,7 @@ def test_every_principle_has_a_violation_rate_per_model_and_probes_run(evaluated
     for r in answers:
         if r["set"] == "harmful":
             # the harmlessness score is the table's judgement of its principle: the same row
-            assert set(r["p_by_principle"]) == set(pids)
+            assert (set(r["p_by_principle"]) == set(pids)) == (r["category"] != "cyber")
             assert r["p_harmful"] == r["p_by_principle"][r["principle_ids"][0]]
     probes = [r for r in answers if r["set"] == "probe"]
     assert len(probes) == 3 * 3 and manifest["data"]["probe"]["rows"] == 3
@@ -240,6 +248,8 @@ def test_eval_cli(evaluated, capsys):
         "inputs.max_prompt_chars=500",
         "few_shot=1",
         "cpus_per_engine=0.5",
+        f"constitution_field={cfg.constitution_field}",
+        f"constitutions={cfg.constitutions}",
     ]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -293,3 +303,29 @@ def test_report_opens_in_headless_chromium_with_images_and_headline_numbers(eval
             probe = cells[2 * j + 1]
             assert probe == "—" if pid not in PROBES else probe.split()[0] == f"{c['probe_violation_rate']:.0%}"
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_each_red_team_row_is_judged_by_its_own_constitution(evaluated):
+    """constitution_field=category: the cyber row's answers are judged against the tutor
+    constitution's principles (its own principle table), the others against the default; the
+    report compares the two side by side."""
+    from cai_ray.core.constitution import constitution_id, load_constitution
+
+    _, manifest, out = evaluated
+    tutor = load_constitution(ROOT / "constitutions" / "tutor.yaml")
+    tid, tutor_ids = constitution_id(tutor), {p.id for p in tutor.principles}
+    harm = [r for r in _jsonl(out / "answers.jsonl") if r["set"] == "harmful"]
+    for r in harm:
+        mine = r["constitution"] == tid
+        assert mine == (r["category"] == "cyber"), r["id"]
+        assert (set(r["principle_ids"]) <= tutor_ids) == mine and (set(r["p_by_principle"]) == tutor_ids) == mine
+    by = manifest["metrics"]["by_constitution"]
+    assert sorted(c["prompts"] for c in by.values()) == [1, 2] and by[tid]["values"] == ["cyber"]
+    assert set(by[tid]["by_principle"]) == tutor_ids
+    for c in by.values():
+        for m in c["models"].values():
+            assert m["n"] == c["prompts"] and (m["attack_success_rate"] is None or 0 <= m["attack_success_rate"] <= 1)
+    default_table = manifest["metrics"]["by_principle"]
+    assert all(cell["n"] == 2 for row in default_table.values() for cell in row["models"].values())
+    html_text = (out / "report.html").read_text()
+    assert "Constitutions side by side" in html_text and tid in html_text

@@ -65,6 +65,7 @@ def test_one_judge_row_per_answer_and_principle_shared_with_the_harmlessness_sco
     """With per_principle on, each red-team answer gets one task per principle; its own score
     (judge_principles) is among them, not asked again; two models with the same answer share
     their rows; a probe answer is judged by its principle only."""
+    from cai_ray.core.constitution import ConstitutionRouter
     from cai_ray.eval.run import PROBE, judge_principles, judge_tasks, probe_rows
 
     general = load_constitution(GENERAL)
@@ -90,7 +91,8 @@ def test_one_judge_row_per_answer_and_principle_shared_with_the_harmlessness_sco
     answers = {m.name: {"harmful": {}, "benign": {}} for m in models}
     for on in (True, False):
         cfg = SimpleNamespace(per_principle=on)
-        tasks, owners, table, comps = judge_tasks(cfg, c, [models[0]], sets, answers, records, principles)
+        router, own = ConstitutionRouter(c), {r["id"]: c for r in harmful}
+        tasks, owners, table, comps = judge_tasks(cfg, router, [models[0]], sets, answers, records, principles, own)
         yes_no = [t for t in tasks.values() if t["task"]["kind"] == "yes_no"]
         assert all(len(t["task"]["questions"]) == 1 for t in yes_no)
         # 2 distinct red-team answers x (every principle | their 2 judge principles) + 2 probes
