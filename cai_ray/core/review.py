@@ -211,15 +211,14 @@ class LabelLog:
 
 
 # -- agreement ---------------------------------------------------------------------------------------
-def ai_vs_human(output) -> dict[str, Any]:
-    """On the reviewed pairs of a label run's ``output``: the AI's label (a when p_a >= 0.5,
+def ai_vs_human(queue: dict[str, dict[str, Any]], humans: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """On the reviewed pairs (``humans``: ``human_labels``; ``queue``: the queue rows by pair
+    id, which hold the AI's p_a): the AI's label (a when p_a >= 0.5,
     else b; none when it gave none) against the people's (a, b or tie; with several reviewers
     the majority, a tie when they split), as Cohen's kappa with a bootstrap interval, raw
     agreement, and the counts."""
     from cai_ray.core.eval_math import cohen_kappa, cohen_kappa_ci
 
-    queue = {q["pair_id"]: q for q in read_queue(output)}
-    humans = human_labels(output)
     ai, people = [], []
     for pid, h in sorted(humans.items()):
         q = queue.get(pid)

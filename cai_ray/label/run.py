@@ -198,7 +198,7 @@ def review_queue(out, router: ConstitutionRouter, review) -> dict[str, Any]:
         "of_pairs": len(rows),
         "by_reason": counts,
         "queue": store.address("review/queue.jsonl"),
-        "agreement": ai_vs_human(store.local()) if labelled else None,
+        "agreement": ai_vs_human({q["pair_id"]: q for q in queue}, labelled) if labelled else None,
     }
 
 

@@ -590,3 +590,20 @@ async def _sse(cid: str, created: int, model: str, text: str, finish: str, guard
         yield _chunk(cid, created, model, {"content": piece if i == 0 else " " + piece})
     yield _chunk(cid, created, model, {}, finish, cai_guardrail=guardrail)
     yield "data: [DONE]\n\n"
+
+
+def read_api_key(api_key_file: str | None, off: str) -> str:
+    """The key from ``api_key_file`` or $CAI_RAY_API_KEY, at least 16 characters; ``off``: how
+    the caller turns auth off, named in the error (serve and the review page share this)."""
+    import os
+    from pathlib import Path
+
+    if api_key_file:
+        key, where = Path(api_key_file).read_text().strip(), api_key_file
+    else:
+        key, where = os.environ.get("CAI_RAY_API_KEY", "").strip(), "$CAI_RAY_API_KEY"
+    if not key:
+        raise ValueError(f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file (or {off})")
+    if len(key) < 16:
+        raise ValueError(f"the API key in {where} is shorter than 16 characters")
+    return key

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -81,20 +80,9 @@ def deployment(settings: ServeConfig, key_sha256: str | None):
 def api_key(cfg) -> str | None:
     """The bearer token from ``api_key_file`` or $CAI_RAY_API_KEY; an error when auth is on
     and there is none."""
-    if not cfg.auth:
-        return None
-    if cfg.api_key_file:
-        key = Path(cfg.api_key_file).read_text().strip()
-        where = cfg.api_key_file
-    else:
-        key, where = os.environ.get("CAI_RAY_API_KEY", "").strip(), "$CAI_RAY_API_KEY"
-    if not key:
-        raise ValueError(
-            f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file (or auth=false on a trusted host)"
-        )
-    if len(key) < 16:
-        raise ValueError(f"the API key in {where} is shorter than 16 characters")
-    return key
+    from cai_ray.serve.api import read_api_key
+
+    return read_api_key(cfg.api_key_file, "auth=false on a trusted host") if cfg.auth else None
 
 
 def start(cfg) -> str:

@@ -28,7 +28,6 @@ import binascii
 import ipaddress
 import logging
 import math
-import os
 import socket
 import sys
 import threading
@@ -42,7 +41,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
 from cai_ray.core.review import LABELS, LabelLog, read_events, read_queue, review_dir, standing
-from cai_ray.serve.api import UNAUTHORISED, RequestGuard, error, key_digest, key_ok
+from cai_ray.serve.api import UNAUTHORISED, RequestGuard, error, key_digest, key_ok, read_api_key
 
 log = logging.getLogger("cai_ray.serve.review")
 
@@ -289,20 +288,6 @@ def build_app(state: ReviewState, key_sha256: str | None) -> FastAPI:
     return app
 
 
-def api_key(api_key_file: str | None) -> str:
-    """The key from ``api_key_file`` or $CAI_RAY_API_KEY, at least 16 characters (the rule of
-    cai_ray.serve.deployment.api_key, which cannot be imported without Ray Serve)."""
-    if api_key_file:
-        key, where = Path(api_key_file).read_text().strip(), api_key_file
-    else:
-        key, where = os.environ.get("CAI_RAY_API_KEY", "").strip(), "$CAI_RAY_API_KEY"
-    if not key:
-        raise ValueError(f"no API key in {where}: set CAI_RAY_API_KEY or --api-key-file (or --no-auth)")
-    if len(key) < 16:
-        raise ValueError(f"the API key in {where} is shorter than 16 characters")
-    return key
-
-
 def loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -339,7 +324,7 @@ def run(
             raise ValueError(f"--lease-minutes must be > 0, got {lease_minutes}")
         if not auth and not loopback(host):
             raise ValueError(f"--no-auth on {host} would let anyone on the network label: use a key")
-        key = api_key(api_key_file) if auth else None
+        key = read_api_key(api_key_file, "--no-auth") if auth else None
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))  # bound here, so a taken port is an error on stderr, not in the log

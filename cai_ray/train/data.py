@@ -161,7 +161,7 @@ def with_human_labels(rows: list[Row], data: str, setting: str, ties: bool) -> t
             counts["added"] += 1
             out.append(row)
     out = [r for i, r in enumerate(out) if i not in dropped]
-    return out, {**counts, "source": str(folder), "agreement": ai_vs_human(folder)}
+    return out, {**counts, "source": str(folder), "agreement": ai_vs_human(queue, humans)}
 
 
 # -- tokenizer-bound steps: markup, lengths --------------------------------------------------
