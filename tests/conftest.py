@@ -128,3 +128,17 @@ def token_rm(tmp_path_factory, tiny_model):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def guard_classifiers(tmp_path_factory):
+    """A `cai-ray classifiers` OUTPUT folder for the serve guard (tests/support/guard.py): a
+    tiny classifier that flags any text holding the planted word, as both the input and the
+    output classifier, thresholds 0.5, guard.json. ~5 s. Returns (folder, planted word)."""
+    from cai_ray.core.constitution import load_constitution
+    from tests.support.guard import PLANTED, build_guard_folder
+
+    folder = build_guard_folder(
+        tmp_path_factory.mktemp("classifiers"), PLANTED, constitution=load_constitution(GENERAL)
+    )
+    return folder, PLANTED

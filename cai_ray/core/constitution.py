@@ -1,8 +1,9 @@
 """Constitutions: load, validate, hash, and sample principles.
 
 A constitution file (YAML) holds a name, version, description, a list of principles and
-few-shot examples. Validation collects every problem and names the file, the principle and
-the field, so a typo is found in one pass:
+few-shot examples, and optionally ``refusal``: what ``cai-ray serve`` with ``guard:
+classifier`` answers in place of a flagged prompt or answer. Validation collects every
+problem and names the file, the principle and the field, so a typo is found in one pass:
 
     constitutions/x.yaml: principle 'privacy' (#3): field 'weight': must be a positive number
 """
@@ -25,7 +26,13 @@ import yaml
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # `provenance`: where a generated constitution came from (`constitution collect` writes the
 # votes behind each principle); a mapping, checked to be one, read by people, not by stages
-TOP_KEYS = {"name", "version", "description", "principles", "examples", "provenance"}
+TOP_KEYS = {"name", "version", "description", "principles", "examples", "provenance", "refusal"}
+# what the serve guard answers when a constitution gives no `refusal:`; it opens like a refusal
+# (core.refusal.is_refusal), so refusal rates count it
+DEFAULT_REFUSAL = (
+    "I can't help with that, because it goes against the principles I follow. "
+    "If there is something else you need, I'm glad to help."
+)
 PRINCIPLE_TEXT_FIELDS = ("critique_request", "revision_request", "comparison_question")
 PRINCIPLE_KEYS = {"id", "category", "weight", "probes", "provenance", *PRINCIPLE_TEXT_FIELDS}
 CRITIQUE_EXAMPLE_KEYS = {"principle", "prompt", "response", "critique", "revision"}
@@ -76,6 +83,7 @@ class Constitution:
     principles: tuple[Principle, ...]
     critique_examples: tuple[CritiqueExample, ...] = ()
     comparison_examples: tuple[ComparisonExample, ...] = ()
+    refusal: str = DEFAULT_REFUSAL
     path: str = ""
     sha256: str = field(default="", compare=False)
 
@@ -140,6 +148,7 @@ class Constitution:
                 "critique_revision": [asdict(e) for e in self.critique_examples],
                 "comparison": [asdict(e) for e in self.comparison_examples],
             },
+            "refusal": self.refusal,
         }
 
 
@@ -179,6 +188,8 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
             err(f"field {key!r}: must be a non-empty string")
     if not isinstance(raw.get("provenance", {}), dict):
         err(f"field 'provenance': must be a mapping, got {type(raw['provenance']).__name__}")
+    if "refusal" in raw and not _nonempty_str(raw["refusal"]):
+        err(f"field 'refusal': must be a non-empty string (or left out for the default), got {raw['refusal']!r}")
 
     principles: list[Principle] = []
     items = raw.get("principles")
@@ -303,6 +314,7 @@ def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = ""
         principles=tuple(principles),
         critique_examples=tuple(critique_examples),
         comparison_examples=tuple(comparison_examples),
+        refusal=raw["refusal"].strip() if "refusal" in raw else DEFAULT_REFUSAL,
         path=where,
         sha256=sha256 or hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest(),
     )

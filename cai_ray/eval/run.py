@@ -385,6 +385,7 @@ def judged_constitution(constitution: Constitution) -> str:
     import hashlib
 
     d = constitution.to_dict()
+    d.pop("refusal", None)  # the serve guard's answer; the judge never reads it
     for p in d["principles"]:
         p.pop("probes", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -37,8 +37,10 @@ from cai_ray.core.context import context_overflow
 from cai_ray.core.label_math import sigmoid
 from cai_ray.engine import Sampling
 from cai_ray.serve.config import ServeConfig
+from cai_ray.serve.guard import GuardFailure, Verdict
 from cai_ray.serve.reward import RewardItem
 from cai_ray.serve.service import RETRY_AFTER_S, EngineDown, RequestError
+from cai_ray.serve.service import engine_down as engine_is_down
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and vLLM take 64-bit seeds
 
@@ -250,6 +252,16 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
         resp = error(503, str(exc), "server_error")
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
+
+    @app.exception_handler(GuardFailure)
+    async def guard_failed(request: Request, exc: GuardFailure):
+        """A classifier raised on this request: not answered (the guard fails closed). Out of
+        memory: 503, retry; anything else: 500 with the reason. Other requests go on."""
+        if exc.__cause__ is not None and engine_is_down(exc.__cause__):
+            resp = error(503, f"{exc}; retry in {RETRY_AFTER_S} s", "server_error")
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return resp
+        return error(500, str(exc), "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -499,6 +511,10 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
             seed=settings.seed if req.seed is None else req.seed,
         )
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        gate = service.guard  # guard: classifier (serve/guard.py); None without
+        # what the output classifier reads: the conversation and the answer, which continues
+        # the last (assistant) message with continue_final_message
+        conv, head = (msgs[:-1], msgs[-1]["content"]) if req.continue_final_message else (msgs, "")
 
         async def finish_reason(text: str) -> tuple[int, str]:
             done = (
@@ -510,39 +526,97 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
             completion_tokens = max(total - prompt_tokens, 0)
             return completion_tokens, "length" if completion_tokens >= max_tokens else "stop"
 
+        async def reply(text: str, guardrail, verdict: Verdict | None = None):
+            """The answer, whole or streamed. A guard refusal is the constitution's refusal
+            with finish_reason content_filter; streamed, it comes after the clean prefix a live
+            stream had released when the answer was cut (``verdict.clean_text``), so hf and
+            vLLM streams show the same."""
+            refused = verdict is not None and verdict.refused
+            completion_tokens, finish = await finish_reason(text)
+            finish = "content_filter" if refused else finish
+            guard_field = verdict.body() if verdict is not None else None
+            if req.stream:
+                shown, tail = (verdict.clean_text, _after_cut(verdict.clean_text, text)) if refused else (text, None)
+                return StreamingResponse(
+                    _sse(cid, created, service.policy_name, shown, finish, guardrail, tail, guard_field),
+                    media_type="text/event-stream",
+                )
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": service.policy_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+                "cai_guardrail": guardrail,
+                "cai_guard": guard_field,
+            }
+
+        def failed(stage: str, e: GuardFailure) -> None:
+            threshold = gate.input_threshold if stage == "input" else gate.output_threshold
+            gate.record(cid, Verdict(stage, False, None, threshold, error=str(e)), stream=req.stream)
+
+        first = None
+        if gate is not None:  # the prompt, before anything is generated
+            try:
+                first = await gate.check_input(msgs)
+            except GuardFailure as e:
+                failed("input", e)
+                raise
+            if first.refused:
+                gate.record(cid, first, stream=req.stream)
+                return await reply(gate.refusal, None, first)
+
         if req.stream and not guard and service.streams:
-            # tokens as the engine makes them (vLLM); the guardrail needs the whole answer first
+            # tokens as the engine makes them (vLLM); the guardrail needs the whole answer first.
+            # With the classifier guard, text goes out once a check covering it has passed.
             async def live():
                 yield _chunk(cid, created, service.policy_name, {"role": "assistant", "content": ""})
-                pieces = []
-                async for piece in service.stream(msgs, sampling):
-                    pieces.append(piece)
-                    yield _chunk(cid, created, service.policy_name, {"content": piece})
-                _, finish = await finish_reason("".join(pieces).strip())
-                yield _chunk(cid, created, service.policy_name, {}, finish, cai_guardrail=None)
+                pieces, verdict = [], None
+                stream = service.stream(msgs, sampling)
+                if gate is not None:
+                    stream = gate.screen(conv, stream, first, head)
+                try:
+                    async for piece in stream:
+                        if isinstance(piece, Verdict):
+                            verdict = piece
+                        else:
+                            pieces.append(piece)
+                            yield _chunk(cid, created, service.policy_name, {"content": piece})
+                except GuardFailure as e:  # the status line is sent: an error event ends this stream
+                    failed("output", e)
+                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if verdict is not None:
+                    gate.record(cid, verdict, stream=True)
+                if verdict is not None and verdict.refused:
+                    yield _chunk(
+                        cid, created, service.policy_name, {"content": _after_cut(verdict.clean_text, gate.refusal)}
+                    )
+                    finish = "content_filter"
+                else:
+                    _, finish = await finish_reason("".join(pieces).strip())
+                guard_field = verdict.body() if verdict is not None else None
+                yield _chunk(cid, created, service.policy_name, {}, finish, cai_guardrail=None, cai_guard=guard_field)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(live(), media_type="text/event-stream")
         out = await service.chat(msgs, sampling, guard, key=key)
-        text = out["text"]
-        completion_tokens, finish = await finish_reason(text)
-        if req.stream:
-            return StreamingResponse(
-                _sse(cid, created, service.policy_name, text, finish, out["guardrail"]), media_type="text/event-stream"
-            )
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": service.policy_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "cai_guardrail": out["guardrail"],
-        }
+        if gate is None:
+            return await reply(out["text"], out["guardrail"])
+        # a whole answer (hf, the guardrail's revision): checked at the prefixes a stream would be
+        try:
+            verdict = await gate.check_answer(conv, out["text"], first, head)
+        except GuardFailure as e:
+            failed("output", e)
+            raise
+        gate.record(cid, verdict, stream=req.stream)
+        return await reply(gate.refusal if verdict.refused else out["text"], out["guardrail"], verdict)
 
     @app.post("/v1/label", dependencies=[Depends(authorised)])
     async def label(req: LabelRequest):
@@ -581,15 +655,26 @@ def _chunk(cid: str, created: int, model: str, delta: dict, reason: str | None =
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(cid: str, created: int, model: str, text: str, finish: str, guardrail):
+async def _sse(
+    cid: str, created: int, model: str, text: str, finish: str, guardrail, tail: str | None = None, guard=None
+):
     """A finished answer as OpenAI streaming chunks (hf engines, guardrail answers): the
-    role, the text in pieces, the finish reason, [DONE]."""
+    role, the text in pieces, ``tail`` (the guard's refusal after a cut), the finish reason
+    with ``cai_guardrail`` and ``cai_guard``, [DONE]."""
     yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-    pieces = text.split(" ")
+    pieces = text.split(" ") if text else []
     for i, piece in enumerate(pieces):
         yield _chunk(cid, created, model, {"content": piece if i == 0 else " " + piece})
-    yield _chunk(cid, created, model, {}, finish, cai_guardrail=guardrail)
+    if tail:
+        yield _chunk(cid, created, model, {"content": tail})
+    yield _chunk(cid, created, model, {}, finish, cai_guardrail=guardrail, cai_guard=guard)
     yield "data: [DONE]\n\n"
+
+
+def _after_cut(released: str, refusal: str) -> str:
+    """What a stream sends after the guard cut its answer: the refusal, on its own paragraph
+    when part of the answer had already gone out."""
+    return f"\n\n{refusal}" if released.strip() else refusal
 
 
 def read_api_key(api_key_file: str | None, off: str) -> str:

@@ -94,6 +94,40 @@ class ServeReward:
         return self.scorer
 
 
+GUARDS = ("none", "classifier")
+
+
+@dataclass(frozen=True)
+class ServeClassifier:
+    """The constitutional classifiers of ``guard: classifier`` (docs/serving.md "Classifier guard")."""
+
+    path: str = setting(
+        "", "a `cai-ray classifiers` OUTPUT folder: its guard.json names the two models and their thresholds"
+    )
+    every_tokens: int = setting(
+        16,
+        "the output classifier checks the answer every N tokens (and the whole answer); a stream is held "
+        "back until the text in it has passed its check",
+    )
+    input_threshold: float | None = setting(None, "refuse a prompt scored >= this; null = guard.json's threshold")
+    output_threshold: float | None = setting(None, "cut an answer scored >= this; null = guard.json's threshold")
+    log: str = setting(
+        "",
+        "the guard's decisions, one JSON line each (JSONL, appended); '' = cai_guard.jsonl in the Ray Serve log "
+        "folder of each replica's node (beside the replica logs)",
+    )
+    device: str = setting("", "where the classifiers run: '' = the replica's GPU if it has one, else cpu")
+    max_length: int = setting(512, "tokens a classifier reads (longer texts keep their end: the newest answer text)")
+
+    def validate(self, where: str) -> None:
+        positive(where, "every_tokens", self.every_tokens)
+        positive(where, "max_length", self.max_length)
+        for k in ("input_threshold", "output_threshold"):
+            t = getattr(self, k)
+            if t is not None and not 0 <= t <= 1:
+                raise ConfigError(f"{where}.{k}: a probability in [0, 1] (or null for guard.json's), got {t!r}")
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -119,6 +153,15 @@ class ServeConfig:
         "may turn it off with cai_guardrail: false) | enforce (always on; cai_guardrail: false is a 400)",
     )
     guardrail_principles: int = setting(1, "principles sampled per guarded answer")
+    guard: str = setting(
+        "none",
+        "none | classifier: constitutional classifiers check every prompt before generation and the answer "
+        "every classifier.every_tokens tokens as it is made; a flagged one is answered with the constitution's "
+        "refusal (the classifiers: classifier.path)",
+    )
+    classifier: ServeClassifier = field(
+        default_factory=ServeClassifier, metadata={"help": "the classifiers of guard: classifier"}
+    )
     method: LabelerConfig = field(
         default_factory=LabelerConfig, metadata={"help": "the labeling method of /v1/label (as in `cai-ray label`)"}
     )
@@ -152,6 +195,13 @@ class ServeConfig:
             raise ConfigError(
                 f"auth: false with host {self.host!r} would let anyone who reaches it use the models: keep auth "
                 "on, bind 127.0.0.1, or set insecure_public: true"
+            )
+        if self.guard not in GUARDS:
+            raise ConfigError(f"guard: one of {', '.join(GUARDS)}, got {self.guard!r}")
+        self.classifier.validate("classifier")
+        if self.guard == "classifier" and not self.classifier.path:
+            raise ConfigError(
+                "guard: classifier needs classifier.path (--classifiers DIR): a `cai-ray classifiers` OUTPUT folder"
             )
         self.method.validate("method")
         self.limits.validate("limits")

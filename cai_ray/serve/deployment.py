@@ -103,8 +103,18 @@ def application(cfg):
     constitution's absolute path; the key as its digest), and whether auth is on."""
     from cai_ray.serve.api import key_digest
 
-    key = api_key(cfg)
     settings = dataclasses.replace(cfg, constitution=str(Path(cfg.constitution).resolve()))
+    if cfg.guard == "classifier":
+        # checked here, before Ray starts: a bad guard.json is one clear error, not replicas
+        # failing one after another; replicas get absolute paths
+        from cai_ray.serve.guard import read_guard_spec
+
+        spec = read_guard_spec(cfg.classifier.path)
+        log_path = str(Path(cfg.classifier.log).expanduser().resolve()) if cfg.classifier.log else ""
+        settings = dataclasses.replace(
+            settings, classifier=dataclasses.replace(cfg.classifier, path=spec.folder, log=log_path)
+        )
+    key = api_key(cfg)
     return deployment(settings, key_digest(key) if key else None), key is not None
 
 

@@ -73,6 +73,14 @@ class Service:
         from cai_ray.serve.reward import Rewards  # (it builds on this module's errors)
 
         self.rewards = Rewards(self, settings.reward)
+        self.guard = None  # guard: classifier (serve/guard.py): the constitutional classifiers
+        if settings.guard == "classifier":
+            from cai_ray.serve.guard import load_guard
+
+            # "every N tokens" counts the policy's tokens, on a tokenizer copy of the guard's own
+            # (None, an engine without one: the output classifier's tokenizer counts)
+            tokenizer = getattr(make_counter(), "tokenizer", None) if make_counter else None
+            self.guard = load_guard(settings.classifier, self.constitution, tokenizer)
 
     async def _run(self, fn, *args):
         if self.async_engine:

@@ -584,3 +584,65 @@ def test_a_label_job_with_the_server_as_its_labeler(server, tmp_path, model):
 
     rows = [r for f in sorted((tmp_path / "out" / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert {r["labeler"] for r in rows} == {f"{model}@{server}/v1"} and all(0 < r["p_a"] < 1 for r in rows)
+
+
+def test_the_classifier_guard_cuts_a_live_vllm_stream(client, settings, engine, tmp_path, monkeypatch):
+    """`guard: classifier` on vLLM's live stream (hf and the whole-answer path:
+    test_serve_guard.py), on this module's engine: a classifier trained on a word vLLM
+    greedily writes 17-24 tokens into one answer cuts that stream at the 24-token check — the
+    client gets the 16 tokens that passed, then the refusal — and the same answer not
+    streamed is the refusal alone; another prompt's stream is the engine's answer, unchanged."""
+    if engine != "vllm":
+        pytest.skip("the hf engine's guard: tests/integration/test_serve_guard.py")
+    from fastapi.testclient import TestClient
+
+    from cai_ray.serve.api import build_app, key_digest
+    from cai_ray.serve.guard import load_guard, token_ends
+    from tests.support.guard import build_guard_folder
+
+    c, service = client
+    greedy = Sampling(temperature=0, max_new_tokens=32)
+    cut, clean = "Tell me about cats.", "Hello!"
+    answers = {p: service.policy.generate([[{"role": "user", "content": p}]], greedy)[0] for p in (cut, clean)}
+    ends = token_ends(service.policy.tokenizer, answers[cut])
+    pieces = [answers[cut][a:b] for a, b in zip([0, *ends], ends)]
+    planted = next(
+        (
+            p.strip()
+            for i, p in enumerate(pieces[16:24], 16)
+            if p.startswith(" ") and p[1:].isalpha() and len(p) > 5
+            if p.strip() not in answers[cut][: ends[i - 1]] + answers[clean] + cut + clean
+        ),
+        None,
+    )
+    assert planted, f"no word to plant in tokens 17-24 of {pieces}"
+    folder = build_guard_folder(tmp_path / "classifiers", planted)
+    guarded = dataclasses.replace(
+        settings,
+        guard="classifier",
+        classifier=dataclasses.replace(
+            settings.classifier, path=str(folder), every_tokens=8, log=str(tmp_path / "g.jsonl")
+        ),
+    )
+    monkeypatch.setattr(
+        service, "guard", load_guard(guarded.classifier, service.constitution, service.policy.tokenizer)
+    )
+    g = TestClient(build_app(service, guarded, key_digest(KEY)))
+
+    def ask(prompt, stream):
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32, "temperature": 0, "stream": stream}
+        r = g.post("/v1/chat/completions", headers=AUTH, json=body)
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["message"]["content"], r.json()["cai_guard"]
+        chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+        text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks)
+        return text, chunks[-1]["cai_guard"], chunks[-1]["choices"][0]["finish_reason"]
+
+    refusal = service.constitution.refusal
+    text, sg, finish = ask(cut, True)
+    assert text == answers[cut][: ends[15]] + "\n\n" + refusal and finish == "content_filter"
+    assert sg["decision"] == "refused" and sg["stage"] == "output" and sg["tokens_checked"] == 24
+    assert ask(cut, False) == (refusal, sg)
+    text, sg, finish = ask(clean, True)
+    assert text == answers[clean] and sg["decision"] == "passed" and finish in ("stop", "length")

@@ -60,6 +60,8 @@ def _good():
         (lambda d: d["examples"]["comparison"][0].update(answer="C"), "field 'answer'"),
         (lambda d: d["examples"]["critique_revision"][0].update(principle="nope"), "no principle with id 'nope'"),
         (lambda d: d.update(extra=1), "unknown top-level field 'extra'"),
+        (lambda d: d.update(refusal="  "), "field 'refusal': must be a non-empty string"),
+        (lambda d: d.update(refusal=["no"]), "field 'refusal'"),
     ],
 )
 def test_broken_files_name_file_principle_and_field(tmp_path, mutate, expected):
@@ -71,6 +73,25 @@ def test_broken_files_name_file_principle_and_field(tmp_path, mutate, expected):
         load_constitution(path)
     assert str(path) in str(e.value)
     assert expected in str(e.value)
+
+
+def test_the_refusal_is_the_files_or_the_default_and_reads_as_a_refusal():
+    """`refusal:` is what the serve guard answers for a flagged prompt or answer: the file's
+    text (stripped), else a default; both count as refusals in refusal rates."""
+    from cai_ray.core.constitution import DEFAULT_REFUSAL
+    from cai_ray.core.refusal import is_refusal
+
+    data = _good()
+    data["refusal"] = "  I can't help with that here.\n"
+    c = parse_constitution(data)
+    assert c.refusal == "I can't help with that here." and c.to_dict()["refusal"] == c.refusal
+    assert parse_constitution(c.to_dict()).refusal == c.refusal  # round trip
+    data.pop("refusal")
+    assert parse_constitution(data).refusal == DEFAULT_REFUSAL and is_refusal(DEFAULT_REFUSAL)
+    for f in sorted((ROOT / "constitutions").glob("*.yaml")):
+        c = load_constitution(f)
+        assert is_refusal(c.refusal), (f.name, c.refusal)
+    assert load_constitution(ROOT / "constitutions" / "general.yaml").refusal != DEFAULT_REFUSAL
 
 
 def test_all_errors_are_reported_at_once(tmp_path):
