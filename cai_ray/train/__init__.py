@@ -1,4 +1,4 @@
-"""Training on Ray Train with DeepSpeed: SFT, preference model, DPO, RL (PPO/GRPO/RLOO) (see harness.py)."""
+"""Training on Ray Train with DeepSpeed: SFT, preference model, DPO, RL (PPO/GRPO/RLOO), constitutional classifiers (see harness.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ TRAINERS = {
     "rm": ("cai_ray.train.config:RMTrainConfig", "cai_ray.train.rm:train_rm"),
     "dpo": ("cai_ray.train.config:DPOTrainConfig", "cai_ray.train.dpo:train_dpo"),
     "ppo": ("cai_ray.train.ppo.config:RLTrainConfig", "cai_ray.train.ppo.loop:train_rl"),
+    "classifier": ("cai_ray.train.config:ClassifierTrainConfig", "cai_ray.train.classifier:train_classifier"),
 }
 
 

@@ -224,3 +224,17 @@ class DPOTrainConfig(TrainConfig):
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig(TrainConfig):
+    """`cai-ray train classifier`: a constitutional classifier (P(violation) from one logit),
+    as `cai-ray classifiers` trains its input and output classifiers (Ray Train + DeepSpeed)."""
+
+    data: str = setting("", "JSONL/Parquet with text and target (1 = violates, 0 = respects; soft targets allowed)")
+    model: str = setting("smollm2", "base model (a classification head is added): smollm2 | tiny-random | a folder")
+    zero: int = setting(0, "DeepSpeed ZeRO stage 0-3 (0 = plain DDP: a small classifier needs no sharding)")
+    optim: OptimSection = field(
+        default_factory=lambda: OptimSection(learning_rate=5e-5, per_worker_batch_size=8, max_length=512, epochs=2.0),
+        metadata={"help": "optimisation"},
+    )

@@ -31,7 +31,7 @@ class WorkerJob:
     """What every Ray Train worker receives: the job's own config object (frozen, with its
     typed sections) and the facts the driver settled for this run. No hand-built dicts."""
 
-    kind: str  # sft | rm | dpo | ppo | grpo | rloo
+    kind: str  # sft | rm | dpo | ppo | grpo | rloo | classifier
     cfg: Any  # the trainer's config: SFTTrainConfig, RMTrainConfig, DPOTrainConfig, RLTrainConfig
     rows: tuple[dict[str, Any], ...]  # the training rows (validated by the driver)
     output: str  # the driver's output folder (its staging folder when the output is an object store): see folder()
@@ -55,6 +55,7 @@ TITLES = {
     "ppo": "PPO policy loss",
     "grpo": "GRPO loss",
     "rloo": "RLOO loss",
+    "classifier": "classifier loss (binary cross-entropy)",
 }
 # trainer → the module with its load_base/build (default cai_ray.train.<kind>)
 MODULES = {"grpo": "cai_ray.train.ppo.critic_free", "rloo": "cai_ray.train.ppo.critic_free"}

@@ -1,5 +1,6 @@
 """Every command's config class, by the name users know it under (its config file prefix)."""
 
+from cai_ray.classifiers.config import ClassifiersConfig
 from cai_ray.eval.config import EvalConfig
 from cai_ray.generate.config import GenerateConfig
 from cai_ray.label.config import LabelConfig
@@ -18,4 +19,5 @@ CONFIGS = {
     "serve": ServeConfig,
     "eval": EvalConfig,
     "pipeline": PipelineConfig,
+    "classifiers": ClassifiersConfig,
 }

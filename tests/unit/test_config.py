@@ -91,6 +91,7 @@ def test_every_bundled_job_config_validates(path):
         or getattr(cfg, "data", None)
         or getattr(cfg, "prompts", None)
         or getattr(cfg, "models", None)
+        or getattr(cfg, "generator", None)  # classifiers: the constitution and the model that writes from it
         or cfg.policy.model
     )
 

@@ -20,7 +20,7 @@ LAYERS = {
         "cai_ray.serve",
         "cai_ray.collective",
     ),
-    "entry": ("cai_ray.pipeline", "cai_ray.cli"),
+    "entry": ("cai_ray.pipeline", "cai_ray.classifiers", "cai_ray.cli"),
 }
 ORDER = list(LAYERS)
 
