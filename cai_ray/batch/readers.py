@@ -641,6 +641,54 @@ def load_rows(path: str, row_fn: Callable[[Row], tuple[Row | None, str | None]])
     return rows, rejects
 
 
+def pref_row(r: Row) -> tuple[Row | None, str | None]:
+    """A preference pair: the labeling output (``chosen``/``rejected`` conversations ending in
+    the two answers, ``p_chosen``), or ``prompt`` (string or messages) + ``chosen`` +
+    ``rejected`` (strings or one assistant message each) [+ ``p_chosen``]."""
+    chosen, rejected = r.get("chosen"), r.get("rejected")
+    if chosen is None or rejected is None:
+        return None, "needs 'chosen' and 'rejected' (an unlabelled pair has neither)"
+    prompt = r.get("prompt")
+    if isinstance(chosen, list) and isinstance(rejected, list) and (prompt is None or "prompt_messages" in r):
+        # the labeling output: full conversations, the last turn the answer
+        c, j = _messages(chosen), _messages(rejected)
+        if c is None or j is None or len(c) < 2 or len(j) < 2:
+            return None, "malformed chosen/rejected conversations"
+        if c[:-1] != j[:-1]:
+            return None, "chosen and rejected continue different conversations"
+        prompt_msgs, answers = c[:-1], (c[-1], j[-1])
+    else:
+        if isinstance(prompt, str):
+            prompt_msgs = [{"role": "user", "content": prompt}] if prompt.strip() else None
+        else:
+            prompt_msgs = _messages(prompt)
+        if prompt_msgs is None:
+            return None, "needs a non-empty 'prompt' (string or messages)"
+        answers = []
+        for name, v in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(v, str):
+                v = [{"role": "assistant", "content": v}]
+            v = _messages(v)
+            if v is None or len(v) != 1:
+                return None, f"'{name}' must be a string or one assistant message"
+            answers.append(v[0])
+    if any(a["role"] != "assistant" or not a["content"].strip() for a in answers):
+        return None, "chosen and rejected must be non-empty assistant turns"
+    if answers[0]["content"].strip() == answers[1]["content"].strip():
+        return None, "chosen and rejected are identical"  # up to surrounding space: nothing to learn
+    if prompt_msgs[-1]["role"] == "assistant":
+        return None, "the prompt must end with a user turn"
+    p = r.get("p_chosen")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.5 <= p <= 1):
+        return None, f"p_chosen must be a number in [0.5, 1] (the chosen answer's probability), got {p!r}"
+    return {
+        "prompt": prompt_msgs,
+        "chosen": [answers[0]],
+        "rejected": [answers[1]],
+        "p_chosen": None if p is None else float(p),
+    }, None
+
+
 # the conversation fields whose contents name a row without an ``id`` (readers.conversation_id)
 CONVERSATIONS = ("prompt", "messages", "completion", "chosen", "rejected")
 

@@ -12,4 +12,13 @@
 Collective Constitutional AI (Anthropic and the Collective Intelligence Project, 2023) ran
 this with Polis; the math is Polis's (Small et al. 2021, "Polis: Scaling deliberation by
 mapping high dimensional opinion spaces").
+
+`cai-ray constitution derive` finds principles in preference pairs instead (Inverse
+Constitutional AI, Findeis et al. 2024):
+
+    preference_pairs.py  read the pairs, split off the held-out ones, cluster the rest by the
+                         words that tell the chosen reply from the rejected one
+    derive.py            the engine drafts a principle per cluster; every candidate is scored by
+                         how well the labeler using it alone reconstructs the held-out pairs; the
+                         best become a constitution with their accuracy and provenance
 """
