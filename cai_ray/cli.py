@@ -39,12 +39,13 @@ def _clamp(value: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cai_ray.classifiers.config import ClassifiersConfig
     from cai_ray.eval.config import EvalConfig
     from cai_ray.generate.config import GenerateConfig
     from cai_ray.label.config import LabelConfig
     from cai_ray.pipeline.config import PipelineConfig
     from cai_ray.serve.config import ServeConfig
-    from cai_ray.train.config import DPOTrainConfig, RMTrainConfig, SFTTrainConfig
+    from cai_ray.train.config import ClassifierTrainConfig, DPOTrainConfig, RMTrainConfig, SFTTrainConfig
     from cai_ray.train.ppo.config import RLTrainConfig
 
     parser = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI at cluster scale on Ray.")
@@ -229,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, dest="rollout.max_new_tokens", metavar="N", help="tokens per response"
     )
 
+    _train_parser(
+        tsub,
+        "classifier",
+        ClassifierTrainConfig,
+        "a constitutional classifier: P(violation) from one logit (binary cross-entropy)",
+        "Train a one-output sequence classifier on rows with text and target (1 = violates the constitution, "
+        "0 = respects it; soft targets allowed). `cai-ray classifiers` trains its input and output classifiers "
+        "with this trainer.",
+        "JSONL/Parquet with text and target",
+    )
+
     srv = sub.add_parser(
         "serve",
         help="serve the policy (OpenAI-compatible), the AI labeler and the guardrail on Ray Serve",
@@ -250,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
     srv.add_argument("--api-key-file", dest="api_key_file", help="file holding the bearer token")
     srv.add_argument("--guardrail", action="store_const", const=True, help="critique and revise every answer")
+    srv.add_argument(
+        "--guard",
+        choices=("none", "classifier"),
+        help="classifier: constitutional classifiers check each prompt and the answer as it streams",
+    )
+    srv.add_argument(
+        "--classifiers",
+        dest="classifier.path",
+        metavar="DIR",
+        help="the guard's classifiers: a `cai-ray classifiers` OUTPUT folder (with guard.json)",
+    )
     srv.add_argument("--config", help="YAML config file (see config keys below)")
     srv.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     srv.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -356,7 +379,38 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sft.optim.epochs=2")
 
-    c = sub.add_parser("constitution", help="validate, show or collect constitution files")
+    cl = sub.add_parser(
+        "classifiers",
+        help="constitutional classifiers: synthetic data per principle → AI labels → input and output classifiers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_epilog(ClassifiersConfig),
+        description="From a constitution, the generator writes user requests that violate or respect each principle "
+        "and answers that violate or respect it (Ray Data engine pools; each row keeps its principle and role), the "
+        "AI judge labels every row (rows it confidently contradicts are filtered), and an input classifier (the "
+        "request) and an output classifier (the answer and its prefixes) are trained on Ray Train. Each is measured "
+        "on held-out synthetic rows (AUROC; the threshold that reaches `recall` and its false-positive rate) and on "
+        "the red-team and benign eval sets, with bootstrap intervals. Writes guard.json for `cai-ray serve --guard "
+        "classifier --classifiers OUTPUT`, metrics.json, data/, filtered.jsonl, rejects.jsonl and manifest.json. "
+        "Re-running resumes.\n\nexample:\n  cai-ray classifiers --constitution constitutions/general.yaml "
+        "--output out/classifiers --per-principle 16",
+    )
+    cl.add_argument("--constitution", help="constitution YAML")
+    cl.add_argument("--output", help="output folder")
+    cl.add_argument("--config", help="YAML config file (see config keys below)")
+    cl.add_argument("--generator", dest="generator.model", metavar="MODEL", help="model writing the synthetic data")
+    cl.add_argument("--judge", dest="judge.model", metavar="MODEL", help="the AI judge that labels the rows")
+    cl.add_argument("--base", metavar="MODEL", help="classifier base model (default smollm2)")
+    cl.add_argument(
+        "--per-principle", type=int, dest="per_principle", metavar="N", help="requests per principle and role"
+    )
+    cl.add_argument("--recall", type=float, metavar="R", help="the fixed recall of the threshold (default 0.9)")
+    cl.add_argument("--harmful", help="red-team prompts for the eval-set metrics")
+    cl.add_argument("--benign", help="benign prompts for the eval-set metrics")
+    cl.add_argument("--seed", type=int)
+    cl.add_argument("--address", dest="ray_address", help="Ray cluster address (default: start local)")
+    cl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    c = sub.add_parser("constitution", help="validate, show, collect or derive constitution files")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate", help="check files; exit 1 naming file, principle and field")
     v.add_argument("files", nargs="+")
@@ -398,6 +452,60 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--name", default="collective", help="constitution name (default collective)")
     co.add_argument("--version", default="1.0.0", help="constitution version (default 1.0.0)")
     co.add_argument("--description", help="constitution description (default: says how it was collected)")
+    de = csub.add_parser(
+        "derive",
+        help="a constitution from preference pairs (Inverse Constitutional AI): the principles that reconstruct them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Inverse Constitutional AI: hold out part of the pairs, cluster the rest by the words that\n"
+        "tell chosen from rejected, let the engine draft each cluster's rule as a comparison question\n"
+        '("Which reply ...?"), add the questions of --candidates, and score every candidate by how\n'
+        "well the AI labeler using it alone reconstructs the held-out preferences (both orders,\n"
+        "debiased; accuracy with a Wilson 95% interval). The best --k become the principles, each\n"
+        "with its accuracy and where it came from. The engine runs in this process (no Ray). The\n"
+        "output is checked with the constitution validator before it is written; exit 2, nothing\n"
+        "written, when no candidate beats --min-accuracy.",
+        epilog="input: JSONL / CSV / Parquet rows (or a label run's folder) with prompt (string) or messages,\n"
+        "  chosen and rejected (strings or one assistant message each) [, id]\n"
+        "--candidates: a constitution YAML (its comparison questions) or a text file, one question a line\n"
+        "output: FILE (a constitution; principle ids derived-N, category derived, weight = accuracy),\n"
+        "  FILE.candidates.jsonl (every candidate and draft, scored) and\n"
+        "  FILE.rejects.jsonl (every row not used, with its reason)\n\n"
+        "example:\n"
+        "  cai-ray constitution derive --prefs prefs.jsonl --output constitutions/derived.yaml \\\n"
+        "      --candidates constitutions/general.yaml --k 5",
+    )
+    de.add_argument("--prefs", required=True, metavar="PAIRS", help="preference pairs (file or label run folder)")
+    de.add_argument("--output", required=True, metavar="FILE", help="the constitution YAML to write")
+    de.add_argument(
+        "--candidates", metavar="FILE", help="more candidates: a constitution YAML or a text file of questions"
+    )
+    de.add_argument(
+        "--held-out", type=float, default=0.3, metavar="F", help="share of pairs held out for scoring (default 0.3)"
+    )
+    de.add_argument(
+        "--clusters", type=int, default=4, metavar="N", help="clusters of training pairs drafted from (default 4)"
+    )
+    de.add_argument("--k", type=int, default=5, help="most principles kept (default 5)")
+    de.add_argument("--examples", type=int, default=3, metavar="N", help="pairs shown per draft (default 3)")
+    de.add_argument("--draft-tokens", type=int, default=32, metavar="N", help="tokens per draft (default 32)")
+    de.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="a kept principle's held-out accuracy must be above this (default 0.5: chance)",
+    )
+    de.add_argument("--backend", default="hf", help="engine backend (default hf)")
+    de.add_argument("--model", default="smollm2", help="the drafting and labeling model (default smollm2)")
+    de.add_argument(
+        "--dtype",
+        default="float32",
+        help="engine dtype (default float32: a small model's labels differ by hundredths between candidates)",
+    )
+    de.add_argument("--seed", type=int, default=0, help="split, k-means and labeler seed (default 0)")
+    de.add_argument("--name", default="derived", help="constitution name (default derived)")
+    de.add_argument("--version", default="1.0.0", help="constitution version (default 1.0.0)")
+    de.add_argument("--description", help="constitution description (default: says how it was derived)")
     return parser
 
 
@@ -658,6 +766,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_classifiers(args) -> int:
+    from cai_ray.classifiers.config import ClassifiersConfig
+    from cai_ray.classifiers.run import headline, train_classifiers
+
+    cfg = _load(ClassifiersConfig, args, "")
+    manifest = cfg and _run_job(train_classifiers, cfg)
+    if not manifest:
+        return 2
+    out = Path(cfg.output).resolve()
+    c = manifest["counts"]
+    print(
+        f"{c['rows']} synthetic rows from {c['requests']} of {c['requests_asked']} requests: {c['kept']} kept, "
+        f"{c['filtered']} filtered by the judge ({out / 'filtered.jsonl'}), {c['rejected']} rejected "
+        f"({out / 'rejects.jsonl'})"
+    )
+    print("\n".join(headline(manifest)))
+    print(f"guard:    {out / 'guard.json'}  (cai-ray serve --guard classifier --classifiers {out})")
+    print(f"models:   {out / 'input' / 'model'}, {out / 'output' / 'model'}")
+    print(f"metrics:  {out / 'metrics.json'}; rows: {out / 'data'}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from cai_ray.eval.run import headline
     from cai_ray.pipeline.config import PipelineConfig
@@ -706,6 +837,33 @@ def cmd_constitution(args) -> int:
             )
         except CollectError as e:
             print(f"constitution collect: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(result.report()))
+        return 0
+    if args.action == "derive":
+        from cai_ray.collective.derive import DEFAULT_DESCRIPTION, DeriveError, derive
+
+        try:
+            result = derive(
+                args.prefs,
+                args.output,
+                backend=args.backend,
+                model=args.model,
+                dtype=args.dtype,
+                candidates=args.candidates,
+                held_out=args.held_out,
+                clusters=args.clusters,
+                k=args.k,
+                examples=args.examples,
+                draft_tokens=args.draft_tokens,
+                min_accuracy=args.min_accuracy,
+                seed=args.seed,
+                name=args.name,
+                version=args.version,
+                description=args.description or DEFAULT_DESCRIPTION,
+            )
+        except DeriveError as e:
+            print(f"constitution derive: {e}", file=sys.stderr)
             return 2
         print("\n".join(result.report()))
         return 0
@@ -761,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_eval(args)
     if args.command == "pipeline":
         return cmd_pipeline(args)
+    if args.command == "classifiers":
+        return cmd_classifiers(args)
     if args.command == "constitution":
         return cmd_constitution(args)
     return 2  # pragma: no cover
