@@ -376,13 +376,13 @@ def headline(manifest: dict[str, Any]) -> list[str]:
         return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
 
     m = manifest["metrics"]
-    lines = [f"{'classifier':<10}{'data':<12}{'n':>6}  {'AUROC (95% CI)':<26}{'FPR at recall ' + str(m['recall']):<28}"]
+    lines = [f"{'classifier':<11}{'data':<11}{'n':>6}  {'AUROC (95% CI)':<26}{'FPR at recall ' + str(m['recall']):<28}"]
     for kind in KINDS:
         for name in ("held_out", "eval_sets"):
             x = m[kind].get(name)
             if x:
                 lines.append(
-                    f"{kind:<10}{name:<12}{x['n']:>6}  {f(x['auroc']) + ci(x.get('auroc_ci')):<26}"
+                    f"{kind:<11}{name:<11}{x['n']:>6}  {f(x['auroc']) + ci(x.get('auroc_ci')):<26}"
                     f"{f(x.get('fpr')) + ci(x.get('fpr_ci'))} (recall {f(x.get('recall'))})"
                 )
     return lines

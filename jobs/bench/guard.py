@@ -3,6 +3,8 @@ guardrail on the same requests.
 
     python jobs/bench/guard.py --classifiers out/classifiers        # smollm2, 40 requests each way
     python jobs/bench/guard.py --classifiers DIR --policy tiny-random --n 8 --tokens 32 --json guard.json
+    python jobs/bench/guard.py --classifiers DIR --modes none classifier \
+        --guard-set classifier.input_threshold=1 classifier.output_threshold=1   # the checks' cost alone
 
 The real Ray Serve app on 127.0.0.1 (one hf replica, bearer auth on) is started three times
 on the same policy: ``guard: none``, ``guard: classifier`` with the classifiers of a
@@ -60,6 +62,7 @@ def start_server(mode: str, args, port: int) -> str:
     extra = list(MODES[mode])
     if mode == "classifier":
         extra.append(f"classifier.path={args.classifiers}")
+        extra += args.guard_set
     cfg = load_config(
         ServeConfig,
         None,
@@ -166,6 +169,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--json", help="also write the figures (and every answer) here")
+    ap.add_argument(
+        "--guard-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serve overrides for the classifier mode, e.g. classifier.input_threshold=1 "
+        "classifier.output_threshold=1 (never flags: the checks' cost alone)",
+    )
     args = ap.parse_args()
 
     from ray import serve
