@@ -14,9 +14,6 @@ Nothing is written when no statement passes: a constitution without principles i
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +22,9 @@ import numpy as np
 import yaml
 
 from cai_ray.collective.consensus import Support, group_support, select
+from cai_ray.collective.files import sha256_of, write_constitution, write_jsonl
 from cai_ray.collective.opinion_groups import Groups, opinion_groups
 from cai_ray.collective.polis import VOTE_VALUES, CollectError, PolisExport, read_export
-from cai_ray.core.constitution import ConstitutionError, load_constitution
 
 CATEGORY = "collective"
 DEFAULT_NAME = "collective"
@@ -85,10 +82,6 @@ def _sig(x: float) -> float:
     return float(f"{float(x):.4g}")
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def principle(pid: str, statement_id: str, text: str, support: Support, j: int) -> dict:
     """One kept statement (column ``j`` of ``support``) as a principle with its provenance."""
     groups = [
@@ -116,25 +109,6 @@ def principle(pid: str, statement_id: str, text: str, support: Support, j: int) 
             "groups": groups,
         },
     }
-
-
-def write_validated(output: Path, text: str, rejects: list, rejects_path: Path) -> dict:
-    """Write the constitution ``text`` to ``output`` only once ``load_constitution`` takes it
-    (a temporary file first: a file the loader refuses is never left behind), then the
-    rejects; → the constitution's summary (name, version, sha256, principles)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    try:
-        load_constitution(tmp)
-    except ConstitutionError as e:
-        tmp.unlink()
-        raise CollectError(f"the collected constitution is invalid, nothing written:\n{e}") from None
-    os.replace(tmp, output)
-    with rejects_path.open("w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-    return load_constitution(output).summary()
 
 
 @dataclass
@@ -250,9 +224,9 @@ def collect(
             "method": "Polis group-aware consensus: PCA + k-means opinion groups, P(agree) in every group",
             "sources": {
                 "statements": str(statements),
-                "statements_sha256": _sha256(statements),
+                "statements_sha256": sha256_of(statements),
                 "votes": str(votes),
-                "votes_sha256": _sha256(votes),
+                "votes_sha256": sha256_of(votes),
                 "layout": export.layout,
             },
             "thresholds": {
@@ -291,7 +265,8 @@ def collect(
     )
     text = header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
 
-    summary = write_validated(output, text, export.rejects, rejects_path)
+    summary = write_constitution(output, text, CollectError, "collected")
+    write_jsonl(rejects_path, (asdict(r) for r in export.rejects))
     return Collected(
         export=export,
         statement_ids=ids,

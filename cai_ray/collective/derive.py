@@ -23,10 +23,7 @@ The engine runs in this process (no Ray), like ``collect``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +32,7 @@ import yaml
 
 from cai_ray.batch.readers import RowsError
 from cai_ray.batch.records import reasons_count
+from cai_ray.collective.files import sha256_of, write_constitution, write_jsonl
 from cai_ray.collective.preference_pairs import (
     Clusters,
     Pair,
@@ -251,16 +249,6 @@ def principle_texts(question: str) -> dict[str, str]:
     }
 
 
-def _sha256(path: str | Path) -> str:
-    p = Path(path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p.rglob("*.parquet")):
-            h.update(f.read_bytes())
-        return h.hexdigest()
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def candidate_record(c: Candidate, rank: int | None, kept_as: str | None) -> dict:
     lo, hi = c.interval
     return {
@@ -279,24 +267,12 @@ def candidate_record(c: Candidate, rank: int | None, kept_as: str | None) -> dic
 
 
 def write_outputs(output: Path, text: str, rejects: list[dict], candidate_rows: list[dict]) -> dict:
-    """The constitution ``text`` to ``output`` only once ``load_constitution`` takes it (a
-    temporary file first), then the rejects and the candidate table; → its summary."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    try:
-        load_constitution(tmp)
-    except ConstitutionError as e:
-        tmp.unlink()
-        raise DeriveError(f"the derived constitution is invalid, nothing written:\n{e}") from None
-    os.replace(tmp, output)
-    for path, rows in ((rejects_path(output), rejects), (candidates_path(output), candidate_rows)):
-        part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with part.open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(part, path)
-    return load_constitution(output).summary()
+    """The constitution ``text`` to ``output`` only once ``load_constitution`` takes it, then
+    the rejects and the candidate table; → its summary."""
+    summary = write_constitution(output, text, DeriveError, "derived")
+    write_jsonl(rejects_path(output), rejects)
+    write_jsonl(candidates_path(output), candidate_rows)
+    return summary
 
 
 def rejects_path(output: Path) -> Path:
@@ -498,8 +474,8 @@ def derive(
             ),
             "sources": {
                 "prefs": str(prefs),
-                "prefs_sha256": _sha256(prefs),
-                **({"candidates": str(candidates), "candidates_sha256": _sha256(candidates)} if candidates else {}),
+                "prefs_sha256": sha256_of(prefs),
+                **({"candidates": str(candidates), "candidates_sha256": sha256_of(candidates)} if candidates else {}),
             },
             "engine": {"backend": backend, "model": model_name, "dtype": dtype},
             "settings": {

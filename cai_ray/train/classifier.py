@@ -22,6 +22,7 @@ from typing import Any
 from cai_ray.batch.readers import load_rows
 from cai_ray.train import harness
 from cai_ray.train.data import TrainDataError
+from cai_ray.train.rm import load_base  # the same one-logit sequence classifier as the preference model
 
 
 def classifier_row(r: dict) -> tuple[dict | None, str | None]:
@@ -34,14 +35,6 @@ def classifier_row(r: dict) -> tuple[dict | None, str | None]:
     if not isinstance(target, (int, float)) or not math.isfinite(target) or not 0 <= target <= 1:
         return None, f"'target' must be a number in [0, 1], got {target!r}"
     return {"id": r.get("id"), "text": text, "target": float(target)}, None
-
-
-def load_base(job: harness.WorkerJob):
-    from transformers import AutoModelForSequenceClassification
-
-    tok, model = harness.load_model(job, AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    return tok, model
 
 
 def _trainer_class():

@@ -18,7 +18,6 @@ import yaml
 
 from cai_ray.batch.readers import RowsError, conversation_id
 from cai_ray.cli import main
-from cai_ray.collective import derive as derive_mod
 from cai_ray.collective.derive import (
     Candidate,
     DeriveError,
@@ -30,6 +29,7 @@ from cai_ray.collective.derive import (
     score,
     wilson_interval,
 )
+from cai_ray.collective.files import sha256_of
 from cai_ray.collective.preference_pairs import (
     Pair,
     cluster_pairs,
@@ -385,4 +385,4 @@ def test_derive_module_names_its_engine_in_provenance(tmp_path):
     result = _run(tmp_path, RuleEngine([" mentions blue?", " mentions please?"]))
     raw = yaml.safe_load(result.output.read_text())
     assert raw["provenance"]["engine"]["model"] == "rule-engine"
-    assert raw["provenance"]["sources"]["prefs_sha256"] == derive_mod._sha256(tmp_path / "prefs.jsonl")
+    assert raw["provenance"]["sources"]["prefs_sha256"] == sha256_of(tmp_path / "prefs.jsonl")
