@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Inverse Constitutional AI: hold out part of the pairs, cluster the rest by the words that\n"
         "tell chosen from rejected, let the engine draft each cluster's rule as a comparison question\n"
-        '("Which reply ...?"), add the questions of --candidates, and score every candidate by how\n'
+        '("Which reply ...?"), add the measured contrasts (chosen shorter, with fewer capitals, fewer\n'
+        "refusals, ... in most pairs) and the questions of --candidates, and score every candidate by how\n"
         "well the AI labeler using it alone reconstructs the held-out preferences (both orders,\n"
         "debiased; accuracy with a Wilson 95% interval). The best --k become the principles, each\n"
         "with its accuracy and where it came from. The engine runs in this process (no Ray). The\n"
@@ -494,6 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         metavar="P",
         help="a kept principle's held-out accuracy must be above this (default 0.5: chance)",
+    )
+    de.add_argument(
+        "--min-contrast",
+        type=float,
+        default=0.75,
+        metavar="S",
+        help="a measured contrast (length, capitals, questions, lists, digits, refusals: chosen vs rejected) "
+        "holding in this share of training pairs becomes a candidate and a hint to the drafts (default 0.75; "
+        "above 1: off)",
     )
     de.add_argument("--backend", default="hf", help="engine backend (default hf)")
     de.add_argument("--model", default="smollm2", help="the drafting and labeling model (default smollm2)")
@@ -857,6 +867,7 @@ def cmd_constitution(args) -> int:
                 examples=args.examples,
                 draft_tokens=args.draft_tokens,
                 min_accuracy=args.min_accuracy,
+                min_contrast=args.min_contrast,
                 seed=args.seed,
                 name=args.name,
                 version=args.version,

@@ -32,6 +32,7 @@ import yaml
 
 from cai_ray.batch.readers import RowsError
 from cai_ray.batch.records import reasons_count
+from cai_ray.collective.contrasts import contrasts
 from cai_ray.collective.files import sha256_of, write_constitution, write_jsonl
 from cai_ray.collective.preference_pairs import (
     Clusters,
@@ -67,7 +68,7 @@ def _clip(text: str, n: int = EXAMPLE_CHARS) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def draft_messages(examples: list[Pair], more: list[str], less: list[str]) -> list[dict]:
+def draft_messages(examples: list[Pair], more: list[str], less: list[str], hints: list[str] = ()) -> list[dict]:
     """The drafting conversation for one cluster: its example pairs and the words its chosen
     (rejected) replies have more often, then the assistant turn prefilled with "Which reply",
     so the model only has to finish the question."""
@@ -84,6 +85,8 @@ def draft_messages(examples: list[Pair], more: list[str], less: list[str]) -> li
         parts.append("Words found more in the preferred replies: " + ", ".join(more))
     if less:
         parts.append("Words found more in the other replies: " + ", ".join(less))
+    if hints:
+        parts.append("Measured over all pairs: " + "; ".join(hints) + ".")
     parts.append(
         'What rule did people use? Write it as one short question that starts with "Which reply" '
         'and ends with "?", for example: "Which reply is more polite?"'
@@ -137,7 +140,7 @@ def parse_draft(continuation: str) -> tuple[str | None, str | None]:
 @dataclass
 class Candidate:
     question: str
-    source: dict  # {"kind": "draft", "cluster", "pair_ids", "draft"} or {"kind": "candidates", ...}
+    source: dict  # {"kind": "draft", "cluster", "pair_ids", "draft"}, {"kind": "contrast", ...} or {"kind": "candidates", ...}
     also_from: list[dict] = field(default_factory=list)  # the same question from elsewhere
     # scores on the held-out pairs
     hits: int = 0
@@ -317,14 +320,17 @@ class Derived:
             lines.append(f"  cluster {d['cluster']}: {shown}")
         kept_ids = {id(c): pid for pid, c in self.kept}
         lines.append(f"candidates: {len(self.candidates)} scored on {self.held_out} held-out pairs (best first)")
-        lines.append(f"  {'kept as':<11}{'accuracy':>9}  {'95% interval':<14}{'p(chosen)':>10}  {'source':<14}question")
+        lines.append(f"  {'kept as':<11}{'accuracy':>9}  {'95% interval':<14}{'p(chosen)':>10}  {'source':<20}question")
         for c in self.candidates:
             lo, hi = c.interval
-            src = f"cluster {c.source['cluster']}" if c.source["kind"] == "draft" else "candidates"
+            src = {
+                "draft": f"cluster {c.source.get('cluster')}",
+                "contrast": f"measured {c.source.get('feature')}",
+            }.get(c.source["kind"], "candidates")
             p = "n/a" if c.mean_p_chosen is None else f"{c.mean_p_chosen:.3f}"
             q = c.question if len(c.question) <= 70 else c.question[:67] + "..."
             lines.append(
-                f"  {kept_ids.get(id(c), '-'):<11}{c.accuracy:>9.3f}  [{lo:.2f}, {hi:.2f}]  {p:>10}  {src:<14}{q}"
+                f"  {kept_ids.get(id(c), '-'):<11}{c.accuracy:>9.3f}  [{lo:.2f}, {hi:.2f}]  {p:>10}  {src:<20}{q}"
             )
         s = self.summary
         lines.append(
@@ -352,6 +358,7 @@ def derive(
     examples: int = 3,
     draft_tokens: int = 32,
     min_accuracy: float = 0.5,
+    min_contrast: float = 0.75,
     seed: int = 0,
     name: str = DEFAULT_NAME,
     version: str = "1.0.0",
@@ -366,6 +373,8 @@ def derive(
         raise DeriveError(f"--draft-tokens must be at least 1, got {draft_tokens}")
     if not 0 < held_out < 1:
         raise DeriveError(f"--held-out is a fraction of the pairs, between 0 and 1 (exclusive); got {held_out}")
+    if min_contrast <= 0.5:
+        raise DeriveError(f"--min-contrast is a share of pairs above 0.5 (above 1: off); got {min_contrast}")
     if not 0 <= min_accuracy < 1:
         raise DeriveError(f"--min-accuracy is an accuracy in [0, 1); got {min_accuracy}")
     if clusters == 0 and candidates is None:
@@ -390,6 +399,12 @@ def derive(
 
         engine = engine_from_section(EngineConfig(backend=backend, model=model, dtype=dtype))
 
+    # measured contrasts (no model): candidates themselves, and hints for the drafts
+    found_contrasts = (
+        contrasts([p.chosen for p in train], [p.rejected for p in train], min_contrast) if min_contrast <= 1 else []
+    )
+    hints = [c.describe() for c in found_contrasts]
+
     # cluster and draft
     cluster_rows, drafts = [], []
     if clusters:
@@ -411,7 +426,7 @@ def derive(
                     "example_ids": [train[i].id for i in shown],
                 }
             )
-            convs.append(draft_messages([train[i] for i in shown], more, less))
+            convs.append(draft_messages([train[i] for i in shown], more, less, hints))
         texts = engine.generate(convs, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=draft_tokens, seed=seed))
         for row, text in zip(cluster_rows, texts):
             q, why = parse_draft(text)
@@ -421,7 +436,12 @@ def derive(
         (d["question"], {"kind": "draft", "cluster": d["cluster"], "pair_ids": row["example_ids"], "draft": d["text"]})
         for d, row in zip(drafts, cluster_rows)
         if d["question"]
-    ] + file_entries
+    ]
+    entries += [
+        (c.question, {"kind": "contrast", "feature": c.feature, "direction": c.direction, "share": c.share})
+        for c in found_contrasts
+    ]
+    entries += file_entries
     if not entries:
         raise DeriveError(
             f"no candidate principles: none of the {len(drafts)} drafts parsed "
@@ -485,6 +505,7 @@ def derive(
                 "examples": examples,
                 "draft_tokens": draft_tokens,
                 "min_accuracy": min_accuracy,
+                "min_contrast": min_contrast,
                 "seed": seed,
                 "accuracy": "share of held-out pairs with debiased p(chosen) > 0.5; ci: Wilson 95%",
             },
@@ -496,9 +517,11 @@ def derive(
             },
             "clusters": cluster_rows,
             "drafts": {"asked": len(drafts), "parsed": sum(1 for d in drafts if d["question"])},
+            "contrasts": [c.__dict__ for c in found_contrasts],
             "candidates": {
                 "scored": len(pooled),
                 "from_drafts": sum(1 for c in pooled if c.source["kind"] == "draft"),
+                "from_contrasts": sum(1 for c in pooled if c.source["kind"] == "contrast"),
                 "from_file": sum(1 for c in pooled if c.source["kind"] == "candidates"),
                 "repeats_merged": len(entries) - len(pooled),
                 "file": candidates_path(output).name,

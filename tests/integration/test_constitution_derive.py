@@ -1,16 +1,16 @@
 """`cai-ray constitution derive` with the embedded SmolLM2-135M on a planted rule.
 
 The planted rule: of two replies with the same words, people chose the one in ordinary case
-over the one in ALL CAPITALS. SmolLM2-135M is at chance on real harmlessness pairs, and on
-most surface rules we tried its labels hardly depend on the principle (docs/constitutions.md
-has the numbers); on this one, in float32, the right principle puts it clearly above chance
-and above an unrelated principle. It does not draft that principle itself (the case of the
-words is all that differs, and it writes about content), so the right wording is given among
-a distractor via --candidates, and the real drafts are scored beside it.
+over the one in ALL CAPITALS. SmolLM2-135M does not draft that principle (the case of the
+words is all that differs, and it writes "Which reply is more polite?"); the measured
+contrasts (`collective/contrasts.py`: chosen has fewer capitals in every training pair) propose
+"Which reply uses fewer capital letters?", and scoring with the labeler keeps it above chance
+and above the model's draft and an unrelated principle given via --candidates. Nobody gives
+the right wording: it comes from the data.
 
 What this shows is that the scoring separates a principle the labeler reacts to from one it
 does not, not that a 135M model understands the rule: the reversed wording ("Which reply is
-written in capital letters?") scores 20/20 on the same pairs (docs/constitutions.md).
+written in capital letters?") also scores 20/20 on the same pairs (docs/constitutions.md).
 """
 
 import json
@@ -23,7 +23,7 @@ from cai_ray.config import load_config
 from cai_ray.core.constitution import load_constitution
 from cai_ray.core.labeler import Labeler, LabelSettings
 
-RIGHT = "Which reply is not written in capital letters?"
+CONTRAST = "Which reply uses fewer capital letters?"
 UNRELATED = "Which reply is more accurate about historical facts?"
 TOPICS = [
     "the weather in Paris",
@@ -77,7 +77,7 @@ def derived(engine, tmp_path_factory):
     prefs = folder / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in planted(66)), encoding="utf-8")
     cands = folder / "candidates.txt"
-    cands.write_text(f"{UNRELATED}\n{RIGHT}\n", encoding="utf-8")
+    cands.write_text(f"{UNRELATED}\n", encoding="utf-8")
     result = derive(
         prefs,
         folder / "derived.yaml",
@@ -97,12 +97,12 @@ def derived(engine, tmp_path_factory):
 def test_the_planted_rule_is_recovered_above_chance(derived):
     assert derived.held_out == 20 and derived.train == 46
     by_question = {c.question: c for c in derived.candidates}
-    right, unrelated = by_question[RIGHT], by_question[UNRELATED]
-    assert right.n == unrelated.n == 20 and right.invalid == 0
+    found, unrelated = by_question[CONTRAST], by_question[UNRELATED]
+    assert found.n == unrelated.n == 20 and found.invalid == 0
+    assert found.source == {"kind": "contrast", "feature": "capitals", "direction": "less", "share": 1.0}
     top = derived.kept[0][1]
-    assert top.interval[0] > 0.5, [(c.question, c.hits, c.interval) for c in derived.candidates]
-    assert top.accuracy > unrelated.accuracy
-    assert right.interval[0] > 0.5 and right.accuracy > unrelated.accuracy
+    assert top is found, [(c.question, c.hits, c.interval) for c in derived.candidates]
+    assert top.interval[0] > 0.5 and top.accuracy > unrelated.accuracy
     # the model really drafted, and its draft was scored beside the given candidates
     assert len(derived.drafts) == 1
     draft = derived.drafts[0]

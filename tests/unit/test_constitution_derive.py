@@ -386,3 +386,55 @@ def test_derive_module_names_its_engine_in_provenance(tmp_path):
     raw = yaml.safe_load(result.output.read_text())
     assert raw["provenance"]["engine"]["model"] == "rule-engine"
     assert raw["provenance"]["sources"]["prefs_sha256"] == sha256_of(tmp_path / "prefs.jsonl")
+
+
+def test_measured_contrasts_by_hand():
+    from cai_ray.collective.contrasts import contrasts
+
+    chosen = ["Here is how.", "Sure, step one.", "OK, I can help.", "Fine?"]
+    rejected = ["HERE IS HOW.", "SURE, STEP ONE.", "I'm sorry, but I can't help with that.", "FINE"]
+    found = {(c.feature, c.direction): c for c in contrasts(chosen, rejected, min_share=0.75)}
+    # capitals: fewer in chosen in pairs 1, 2, 4 (pair 3: 3 of 10 letters vs 2 of 27, more) = 3 of 4
+    assert found["capitals", "less"].share == 0.75
+    assert found["capitals", "less"].question == "Which reply uses fewer capital letters?"
+    assert ("refusal", "less") not in found  # only one pair in four has a refusal
+    assert ("questions", "more") not in found
+    assert [c.feature for c in contrasts(chosen, rejected, min_share=0.25) if c.direction == "less"][:1] == ["capitals"]
+    assert contrasts([], []) == []
+
+
+class CapsEngine(RuleEngine):
+    """Follows "fewer capital letters" (picks the reply with fewer capitals); else answers (A)."""
+
+    def choice_logprobs(self, convs, choices):
+        out = []
+        for conv in convs:
+            text = conv[-2]["content"]
+            a, b = re.findall(r"<reply>\n(.*?)\n</reply>", text, re.S)
+            caps = "fewer capital letters" in text
+            pick_a = sum(ch.isupper() for ch in a) < sum(ch.isupper() for ch in b) if caps else True
+            out.append([math.log(0.9), math.log(0.1)] if pick_a else [math.log(0.1), math.log(0.9)])
+        return out
+
+
+def test_a_measured_contrast_is_a_candidate_and_a_hint_to_the_drafts(tmp_path):
+    rows = [
+        {
+            "id": f"c{i}",
+            "prompt": f"Tips for {t}?",
+            "chosen": f"Go slowly with {t}.",
+            "rejected": f"GO SLOWLY WITH {t.upper()}.",
+        }
+        for i, t in enumerate(TOPICS * 2)
+    ]
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    engine = CapsEngine([" is more polite?"])
+    result = derive(prefs, tmp_path / "d.yaml", engine=engine, clusters=1, k=1, seed=0)
+    assert any("the preferred reply has less capitals in 100% of pairs" in p for p in engine.draft_prompts)
+    top = yaml.safe_load(result.output.read_text())["principles"][0]
+    assert top["comparison_question"] == "Which reply uses fewer capital letters?"
+    assert top["provenance"]["source"] == {"kind": "contrast", "feature": "capitals", "direction": "less", "share": 1.0}
+    assert top["provenance"]["accuracy"] == 1.0
+    # off above 1: the drafts alone, and the model's "more polite" reconstructs nothing here
+    with pytest.raises(DeriveError, match="no candidate reconstructs"):
+        derive(prefs, tmp_path / "e.yaml", engine=CapsEngine([" is more polite?"]), clusters=1, k=1, min_contrast=1.5)
