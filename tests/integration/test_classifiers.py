@@ -1,5 +1,5 @@
-"""`cai-ray classifiers` end to end on real parts: SmolLM2 writes the synthetic requests and
-answers and judges them (Ray Data engine pools), tiny-random classifiers train on Ray Train,
+"""`cai-ray classifiers` end to end on real parts: tiny-random writes the synthetic requests and
+answers, SmolLM2 judges them (Ray Data engine pools), tiny-random classifiers train on Ray Train,
 the metrics are recomputable from the rows written; and the classifier trainer learns a
 planted rule (`cai-ray train classifier`)."""
 
@@ -28,12 +28,17 @@ def run(tmp_path_factory):
     for kind in ("critique_revision", "comparison"):
         raw["examples"][kind] = [e for e in raw["examples"][kind] if e["principle"] in KEEP]
     (tmp / "c.yaml").write_text(yaml.safe_dump(raw))
+    from cai_ray.config.sections import EngineConfig
+
+    # the generator is tiny-random (its text is noise either way at this size, and SmolLM2's
+    # generation was half of this test's time); the judge is SmolLM2, whose labels are real
     cfg = ClassifiersConfig(
         constitution=str(tmp / "c.yaml"),
         output=str(tmp / "out"),
         per_principle=4,
         held_out=0.4,
-        eval_limit=3,
+        eval_limit=2,
+        generator=EngineConfig(model="tiny-random", dtype="float32"),
         base="tiny-random",
         bootstrap=50,
     )
