@@ -2,7 +2,6 @@
 HTTP client (auth, 400s, leases, second opinions), a restart through the CLI, and leases
 on a fake clock. No Ray: the server is FastAPI + uvicorn over files."""
 
-import contextlib
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
+from support.http import app_on_a_port
 
 from cai_ray.core.review import read_events, review_dir, standing
 from cai_ray.runtime import free_port
@@ -60,24 +59,10 @@ def write_queue(out) -> None:
     (review_dir(out) / "queue.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@contextlib.contextmanager
 def serving(out, lease_minutes: float = 10.0):
     """The app on a free 127.0.0.1 port in a thread; yields its base URL."""
     app = build_app(ReviewState(out, lease_minutes), key_digest(KEY))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="off", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "review server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return app_on_a_port(app, timeout_s=10, log_config=None, lifespan="off", access_log=False)
 
 
 def labels(out) -> dict[tuple[str, str], str]:

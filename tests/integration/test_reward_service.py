@@ -14,11 +14,10 @@ import base64
 import functools
 import json
 import pickle
-import threading
-import time
 
 import httpx
 import pytest
+from support.http import app_on_a_port
 
 KEY = "reward-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,10 +29,7 @@ BATCH = 16
 def server(token_rm):
     """(base URL, the Service behind it, its settings): tiny-random policy and labeler, the
     tiny preference model, small limits."""
-    import uvicorn
-
     from cai_ray.config import load_config
-    from cai_ray.runtime import free_port
     from cai_ray.serve.api import build_app, key_digest
     from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.service import Service
@@ -56,19 +52,8 @@ def server(token_rm):
         ],
     )
     service = Service(settings)
-    port = free_port()
-    uv = uvicorn.Server(
-        uvicorn.Config(build_app(service, settings, key_digest(KEY)), "127.0.0.1", port, log_level="warning")
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", service, settings
-    uv.should_exit = True
-    thread.join(10)
+    with app_on_a_port(build_app(service, settings, key_digest(KEY))) as url:
+        yield url, service, settings
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ Service in reach: the engine's token count shows nothing was generated); one sta
 real Ray Serve app with the guard; a bad guard.json stops `cai-ray serve` before Ray starts."""
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
+from support.http import app_on_a_port
 
 from cai_ray.engine import Sampling
 from cai_ray.serve.guard import check_points, token_ends
@@ -43,10 +42,7 @@ def _overrides(folder, log_path):
 @pytest.fixture(scope="module")
 def guarded(guard_classifiers, tmp_path_factory):
     """(base URL, Service, guard log path, planted word): the serve app with the guard."""
-    import uvicorn
-
     from cai_ray.config import load_config
-    from cai_ray.runtime import free_port
     from cai_ray.serve.api import build_app, key_digest
     from cai_ray.serve.config import ServeConfig
     from cai_ray.serve.service import Service
@@ -55,19 +51,8 @@ def guarded(guard_classifiers, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("guard-log") / "cai_guard.jsonl"
     settings = load_config(ServeConfig, None, _overrides(folder, log_path))
     service = Service(settings)
-    port = free_port()
-    uv = uvicorn.Server(
-        uvicorn.Config(build_app(service, settings, key_digest(KEY)), "127.0.0.1", port, log_level="warning")
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", service, log_path, planted
-    uv.should_exit = True
-    thread.join(10)
+    with app_on_a_port(build_app(service, settings, key_digest(KEY))) as url:
+        yield url, service, log_path, planted
 
 
 @pytest.fixture(scope="module")
