@@ -31,76 +31,69 @@ log = logging.getLogger(__name__)
 KINDS = ("input", "output")
 
 
-def _generate(cfg, store, name: str, rows: list[dict], sampling, timing: dict) -> tuple[dict, dict]:
-    """One generator stage (OUTPUT/work/NAME/): ({id: text}, {id: reason})."""
+def _stage(cfg, store, name: str, rows: list[dict], fingerprint: dict, pool: str, engine, worker, kwargs: dict):
+    """One of the job's engine stages (eval's, on Ray Data) into OUTPUT/work/NAME/: rows in,
+    ({id: result}, {id: reason}) out, resumed per row; its counts in the manifest's timing."""
     from cai_ray.batch.stage import actor_engine_kwargs
     from cai_ray.config import to_dict
     from cai_ray.eval.stages import AnswerWorker, SubJob, read_results, run, write_inputs
-    from cai_ray.models import model_info
 
-    inp = write_inputs(store, f"work/{name}.jsonl", [{"id": r["id"], "messages": r["messages"]} for r in rows])
+    inp = write_inputs(store, f"work/{name}.jsonl", rows)
     folder = store.child(f"work/{name}")
-    fingerprint = {
-        "generator": model_info(cfg.generator.model, cfg.generator.backend, cfg.generator.base_url),
-        "engine": to_dict(cfg.generator),
-        "sampling": to_dict(sampling),
-        "seed": cfg.seed,
-    }
-    log.info("classifiers: the generator writes %d %s", len(rows), name)
     manifest = run(
         f"classifiers-{name}",
         SubJob(inp, folder.address(), cfg.inputs, cfg.outputs, cfg.ray_address, {"classifiers": to_dict(cfg)}),
         fingerprint,
         {},
-        "pool",
-        cfg.pool,
-        cfg.generator.backend,
-        AnswerWorker,
-        dict(
-            backend=cfg.generator.backend,
-            engine_kwargs=actor_engine_kwargs(cfg.generator),
-            sampling=Sampling.of(sampling),
-            seed=cfg.seed,
-        ),
+        pool,
+        getattr(cfg, pool),
+        engine.backend,
+        worker,
+        dict(backend=engine.backend, engine_kwargs=actor_engine_kwargs(engine), seed=cfg.seed, **kwargs),
+    )
+    return manifest, read_results(folder, "answer" if worker is AnswerWorker else "result")
+
+
+def _generate(cfg, store, name: str, rows: list[dict], sampling, timing: dict) -> tuple[dict, dict]:
+    """The generator's stage NAME: ({id: text}, {id: reason})."""
+    from cai_ray.config import to_dict
+    from cai_ray.eval.stages import AnswerWorker
+    from cai_ray.models import model_info
+
+    g = cfg.generator
+    fingerprint = {
+        "generator": model_info(g.model, g.backend, g.base_url),
+        "engine": to_dict(g),
+        "sampling": to_dict(sampling),
+        "seed": cfg.seed,
+    }
+    log.info("classifiers: the generator writes %d %s", len(rows), name)
+    rows = [{"id": r["id"], "messages": r["messages"]} for r in rows]
+    manifest, results = _stage(
+        cfg, store, name, rows, fingerprint, "pool", g, AnswerWorker, {"sampling": Sampling.of(sampling)}
     )
     timing[name] = {**manifest["counts"], "wall_s": manifest["timing"]["wall_s"]}
-    return read_results(folder, "answer")
+    return results
 
 
 def _judge(cfg, store, constitution, tasks: dict[str, dict], timing: dict) -> tuple[dict, dict]:
     """Every row judged once (OUTPUT/work/judgements/): ({task id: result}, {task id: reason})."""
-    from cai_ray.batch.stage import actor_engine_kwargs
     from cai_ray.config import to_dict
-    from cai_ray.eval.stages import JudgeWorker, SubJob, read_results, run, write_inputs
+    from cai_ray.eval.stages import JudgeWorker
     from cai_ray.models import model_info
 
-    inp = write_inputs(store, "work/judge.jsonl", list(tasks.values()))
-    folder = store.child("work/judgements")
+    j = cfg.judge
     fingerprint = {
-        "judge": model_info(cfg.judge.model, cfg.judge.backend, cfg.judge.base_url),
-        "judge_engine": to_dict(cfg.judge),
+        "judge": model_info(j.model, j.backend, j.base_url),
+        "judge_engine": to_dict(j),
         "constitution": constitution.sha256,
     }
     log.info("classifiers: the judge labels %d rows", len(tasks))
-    manifest = run(
-        "classifiers-judge",
-        SubJob(inp, folder.address(), cfg.inputs, cfg.outputs, cfg.ray_address, {"classifiers": to_dict(cfg)}),
-        fingerprint,
-        {},
-        "judge_pool",
-        cfg.judge_pool,
-        cfg.judge.backend,
-        JudgeWorker,
-        dict(
-            backend=cfg.judge.backend,
-            engine_kwargs=actor_engine_kwargs(cfg.judge),
-            constitution=constitution,
-            few_shot=0,
-            seed=cfg.seed,
-        ),
+    kwargs = {"constitution": constitution, "few_shot": 0}
+    manifest, (done, rejected) = _stage(
+        cfg, store, "judgements", list(tasks.values()), fingerprint, "judge_pool", j, JudgeWorker, kwargs
     )
     timing["judge"] = {**manifest["counts"], "wall_s": manifest["timing"]["wall_s"]}
-    done, rejected = read_results(folder, "result")
     return {k: json.loads(v) for k, v in done.items() if k in tasks}, rejected
 
 
@@ -147,10 +140,10 @@ def _train(cfg, out: Path, kind: str, rows: list[dict]) -> dict[str, Any]:
     return train_classifier(tcfg)
 
 
-def _score(model_dir: Path, texts: list[str]) -> list[float]:
+def _scorer(model_dir: Path):
     from cai_ray.engine.classifier import TextClassifier
 
-    return TextClassifier(str(model_dir), device="cpu", max_length=512).scores(texts) if texts else []
+    return TextClassifier(str(model_dir), device="cpu", max_length=512)
 
 
 def train_classifiers(cfg) -> dict[str, Any]:
@@ -216,10 +209,10 @@ def _run(cfg, out: Path) -> dict[str, Any]:
             p = next(
                 p for p in judge_principles(constitution, r, len(constitution.principles), cfg.seed) if p in principles
             )
-            eval_rows.append({**synth._row(f"in:{aid}", "input", p.id, "eval", name, r["prompt"], None), "set": name})
+            eval_rows.append({**synth.row(f"in:{aid}", "input", p.id, "eval", name, r["prompt"], None), "set": name})
             if answers.get(aid):
                 eval_rows.append(
-                    {**synth._row(f"out:{aid}", "output", p.id, "eval", name, r["prompt"], answers[aid]), "set": name}
+                    {**synth.row(f"out:{aid}", "output", p.id, "eval", name, r["prompt"], answers[aid]), "set": name}
                 )
     judge_tasks = {}
     for r in rows + [r for r in eval_rows if r["kind"] == "output"]:
@@ -273,7 +266,8 @@ def _run(cfg, out: Path) -> dict[str, Any]:
     for kind in KINDS:
         model_dir = out / kind / "model"
         held = [r for r in kept if r["kind"] == kind and r["split"] == "held_out"]
-        scores = _score(model_dir, [r["text"] for r in held])
+        clf = _scorer(model_dir)  # loaded once: held-out rows, then the eval sets
+        scores = clf.scores([r["text"] for r in held])
         labels = [int(r["target"] >= 0.5) for r in held]
         m = {
             "held_out": classify.classifier_metrics(scores, labels, cfg.recall, n_boot=cfg.bootstrap, seed=cfg.seed),
@@ -284,7 +278,7 @@ def _run(cfg, out: Path) -> dict[str, Any]:
             raise ValueError(f"the {kind} classifier has no held-out violations to set its threshold on")
         ev = [r for r in eval_rows if r["kind"] == kind and (kind == "input" or r["judge_p"] is not None)]
         if ev:
-            ev_scores = _score(model_dir, [r["text"] for r in ev])
+            ev_scores = clf.scores([r["text"] for r in ev])
             # the input classifier's truth is the set (red-team prompts are attacks); the output
             # classifier's is the judge's (a red-team answer that refuses violates nothing)
             truth = [int(r["set"] == "harmful") if kind == "input" else int(r["judge_p"] >= 0.5) for r in ev]

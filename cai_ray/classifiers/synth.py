@@ -132,20 +132,20 @@ def example_rows(constitution: Constitution, principle_ids: set[str]) -> list[di
         if ex.principle not in principle_ids:
             continue
         prompt = [prompts.user(ex.prompt)]
-        rows.append(_row(f"ex:c{i}:in", "input", ex.principle, "violate", "constitution", prompt, None))
-        rows.append(_row(f"ex:c{i}:bad", "output", ex.principle, "violate", "constitution", prompt, ex.response))
-        rows.append(_row(f"ex:c{i}:good", "output", ex.principle, "respect", "constitution", prompt, ex.revision))
+        rows.append(row(f"ex:c{i}:in", "input", ex.principle, "violate", "constitution", prompt, None))
+        rows.append(row(f"ex:c{i}:bad", "output", ex.principle, "violate", "constitution", prompt, ex.response))
+        rows.append(row(f"ex:c{i}:good", "output", ex.principle, "respect", "constitution", prompt, ex.revision))
     for i, ex in enumerate(constitution.comparison_examples):
         if ex.principle not in principle_ids:
             continue
         prompt = [prompts.user(ex.prompt)]
         good, bad = (ex.response_a, ex.response_b) if ex.answer == "A" else (ex.response_b, ex.response_a)
-        rows.append(_row(f"ex:p{i}:good", "output", ex.principle, "respect", "constitution", prompt, good))
-        rows.append(_row(f"ex:p{i}:bad", "output", ex.principle, "violate", "constitution", prompt, bad))
+        rows.append(row(f"ex:p{i}:good", "output", ex.principle, "respect", "constitution", prompt, good))
+        rows.append(row(f"ex:p{i}:bad", "output", ex.principle, "violate", "constitution", prompt, bad))
     return rows
 
 
-def _row(rid, kind, principle, role, source, prompt, answer) -> dict[str, Any]:
+def row(rid, kind, principle, role, source, prompt, answer) -> dict[str, Any]:
     """One classifier row: ``kind`` input (reads the request) | output (reads the answer)."""
     text = classify.input_text(prompt) if kind == "input" else classify.output_text(prompt, answer)
     return {
@@ -165,11 +165,11 @@ def synthetic_rows(requests: list[dict], answers: dict[str, str]) -> list[dict[s
     rows = []
     for r in requests:
         prompt = [prompts.user(r["request"])]
-        rows.append(_row(f"in:{r['id']}", "input", r["principle"], r["role"], "synthetic", prompt, None))
+        rows.append(row(f"in:{r['id']}", "input", r["principle"], r["role"], "synthetic", prompt, None))
         for style in ("violate", "respect"):
             aid = f"ans:{style}:{r['id']}"
             if answers.get(aid):
-                rows.append(_row(f"out:{aid}", "output", r["principle"], style, "synthetic", prompt, answers[aid]))
+                rows.append(row(f"out:{aid}", "output", r["principle"], style, "synthetic", prompt, answers[aid]))
     return rows
 
 

@@ -78,8 +78,8 @@ def contrasts(chosen: list[str], rejected: list[str], min_share: float = 0.75) -
     for name, (f, more_q, less_q) in FEATURES.items():
         if not n:
             break
-        more = sum(1 for c, r in zip(chosen, rejected) if f(c) > f(r))
-        less = sum(1 for c, r in zip(chosen, rejected) if f(c) < f(r))
+        diffs = [f(c) - f(r) for c, r in zip(chosen, rejected)]
+        more, less = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
         for direction, count, q in (("more", more, more_q), ("less", less, less_q)):
             if count / n >= min_share:
                 out.append(Contrast(name, direction, round(count / n, 4), n, q))
