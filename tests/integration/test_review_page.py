@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from support.http import app_on_a_port
+from support.asgi_app import app_on_a_port
 
 from cai_ray.core.review import read_events, review_dir, standing
 from cai_ray.runtime import free_port

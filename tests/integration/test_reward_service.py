@@ -17,7 +17,7 @@ import pickle
 
 import httpx
 import pytest
-from support.http import app_on_a_port
+from support.asgi_app import app_on_a_port
 
 KEY = "reward-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -12,7 +12,7 @@ import json
 
 import httpx
 import pytest
-from support.http import app_on_a_port
+from support.asgi_app import app_on_a_port
 
 from cai_ray.engine import Sampling
 from cai_ray.serve.guard import check_points, token_ends
