@@ -97,10 +97,10 @@ def _judge(cfg, store, constitution, tasks: dict[str, dict], timing: dict) -> tu
     return {k: json.loads(v) for k, v in done.items() if k in tasks}, rejected
 
 
-def _task_id(row: dict, principle_id: str) -> str:
+def _task_id(row: dict) -> str:
     from cai_ray.eval.stages import content_key
 
-    return f"{row['kind']}:{content_key(row['prompt'], row['answer'], principle_id)}"
+    return f"{row['kind']}:{content_key(row['prompt'], row['answer'], row['principle'])}"
 
 
 def _train(cfg, out: Path, kind: str, rows: list[dict]) -> dict[str, Any]:
@@ -112,8 +112,9 @@ def _train(cfg, out: Path, kind: str, rows: list[dict]) -> dict[str, Any]:
     from cai_ray.train.data import rows_sha256
     from cai_ray.train.harness import fingerprint_of
 
+    train_rows = [{"id": r["id"], "text": r["text"], "target": r["target"]} for r in rows]
     data = out / "work" / f"{kind}_train.jsonl"
-    data.write_text("".join(json.dumps({"id": r["id"], "text": r["text"], "target": r["target"]}) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     tcfg = ClassifierTrainConfig(
         data=str(data),
         output=str(out / kind),
@@ -126,24 +127,28 @@ def _train(cfg, out: Path, kind: str, rows: list[dict]) -> dict[str, Any]:
         checkpoint=CheckpointSection(every_steps=10_000),  # small runs: the model at the end is enough
     )
     tcfg.validate()
-    train_rows = [{"id": r["id"], "text": r["text"], "target": r["target"]} for r in rows]
-    fingerprint = fingerprint_of("classifier", to_dict(tcfg), rows_sha256(train_rows), {})
+    settings = to_dict(tcfg)
+    fingerprint = fingerprint_of("classifier", settings, rows_sha256(train_rows), {})
     old = out / kind / "manifest.json"
     if old.exists():
         m = json.loads(old.read_text())
-        if m.get("status") == "finished" and m.get("fingerprint") == fingerprint and (out / kind / "model").is_dir():
+        # the resume fingerprint leaves the step budget out (a run may be extended); a finished
+        # classifier is kept only when every setting but the cluster address is the same
+        same = {k: v for k, v in settings.items() if k != "ray_address"} == {
+            k: v for k, v in (m.get("config") or {}).items() if k != "ray_address"
+        }
+        if (
+            m.get("status") == "finished"
+            and m.get("fingerprint") == fingerprint
+            and same
+            and (out / kind / "model").is_dir()
+        ):
             log.info("classifiers: the %s classifier is trained on these rows already (%s)", kind, out / kind)
             return m
         log.info("classifiers: the %s classifier's rows or settings changed: training it again", kind)
         shutil.rmtree(out / kind)
     log.info("classifiers: training the %s classifier on %d rows (%s)", kind, len(rows), cfg.base)
     return train_classifier(tcfg)
-
-
-def _scorer(model_dir: Path):
-    from cai_ray.engine.classifier import TextClassifier
-
-    return TextClassifier(str(model_dir), device="cpu", max_length=512)
 
 
 def train_classifiers(cfg) -> dict[str, Any]:
@@ -216,7 +221,7 @@ def _run(cfg, out: Path) -> dict[str, Any]:
                 )
     judge_tasks = {}
     for r in rows + [r for r in eval_rows if r["kind"] == "output"]:
-        r["task"] = _task_id(r, r["principle"])
+        r["task"] = _task_id(r)
         judge_tasks[r["task"]] = {
             "id": r["task"],
             "messages": r["prompt"],
@@ -230,10 +235,8 @@ def _run(cfg, out: Path) -> dict[str, Any]:
         res = results.get(r["task"]) or {}
         r["judge_p"] = res.get("p")
         target, why = synth.decide(r["role"], r["judge_p"], cfg.targets, cfg.filter_margin)
-        if why is None and res.get("invalid"):
-            why = res["invalid"]
         if target is None:
-            filtered.append({**r, "filter_reason": failed.get(r["task"]) or why})
+            filtered.append({**r, "filter_reason": failed.get(r["task"]) or res.get("invalid") or why})
             continue
         r["target"] = target
         r["split"] = "held_out" if synth.held_out(r["id"], cfg.held_out, cfg.seed) else "train"
@@ -242,7 +245,6 @@ def _run(cfg, out: Path) -> dict[str, Any]:
         res = results.get(r.get("task")) or {}
         r["judge_p"] = res.get("p")
     store.write_jsonl("data/rows.jsonl", [_public(r) for r in kept])
-    store.write_jsonl("data/eval_rows.jsonl", [_public(r) for r in eval_rows])
     store.write_jsonl("filtered.jsonl", [_public(r) for r in filtered])
     store.write_jsonl("rejects.jsonl", rejects)
 
@@ -261,12 +263,15 @@ def _run(cfg, out: Path) -> dict[str, Any]:
         trained[kind] = _train(cfg, out, kind, train)
 
     # 6 measure: the threshold at `recall` on held-out rows, then the eval sets at that threshold
+    from cai_ray.engine.classifier import TextClassifier
+
     metrics: dict[str, Any] = {"recall": cfg.recall}
     guard = {"constitution": {k: manifest["constitution"][k] for k in ("name", "sha256")}}
     for kind in KINDS:
         model_dir = out / kind / "model"
         held = [r for r in kept if r["kind"] == kind and r["split"] == "held_out"]
-        clf = _scorer(model_dir)  # loaded once: held-out rows, then the eval sets
+        # loaded once: held-out rows, then the eval sets; texts cut as in training
+        clf = TextClassifier(str(model_dir), device="cpu", max_length=cfg.optim.max_length)
         scores = clf.scores([r["text"] for r in held])
         labels = [int(r["target"] >= 0.5) for r in held]
         m = {
@@ -298,6 +303,7 @@ def _run(cfg, out: Path) -> dict[str, Any]:
         metrics[kind] = m
         guard[kind] = {"model": f"{kind}/model", "threshold": threshold, "target_recall": cfg.recall}
     store.write_jsonl("data/held_out_scores.jsonl", [_public(r) for r in kept if r["split"] == "held_out"])
+    store.write_jsonl("data/eval_rows.jsonl", [_public(r) for r in eval_rows])  # with their scores
     store.write_json("metrics.json", metrics)
     store.write_json("guard.json", guard)
 

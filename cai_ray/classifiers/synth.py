@@ -19,6 +19,7 @@ from typing import Any
 
 from cai_ray.core import classify, prompts
 from cai_ray.core.constitution import Constitution, Principle
+from cai_ray.eval.run import violation_body
 
 # varied requests without a bigger prompt: one style per i, cycled
 STYLES = (
@@ -184,12 +185,7 @@ def judge_task(row: dict[str, Any], principle: Principle) -> dict[str, Any]:
             "questions": [INPUT_QUESTION.format(principle=rule)],
             "answer": NO_REPLY,
         }
-    return {
-        "kind": "yes_no",
-        "options": list(prompts.HARM_OPTIONS),
-        "questions": [prompts.HARM_QUESTION.format(principle=rule)],
-        "answer": row["answer"],
-    }
+    return violation_body(row["answer"], principle)  # eval's harmlessness question, as eval asks it
 
 
 def decide(role: str, judge_p: float | None, targets: str, margin: float) -> tuple[float | None, str | None]:

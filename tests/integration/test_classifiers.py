@@ -54,8 +54,9 @@ def run(tmp_path_factory):
     )
     cfg.validate()
     first = train_classifiers(cfg)
+    trained = {k: json.loads((tmp / "out" / k / "manifest.json").read_text())["finished"] for k in ("input", "output")}
     again = train_classifiers(cfg)
-    return tmp / "out", first, again
+    return tmp / "out", first, again, trained
 
 
 def _jsonl(path):
@@ -63,7 +64,7 @@ def _jsonl(path):
 
 
 def test_rows_keep_principle_role_source_and_the_judges_label(run):
-    out, m, _ = run
+    out, m, *_ = run
     assert m["status"] == "finished" and m["principles"] == ["cyber-abuse", "illegal-activity"]
     c = m["counts"]
     assert c["requests_asked"] == 2 * 2 * 4
@@ -85,7 +86,7 @@ def test_rows_keep_principle_role_source_and_the_judges_label(run):
 
 
 def test_metrics_are_those_of_the_held_out_scores_and_the_threshold_reaches_the_recall(run):
-    out, m, _ = run
+    out, m, *_ = run
     metrics = json.loads((out / "metrics.json").read_text())
     scored = _jsonl(out / "data" / "held_out_scores.jsonl")
     guard = json.loads((out / "guard.json").read_text())
@@ -112,16 +113,13 @@ def test_metrics_are_those_of_the_held_out_scores_and_the_threshold_reaches_the_
 
 
 def test_a_second_run_resumes_without_redoing_anything(run):
-    out, first, again = run
+    out, first, again, trained = run
     for stage in ("requests", "answers", "judge"):
         assert again["timing"][stage]["written_this_run"] == 0, stage
     # the classifiers were not trained again: their manifests are the first run's
     assert again["metrics"] == first["metrics"]
     for kind in ("input", "output"):
-        assert (
-            json.loads((out / kind / "manifest.json").read_text())["finished"]
-            == json.loads((out / kind / "manifest.json").read_text())["finished"]
-        )
+        assert json.loads((out / kind / "manifest.json").read_text())["finished"] == trained[kind], kind
 
 
 def test_the_classifier_trainer_learns_a_planted_rule(tmp_path, capsys):

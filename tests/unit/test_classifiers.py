@@ -112,3 +112,42 @@ def test_config_and_training_rows_are_checked():
     assert classifier_row({"text": "a", "target": True}) == ({"id": None, "text": "a", "target": 1.0}, None)
     assert "target" in classifier_row({"text": "a", "target": 2})[1]
     assert "text" in classifier_row({"text": " ", "target": 1})[1]
+
+
+def test_a_classifier_is_trained_again_when_its_training_settings_change(tmp_path, monkeypatch):
+    """The classifiers job keeps a finished classifier only when its rows and settings are
+    the ones it was trained with: the harness's resume fingerprint leaves the step budget out
+    (a run may be extended), so more epochs must not hand back the old model."""
+    import dataclasses
+    import json
+
+    from cai_ray.classifiers import run
+    from cai_ray.config import to_dict
+    from cai_ray.train import classifier
+    from cai_ray.train.data import rows_sha256
+    from cai_ray.train.harness import fingerprint_of
+
+    trained = []
+
+    def fake_train(tcfg):  # what the harness leaves behind, without the training
+        rows = [json.loads(line) for line in open(tcfg.data)]
+        out = tmp_path / "output"
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        m = {
+            "status": "finished",
+            "config": to_dict(tcfg),
+            "fingerprint": fingerprint_of("classifier", to_dict(tcfg), rows_sha256(rows), {}),
+        }
+        (out / "manifest.json").write_text(json.dumps(m))
+        trained.append(tcfg.optim.epochs)
+        return m
+
+    monkeypatch.setattr(classifier, "train_classifier", fake_train)
+    (tmp_path / "work").mkdir()
+    rows = [{"id": str(i), "text": f"text {i}", "target": float(i % 2)} for i in range(4)]
+    cfg = ClassifiersConfig(constitution="constitutions/general.yaml", output=str(tmp_path), base="tiny-random")
+    run._train(cfg, tmp_path, "output", rows)
+    run._train(cfg, tmp_path, "output", rows)  # the same: kept
+    more = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs + 1))
+    run._train(more, tmp_path, "output", rows)
+    assert trained == [cfg.optim.epochs, cfg.optim.epochs + 1]
