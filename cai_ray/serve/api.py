@@ -556,16 +556,12 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
                 "cai_guard": guard_field,
             }
 
-        def failed(stage: str, e: GuardFailure) -> None:
-            threshold = gate.input_threshold if stage == "input" else gate.output_threshold
-            gate.record(cid, Verdict(stage, False, None, threshold, error=str(e)), stream=req.stream)
-
         first = None
         if gate is not None:  # the prompt, before anything is generated
             try:
                 first = await gate.check_input(msgs)
             except GuardFailure as e:
-                failed("input", e)
+                gate.record_failure(cid, "input", e, stream=req.stream)
                 raise
             if first.refused:
                 gate.record(cid, first, stream=req.stream)
@@ -588,7 +584,7 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
                             pieces.append(piece)
                             yield _chunk(cid, created, service.policy_name, {"content": piece})
                 except GuardFailure as e:  # the status line is sent: an error event ends this stream
-                    failed("output", e)
+                    gate.record_failure(cid, "output", e, stream=req.stream)
                     yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
                     yield "data: [DONE]\n\n"
                     return
@@ -613,7 +609,7 @@ def build_app(service, settings: ServeConfig, key_sha256: str | None) -> FastAPI
         try:
             verdict = await gate.check_answer(conv, out["text"], first, head)
         except GuardFailure as e:
-            failed("output", e)
+            gate.record_failure(cid, "output", e, stream=req.stream)
             raise
         gate.record(cid, verdict, stream=req.stream)
         return await reply(gate.refusal if verdict.refused else out["text"], out["guardrail"], verdict)

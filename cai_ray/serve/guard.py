@@ -225,8 +225,15 @@ class Guard:
         self.tokenizer = tokenizer
         self.every = every_tokens
         # a HF tokenizer is not safe to share between threads ("Already borrowed"), nor is one
-        # model's forward: one classifier call at a time per replica
+        # model's forward: one classifier call at a time per replica. Counting tokens has its
+        # own lock, so a stream's pieces do not wait behind other requests' classifications,
+        # unless the counting tokenizer is a classifier's own (load_guard's fallback): then
+        # the two share one lock
         self._lock = threading.Lock()
+        shared = tokenizer is getattr(input_classifier, "tok", None) or tokenizer is getattr(
+            output_classifier, "tok", None
+        )
+        self._count_lock = self._lock if shared else threading.Lock()
         self._log_lock = threading.Lock()
         self.log_path = log_path
         if log_path:
@@ -238,7 +245,7 @@ class Guard:
             return which.scores(texts)
 
     def _ends(self, text: str) -> list[int]:
-        with self._lock:
+        with self._count_lock:
             return token_ends(self.tokenizer, text)
 
     async def _scored(self, stage: str, which, texts: list[str]) -> list[float]:
@@ -304,7 +311,7 @@ class Guard:
         closed (vLLM aborts the request) and nothing past the last clean prefix is released."""
         v = self._after_input(first)
         text, released, next_k = "", 0, self.every
-        scores: list[float] = []
+        ends: list[int] = []  # the answer's token ends so far (an empty answer has none)
         busy = 0.0
         try:
             async for piece in pieces:
@@ -323,7 +330,6 @@ class Guard:
                 busy += time.perf_counter() - t0
                 for k, p, s in zip(due, prefixes, got):
                     v.checks.append([k, s])
-                    scores.append(s)
                     v.tokens_checked = k
                     if s >= self.output_threshold:
                         v.refused, v.score, v.clean_text = True, s, text[:released]
@@ -333,19 +339,17 @@ class Guard:
                     if len(p) > released:
                         yield text[released : len(p)]
                         released = len(p)
-            # the whole answer
+            # the whole answer (its tokens were counted after the last piece)
             t0 = time.perf_counter()
-            ends = await asyncio.to_thread(self._ends, text)
             [s] = await self._scored("output", self.output, [output_text(messages, head + text)])
             busy += time.perf_counter() - t0
             v.checks.append([len(ends), s])
-            scores.append(s)
             v.tokens_checked = len(ends)
             v.ms["output"] = busy * 1e3
             if s >= self.output_threshold:
                 v.refused, v.score, v.clean_text = True, s, text[:released]
             else:
-                v.score, v.clean_text = max(scores), text
+                v.score, v.clean_text = max(s for _, s in v.checks), text
                 if len(text) > released:
                     yield text[released:]
             yield v
@@ -355,6 +359,12 @@ class Guard:
                 await close()
 
     # -- the decision log ---------------------------------------------------------------------------
+    def record_failure(self, request_id: str, stage: str, error: Exception, **extra: Any) -> dict[str, Any]:
+        """``record`` a request a classifier failed on at ``stage`` (it was not answered)."""
+        threshold = self.input_threshold if stage == "input" else self.output_threshold
+        v = Verdict(stage, False, None, threshold, error=str(error))
+        return self.record(request_id, v, **extra)
+
     def record(self, request_id: str, v: Verdict, **extra: Any) -> dict[str, Any]:
         """One JSON line per request in the guard log (every decision, with its scores); a
         refusal or an error also in the server log."""
