@@ -823,6 +823,17 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _constitution_job(action: str, call, error_type: type[Exception]) -> int:
+    """Run ``call()`` (collect or derive): its report and 0, or its ``error_type`` on stderr and 2."""
+    try:
+        result = call()
+    except error_type as e:
+        print(f"constitution {action}: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(result.report()))
+    return 0
+
+
 def cmd_constitution(args) -> int:
     from cai_ray.core.constitution import ConstitutionError, load_constitution
 
@@ -830,8 +841,9 @@ def cmd_constitution(args) -> int:
         from cai_ray.collective.collect import DEFAULT_DESCRIPTION, collect
         from cai_ray.collective.polis import CollectError
 
-        try:
-            result = collect(
+        return _constitution_job(
+            "collect",
+            lambda: collect(
                 args.statements,
                 args.votes,
                 args.output,
@@ -844,17 +856,15 @@ def cmd_constitution(args) -> int:
                 name=args.name,
                 version=args.version,
                 description=args.description or DEFAULT_DESCRIPTION,
-            )
-        except CollectError as e:
-            print(f"constitution collect: {e}", file=sys.stderr)
-            return 2
-        print("\n".join(result.report()))
-        return 0
+            ),
+            CollectError,
+        )
     if args.action == "derive":
         from cai_ray.collective.derive import DEFAULT_DESCRIPTION, DeriveError, derive
 
-        try:
-            result = derive(
+        return _constitution_job(
+            "derive",
+            lambda: derive(
                 args.prefs,
                 args.output,
                 backend=args.backend,
@@ -872,12 +882,9 @@ def cmd_constitution(args) -> int:
                 name=args.name,
                 version=args.version,
                 description=args.description or DEFAULT_DESCRIPTION,
-            )
-        except DeriveError as e:
-            print(f"constitution derive: {e}", file=sys.stderr)
-            return 2
-        print("\n".join(result.report()))
-        return 0
+            ),
+            DeriveError,
+        )
     if args.action == "validate":
         failed = 0
         for f in args.files:

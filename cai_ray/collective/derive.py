@@ -23,7 +23,6 @@ The engine runs in this process (no Ray), like ``collect``.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from cai_ray.collective.preference_pairs import (
     top_words,
 )
 from cai_ray.core.constitution import Constitution, ConstitutionError, Principle, load_constitution
+from cai_ray.core.eval_math import wilson_interval
 from cai_ray.core.labeler import Labeler, LabelSettings
 from cai_ray.core.prompts import assistant, user
 from cai_ray.core.types import Sampling
@@ -203,16 +203,6 @@ def pool(entries: list[tuple[str, dict]]) -> list[Candidate]:
 
 
 # -- scoring -------------------------------------------------------------------------------------
-def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% by default); (0, 1) with no trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def one_principle(question: str) -> Constitution:
     """A constitution of the one principle whose comparison question is ``question``."""
     texts = principle_texts(question)
@@ -461,27 +451,18 @@ def derive(
     kept = [(f"derived-{i}", c) for i, c in enumerate(good, 1)]
     kept_as = {id(c): pid for pid, c in kept}
 
-    principles = []
-    for pid, c in kept:
-        lo, hi = c.interval
-        principles.append(
-            {
-                "id": pid,
-                "category": CATEGORY,
-                "weight": max(round(c.accuracy, 4), 0.0001),  # drawn more often the better it reconstructs
-                **principle_texts(c.question),
-                "provenance": {
-                    "accuracy": round(c.accuracy, 4),
-                    "ci": [round(lo, 4), round(hi, 4)],
-                    "n_held_out": c.n,
-                    "hits": c.hits,
-                    "invalid": c.invalid,
-                    "mean_p_chosen": c.mean_p_chosen,
-                    "source": c.source,
-                    **({"also_from": c.also_from} if c.also_from else {}),
-                },
-            }
-        )
+    principles = [
+        {
+            "id": pid,
+            "category": CATEGORY,
+            "weight": max(round(c.accuracy, 4), 0.0001),  # drawn more often the better it reconstructs
+            **principle_texts(c.question),
+            "provenance": {
+                k: v for k, v in candidate_record(c, None, None).items() if k not in ("question", "kept_as", "rank")
+            },
+        }
+        for pid, c in kept
+    ]
     model_name = getattr(engine, "model_name", model)
     doc = {
         "name": name,

@@ -1,6 +1,7 @@
 """What `constitution collect` and `constitution derive` write, written one way: the
-constitution only once the validator takes it (a temporary file first, so a file the loader
-refuses is never left behind), and the row files beside it whole or not at all."""
+constitution only once the validator takes it (checked in memory, as the loader would read
+it, so a file the loader refuses is never written), and every file whole or not at all (a
+temporary file renamed into place)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from cai_ray.core.constitution import ConstitutionError, load_constitution
+from cai_ray.core.constitution import ConstitutionError, constitution_from_text
 
 
 def sha256_of(path: str | Path) -> str:
@@ -23,18 +24,18 @@ def sha256_of(path: str | Path) -> str:
 
 
 def write_constitution(output: Path, text: str, error: type[Exception], what: str) -> dict:
-    """``text`` to ``output`` once ``load_constitution`` takes it; else ``error`` ("the
-    ``what`` constitution is invalid, nothing written") and no file. → its summary."""
+    """``text`` to ``output`` once it validates as ``load_constitution(output)`` would read it;
+    else ``error`` ("the ``what`` constitution is invalid, nothing written") and no file.
+    → its summary."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        constitution = constitution_from_text(text, str(output))
+    except ConstitutionError as e:
+        raise error(f"the {what} constitution is invalid, nothing written:\n{e}") from None
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    try:
-        load_constitution(tmp)
-    except ConstitutionError as e:
-        tmp.unlink()
-        raise error(f"the {what} constitution is invalid, nothing written:\n{e}") from None
     os.replace(tmp, output)
-    return load_constitution(output).summary()
+    return constitution.summary()
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -165,12 +165,16 @@ def load_constitution(path: str | Path) -> Constitution:
         raise ConstitutionError(f"{where}: file not found") from None
     except UnicodeDecodeError as e:
         raise ConstitutionError(f"{where}: not UTF-8 text ({e})") from None
+    return constitution_from_text(text, where)
+
+
+def constitution_from_text(text: str, where: str = "<constitution>") -> Constitution:
+    """A constitution file's text, checked as ``load_constitution`` checks the file at ``where``."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConstitutionError(f"{where}: invalid YAML: {e}") from None
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    return parse_constitution(raw, where=where, sha256=sha)
+    return parse_constitution(raw, where=where, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def parse_constitution(raw: Any, where: str = "<constitution>", sha256: str = "") -> Constitution:

@@ -126,6 +126,16 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default); (0, 1) with no trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def kappa_ci(
     a: Sequence[bool], b: Sequence[bool], n_boot: int = BOOTSTRAP, level: float = LEVEL, seed: int = 0
 ) -> list[float] | None:

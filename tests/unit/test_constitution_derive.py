@@ -27,7 +27,6 @@ from cai_ray.collective.derive import (
     pool,
     read_candidates,
     score,
-    wilson_interval,
 )
 from cai_ray.collective.files import sha256_of
 from cai_ray.collective.preference_pairs import (
@@ -40,6 +39,7 @@ from cai_ray.collective.preference_pairs import (
     top_words,
 )
 from cai_ray.core.constitution import load_constitution
+from cai_ray.core.eval_math import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPICS = [
