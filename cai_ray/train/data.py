@@ -23,12 +23,7 @@ import json
 import random
 from typing import Any
 
-from cai_ray.batch.readers import (
-    Reject,
-    Row,
-    _messages,
-    pref_row,  # noqa: F401 - the one preference-row rule (derive reads pairs too)
-)
+from cai_ray.batch.readers import Reject, Row, _messages
 from cai_ray.batch.readers import RowsError as TrainDataError  # noqa: F401 - what the trainers raise and catch
 from cai_ray.batch.records import RAW_LIMIT
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cai_ray.batch.readers import load_rows
+from cai_ray.batch.readers import load_rows, pref_row
 from cai_ray.train import harness
-from cai_ray.train.data import neutralise_rows, pref_row, reject_long, with_human_labels
+from cai_ray.train.data import neutralise_rows, reject_long, with_human_labels
 
 load_base = harness.load_causal_lm
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.batch.readers import load_rows
+from cai_ray.batch.readers import load_rows, pref_row
 from cai_ray.train import harness
-from cai_ray.train.data import TrainDataError, neutralise_rows, pref_row, reject_long, split, with_human_labels
+from cai_ray.train.data import TrainDataError, neutralise_rows, reject_long, split, with_human_labels
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def test_sft_data_errors_are_clear(tmp_path):
 
 
 def test_preference_rows_from_labels_and_files_and_their_rejects():
-    from cai_ray.train.data import pref_row
+    from cai_ray.batch.readers import pref_row
 
     conv = [{"role": "user", "content": "q"}]
     label_out = {
